@@ -1,0 +1,22 @@
+"""The one place where declared ``Resources`` become Ray options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.resources import Resources
+
+
+def ray_options(resources: Resources, *, actor: bool = False) -> dict[str, Any]:
+    """Options for ``ray.remote(...).options(**opts)``: tasks retry, actors restart."""
+    opts: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if resources.memory_gb:
+        opts["memory"] = int(resources.memory_gb * 1024**3)
+    if resources.custom:
+        opts["resources"] = dict(resources.custom)
+    if actor:
+        opts["max_restarts"] = resources.max_retries
+        opts["max_task_retries"] = resources.max_retries
+    else:
+        opts["max_retries"] = resources.max_retries
+    return opts

@@ -1,0 +1,203 @@
+"""Streaming readers for LLaVA-format sources and the per-chunk normalisation of ingestion.
+
+Sources: LLaVA JSON (one array, parsed incrementally with ijson so a 1 GB file is
+never held whole), JSONL (one record per line; a malformed line is one reject),
+and Parquet (a file or a directory of files, read batch by batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Literal
+
+import ijson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.errors import InputError
+from engine.pool import (
+    POOL_SCHEMA,
+    REJECT_SCHEMA,
+    ImagePolicy,
+    make_reject,
+    normalize_record,
+    record_id,
+)
+
+SourceFormat = Literal["json", "jsonl", "parquet"]
+MALFORMED = object()  # stands in for a JSONL line that does not parse
+
+
+@dataclass
+class RawItem:
+    """One record as read from the source, before normalisation.
+
+    ``record`` is the parsed value (any JSON type) or MALFORMED with ``error`` set;
+    ``duplicate_of`` is the record index of an earlier record with the same id.
+    """
+
+    index: int
+    record: Any
+    error: str | None = None
+    duplicate_of: int | None = None
+
+
+def detect_format(path: str) -> SourceFormat:
+    """Guess the source format from its name and first bytes; InputError if it is none of them."""
+    if "://" in path:
+        raise InputError(
+            f"source {path!r} is a URI: ingest reads a local file or directory; copy it to local "
+            "disk first (image references inside it may still be URIs)"
+        )
+    if not os.path.exists(path):
+        raise InputError(f"source not found: {path} (pass --source with a LLaVA JSON, JSONL or Parquet path)")
+    if os.path.isdir(path):
+        if not any(name.endswith(".parquet") for name in os.listdir(path)):
+            raise InputError(f"source directory {path} holds no .parquet files")
+        return "parquet"
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if lower.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if head.startswith(b"["):
+        return "json"
+    if head.startswith(b"{"):
+        return "jsonl"
+    if lower.endswith(".json"):
+        shown = head[:40].decode("utf-8", "replace")
+        raise InputError(
+            f"{path} does not start with '[' or '{{': expected a LLaVA JSON array of records or "
+            f"JSONL; it starts with {shown!r}"
+        )
+    raise InputError(f"cannot tell the format of {path}: name it .json, .jsonl or .parquet")
+
+
+def iter_records(path: str, fmt: SourceFormat, batch_rows: int = 2048) -> Iterator[RawItem]:
+    """Yield every record of the source in order, numbered from 0.
+
+    Raises:
+        InputError: the file as a whole is not what its format says (a truncated JSON
+            array, a JSON object where an array was expected, an unreadable Parquet file).
+    """
+    if fmt == "json":
+        yield from _iter_json_array(path)
+    elif fmt == "jsonl":
+        yield from _iter_jsonl(path)
+    else:
+        yield from _iter_parquet(path, batch_rows)
+
+
+def _iter_json_array(path: str) -> Iterator[RawItem]:
+    index = 0
+    try:
+        with open(path, "rb") as f:
+            for index, record in enumerate(ijson.items(f, "item", use_float=True)):  # noqa: B007
+                yield RawItem(index, record)
+    except ijson.JSONError as err:
+        raise InputError(
+            f"{path} is not a well-formed JSON array (after record {index}): {err}; "
+            "fix or re-export the file, or convert it to JSONL to reject bad lines one by one"
+        ) from None
+
+
+def _iter_jsonl(path: str) -> Iterator[RawItem]:
+    index = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                yield RawItem(index, json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                text = line[:200].decode("utf-8", "replace")
+                yield RawItem(index, text, error=f"line is not valid JSON: {err}")
+            index += 1
+
+
+def _iter_parquet(path: str, batch_rows: int) -> Iterator[RawItem]:
+    files = (
+        sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".parquet"))
+        if os.path.isdir(path)
+        else [path]
+    )
+    index = 0
+    for file in files:
+        try:
+            reader = pq.ParquetFile(file)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(f"{file} is not a readable Parquet file: {err}") from None
+        for batch in reader.iter_batches(batch_size=batch_rows):
+            for record in batch.to_pylist():
+                yield RawItem(index, record)
+                index += 1
+
+
+def peek_first(path: str, fmt: SourceFormat) -> Any:
+    """The first record, read to fail fast on a file that is wrong as a whole."""
+    for item in iter_records(path, fmt, batch_rows=1):
+        return item.record
+    return None
+
+
+class DuplicateTracker:
+    """Marks records whose id was already seen; the first occurrence wins.
+
+    Holds one Python string per distinct id (about 80 MB per million ids).
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[str, int] = {}
+
+    def mark(self, item: RawItem) -> None:
+        if item.error is not None:
+            return
+        key = record_id(item.record)
+        if key is None:
+            return
+        first = self._first.setdefault(key, item.index)
+        if first != item.index:
+            item.duplicate_of = first
+
+
+def chunked(items: Iterator[RawItem], size: int) -> Iterator[list[RawItem]]:
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def normalize_chunk(
+    items: list[RawItem], source: str, policy: ImagePolicy
+) -> tuple[pa.Table, pa.Table]:
+    """Normalise a chunk of raw records into (pool rows, rejects); every item lands in one of them."""
+    accepted: list[dict] = []
+    rejected: list[dict] = []
+    for item in items:
+        if item.error is not None:
+            rejected.append(make_reject(item.record, item.index, source, "malformed_json", item.error))
+            continue
+        if item.duplicate_of is not None:
+            rejected.append(
+                make_reject(
+                    item.record,
+                    item.index,
+                    source,
+                    "duplicate_id",
+                    f"duplicate id {record_id(item.record)!r}: first seen at record {item.duplicate_of}",
+                )
+            )
+            continue
+        row, reject = normalize_record(item.record, item.index, source, policy)
+        if row is not None:
+            accepted.append(row)
+        else:
+            rejected.append(reject)
+    return (
+        pa.Table.from_pylist(accepted, schema=POOL_SCHEMA),
+        pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA),
+    )

@@ -1,0 +1,153 @@
+"""The workspace: one directory (local path or pyarrow-filesystem URI) through which stages hand over.
+
+Writes are atomic at file level: a file is written under a temporary name and
+renamed into place, so a reader never takes a half-written artifact for a
+finished one. Directories of shards are staged under ``<ws>/.staging/`` and moved
+into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+from engine.errors import InputError
+
+CONFIG_FILE = "vlselect.yaml"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A workspace root on a pyarrow filesystem; ``uri`` is what the user gave."""
+
+    uri: str
+    fs: pafs.FileSystem
+    root: str
+
+    @classmethod
+    def open(cls, uri: str) -> Workspace:
+        """Resolve ``uri`` (a local path or ``s3://``-style URI) without touching the disk."""
+        if not uri:
+            raise InputError("no workspace given: pass --workspace PATH (or --out PATH for world)")
+        if "://" in uri:
+            try:
+                fs, root = pafs.FileSystem.from_uri(uri)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise InputError(f"workspace URI {uri!r} is not usable: {err}") from None
+        else:
+            fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        return cls(uri=uri, fs=fs, root=root.rstrip("/"))
+
+    def path(self, *parts: str) -> str:
+        return str(PurePosixPath(self.root, *parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def is_dir(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.Directory
+
+    def makedirs(self, *parts: str) -> str:
+        path = self.path(*parts)
+        self.fs.create_dir(path, recursive=True)
+        return path
+
+    def list_files(self, *parts: str, suffix: str = "") -> list[str]:
+        """Sorted full paths of the files directly under ``parts`` that end with ``suffix``."""
+        if not self.is_dir(*parts):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts), recursive=False))
+        return sorted(
+            i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        )
+
+    def remove(self, *parts: str) -> None:
+        self.discard(self.path(*parts))
+
+    def discard(self, path: str) -> None:
+        """Delete an absolute path inside the workspace if it exists (a staging directory)."""
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(path)
+
+    def staging_dir(self, label: str) -> str:
+        """A fresh directory under ``<ws>/.staging`` for one run's outputs before they go live."""
+        return self.makedirs(".staging", f"{label}-{uuid.uuid4().hex[:12]}")
+
+    def promote(self, staged: str, *parts: str) -> str:
+        """Move a finished staging directory to ``parts``, replacing what was there."""
+        target = self.path(*parts)
+        self.remove(*parts)
+        self.fs.create_dir(str(PurePosixPath(target).parent), recursive=True)
+        self.fs.move(staged, target)
+        return target
+
+    # -- atomic file writes -------------------------------------------------------------
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, path)
+        except BaseException:
+            _quiet_delete(self.fs, tmp)
+            raise
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+
+    def write_table(self, path: str, table: pa.Table) -> None:
+        write_table_atomic(self.fs, path, table)
+
+    # -- the workspace's own config -----------------------------------------------------
+
+    def read_config(self) -> dict[str, Any]:
+        """The workspace's ``vlselect.yaml`` as a mapping of stage sections ({} if absent)."""
+        if not self.exists(CONFIG_FILE):
+            return {}
+        with self.fs.open_input_stream(self.path(CONFIG_FILE)) as f:
+            data = yaml.safe_load(f.read()) or {}
+        if not isinstance(data, dict):
+            raise InputError(f"{self.path(CONFIG_FILE)} must hold a mapping of stage sections")
+        return data
+
+    def write_config(self, sections: dict[str, Any]) -> None:
+        text = yaml.safe_dump(sections, sort_keys=False)
+        self.write_bytes(self.path(CONFIG_FILE), text.encode())
+
+
+def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    """Write ``table`` as Parquet to ``path`` via a temporary name (zstd, dictionary off for bytes)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
+    try:
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+        fs.move(tmp, path)
+    except BaseException:
+        _quiet_delete(fs, tmp)
+        raise
+
+
+def _quiet_delete(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except OSError:
+        pass

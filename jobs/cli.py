@@ -1,0 +1,95 @@
+"""The ``vlselect`` command line: one subcommand per stage, each also ``python -m jobs.<stage>``.
+
+Every subcommand takes ``--workspace``, ``--config FILE.yaml``, ``--set KEY=VALUE``
+and ``--address``. Configuration layers, later wins: the stage's defaults, the
+workspace's ``vlselect.yaml``, ``--config``, ``--set``, then the stage's own flags.
+
+Exit codes: 0 success, 2 bad input or config (one message, nothing written),
+1 a failure during the run, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from types import ModuleType
+
+from engine.config import build_config, load_yaml_file, parse_set_overrides
+from engine.errors import InputError
+from engine.workspace import Workspace
+
+STAGE_MODULES = {
+    "world": "jobs.world",
+    "ingest": "jobs.ingest",
+    "demo": "jobs.demo",
+}
+DESCRIPTIONS = {
+    "world": "generate the shapes world (the embedded default pool) into a workspace",
+    "ingest": "LLaVA JSON / JSONL / Parquet -> <ws>/pool, bad records -> <ws>/rejects",
+    "demo": "the whole pipeline on the embedded default",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlselect",
+        description="Select the training subset of a vision-language instruction pool, on Ray.",
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage, module_name in STAGE_MODULES.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(stage, help=DESCRIPTIONS[stage], description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        ws_flags = ["--workspace"] + (["--out"] if stage == "world" else [])
+        p.add_argument(*ws_flags, dest="workspace", required=stage != "demo",
+                       default=None, help="workspace directory or URI")
+        p.add_argument("--config", help="YAML file of stage sections (see configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config field of this stage (dotted keys, YAML values)")
+        p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+        p.add_argument("--log-level", default="INFO")
+        module.add_arguments(p)
+    return parser
+
+
+def resolve_config(module: ModuleType, args: argparse.Namespace, ws: Workspace):
+    stage = module.STAGE
+    layers = [ws.read_config() if ws.exists() else {}]
+    if args.config:
+        layers.append(load_yaml_file(args.config))
+    layers.append({stage: parse_set_overrides(args.set)})
+    layers.append({stage: module.overrides_from_args(args)})
+    return build_config(stage, module.CONFIG, *layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    module = importlib.import_module(STAGE_MODULES[args.stage])
+    try:
+        ws = Workspace.open(args.workspace or module.DEFAULT_WORKSPACE)
+        cfg = resolve_config(module, args, ws)
+        from jobs.runtime import connect  # Ray starts only once the input is known to be good
+
+        connect(args.address)
+        module.main(cfg, ws)
+    except InputError as err:
+        print(f"vlselect {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vlselect {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+        traceback.print_exc()
+        print(f"vlselect {args.stage}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
