@@ -102,7 +102,8 @@ def _iter_json_array(path: str) -> Iterator[RawItem]:
                 yield RawItem(index, record)
     except ijson.JSONError as err:
         raise InputError(
-            f"{path} is not a well-formed JSON array (after record {index}): {err}; "
+            f"{path} is not a well-formed JSON array (after record {index}): "
+            f"{' '.join(str(err).split())}; "
             "fix or re-export the file, or convert it to JSONL to reject bad lines one by one"
         ) from None
 

@@ -151,3 +151,13 @@ def _quiet_delete(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_file(path)
     except OSError:
         pass
+
+
+def read_parquet_dir(path: str, fs: pafs.FileSystem | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All ``*.parquet`` files directly under ``path`` as one table (``meta.json`` beside them is skipped)."""
+    fs = fs or pafs.LocalFileSystem()
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {path}")
+    return pq.ParquetDataset(files, filesystem=fs).read(columns=columns)

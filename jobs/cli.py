@@ -20,6 +20,7 @@ from types import ModuleType
 from engine.config import build_config, load_yaml_file, parse_set_overrides
 from engine.errors import InputError
 from engine.workspace import Workspace
+from jobs.runtime import set_address
 
 STAGE_MODULES = {
     "world": "jobs.world",
@@ -74,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ws = Workspace.open(args.workspace or module.DEFAULT_WORKSPACE)
         cfg = resolve_config(module, args, ws)
-        from jobs.runtime import connect  # Ray starts only once the input is known to be good
-
-        connect(args.address)
+        set_address(args.address)
         module.main(cfg, ws)
     except InputError as err:
         print(f"vlselect {args.stage}: error: {err}", file=sys.stderr)

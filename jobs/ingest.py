@@ -42,7 +42,7 @@ from engine.ingest import (
 from engine.pool import ImagePolicy
 from engine.resources import Resources
 from engine.workspace import META_FILE, Workspace, write_table_atomic
-from jobs.runtime import Timer, bounded_submit, cluster_cpus, print_summary
+from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_summary
 
 STAGE = "ingest"
 DEFAULT_WORKSPACE = None
@@ -157,6 +157,7 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
         )
     source_name = cfg.source_name or os.path.basename(source.rstrip("/"))
     policy_args = {"root": images, "check": cfg.image_check, "inline": cfg.inline_images}
+    connect()
     max_in_flight = cfg.max_in_flight or 2 * cluster_cpus()
     staging = ws.staging_dir(STAGE)
     for sub in ("pool", "rejects"):
@@ -174,17 +175,16 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
                 yield item
 
         chunks = enumerate(chunked(marked(), cfg.chunk_size))
-        bar = tqdm(total=_count_hint(source, fmt), unit="rec", desc="ingest", mininterval=1.0)
-        for result in bounded_submit(
-            lambda ic: task.remote(ic[1], ic[0], source_name, policy_args, staging, ws.fs),
-            chunks,
-            max_in_flight,
-        ):
-            totals.update({k: result[k] for k in ("records", "accepted", "rejected")})
-            reasons.update(result["reasons"])
-            examples.extend(result["examples"][: max(0, 20 - len(examples))])
-            bar.update(result["records"])
-        bar.close()
+        with tqdm(total=_count_hint(source, fmt), unit="rec", desc="ingest", mininterval=1.0) as bar:
+            for result in bounded_submit(
+                lambda ic: task.remote(ic[1], ic[0], source_name, policy_args, staging, ws.fs),
+                chunks,
+                max_in_flight,
+            ):
+                totals.update({k: result[k] for k in ("records", "accepted", "rejected")})
+                reasons.update(result["reasons"])
+                examples.extend(result["examples"][: max(0, 20 - len(examples))])
+                bar.update(result["records"])
         if totals["records"] != totals["accepted"] + totals["rejected"]:
             raise RuntimeError(f"ingest lost rows: {dict(totals)}; nothing was promoted")
         pool_dir = ws.promote(f"{staging}/pool", "pool")

@@ -14,15 +14,25 @@ import ray
 log = logging.getLogger("vlselect")
 
 
+_address: str | None = None
+
+
+def set_address(address: str | None) -> None:
+    """Remember the CLI's ``--address`` for the stage's first ``connect()``."""
+    global _address
+    _address = address
+
+
 def connect(address: str | None = None) -> None:
-    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
+    """Join the Ray cluster at ``address`` (or ``--address``, or ``RAY_ADDRESS``), else start a
+    local Ray. Stages call it once their input is checked, so bad input never waits on Ray.
 
     Inside ``ray job submit`` the supervisor sets ``RAY_ADDRESS``, so the job joins
     the cluster it was submitted to. A no-op when Ray is already initialised.
     """
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or _address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 

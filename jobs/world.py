@@ -36,7 +36,7 @@ from engine.resources import Resources
 from engine.workspace import META_FILE, Workspace, write_table_atomic
 from engine.world.config import WorldConfig
 from engine.world.generate import POOL, ShardSpec, generate_rows, plan_shards, world_manifest
-from jobs.runtime import Timer, bounded_submit, cluster_cpus, print_summary
+from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_summary
 
 STAGE = "world"
 DEFAULT_WORKSPACE = None
@@ -105,6 +105,7 @@ def main(cfg: WorldJobConfig, ws: Workspace) -> dict:
             "use the Parquet source (world/source) for large pools"
         )
     _claim_workspace(ws, world, fingerprint, cfg.overwrite)
+    connect()
 
     shards = plan_shards(world)
     parts_dir = {s: ws.path("world", "source") if s == POOL else ws.path("world", "parts", s)
@@ -117,15 +118,14 @@ def main(cfg: WorldJobConfig, ws: Workspace) -> dict:
     skipped = len(shards) - len(todo)
     task = _generate_shard.options(**ray_options(cfg.resources))
     world_json = world.model_dump_json()
-    bar = tqdm(total=sum(sh.count for sh in todo), unit="sample", desc="world", mininterval=1.0)
-    for result in bounded_submit(
-        lambda sh: task.remote(world_json, sh, parts_dir[sh.split],
-                               ws.path("world", "truth", sh.split), ws.fs),
-        todo,
-        max_in_flight=2 * cluster_cpus(),
-    ):
-        bar.update(result["rows"])
-    bar.close()
+    with tqdm(total=sum(sh.count for sh in todo), unit="sample", desc="world", mininterval=1.0) as bar:
+        for result in bounded_submit(
+            lambda sh: task.remote(world_json, sh, parts_dir[sh.split],
+                                   ws.path("world", "truth", sh.split), ws.fs),
+            todo,
+            max_in_flight=2 * cluster_cpus(),
+        ):
+            bar.update(result["rows"])
 
     benchmarks = _merge_eval_splits(ws, world)
     llava = _export_llava_json(ws) if cfg.llava_json else None

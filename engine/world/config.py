@@ -55,8 +55,9 @@ DEFAULT_DOMAIN_WEIGHTS: dict[str, float] = {
 _RESERVED_SPLITS = ("pool", "test")
 
 
-def _check_weights(weights: dict[str, float], known: tuple[str, ...], what: str,
-                   allow_empty: bool) -> dict[str, float]:
+def _check_weights(
+    weights: dict[str, float], known: tuple[str, ...], what: str, allow_empty: bool
+) -> dict[str, float]:
     """Refuse unknown names and non-positive totals; return the dict unchanged."""
     bad = [k for k in weights if k not in known]
     if bad:
@@ -123,22 +124,30 @@ def default_benchmarks() -> list[BenchmarkSpec]:
     """Four benchmarks: two lean on a hard skill, two on a rare concept."""
     return [
         BenchmarkSpec(
-            name="bench_counting", size=300, leans_on="skill",
+            name="bench_counting",
+            size=300,
+            leans_on="skill",
             families={"counting": 0.8, "compare": 0.2},
             description="Counting objects of a shape (and comparing counts), all domains.",
         ),
         BenchmarkSpec(
-            name="bench_spatial", size=300, leans_on="skill",
+            name="bench_spatial",
+            size=300,
+            leans_on="skill",
             families={"spatial": 0.6, "position": 0.4},
             description="Relative and absolute object positions, all domains.",
         ),
         BenchmarkSpec(
-            name="bench_space", size=300, leans_on="concept",
+            name="bench_space",
+            size=300,
+            leans_on="concept",
             domains={"space": 1.0},
             description="The pool's question mix, on the rare dark 'space' scenes only.",
         ),
         BenchmarkSpec(
-            name="bench_snow", size=300, leans_on="concept",
+            name="bench_snow",
+            size=300,
+            leans_on="concept",
             domains={"snow": 1.0},
             description="The pool's question mix, on the rarest pale 'snow' scenes only.",
         ),
@@ -154,7 +163,9 @@ class WorldConfig(BaseModel):
     size: int = Field(default=2000, ge=1, le=10_000_000, description="Pool size (samples).")
     image_size: int = Field(default=64, ge=16, le=1024, description="Image side in pixels.")
     grid: int = Field(
-        default=4, ge=2, le=16,
+        default=4,
+        ge=2,
+        le=16,
         description="Cells per image side; one object per cell (image_size % grid == 0).",
     )
     families: dict[str, float] = Field(
@@ -169,7 +180,9 @@ class WorldConfig(BaseModel):
         default=6.0, ge=0.0, le=64.0, description="Std of Gaussian pixel noise (0..255 scale)."
     )
     jitter: int = Field(
-        default=2, ge=0, le=16,
+        default=2,
+        ge=0,
+        le=16,
         description="Max pixel offset of an object's centre inside its cell (clamped to fit).",
     )
     min_objects: int = Field(default=2, ge=1, description="Fewest objects in an image scene.")
@@ -177,14 +190,18 @@ class WorldConfig(BaseModel):
         default=8, ge=2, description="Most objects in an image scene (<= grid * grid)."
     )
     domain_shift: float = Field(
-        default=0.6, ge=0.0, le=1.0,
+        default=0.6,
+        ge=0.0,
+        le=1.0,
         description="How strongly a domain transforms object colours (0: not at all).",
     )
     max_count: int = Field(
         default=4, ge=1, description="Counting answers range over 0..max_count (<= max_objects)."
     )
     text_only_fraction: float = Field(
-        default=0.02, ge=0.0, lt=1.0,
+        default=0.02,
+        ge=0.0,
+        lt=1.0,
         description="Share of pool and test samples that are text-only (arithmetic, no image).",
     )
     shard_size: int = Field(default=5000, ge=1, description="Rows per generated shard.")
@@ -220,9 +237,7 @@ class WorldConfig(BaseModel):
         if self.max_objects > cells:
             raise ValueError(f"max_objects ({self.max_objects}) > grid cells ({cells})")
         if self.min_objects > self.max_objects:
-            raise ValueError(
-                f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})"
-            )
+            raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
         if self.max_count > self.max_objects:
             raise ValueError(f"max_count ({self.max_count}) > max_objects ({self.max_objects})")
         names = [b.name for b in self.benchmarks]

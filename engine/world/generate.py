@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from engine.world.answers import family_answers
 from engine.world.config import (
     DOMAINS,
     FAMILIES,
@@ -20,7 +21,7 @@ from engine.world.config import (
     TEXT_FAMILY,
     WorldConfig,
 )
-from engine.world.families import Sample, family_answers, make_sample
+from engine.world.families import Sample, make_sample
 from engine.world.render import (
     BASIC_SHAPES,
     COLOURS,
@@ -34,26 +35,44 @@ POOL, TEST = "pool", "test"
 SPLITS: tuple[str, ...] = (POOL, TEST)  # plus one split per benchmark: see splits(cfg)
 IMAGE_TOKEN = "<image>"
 
-RECORDS_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("image", pa.binary()),  # PNG bytes; null for a text-only sample
-    pa.field("conversations", pa.list_(pa.struct([
-        pa.field("from", pa.string()), pa.field("value", pa.string()),
-    ]))),
-])
-OBJECT_TYPE = pa.struct([
-    pa.field("row", pa.int8()), pa.field("col", pa.int8()), pa.field("shape", pa.string()),
-    pa.field("colour", pa.string()), pa.field("size", pa.string()), pa.field("digit", pa.int8()),
-])
-LABELS_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("split", pa.string()),
-    pa.field("family", pa.string()),  # the skill
-    pa.field("domain", pa.string()),  # the concept; null for a text-only sample
-    pa.field("answer", pa.string()),
-    pa.field("n_objects", pa.int32()),
-    pa.field("objects", pa.list_(OBJECT_TYPE)),  # the scene, for evaluation and pretraining
-])
+RECORDS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary()),  # PNG bytes; null for a text-only sample
+        pa.field(
+            "conversations",
+            pa.list_(
+                pa.struct(
+                    [
+                        pa.field("from", pa.string()),
+                        pa.field("value", pa.string()),
+                    ]
+                )
+            ),
+        ),
+    ]
+)
+OBJECT_TYPE = pa.struct(
+    [
+        pa.field("row", pa.int8()),
+        pa.field("col", pa.int8()),
+        pa.field("shape", pa.string()),
+        pa.field("colour", pa.string()),
+        pa.field("size", pa.string()),
+        pa.field("digit", pa.int8()),
+    ]
+)
+LABELS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("family", pa.string()),  # the skill
+        pa.field("domain", pa.string()),  # the concept; null for a text-only sample
+        pa.field("answer", pa.string()),
+        pa.field("n_objects", pa.int32()),
+        pa.field("objects", pa.list_(OBJECT_TYPE)),  # the scene, for evaluation and pretraining
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -135,8 +154,14 @@ def generate_sample(
     domain = _draw(rng, dist.domains, dist.domain_cum)
     sample = make_sample(rng, cfg, family, domain)
     image = render_scene(
-        sample.objects, domain, rng, image_size=cfg.image_size, grid=cfg.grid,
-        jitter=cfg.jitter, noise_std=cfg.noise_std, domain_shift=cfg.domain_shift,
+        sample.objects,
+        domain,
+        rng,
+        image_size=cfg.image_size,
+        grid=cfg.grid,
+        jitter=cfg.jitter,
+        noise_std=cfg.noise_std,
+        domain_shift=cfg.domain_shift,
     )
     return sample, image
 
@@ -146,8 +171,9 @@ def sample_id(split: str, index: int) -> str:
     return f"{split}-{index:07d}"
 
 
-def generate_rows(cfg: WorldConfig, split: str, start: int, count: int
-                  ) -> tuple[pa.Table, pa.Table]:
+def generate_rows(
+    cfg: WorldConfig, split: str, start: int, count: int
+) -> tuple[pa.Table, pa.Table]:
     """Records (RECORDS_SCHEMA) and labels (LABELS_SCHEMA) of indices [start, start + count).
 
     Rows are in index order and the two tables align row by row (same ids).
@@ -174,12 +200,23 @@ def generate_rows(cfg: WorldConfig, split: str, start: int, count: int
         lab["domain"].append(sample.domain)
         lab["answer"].append(sample.answer)
         lab["n_objects"].append(len(sample.objects))
-        lab["objects"].append([
-            {"row": o.row, "col": o.col, "shape": o.shape, "colour": o.colour,
-             "size": o.size, "digit": o.digit} for o in sample.objects
-        ])
-    return (pa.Table.from_pydict(rec, schema=RECORDS_SCHEMA),
-            pa.Table.from_pydict(lab, schema=LABELS_SCHEMA))
+        lab["objects"].append(
+            [
+                {
+                    "row": o.row,
+                    "col": o.col,
+                    "shape": o.shape,
+                    "colour": o.colour,
+                    "size": o.size,
+                    "digit": o.digit,
+                }
+                for o in sample.objects
+            ]
+        )
+    return (
+        pa.Table.from_pydict(rec, schema=RECORDS_SCHEMA),
+        pa.Table.from_pydict(lab, schema=LABELS_SCHEMA),
+    )
 
 
 def plan_shards(cfg: WorldConfig) -> list[ShardSpec]:
@@ -198,8 +235,13 @@ def world_manifest(cfg: WorldConfig) -> dict:
     answers = family_answers(cfg)
     return {
         "families": [
-            {"name": f, "rank": i, "text_only": f == TEXT_FAMILY,
-             "pool_weight": cfg.families.get(f, 0.0), "answers": answers[f]}
+            {
+                "name": f,
+                "rank": i,
+                "text_only": f == TEXT_FAMILY,
+                "pool_weight": cfg.families.get(f, 0.0),
+                "answers": answers[f],
+            }
             for i, f in enumerate(FAMILIES)
         ],
         "text_only_fraction": cfg.text_only_fraction,

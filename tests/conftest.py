@@ -1,0 +1,29 @@
+"""Shared fixtures: one local Ray per test session, and a tiny generated world."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray started once for the whole session (jobs see it and do not start another)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_world(ray_session, tmp_path_factory):
+    """A 2000-sample world with its LLaVA JSON export, generated once (read-only for tests)."""
+    from jobs.cli import main
+
+    ws = tmp_path_factory.mktemp("world") / "ws"
+    assert main(["world", "--out", str(ws), "--size", "2000", "--llava-json"]) == 0
+    return ws

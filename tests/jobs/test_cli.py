@@ -1,0 +1,66 @@
+"""The CLI contract: console script and python -m entry points, shipped configs, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import STAGES, build_config, load_yaml_file
+from jobs.cli import STAGE_MODULES, main
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+def test_python_m_entry_points_answer_help(stage):
+    out = subprocess.run([sys.executable, "-m", f"jobs.{stage}", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "--workspace" in out and "--config" in out
+
+
+def test_console_script_lists_every_stage():
+    out = subprocess.run([str(BIN / "vlselect"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for stage in STAGE_MODULES:
+        assert stage in out
+
+
+def test_every_shipped_config_loads():
+    import importlib
+
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs, "configs/ ships example YAML files"
+    for path in configs:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# vlselect ") or first.startswith("# ray job submit"), (
+            f"{path.name} must start with the command that runs it"
+        )
+        sections = load_yaml_file(path)
+        assert sections, path
+        for stage in sections:
+            assert stage in STAGES
+            if stage in STAGE_MODULES:
+                module = importlib.import_module(STAGE_MODULES[stage])
+                build_config(stage, module.CONFIG, sections)
+
+
+def test_unknown_config_section_and_missing_config_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"ingset": {"source": "x"}}))
+    assert main(["ingest", "--workspace", str(tmp_path / "ws"), "--config", str(bad)]) == 2
+    assert "ingset" in capsys.readouterr().err
+    assert main(["ingest", "--workspace", str(tmp_path / "ws"), "--config", "nope.yaml"]) == 2
+    assert main(["ingest", "--workspace", str(tmp_path / "ws")]) == 2
+    assert "no source to ingest" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_argparse_errors_exit_2():
+    with pytest.raises(SystemExit) as exc:
+        main(["world", "--out", "x", "--size", "many"])
+    assert exc.value.code == 2

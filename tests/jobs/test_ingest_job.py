@@ -1,0 +1,125 @@
+"""The ingest stage end to end on local Ray: the issue's done-when scenario and whole-file errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from engine.workspace import read_parquet_dir
+from jobs.cli import main
+
+# Each broken record appended to the world's LLaVA JSON, with the reason code it must get.
+BROKEN = [
+    ({"image": "images/pool-0000000.png", "conversations": "SEE_FIRST"}, "missing_id"),
+    ("DUPLICATE_OF_FIRST", "duplicate_id"),
+    ({"id": "b-missing-file", "image": "images/nope.png", "conversations": "SEE_FIRST"}, "image_not_found"),
+    ({"id": "b-unreadable", "image": "images/garbage.png", "conversations": "SEE_FIRST"}, "image_unreadable"),
+    ({"id": "b-empty-conv", "image": "images/pool-0000000.png", "conversations": []}, "empty_conversations"),
+    ({"id": "b-bad-conv", "image": "images/pool-0000000.png", "conversations": {"human": "q"}},
+     "bad_conversations"),
+    ({"id": "b-no-conv", "image": "images/pool-0000000.png"}, "missing_conversations"),
+    ({"id": 3.5, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     "bad_id_type"),
+    ({"id": "b-image-type", "image": 17, "conversations": "SEE_FIRST"}, "bad_image_type"),
+    ({"id": "b-escape", "image": "../../../../etc/passwd", "conversations": "SEE_FIRST"},
+     "image_escapes_root"),
+    ({"id": "b-absolute", "image": "/etc/hostname", "conversations": "SEE_FIRST"}, "image_escapes_root"),
+    ({"id": "b-token", "conversations": "SEE_FIRST"}, "image_token_without_image"),
+    (["not", "an", "object"], "not_an_object"),
+]
+
+
+def broken_source(world_ws: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    llava = tmp_path / "llava"
+    shutil.copytree(world_ws / "world" / "llava", llava)
+    (llava / "images" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    records = json.loads((llava / "pool.json").read_text())
+    first = records[0]
+    expected = []
+    for template, code in BROKEN:
+        if template == "DUPLICATE_OF_FIRST":
+            record = dict(first)
+        elif isinstance(template, dict):
+            record = {k: (first["conversations"] if v == "SEE_FIRST" else v) for k, v in template.items()}
+        else:
+            record = template
+        records.append(record)
+        expected.append(code)
+    path = llava / "broken.json"
+    path.write_text(json.dumps(records))
+    return path, expected
+
+
+def read_dir(path: Path):
+    return read_parquet_dir(str(path)).to_pylist() if any(path.glob("*.parquet")) else []
+
+
+def test_world_then_ingest_broken_llava_json(small_world, tmp_path, capsys):
+    source, expected = broken_source(small_world, tmp_path)
+    ws = tmp_path / "ws"
+    assert main(["ingest", "--workspace", str(ws), "--source", str(source)]) == 0
+    pool = read_parquet_dir(str(ws / "pool"))
+    rejects = read_dir(ws / "rejects")
+    meta = json.loads((ws / "pool" / "meta.json").read_text())
+    n_in = 2000 + len(BROKEN)
+    assert meta["records_in"] == n_in == pool.num_rows + len(rejects)
+    assert pool.num_rows == 2000 and meta["accepted"] == 2000 and meta["rejected"] == len(BROKEN)
+    got = {r["record_index"]: r for r in rejects}
+    for offset, code in enumerate(expected):
+        reject = got[2000 + offset]
+        assert reject["reason_code"] == code, reject
+        assert reject["reason"], reject
+    assert got[2001]["id"] == "pool-0000000" and "first seen at record 0" in got[2001]["reason"]
+    # The pool is complete and normalised: ids unique, images inline and decodable sizes recorded.
+    assert len(set(pool.column("id").to_pylist())) == 2000
+    image_rows = pool.filter(pool["image"].is_valid())
+    assert set(image_rows.column("width").to_pylist()) == {64}
+    out = capsys.readouterr().out
+    assert "rejected" in out and "image_escapes_root" in out
+
+
+def test_ingest_world_parquet_source_from_workspace_config(small_world, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(small_world, ws)
+    assert main(["ingest", "--workspace", str(ws), "--chunk-size", "300"]) == 0
+    meta = json.loads((ws / "pool" / "meta.json").read_text())
+    assert meta["records_in"] == meta["accepted"] == 2000 and meta["format"] == "parquet"
+    assert len(list((ws / "pool").glob("*.parquet"))) == 7  # ceil(2000 / 300)
+    # A second run refuses to replace the pool unless told to.
+    assert main(["ingest", "--workspace", str(ws)]) == 2
+    assert main(["ingest", "--workspace", str(ws), "--overwrite"]) == 0
+
+
+def test_jsonl_with_malformed_lines(tmp_path):
+    source = tmp_path / "s.jsonl"
+    good = {"id": "t1", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+    source.write_text(json.dumps(good) + "\n{broken json\n" + json.dumps({**good, "id": "t2"}) + "\n")
+    ws = tmp_path / "ws"
+    assert main(["ingest", "--workspace", str(ws), "--source", str(source)]) == 0
+    rejects = read_dir(ws / "rejects")
+    assert [r["reason_code"] for r in rejects] == ["malformed_json"]
+    assert read_parquet_dir(str(ws / "pool")).num_rows == 2
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "not_array", "no_images_dir"])
+def test_bad_file_as_a_whole_exits_2_and_writes_nothing(case, tmp_path, ray_session, capsys):
+    source = tmp_path / "src.json"
+    args = []
+    if case == "truncated":
+        source.write_text(json.dumps([{"id": str(i), "conversations": []} for i in range(50)])[:-30])
+    elif case == "not_array":
+        source.write_text("42")
+    elif case == "no_images_dir":
+        source.write_text("[]")
+        args = ["--images", str(tmp_path / "nowhere")]
+    ws = tmp_path / "ws"
+    assert main(["ingest", "--workspace", str(ws), "--source", str(source), *args]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].split("error:", 1)[1].strip()
+    assert not (ws / "pool").exists() and not (ws / "rejects").exists()
+    assert not list((ws / ".staging").glob("*")) if (ws / ".staging").exists() else True
