@@ -10,7 +10,7 @@ demo: install
 	vlselect demo
 
 test: install
-	pytest -q
+	ruff check . && ruff format --check . && pytest -q
 
 test-all: install
 	pytest -q -m "not gpu"

@@ -54,7 +54,9 @@ def detect_format(path: str) -> SourceFormat:
             "disk first (image references inside it may still be URIs)"
         )
     if not os.path.exists(path):
-        raise InputError(f"source not found: {path} (pass --source with a LLaVA JSON, JSONL or Parquet path)")
+        raise InputError(
+            f"source not found: {path} (pass --source with a LLaVA JSON, JSONL or Parquet path)"
+        )
     if os.path.isdir(path):
         if not any(name.endswith(".parquet") for name in os.listdir(path)):
             raise InputError(f"source directory {path} holds no .parquet files")
@@ -180,7 +182,9 @@ def normalize_chunk(
     rejected: list[dict] = []
     for item in items:
         if item.error is not None:
-            rejected.append(make_reject(item.record, item.index, source, "malformed_json", item.error))
+            rejected.append(
+                make_reject(item.record, item.index, source, "malformed_json", item.error)
+            )
             continue
         if item.duplicate_of is not None:
             rejected.append(

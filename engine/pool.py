@@ -113,7 +113,8 @@ class ImagePolicy:
             path = os.path.realpath(os.path.join(root, local))
             if path != root and not path.startswith(root + os.sep):
                 raise Rejected(
-                    "image_escapes_root", f"image path {ref!r} resolves outside the image root {root}"
+                    "image_escapes_root",
+                    f"image path {ref!r} resolves outside the image root {root}",
                 )
             return path
         # Remote root: a full URI must sit under the root; a relative path may not climb out.
@@ -128,7 +129,8 @@ class ImagePolicy:
         normalized = os.path.normpath(relative)
         if normalized.startswith("..") or os.path.isabs(normalized):
             raise Rejected(
-                "image_escapes_root", f"image path {ref!r} resolves outside the image root {self.root}"
+                "image_escapes_root",
+                f"image path {ref!r} resolves outside the image root {self.root}",
             )
         return f"{root}/{normalized}"
 
@@ -189,7 +191,9 @@ def _normalize(record: Any, record_index: int, source: str, policy: ImagePolicy)
     image_value = record.get("image")
     n_tokens = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
     if n_tokens > 1:
-        raise Rejected("multi_image", f"conversation has {n_tokens} {IMAGE_TOKEN} tokens; one is supported")
+        raise Rejected(
+            "multi_image", f"conversation has {n_tokens} {IMAGE_TOKEN} tokens; one is supported"
+        )
     image_bytes, image_ref = None, None
     width = height = None
     if image_value is None:
@@ -257,10 +261,14 @@ def _check_conversations(value: Any) -> list[dict]:
     turns = []
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise Rejected("bad_conversations", f"turn {i} is not an object with 'from' and 'value'")
+            raise Rejected(
+                "bad_conversations", f"turn {i} is not an object with 'from' and 'value'"
+            )
         role, text = turn["from"], turn["value"]
         if not isinstance(text, str):
-            raise Rejected("bad_conversations", f"turn {i} 'value' is a {type(text).__name__}, not a string")
+            raise Rejected(
+                "bad_conversations", f"turn {i} 'value' is a {type(text).__name__}, not a string"
+            )
         if role not in ROLE_ALIASES:
             raise Rejected(
                 "bad_conversations",
@@ -303,7 +311,9 @@ def _image_bytes(value: Any, policy: ImagePolicy) -> tuple[bytes, str | None]:
         try:
             return base64.b64decode(payload, validate=True), None
         except (binascii.Error, ValueError):
-            raise Rejected("image_unreadable", "'image' is a data: URI with invalid base64") from None
+            raise Rejected(
+                "image_unreadable", "'image' is a data: URI with invalid base64"
+            ) from None
     return policy.read(value), value
 
 
@@ -317,8 +327,12 @@ def _check_image(data: bytes, check: ImageCheck, label: str) -> tuple[int | None
                 img.load()
             else:
                 img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as err:
         raise Rejected("image_unreadable", f"{label} cannot be decoded: {err}") from None
     return size
-
-

@@ -10,8 +10,12 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per task or actor (fractions allowed).")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per task or actor (fractions share a GPU).")
+    num_cpus: float = Field(
+        1.0, ge=0, description="CPUs reserved per task or actor (fractions allowed)."
+    )
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per task or actor (fractions share a GPU)."
+    )
     memory_gb: float | None = Field(
         None, gt=0, description="Memory reserved per task or actor in GiB; None reserves none."
     )
@@ -19,4 +23,6 @@ class Resources(BaseModel):
         default_factory=dict,
         description="Custom Ray resources, e.g. {'gpu_node': 1} to pin work to a node type.",
     )
-    max_retries: int = Field(3, ge=0, description="Retries of a failed task (a lost node included).")
+    max_retries: int = Field(
+        3, ge=0, description="Retries of a failed task (a lost node included)."
+    )

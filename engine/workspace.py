@@ -8,6 +8,7 @@ into place when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -108,7 +109,9 @@ class Workspace:
             raise
 
     def write_json(self, path: str, obj: Any) -> None:
-        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+        self.write_bytes(
+            path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+        )
 
     def read_json(self, path: str) -> Any:
         with self.fs.open_input_stream(path) as f:
@@ -147,17 +150,19 @@ def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
 
 
 def _quiet_delete(fs: pafs.FileSystem, path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fs.delete_file(path)
-    except OSError:
-        pass
 
 
-def read_parquet_dir(path: str, fs: pafs.FileSystem | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_parquet_dir(
+    path: str, fs: pafs.FileSystem | None = None, columns: list[str] | None = None
+) -> pa.Table:
     """All ``*.parquet`` files directly under ``path`` as one table (``meta.json`` beside them is skipped)."""
     fs = fs or pafs.LocalFileSystem()
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    files = sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    )
     if not files:
         raise FileNotFoundError(f"no .parquet files under {path}")
     return pq.ParquetDataset(files, filesystem=fs).read(columns=columns)

@@ -42,14 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, module_name in STAGE_MODULES.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(stage, help=DESCRIPTIONS[stage], description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            stage,
+            help=DESCRIPTIONS[stage],
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         ws_flags = ["--workspace"] + (["--out"] if stage == "world" else [])
-        p.add_argument(*ws_flags, dest="workspace", required=stage != "demo",
-                       default=None, help="workspace directory or URI")
+        p.add_argument(
+            *ws_flags,
+            dest="workspace",
+            required=stage != "demo",
+            default=None,
+            help="workspace directory or URI",
+        )
         p.add_argument("--config", help="YAML file of stage sections (see configs/)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config field of this stage (dotted keys, YAML values)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one config field of this stage (dotted keys, YAML values)",
+        )
         p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
         p.add_argument("--log-level", default="INFO")
         module.add_arguments(p)

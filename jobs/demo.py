@@ -51,7 +51,10 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
     timer = Timer()
     layers = [ws.read_config() if ws.exists() else {}]
     world_cfg = build_config(
-        world.STAGE, world.CONFIG, *layers, {"world": {"size": cfg.size, "seed": cfg.seed, "overwrite": True}}
+        world.STAGE,
+        world.CONFIG,
+        *layers,
+        {"world": {"size": cfg.size, "seed": cfg.seed, "overwrite": True}},
     )
     world_summary = world.main(world_cfg, ws)
     ingest_cfg = build_config(
@@ -59,16 +62,26 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
     )
     ingest_summary = ingest.main(ingest_cfg, ws)
     summary = {"world": world_summary, "ingest": ingest_summary, "seconds": round(timer.seconds, 2)}
-    print_summary(STAGE, [
-        ("world", f"{world_summary['pool_size']} pool samples, "
-                  f"{len(world_summary['benchmarks'])} held-out sets, {world_summary['seconds']} s"),
-        ("ingest", f"{ingest_summary['records_in']} in = {ingest_summary['accepted']} accepted + "
-                   f"{ingest_summary['rejected']} rejected, {ingest_summary['seconds']} s"),
-        ("total time", f"{summary['seconds']} s"),
-        ("workspace", ws.root),
-        ("pool", ingest_summary["pool"]),
-        ("benchmarks", ws.path("benchmarks")),
-    ], extra={"seconds": summary["seconds"], "workspace": ws.root})
+    print_summary(
+        STAGE,
+        [
+            (
+                "world",
+                f"{world_summary['pool_size']} pool samples, "
+                f"{len(world_summary['benchmarks'])} held-out sets, {world_summary['seconds']} s",
+            ),
+            (
+                "ingest",
+                f"{ingest_summary['records_in']} in = {ingest_summary['accepted']} accepted + "
+                f"{ingest_summary['rejected']} rejected, {ingest_summary['seconds']} s",
+            ),
+            ("total time", f"{summary['seconds']} s"),
+            ("workspace", ws.root),
+            ("pool", ingest_summary["pool"]),
+            ("benchmarks", ws.path("benchmarks")),
+        ],
+        extra={"seconds": summary["seconds"], "workspace": ws.root},
+    )
     return summary
 
 

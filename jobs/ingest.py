@@ -54,7 +54,8 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str | None = Field(
-        None, description="LLaVA JSON (array), JSONL or Parquet file, or a directory of Parquet files."
+        None,
+        description="LLaVA JSON (array), JSONL or Parquet file, or a directory of Parquet files.",
     )
     images: str | None = Field(
         None,
@@ -70,7 +71,8 @@ class IngestConfig(BaseModel):
         "only parses headers, 'none' trusts them.",
     )
     inline_images: bool = Field(
-        True, description="Store image bytes in the pool (self-contained); False keeps references only."
+        True,
+        description="Store image bytes in the pool (self-contained); False keeps references only.",
     )
     chunk_size: int = Field(4096, ge=1, description="Records per Ray task and per pool shard.")
     max_in_flight: int = Field(
@@ -87,7 +89,9 @@ CONFIG = IngestConfig
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="LLaVA JSON / JSONL / Parquet file or Parquet directory")
-    parser.add_argument("--images", help="image root directory or URI (default: the source's folder)")
+    parser.add_argument(
+        "--images", help="image root directory or URI (default: the source's folder)"
+    )
     parser.add_argument("--image-check", choices=["decode", "header", "none"])
     parser.add_argument("--chunk-size", type=int)
     parser.add_argument("--overwrite", action="store_true", default=None)
@@ -136,8 +140,10 @@ def resolve_paths(cfg: IngestConfig, ws: Workspace) -> tuple[str, str | None]:
         return path if "://" in path or os.path.isabs(path) else ws.path(path)
 
     source = absolute(cfg.source)
-    images = absolute(cfg.images) if cfg.images else (
-        source if os.path.isdir(source) else os.path.dirname(source)
+    images = (
+        absolute(cfg.images)
+        if cfg.images
+        else (source if os.path.isdir(source) else os.path.dirname(source))
     )
     return source, images
 
@@ -175,7 +181,9 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
                 yield item
 
         chunks = enumerate(chunked(marked(), cfg.chunk_size))
-        with tqdm(total=_count_hint(source, fmt), unit="rec", desc="ingest", mininterval=1.0) as bar:
+        with tqdm(
+            total=_count_hint(source, fmt), unit="rec", desc="ingest", mininterval=1.0
+        ) as bar:
             for result in bounded_submit(
                 lambda ic: task.remote(ic[1], ic[0], source_name, policy_args, staging, ws.fs),
                 chunks,
@@ -203,7 +211,12 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
         "pool": pool_dir,
         "rejects": rejects_dir,
     }
-    meta = {"stage": STAGE, "config": cfg.model_dump(), "source_fingerprint": fingerprint(source), **summary}
+    meta = {
+        "stage": STAGE,
+        "config": cfg.model_dump(),
+        "source_fingerprint": fingerprint(source),
+        **summary,
+    }
     ws.write_json(f"{pool_dir}/{META_FILE}", meta)
     ws.write_json(f"{rejects_dir}/{META_FILE}", meta)
     rows = [
@@ -211,7 +224,10 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
         ("accepted", summary["accepted"]),
         ("rejected", summary["rejected"]),
         *[(f"  {code}", n) for code, n in summary["rejected_by_reason"].items()],
-        ("time", f"{summary['seconds']} s ({summary['records_in'] / max(timer.seconds, 1e-9):.0f} rec/s)"),
+        (
+            "time",
+            f"{summary['seconds']} s ({summary['records_in'] / max(timer.seconds, 1e-9):.0f} rec/s)",
+        ),
         ("pool", pool_dir),
         ("rejects", rejects_dir),
     ]

@@ -70,7 +70,9 @@ class Timer:
         return time.perf_counter() - self.start
 
 
-def print_summary(title: str, rows: list[tuple[str, Any]], extra: dict[str, Any] | None = None) -> None:
+def print_summary(
+    title: str, rows: list[tuple[str, Any]], extra: dict[str, Any] | None = None
+) -> None:
     """A short aligned summary block, then one JSON line for machines (grep 'vlselect-summary')."""
     width = max(len(k) for k, _ in rows)
     print(f"\n== {title} ==")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 
 import pyarrow as pa
@@ -46,7 +45,9 @@ LLAVA_JSON_MAX = 200_000  # one PNG file per sample past this is what Parquet is
 class WorldJobConfig(WorldConfig):
     """``vlselect world``: the world's own fields plus how this run writes them."""
 
-    overwrite: bool = Field(False, description="Delete a world made with another config and start over.")
+    overwrite: bool = Field(
+        False, description="Delete a world made with another config and start over."
+    )
     llava_json: bool = Field(
         False,
         description=f"Also export the pool as world/llava/pool.json + PNG files (<= {LLAVA_JSON_MAX} samples).",
@@ -108,20 +109,26 @@ def main(cfg: WorldJobConfig, ws: Workspace) -> dict:
     connect()
 
     shards = plan_shards(world)
-    parts_dir = {s: ws.path("world", "source") if s == POOL else ws.path("world", "parts", s)
-                 for s in {sh.split for sh in shards}}
+    parts_dir = {
+        s: ws.path("world", "source") if s == POOL else ws.path("world", "parts", s)
+        for s in {sh.split for sh in shards}
+    }
     todo = [
-        sh for sh in shards
+        sh
+        for sh in shards
         if not (sh.split != POOL and ws.exists("benchmarks", f"{sh.split}.parquet"))
         and not ws.exists("world", "truth", sh.split, _part(sh))
     ]
     skipped = len(shards) - len(todo)
     task = _generate_shard.options(**ray_options(cfg.resources))
     world_json = world.model_dump_json()
-    with tqdm(total=sum(sh.count for sh in todo), unit="sample", desc="world", mininterval=1.0) as bar:
+    with tqdm(
+        total=sum(sh.count for sh in todo), unit="sample", desc="world", mininterval=1.0
+    ) as bar:
         for result in bounded_submit(
-            lambda sh: task.remote(world_json, sh, parts_dir[sh.split],
-                                   ws.path("world", "truth", sh.split), ws.fs),
+            lambda sh: task.remote(
+                world_json, sh, parts_dir[sh.split], ws.path("world", "truth", sh.split), ws.fs
+            ),
             todo,
             max_in_flight=2 * cluster_cpus(),
         ):
@@ -142,22 +149,32 @@ def main(cfg: WorldJobConfig, ws: Workspace) -> dict:
         "truth": ws.path("world", "truth"),
         "llava_json": llava,
     }
-    ws.write_json(ws.path("world", META_FILE), {
-        "stage": STAGE, "status": "complete", "fingerprint": fingerprint,
-        "manifest": manifest, **summary,
-    })
+    ws.write_json(
+        ws.path("world", META_FILE),
+        {
+            "stage": STAGE,
+            "status": "complete",
+            "fingerprint": fingerprint,
+            "manifest": manifest,
+            **summary,
+        },
+    )
     _write_workspace_config(ws, world)
-    print_summary(STAGE, [
-        ("pool samples", world.size),
-        ("splits", ", ".join(f"{k}={v}" for k, v in manifest["splits"].items())),
-        ("shards", f"{len(shards)} ({skipped} already done)"),
-        ("time", f"{summary['seconds']} s"),
-        ("pool source", summary["source"]),
-        ("benchmarks", ws.path("benchmarks")),
-        ("ground truth", summary["truth"] + "  (evaluation only; selection never reads it)"),
-        *([("llava json", llava)] if llava else []),
-        ("next", f"vlselect ingest --workspace {ws.uri}"),
-    ], extra=summary)
+    print_summary(
+        STAGE,
+        [
+            ("pool samples", world.size),
+            ("splits", ", ".join(f"{k}={v}" for k, v in manifest["splits"].items())),
+            ("shards", f"{len(shards)} ({skipped} already done)"),
+            ("time", f"{summary['seconds']} s"),
+            ("pool source", summary["source"]),
+            ("benchmarks", ws.path("benchmarks")),
+            ("ground truth", summary["truth"] + "  (evaluation only; selection never reads it)"),
+            *([("llava json", llava)] if llava else []),
+            ("next", f"vlselect ingest --workspace {ws.uri}"),
+        ],
+        extra=summary,
+    )
     return summary
 
 

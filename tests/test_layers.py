@@ -45,8 +45,7 @@ def test_actors_never_import_jobs():
 def test_importing_all_of_engine_loads_no_ray():
     """Transitive check: importing every engine module leaves 'ray' out of sys.modules."""
     modules = [
-        ".".join(p.relative_to(ROOT).with_suffix("").parts)
-        for p in (ROOT / "engine").rglob("*.py")
+        ".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "engine").rglob("*.py")
     ]
     code = (
         "import importlib, sys\n"

@@ -23,7 +23,11 @@ class Demo(BaseModel):
 
 def test_later_layers_win_and_nested_merge():
     cfg = build_config(
-        "world", Demo, {"world": {"size": 3, "inner": {"num_cpus": 0.5}}}, None, {"world": {"name": "y"}}
+        "world",
+        Demo,
+        {"world": {"size": 3, "inner": {"num_cpus": 0.5}}},
+        None,
+        {"world": {"name": "y"}},
     )
     assert (cfg.size, cfg.name, cfg.inner.num_cpus) == (3, "y", 0.5)
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 5}}) == {"a": {"b": 5, "c": 2}}
@@ -44,7 +48,10 @@ def test_bad_value_names_key_and_input():
 
 def test_set_overrides_parse_yaml_values():
     assert parse_set_overrides(["a.b=3", "c=[1, 2]", "d=true", "e=text"]) == {
-        "a": {"b": 3}, "c": [1, 2], "d": True, "e": "text"
+        "a": {"b": 3},
+        "c": [1, 2],
+        "d": True,
+        "e": "text",
     }
     with pytest.raises(InputError, match="KEY=VALUE"):
         parse_set_overrides(["novalue"])

@@ -48,14 +48,19 @@ def test_good_record_with_path(image_root):
 
 
 def test_by_reference_keeps_no_bytes(image_root):
-    row, _ = run({"id": "a", "image": "sub/ok.png", "conversations": conv()}, image_root, inline=False)
+    row, _ = run(
+        {"id": "a", "image": "sub/ok.png", "conversations": conv()}, image_root, inline=False
+    )
     assert row["image"] is None and row["image_ref"] == "sub/ok.png"
 
 
 def test_inline_forms(image_root):
     data = png_bytes()
-    for image in (data, {"bytes": data, "path": None},
-                  "data:image/png;base64," + base64.b64encode(data).decode()):
+    for image in (
+        data,
+        {"bytes": data, "path": None},
+        "data:image/png;base64," + base64.b64encode(data).decode(),
+    ):
         row, rej = run({"id": "a", "image": image, "conversations": conv()}, image_root)
         assert rej is None, rej
         assert row["image"] == data and row["image_ref"] is None
@@ -70,7 +75,9 @@ def test_text_only_and_aliases(image_root):
 
 
 def test_image_token_added_when_missing(image_root):
-    row, _ = run({"id": "a", "image": "sub/ok.png", "conversations": conv(q="What color?")}, image_root)
+    row, _ = run(
+        {"id": "a", "image": "sub/ok.png", "conversations": conv(q="What color?")}, image_root
+    )
     assert row["conversations"][0]["value"] == "<image>\nWhat color?"
 
 
@@ -87,27 +94,54 @@ def test_image_token_added_when_missing(image_root):
         ({"id": "a", "conversations": {"from": "human"}}, "bad_conversations"),
         ({"id": "a", "conversations": "not json"}, "bad_conversations"),
         ({"id": "a", "conversations": [{"from": "human", "value": "q"}]}, "bad_conversations"),
-        ({"id": "a", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
-         "bad_conversations"),
-        ({"id": "a", "conversations": [{"from": "system", "value": "x"}, {"from": "gpt", "value": "a"}]},
-         "bad_conversations"),
-        ({"id": "a", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
-         "bad_conversations"),
-        ({"id": "a", "image": "sub/ok.png", "conversations": conv(q="<image>\n")}, "bad_conversations"),
+        (
+            {
+                "id": "a",
+                "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}],
+            },
+            "bad_conversations",
+        ),
+        (
+            {
+                "id": "a",
+                "conversations": [{"from": "system", "value": "x"}, {"from": "gpt", "value": "a"}],
+            },
+            "bad_conversations",
+        ),
+        (
+            {
+                "id": "a",
+                "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}],
+            },
+            "bad_conversations",
+        ),
+        (
+            {"id": "a", "image": "sub/ok.png", "conversations": conv(q="<image>\n")},
+            "bad_conversations",
+        ),
         ({"id": "a", "conversations": conv(a=" ")}, "bad_conversations"),
         ({"id": "a", "conversations": conv()}, "image_token_without_image"),
         ({"id": "a", "image": 42, "conversations": conv()}, "bad_image_type"),
         ({"id": "a", "image": ["a.png", "b.png"], "conversations": conv()}, "multi_image"),
-        ({"id": "a", "image": "sub/ok.png", "conversations": conv(q="<image><image>")}, "multi_image"),
+        (
+            {"id": "a", "image": "sub/ok.png", "conversations": conv(q="<image><image>")},
+            "multi_image",
+        ),
         ({"id": "a", "image": "missing.png", "conversations": conv()}, "image_not_found"),
         ({"id": "a", "image": "broken.png", "conversations": conv()}, "image_unreadable"),
         ({"id": "a", "image": "notimage.png", "conversations": conv()}, "image_unreadable"),
         ({"id": "a", "image": "sub", "conversations": conv()}, "image_unreadable"),
         ({"id": "a", "image": "../secret.png", "conversations": conv()}, "image_escapes_root"),
-        ({"id": "a", "image": "sub/../../secret.png", "conversations": conv()}, "image_escapes_root"),
+        (
+            {"id": "a", "image": "sub/../../secret.png", "conversations": conv()},
+            "image_escapes_root",
+        ),
         ({"id": "a", "image": "link.png", "conversations": conv()}, "image_escapes_root"),
         ({"id": "a", "image": "s3://bucket/x.png", "conversations": conv()}, "image_escapes_root"),
-        ({"id": "a", "image": "data:image/png;base64,@@@", "conversations": conv()}, "image_unreadable"),
+        (
+            {"id": "a", "image": "data:image/png;base64,@@@", "conversations": conv()},
+            "image_unreadable",
+        ),
     ],
 )
 def test_rejects(record, code, image_root):

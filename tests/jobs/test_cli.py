@@ -18,14 +18,20 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
 def test_python_m_entry_points_answer_help(stage):
-    out = subprocess.run([sys.executable, "-m", f"jobs.{stage}", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", f"jobs.{stage}", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--workspace" in out and "--config" in out
 
 
 def test_console_script_lists_every_stage():
-    out = subprocess.run([str(BIN / "vlselect"), "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [str(BIN / "vlselect"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for stage in STAGE_MODULES:
         assert stage in out
 

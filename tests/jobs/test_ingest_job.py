@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from engine.workspace import read_parquet_dir
@@ -16,18 +15,39 @@ from jobs.cli import main
 BROKEN = [
     ({"image": "images/pool-0000000.png", "conversations": "SEE_FIRST"}, "missing_id"),
     ("DUPLICATE_OF_FIRST", "duplicate_id"),
-    ({"id": "b-missing-file", "image": "images/nope.png", "conversations": "SEE_FIRST"}, "image_not_found"),
-    ({"id": "b-unreadable", "image": "images/garbage.png", "conversations": "SEE_FIRST"}, "image_unreadable"),
-    ({"id": "b-empty-conv", "image": "images/pool-0000000.png", "conversations": []}, "empty_conversations"),
-    ({"id": "b-bad-conv", "image": "images/pool-0000000.png", "conversations": {"human": "q"}},
-     "bad_conversations"),
+    (
+        {"id": "b-missing-file", "image": "images/nope.png", "conversations": "SEE_FIRST"},
+        "image_not_found",
+    ),
+    (
+        {"id": "b-unreadable", "image": "images/garbage.png", "conversations": "SEE_FIRST"},
+        "image_unreadable",
+    ),
+    (
+        {"id": "b-empty-conv", "image": "images/pool-0000000.png", "conversations": []},
+        "empty_conversations",
+    ),
+    (
+        {"id": "b-bad-conv", "image": "images/pool-0000000.png", "conversations": {"human": "q"}},
+        "bad_conversations",
+    ),
     ({"id": "b-no-conv", "image": "images/pool-0000000.png"}, "missing_conversations"),
-    ({"id": 3.5, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-     "bad_id_type"),
+    (
+        {
+            "id": 3.5,
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        },
+        "bad_id_type",
+    ),
     ({"id": "b-image-type", "image": 17, "conversations": "SEE_FIRST"}, "bad_image_type"),
-    ({"id": "b-escape", "image": "../../../../etc/passwd", "conversations": "SEE_FIRST"},
-     "image_escapes_root"),
-    ({"id": "b-absolute", "image": "/etc/hostname", "conversations": "SEE_FIRST"}, "image_escapes_root"),
+    (
+        {"id": "b-escape", "image": "../../../../etc/passwd", "conversations": "SEE_FIRST"},
+        "image_escapes_root",
+    ),
+    (
+        {"id": "b-absolute", "image": "/etc/hostname", "conversations": "SEE_FIRST"},
+        "image_escapes_root",
+    ),
     ({"id": "b-token", "conversations": "SEE_FIRST"}, "image_token_without_image"),
     (["not", "an", "object"], "not_an_object"),
 ]
@@ -44,7 +64,9 @@ def broken_source(world_ws: Path, tmp_path: Path) -> tuple[Path, list[str]]:
         if template == "DUPLICATE_OF_FIRST":
             record = dict(first)
         elif isinstance(template, dict):
-            record = {k: (first["conversations"] if v == "SEE_FIRST" else v) for k, v in template.items()}
+            record = {
+                k: (first["conversations"] if v == "SEE_FIRST" else v) for k, v in template.items()
+            }
         else:
             record = template
         records.append(record)
@@ -96,8 +118,13 @@ def test_ingest_world_parquet_source_from_workspace_config(small_world, tmp_path
 
 def test_jsonl_with_malformed_lines(tmp_path):
     source = tmp_path / "s.jsonl"
-    good = {"id": "t1", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
-    source.write_text(json.dumps(good) + "\n{broken json\n" + json.dumps({**good, "id": "t2"}) + "\n")
+    good = {
+        "id": "t1",
+        "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}],
+    }
+    source.write_text(
+        json.dumps(good) + "\n{broken json\n" + json.dumps({**good, "id": "t2"}) + "\n"
+    )
     ws = tmp_path / "ws"
     assert main(["ingest", "--workspace", str(ws), "--source", str(source)]) == 0
     rejects = read_dir(ws / "rejects")
@@ -110,7 +137,9 @@ def test_bad_file_as_a_whole_exits_2_and_writes_nothing(case, tmp_path, ray_sess
     source = tmp_path / "src.json"
     args = []
     if case == "truncated":
-        source.write_text(json.dumps([{"id": str(i), "conversations": []} for i in range(50)])[:-30])
+        source.write_text(
+            json.dumps([{"id": str(i), "conversations": []} for i in range(50)])[:-30]
+        )
     elif case == "not_array":
         source.write_text("42")
     elif case == "no_images_dir":

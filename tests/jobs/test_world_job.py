@@ -49,8 +49,19 @@ def test_same_seed_same_bytes_whatever_the_shard_size(ray_session, tmp_path):
 
 def test_resume_skips_finished_shards_and_refuses_another_config(ray_session, tmp_path, capsys):
     ws = tmp_path / "ws"
-    args = ["world", "--out", str(ws), "--size", "400", "--shard-size", "100",
-            "--set", "test_size=0", "--set", "benchmarks=[]"]
+    args = [
+        "world",
+        "--out",
+        str(ws),
+        "--size",
+        "400",
+        "--shard-size",
+        "100",
+        "--set",
+        "test_size=0",
+        "--set",
+        "benchmarks=[]",
+    ]
     assert main(args) == 0
     before = table(ws / "world" / "source")
     (ws / "world" / "truth" / "pool" / "part-00002.parquet").unlink()  # as if killed mid-shard

@@ -57,10 +57,23 @@ def ray_head():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=180,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
     )
     try:
         yield f"http://127.0.0.1:{dash}", env
@@ -78,10 +91,25 @@ def test_ray_job_submit_world_then_ingest(ray_head, tmp_path):
     deadline = time.time() + 300
     for attempt in range(30):
         proc = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--submission-id", f"vlselect-test-{os.getpid()}-{attempt}", "--",
-             "bash", "-c", entrypoint],
-            env=env, capture_output=True, text=True, timeout=max(60, deadline - time.time()),
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(ROOT),
+                "--submission-id",
+                f"vlselect-test-{os.getpid()}-{attempt}",
+                "--",
+                "bash",
+                "-c",
+                entrypoint,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=max(60, deadline - time.time()),
             cwd=ROOT,
         )
         logs = proc.stdout + proc.stderr
@@ -90,8 +118,11 @@ def test_ray_job_submit_world_then_ingest(ray_head, tmp_path):
         time.sleep(2)
     assert proc.returncode == 0, logs[-4000:]
     assert "succeeded" in logs, logs[-4000:]
-    summaries = [json.loads(line.split(" ", 1)[1]) for line in logs.splitlines()
-                 if line.startswith("vlselect-summary ")]
+    summaries = [
+        json.loads(line.split(" ", 1)[1])
+        for line in logs.splitlines()
+        if line.startswith("vlselect-summary ")
+    ]
     assert [s["stage"] for s in summaries] == ["world", "ingest"]
     assert summaries[1]["records_in"] == summaries[1]["accepted"] == 300
     assert read_parquet_dir(str(ws / "pool")).num_rows == 300
