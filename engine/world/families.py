@@ -228,12 +228,13 @@ def existence(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) ->
     q = _ask(
         rng,
         (
-            "Is there a {c} {s}?",
-            "Is there a {c} {s} in the image?",
-            "Does the image contain a {c} {s}?",
+            "Is there {a} {c} {s}?",
+            "Is there {a} {c} {s} in the image?",
+            "Does the image contain {a} {c} {s}?",
         ),
         s=BASIC_SHAPES[s],
         c=COLOUR_NAMES[c],
+        a="an" if COLOUR_NAMES[c][0] in "aeiou" else "a",
     )
     return Sample("existence", q, "yes" if yes else "no", objs, domain, _names(s, c))
 
