@@ -58,7 +58,7 @@ def detect_format(path: str) -> SourceFormat:
             f"source not found: {path} (pass --source with a LLaVA JSON, JSONL or Parquet path)"
         )
     if os.path.isdir(path):
-        if not any(name.endswith(".parquet") for name in os.listdir(path)):
+        if not source_files(path):
             raise InputError(f"source directory {path} holds no .parquet files")
         return "parquet"
     lower = path.lower()
@@ -79,6 +79,20 @@ def detect_format(path: str) -> SourceFormat:
             f"JSONL; it starts with {shown!r}"
         )
     raise InputError(f"cannot tell the format of {path}: name it .json, .jsonl or .parquet")
+
+
+def source_files(path: str) -> list[str]:
+    """The files a source consists of: itself, or the sorted ``*.parquet`` files of a directory."""
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".parquet"))
+    return [path]
+
+
+def count_records(path: str, fmt: SourceFormat) -> int | None:
+    """Rows in a Parquet source from its footers (free); None for JSON, which must be parsed."""
+    if fmt != "parquet":
+        return None
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in source_files(path))
 
 
 def iter_records(path: str, fmt: SourceFormat, batch_rows: int = 2048) -> Iterator[RawItem]:
@@ -125,13 +139,8 @@ def _iter_jsonl(path: str) -> Iterator[RawItem]:
 
 
 def _iter_parquet(path: str, batch_rows: int) -> Iterator[RawItem]:
-    files = (
-        sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".parquet"))
-        if os.path.isdir(path)
-        else [path]
-    )
     index = 0
-    for file in files:
+    for file in source_files(path):
         try:
             reader = pq.ParquetFile(file)
         except (pa.ArrowInvalid, OSError) as err:

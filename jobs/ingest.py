@@ -23,7 +23,6 @@ import sys
 from collections import Counter
 from typing import Literal
 
-import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
@@ -34,10 +33,12 @@ from engine.ingest import (
     DuplicateTracker,
     RawItem,
     chunked,
+    count_records,
     detect_format,
     iter_records,
     normalize_chunk,
     peek_first,
+    source_files,
 )
 from engine.pool import ImagePolicy
 from engine.resources import Resources
@@ -182,7 +183,7 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
 
         chunks = enumerate(chunked(marked(), cfg.chunk_size))
         with tqdm(
-            total=_count_hint(source, fmt), unit="rec", desc="ingest", mininterval=1.0
+            total=count_records(source, fmt), unit="rec", desc="ingest", mininterval=1.0
         ) as bar:
             for result in bounded_submit(
                 lambda ic: task.remote(ic[1], ic[0], source_name, policy_args, staging, ws.fs),
@@ -237,24 +238,9 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
     return summary
 
 
-def _count_hint(source: str, fmt: str) -> int | None:
-    if fmt != "parquet":
-        return None
-    files = (
-        [os.path.join(source, n) for n in os.listdir(source) if n.endswith(".parquet")]
-        if os.path.isdir(source)
-        else [source]
-    )
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
 def fingerprint(path: str) -> dict:
     """Size, mtime and a hash of the first MiB of each file: cheap, and changes when the file does."""
-    files = (
-        sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".parquet"))
-        if os.path.isdir(path)
-        else [path]
-    )
+    files = source_files(path)
     digest = hashlib.sha256()
     size = 0
     for file in files:

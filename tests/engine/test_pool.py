@@ -7,6 +7,8 @@ import io
 import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from engine.pool import ImagePolicy, normalize_record, raw_snippet
@@ -174,3 +176,45 @@ def test_raw_snippet_shows_bytes_by_size():
     text = raw_snippet({"id": "a", "image": b"\x00" * 500})
     assert "<500 bytes>" in text
     assert len(raw_snippet({"x": "y" * 5000})) == 1000
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+turns = st.lists(
+    st.fixed_dictionaries(
+        {
+            "from": st.sampled_from(["human", "gpt", "user", "assistant", "system", 3]),
+            "value": json_values,
+        }
+    ),
+    max_size=4,
+)
+records = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "id": json_values,
+            "image": json_values | st.binary(max_size=40),
+            "conversations": turns | json_values,
+        },
+    )
+    | json_values
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(record=records)
+def test_fuzz_every_record_is_accepted_or_rejected_with_a_reason(record, image_root):
+    row, rej = normalize_record(record, 0, "fuzz", ImagePolicy(str(image_root)))
+    assert (row is None) != (rej is None)
+    if rej is not None:
+        assert rej["reason_code"] and rej["reason"]
+    else:
+        assert row["id"] and row["question"] and row["answer"].strip()
