@@ -72,6 +72,15 @@ class Workspace:
             i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
         )
 
+    def parquet_rows(self, path: str) -> int:
+        """Rows in the ``*.parquet`` files directly under the absolute ``path``, from their footers."""
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        return sum(
+            pq.ParquetFile(i.path, filesystem=self.fs).metadata.num_rows
+            for i in infos
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+        )
+
     def remove(self, *parts: str) -> None:
         self.discard(self.path(*parts))
 

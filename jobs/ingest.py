@@ -175,10 +175,12 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
     examples: list[dict] = []
     try:
         dedup = DuplicateTracker()
+        read = Counter()
 
         def marked():
             for item in iter_records(source, fmt):
                 dedup.mark(item)
+                read["records"] += 1
                 yield item
 
         chunks = enumerate(chunked(marked(), cfg.chunk_size))
@@ -194,8 +196,14 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
                 reasons.update(result["reasons"])
                 examples.extend(result["examples"][: max(0, 20 - len(examples))])
                 bar.update(result["records"])
-        if totals["records"] != totals["accepted"] + totals["rejected"]:
-            raise RuntimeError(f"ingest lost rows: {dict(totals)}; nothing was promoted")
+        # Three independent counts must agree: records the driver read, rows the tasks
+        # reported, rows in the files on disk (from their footers).
+        on_disk = ws.parquet_rows(f"{staging}/pool") + ws.parquet_rows(f"{staging}/rejects")
+        if not read["records"] == totals["accepted"] + totals["rejected"] == on_disk:
+            raise RuntimeError(
+                f"ingest lost rows: read {read['records']}, tasks reported {dict(totals)}, "
+                f"files hold {on_disk}; nothing was promoted"
+            )
         pool_dir = ws.promote(f"{staging}/pool", "pool")
         rejects_dir = ws.promote(f"{staging}/rejects", "rejects")
     finally:
