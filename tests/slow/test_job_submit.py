@@ -52,8 +52,16 @@ def stop_cluster(temp_dir: str) -> None:
 
 @pytest.fixture
 def ray_head():
+    import ray
+
+    # The test session's own local Ray holds ports that a second head wants too (its
+    # dashboard agent binds 52365 whatever the flags below say); jobs that run later
+    # start a fresh local Ray through jobs.runtime.connect().
+    if ray.is_initialized():
+        ray.shutdown()
+        time.sleep(2)
     temp_dir = tempfile.mkdtemp(prefix="vlsr-", dir="/tmp")  # short: Ray's socket paths are limited
-    port, dash = free_port(), free_port()
+    port, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run(
