@@ -20,3 +20,19 @@ def ray_options(resources: Resources, *, actor: bool = False) -> dict[str, Any]:
     else:
         opts["max_retries"] = resources.max_retries
     return opts
+
+
+def ray_data_options(resources: Resources) -> dict[str, Any]:
+    """Keyword arguments for ``Dataset.map_batches``: the resources of one task or pool actor.
+
+    Retries are left to Ray Data, which restarts pool actors and retries their batches
+    without limit by default: a dead actor costs a retry, not rows.
+    """
+    opts: dict[str, Any] = {"num_cpus": resources.num_cpus}
+    if resources.num_gpus:
+        opts["num_gpus"] = resources.num_gpus
+    if resources.memory_gb:
+        opts["memory"] = int(resources.memory_gb * 1024**3)
+    if resources.custom:
+        opts["resources"] = dict(resources.custom)
+    return opts

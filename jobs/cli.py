@@ -25,11 +25,13 @@ from jobs.runtime import set_address
 STAGE_MODULES = {
     "world": "jobs.world",
     "ingest": "jobs.ingest",
+    "embed": "jobs.embed",
     "demo": "jobs.demo",
 }
 DESCRIPTIONS = {
     "world": "generate the shapes world (the embedded default pool) into a workspace",
     "ingest": "LLaVA JSON / JSONL / Parquet -> <ws>/pool, bad records -> <ws>/rejects",
+    "embed": "pool -> <ws>/embeddings/<space> (clip, dino, text; skill from <ws>/skills)",
     "demo": "the whole pipeline on the embedded default",
 }
 

@@ -35,6 +35,7 @@ from engine.resources import Resources
 from engine.workspace import META_FILE, Workspace, write_table_atomic
 from engine.world.config import WorldConfig
 from engine.world.generate import POOL, ShardSpec, generate_rows, plan_shards, world_manifest
+from jobs.embed import EMBEDDED_DEFAULT
 from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_summary
 
 STAGE = "world"
@@ -245,6 +246,7 @@ def _write_workspace_config(ws: Workspace, world: WorldConfig) -> None:
     sections["world"] = world.model_dump(mode="json")
     ingest = sections.setdefault("ingest", {})
     ingest.setdefault("source", "world/source")
+    sections.setdefault("embed", EMBEDDED_DEFAULT)
     ws.write_config(sections)
 
 

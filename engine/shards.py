@@ -1,0 +1,107 @@
+"""Resumable output shards: one output file per input shard, built from idempotent parts.
+
+A stage that maps an input shard (one Parquet file of the pool) to an output shard
+writes the rows as *parts* while they stream out of a pipeline, under
+``<out>/_parts/<stem>.<digest>.parquet``; a part's name is a digest of its ids, so a
+retried batch overwrites its own part instead of adding a second copy. When every
+row of the shard is in, ``finish_shard`` checks the ids against the input, writes
+``<out>/<stem>.parquet`` atomically (its existence is the completion marker) and
+deletes the parts. A run that restarts keeps finished shards, drops ``_parts`` and
+recomputes the rest, so no id is written twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import PurePosixPath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from engine.workspace import write_table_atomic
+
+PARTS_DIR = "_parts"
+
+
+class ShardMismatch(RuntimeError):
+    """An output shard's ids differ from its input shard's: nothing is finished."""
+
+
+def stem(path: str) -> str:
+    """``.../part-000003.parquet`` -> ``part-000003``."""
+    return PurePosixPath(path).name.removesuffix(".parquet")
+
+
+def write_part(fs: pafs.FileSystem, out_dir: str, shard: str, table: pa.Table) -> str:
+    """Write the rows of one shard that arrived together; returns the part's path.
+
+    ``table`` must have a string column ``id``. The name digests the ids, so writing
+    the same rows again (a retried task) replaces the part rather than duplicating it.
+    """
+    digest = hashlib.sha1("\x00".join(table.column("id").to_pylist()).encode()).hexdigest()
+    path = f"{out_dir}/{PARTS_DIR}/{shard}.{digest[:20]}.parquet"
+    write_table_atomic(fs, path, table)
+    return path
+
+
+def part_files(fs: pafs.FileSystem, out_dir: str, shard: str) -> list[str]:
+    parts_dir = f"{out_dir}/{PARTS_DIR}"
+    if fs.get_file_info(parts_dir).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(parts_dir))
+    prefix = f"{shard}."
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and PurePosixPath(i.path).name.startswith(prefix)
+        and i.path.endswith(".parquet")
+    )
+
+
+def finish_shard(
+    fs: pafs.FileSystem, out_dir: str, shard: str, expected_ids: pa.Array | pa.ChunkedArray
+) -> int:
+    """Join ``shard``'s parts into ``<out_dir>/<shard>.parquet`` in the order of ``expected_ids``.
+
+    Args:
+        expected_ids: string (n,): the input shard's ids that must each appear once.
+    Returns:
+        n, the rows written.
+    Raises:
+        ShardMismatch: an id is missing, repeated or foreign (the parts stay for inspection).
+    """
+    files = part_files(fs, out_dir, shard)
+    table = pa.concat_tables(pq.read_table(f, filesystem=fs) for f in files) if files else None
+    expected = (
+        expected_ids.combine_chunks() if isinstance(expected_ids, pa.ChunkedArray) else expected_ids
+    )
+    got = table.num_rows if table is not None else 0
+    if got != len(expected):
+        raise ShardMismatch(
+            f"shard {shard}: {got} rows in {len(files)} parts, expected {len(expected)}"
+        )
+    if got == 0:
+        return 0
+    position = pc.index_in(expected, value_set=table.column("id"))
+    if position.null_count:
+        missing = pc.filter(expected, pc.is_null(position)).slice(0, 5).to_pylist()
+        raise ShardMismatch(f"shard {shard}: ids missing from the output, e.g. {missing}")
+    if len(pc.unique(position)) != got:
+        raise ShardMismatch(f"shard {shard}: some ids were written twice")
+    write_table_atomic(fs, f"{out_dir}/{shard}.parquet", table.take(position))
+    for f in files:
+        fs.delete_file(f)
+    return got
+
+
+def finished_shards(fs: pafs.FileSystem, out_dir: str) -> set[str]:
+    """Stems of the shards whose final file exists under ``out_dir``."""
+    if fs.get_file_info(out_dir).type != pafs.FileType.Directory:
+        return set()
+    infos = fs.get_file_info(pafs.FileSelector(out_dir))
+    return {
+        stem(i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    }

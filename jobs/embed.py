@@ -1,0 +1,445 @@
+"""``vlselect embed``: the pool's spaces (clip, dino, text; skill from ``<ws>/skills``) as vectors.
+
+What it does, for each space in ``--spaces``:
+    1. checks in the driver that the input exists (``<ws>/pool``, or ``<ws>/skills`` for
+       the skill space) and that the encoder's weights can be had here;
+    2. compares the fingerprint of the inputs and the encoder with ``meta.json``: the
+       same keeps the shards already finished (resume), a change starts the space over;
+    3. streams the unfinished shards through Ray Data: read Parquet -> decode and
+       preprocess in CPU tasks -> an encoder actor pool (``ActorPoolStrategy``; GPUs,
+       dtype, batch size, pool size from the config) -> parts written as they come;
+    4. finishes each shard once all its rows are in (ids checked against the input),
+       then writes ``<ws>/embeddings/<space>/meta.json`` and prints a summary.
+
+Output: ``<ws>/embeddings/<space>/part-*.parquet`` (id, vector list<float32>,
+L2-normalised), one file per pool shard, in pool order.
+
+Raises:
+    InputError: no pool or skills, an unknown space, weights that cannot be had (exit 2).
+    ShardMismatch: a shard's ids came out missing or twice (exit 1; finished shards kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from actors.adapter import ray_data_options
+from actors.encoder import EmbedActor
+from engine.encoders import (
+    EncoderSpec,
+    check_available,
+    preprocess_for,
+    preprocess_images,
+    weights_source,
+)
+from engine.errors import InputError
+from engine.pool import ImagePolicy
+from engine.resources import Resources
+from engine.shards import PARTS_DIR, finish_shard, finished_shards, stem, write_part
+from engine.text import instruction_text
+from engine.vectors import to_arrow
+from engine.workspace import META_FILE, Workspace
+from jobs.runtime import Timer, connect, print_summary
+
+STAGE = "embed"
+DEFAULT_WORKSPACE = None
+Space = Literal["clip", "dino", "text", "skill"]
+IMAGE_SPACES = ("clip", "dino")
+log = logging.getLogger("vlselect.embed")
+
+
+class SpaceConfig(BaseModel):
+    """One space: its encoder and how its actor pool runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: EncoderSpec = Field(description="The model that embeds this space.")
+    batch_size: int = Field(64, ge=1, description="Rows per encoder call.")
+    min_actors: int = Field(1, ge=1, description="Smallest size of the encoder actor pool.")
+    max_actors: int = Field(
+        1, ge=1, description="Largest size of the pool (Ray Data scales between the two)."
+    )
+    actor: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.5),
+        description="Resources of one encoder actor: num_gpus=1 on GPU nodes; fractional "
+        "num_cpus so that the decode tasks keep CPUs (on 2 cores 1 CPU per actor starves them).",
+    )
+
+
+def _space(kind: str, model: str, **encoder: Any) -> SpaceConfig:
+    return SpaceConfig(encoder=EncoderSpec(kind=kind, model=model, **encoder))
+
+
+class EmbedConfig(BaseModel):
+    """Configuration of ``vlselect embed`` (section ``embed``). Defaults are the real models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spaces: list[Space] = Field(
+        default_factory=lambda: ["clip", "dino", "text"], description="Spaces to embed, in order."
+    )
+    clip: SpaceConfig = Field(
+        default_factory=lambda: _space("open_clip", "ViT-L-14-336", pretrained="openai"),
+        description="Concept space: the CLIP image tower (open_clip).",
+    )
+    dino: SpaceConfig = Field(
+        default_factory=lambda: _space("dinov2", "facebook/dinov2-large"),
+        description="DINOv2 image space, the CLS pooler output (PROGRESS's image feature).",
+    )
+    text: SpaceConfig = Field(
+        default_factory=lambda: _space(
+            "sentence_transformers", "sentence-transformers/all-MiniLM-L6-v2"
+        ),
+        description="Question text space: MiniLM of the human turns (PROGRESS's text feature).",
+    )
+    skill: SpaceConfig = Field(
+        default_factory=lambda: _space(
+            "sentence_transformers", "sentence-transformers/all-MiniLM-L6-v2"
+        ),
+        description="Skill space: MiniLM of the skills stage's descriptions (<ws>/skills).",
+    )
+    preprocess_batch_size: int = Field(
+        256, ge=1, description="Rows per decode-and-resize task batch."
+    )
+    preprocess: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=1.0),
+        description="Resources of one decode-and-resize task.",
+    )
+    overwrite: bool = Field(False, description="Start every space over, even if current.")
+
+
+CONFIG = EmbedConfig
+
+# The embedded default (written into a world's vlselect.yaml): tiny architectures with
+# seeded random weights for the image spaces (no CLIP or DINO weights install offline;
+# summaries and meta.json say so) and the packaged all-MiniLM-L6-v2 for text.
+TINY_CLIP = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 1},
+}
+TINY_DINO = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "patch_size": 16,
+    "image_size": 64,
+}
+EMBEDDED_DEFAULT = {
+    "clip": {"encoder": {"kind": "open_clip", "model": "tiny-clip", "architecture": TINY_CLIP}},
+    "dino": {"encoder": {"kind": "dinov2", "model": "tiny-dinov2", "architecture": TINY_DINO}},
+    "preprocess": {"num_cpus": 0.5},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spaces", help="comma-separated: clip,dino,text,skill")
+    parser.add_argument("--overwrite", action="store_true", default=None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    out: dict[str, Any] = {}
+    if args.spaces:
+        out["spaces"] = [s.strip() for s in args.spaces.split(",") if s.strip()]
+    if args.overwrite is not None:
+        out["overwrite"] = args.overwrite
+    return out
+
+
+# -- the pipeline's CPU steps (Ray Data tasks) ----------------------------------------------
+
+
+def _prepare_images(batch: dict[str, np.ndarray], prep: dict, image_root: str | None) -> dict:
+    from engine.encoders import ImagePreprocess
+
+    policy = ImagePolicy(root=image_root, check="none")
+    images = [
+        data if data is not None else (policy.read(ref) if ref else None)
+        for data, ref in zip(batch["image"], batch["image_ref"], strict=True)
+    ]
+    pixels, status = preprocess_images(images, ImagePreprocess(**prep))
+    return {"id": batch["id"], "path": batch["path"], "status": status, "pixels": pixels}
+
+
+def _prepare_text(batch: dict[str, np.ndarray]) -> dict:
+    texts = np.array([instruction_text(c) for c in batch["conversations"]], dtype=object)
+    return {"id": batch["id"], "path": batch["path"], "text": texts}
+
+
+def _prepare_skill_text(batch: pa.Table) -> pa.Table:
+    ok = batch.filter(pc.equal(batch.column("status"), "ok"))
+    return pa.table({"id": ok["id"], "path": ok["path"], "text": ok["skill_text"]})
+
+
+def _write_parts(batch: dict[str, np.ndarray], out_dir: str, fs) -> dict:
+    """Write one batch's rows as parts, one per input shard; report rows per shard."""
+    paths = batch["path"]
+    shards, counts, no_image, broken = [], [], [], []
+    for path in np.unique(paths):
+        rows = paths == path
+        table = pa.table({"id": pa.array(batch["id"][rows], pa.string())})
+        table = table.append_column("vector", to_arrow(np.stack(batch["vector"][rows])))
+        write_part(fs, out_dir, stem(path), table)
+        shards.append(stem(path))
+        counts.append(int(rows.sum()))
+        status = batch.get("status")
+        no_image.append(int((status[rows] == 0).sum()) if status is not None else 0)
+        broken.append(
+            ",".join(batch["id"][rows][status[rows] < 0][:5]) if status is not None else ""
+        )
+    return {
+        "shard": np.array(shards, dtype=object),
+        "rows": np.array(counts),
+        "no_image": np.array(no_image),
+        "undecodable": np.array(broken, dtype=object),
+    }
+
+
+@ray.remote(num_cpus=0.25)
+def _finish(fs, out_dir: str, shard: str, source_file: str, space: str) -> int:
+    expected = _expected_ids(fs, source_file, space)
+    return finish_shard(fs, out_dir, shard, expected)
+
+
+def _expected_ids(fs, source_file: str, space: str) -> pa.ChunkedArray:
+    if space == "skill":
+        t = pq.read_table(source_file, columns=["id", "status"], filesystem=fs)
+        return t.filter(pc.equal(t["status"], "ok")).column("id")
+    return pq.read_table(source_file, columns=["id"], filesystem=fs).column("id")
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+def source_dir(space: str) -> str:
+    return "skills" if space == "skill" else "pool"
+
+
+def input_fingerprint(ws: Workspace, space: str) -> str:
+    """A digest of the input folder's meta.json and its files' names and sizes."""
+    folder = source_dir(space)
+    digest = hashlib.sha256()
+    if ws.exists(folder, META_FILE):
+        meta = ws.read_json(ws.path(folder, META_FILE))
+        meta.pop("seconds", None)
+        digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for f in ws.list_files(folder, suffix=".parquet"):
+        digest.update(f"{stem(f)}:{ws.fs.get_file_info(f).size}".encode())
+    return digest.hexdigest()
+
+
+def expected_rows(ws: Workspace, space: str, files: list[str]) -> dict[str, int]:
+    """Rows each input shard must produce: from footers, or the ok rows of the skills."""
+    if space == "skill":
+        return {stem(f): len(_expected_ids(ws.fs, f, space)) for f in files}
+    return {stem(f): pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in files}
+
+
+def check_inputs(cfg: EmbedConfig, ws: Workspace) -> dict[str, list[str]]:
+    """Input files per space, checked before Ray starts. Raises InputError with the fix."""
+    if not cfg.spaces:
+        raise InputError("no spaces to embed: pass --spaces clip,dino,text[,skill]")
+    inputs = {}
+    for space in dict.fromkeys(cfg.spaces):
+        folder = source_dir(space)
+        files = ws.list_files(folder, suffix=".parquet")
+        if not files:
+            fix = "vlselect skills" if space == "skill" else "vlselect ingest"
+            raise InputError(
+                f"space {space!r} needs {ws.path(folder)} and it holds no Parquet files: "
+                f"run `{fix} --workspace {ws.uri}` first"
+            )
+        need = (
+            {"id", "status", "skill_text"} if space == "skill" else {"id", "image", "conversations"}
+        )
+        have = set(pq.read_schema(files[0], filesystem=ws.fs).names)
+        if need - have:
+            raise InputError(
+                f"{files[0]} lacks column(s) {sorted(need - have)} that space {space!r} "
+                f"reads (it has {sorted(have)}); re-run the stage that wrote it"
+            )
+        check_available(getattr(cfg, space).encoder)
+        inputs[space] = files
+    return inputs
+
+
+def main(cfg: EmbedConfig, ws: Workspace) -> dict:
+    """Embed every space in ``cfg.spaces``; see the module docstring. Returns the summary."""
+    timer = Timer()
+    inputs = check_inputs(cfg, ws)
+    connect()
+    results = [embed_space(cfg, ws, space, files) for space, files in inputs.items()]
+    rows: list[tuple[str, Any]] = []
+    for r in results:
+        weights = f", {r['weights']} weights" if r["weights"] == "random" else ""
+        rows.append(
+            (
+                r["space"],
+                f"{r['vectors']} vectors x {r['dim']} ({r['model']} from {r['source']}{weights}); "
+                f"{r['embedded']} embedded now, {r['resumed']} kept; {r['seconds']} s",
+            )
+        )
+        if r["no_image"] or r["undecodable"]:
+            rows.append(
+                ("", f"{r['no_image']} text-only, {r['undecodable']} undecodable: black image")
+            )
+    rows += [("time", f"{timer.seconds:.1f} s"), ("embeddings", ws.path("embeddings"))]
+    summary = {"spaces": results, "seconds": round(timer.seconds, 2)}
+    print_summary(STAGE, rows, extra=summary)
+    return summary
+
+
+def embed_space(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str]) -> dict:
+    """Embed one space, resuming its finished shards when its fingerprint is unchanged."""
+    timer = Timer()
+    space_cfg: SpaceConfig = getattr(cfg, space)
+    spec = space_cfg.encoder
+    out_dir = ws.path("embeddings", space)
+    fingerprint = {"input": input_fingerprint(ws, space), "encoder": spec.fingerprint()}
+    meta_path = f"{out_dir}/{META_FILE}"
+    old = ws.read_json(meta_path) if ws.exists("embeddings", space, META_FILE) else None
+    if cfg.overwrite or (old is not None and old.get("fingerprint") != fingerprint):
+        log.warning(
+            "%s: %s; starting the space over",
+            space,
+            "overwrite" if cfg.overwrite else "inputs or encoder changed since the last run",
+        )
+        ws.remove("embeddings", space)
+    elif old is None and ws.exists("embeddings", space):
+        ws.remove("embeddings", space)  # no meta: not ours to trust
+    ws.makedirs("embeddings", space)
+    ws.remove("embeddings", space, PARTS_DIR)  # parts of unfinished shards: recomputed
+    expected = expected_rows(ws, space, files)
+    done = finished_shards(ws.fs, out_dir) & set(expected)
+    pending = [f for f in files if stem(f) not in done]
+    ws.write_json(
+        meta_path, {"stage": STAGE, "space": space, "status": "running", "fingerprint": fingerprint}
+    )
+    stats = {"no_image": 0, "undecodable_ids": []}
+    if pending:
+        _run(
+            _pipeline(cfg, ws, space, pending, out_dir),
+            ws,
+            out_dir,
+            space,
+            pending,
+            expected,
+            stats,
+        )
+    if len(finished_shards(ws.fs, out_dir) & set(expected)) != len(expected):
+        raise RuntimeError(f"{space}: not every shard finished; run again to resume")
+    vectors = sum(expected.values())
+    dim = _dim(ws, out_dir, files) if vectors else 0
+    result = {
+        "space": space,
+        "model": spec.model,
+        "weights": "random" if spec.random_weights else "pretrained",
+        "source": weights_source(spec),
+        "dim": dim,
+        "vectors": vectors,
+        "shards": len(expected),
+        "embedded": sum(expected[stem(f)] for f in pending),
+        "resumed": sum(expected[s] for s in done),
+        "no_image": stats["no_image"],
+        "undecodable": len(stats["undecodable_ids"]),
+        "undecodable_examples": stats["undecodable_ids"][:20],
+        "seconds": round(timer.seconds, 2),
+        "path": out_dir,
+    }
+    ws.write_json(
+        meta_path,
+        {
+            "stage": STAGE,
+            "status": "complete",
+            "fingerprint": fingerprint,
+            "config": space_cfg.model_dump(mode="json"),
+            **result,
+        },
+    )
+    return result
+
+
+def _dim(ws: Workspace, out_dir: str, files: list[str]) -> int:
+    for f in files:
+        t = pq.read_table(f"{out_dir}/{stem(f)}.parquet", filesystem=ws.fs).slice(0, 1)
+        if t.num_rows:
+            return len(t.column("vector")[0])
+    return 0
+
+
+def _pipeline(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str], out_dir: str):
+    space_cfg: SpaceConfig = getattr(cfg, space)
+    pre = ray_data_options(cfg.preprocess)
+    if space in IMAGE_SPACES:
+        columns = ["id", "image", "image_ref"]
+    else:
+        columns = ["id", "status", "skill_text"] if space == "skill" else ["id", "conversations"]
+    ds = ray.data.read_parquet(files, filesystem=ws.fs, columns=columns, include_paths=True)
+    if space in IMAGE_SPACES:
+        image_root = ws.read_json(ws.path("pool", META_FILE)).get("image_root")
+        prep = preprocess_for(space_cfg.encoder).__dict__
+        ds = ds.map_batches(
+            _prepare_images,
+            fn_kwargs={"prep": prep, "image_root": image_root},
+            batch_size=cfg.preprocess_batch_size,
+            **pre,
+        )
+        column = "pixels"
+    elif space == "skill":
+        ds = ds.map_batches(
+            _prepare_skill_text, batch_format="pyarrow", batch_size=cfg.preprocess_batch_size, **pre
+        )
+        column = "text"
+    else:
+        ds = ds.map_batches(_prepare_text, batch_size=cfg.preprocess_batch_size, **pre)
+        column = "text"
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"spec": space_cfg.encoder.model_dump(), "input_column": column},
+        compute=ray.data.ActorPoolStrategy(
+            min_size=space_cfg.min_actors, max_size=max(space_cfg.min_actors, space_cfg.max_actors)
+        ),
+        batch_size=space_cfg.batch_size,
+        **ray_data_options(space_cfg.actor),
+    )
+    return ds.map_batches(
+        _write_parts, fn_kwargs={"out_dir": out_dir, "fs": ws.fs}, batch_size=None, **pre
+    )
+
+
+def _run(ds, ws, out_dir, space, pending, expected, stats) -> None:
+    """Drive the pipeline: tally rows per shard, finish each shard as its last row lands."""
+    source = {stem(f): f for f in pending}
+    tally = dict.fromkeys(source, 0)
+    finishing = []
+    for shard in [s for s in source if expected[s] == 0]:
+        finishing.append(_finish.remote(ws.fs, out_dir, shard, source[shard], space))
+    with tqdm(total=sum(expected[s] for s in source), unit="row", desc=f"embed {space}") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for shard, n, blank, broken in zip(
+                batch["shard"], batch["rows"], batch["no_image"], batch["undecodable"], strict=True
+            ):
+                tally[shard] += int(n)
+                stats["no_image"] += int(blank)
+                if broken:
+                    stats["undecodable_ids"].extend(broken.split(","))
+                bar.update(int(n))
+                if tally[shard] == expected[shard]:
+                    finishing.append(_finish.remote(ws.fs, out_dir, shard, source[shard], space))
+    ray.get(finishing)
+    over = {s: (tally[s], expected[s]) for s in source if tally[s] != expected[s]}
+    if over:
+        raise RuntimeError(f"{space}: rows per shard (written, expected) differ: {over}")
