@@ -17,55 +17,20 @@ plus every Ray process, so bounded memory shows as a flat driver peak across N.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
-import os
-import platform
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import PeakRSS, report  # noqa: E402
 from jobs.cli import main as cli  # noqa: E402
-
-
-class PeakRSS:
-    """Samples the RSS of this process and of all its descendants (Ray's processes)."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.driver, self.total = interval, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            try:
-                own = me.memory_info().rss
-                total = own
-                for child in me.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        total += child.memory_info().rss
-                self.driver, self.total = max(self.driver, own), max(self.total, total)
-            except psutil.Error:
-                pass
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def timed(label: str, n: int, argv: list[str]) -> dict:
@@ -184,26 +149,7 @@ def main() -> None:
         "driver_peak_mib",
         "total_peak_mib",
     ]
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(h, "")) for h in header) + " |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "ingest",
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                },
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"\nwrote {out}")
+    report("ingest", rows, header, args.out)
 
 
 if __name__ == "__main__":

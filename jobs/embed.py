@@ -308,7 +308,10 @@ def embed_space(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str]) -
     space_cfg: SpaceConfig = getattr(cfg, space)
     spec = space_cfg.encoder
     out_dir = ws.path("embeddings", space)
-    fingerprint = {"input": input_fingerprint(ws, space), "encoder": spec.fingerprint()}
+    # Through JSON, as meta.json holds it (tuples come back as lists).
+    fingerprint = json.loads(
+        json.dumps({"input": input_fingerprint(ws, space), "encoder": spec.fingerprint()})
+    )
     meta_path = f"{out_dir}/{META_FILE}"
     old = ws.read_json(meta_path) if ws.exists("embeddings", space, META_FILE) else None
     if cfg.overwrite or (old is not None and old.get("fingerprint") != fingerprint):
@@ -341,6 +344,7 @@ def embed_space(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str]) -
         )
     if len(finished_shards(ws.fs, out_dir) & set(expected)) != len(expected):
         raise RuntimeError(f"{space}: not every shard finished; run again to resume")
+    ws.remove("embeddings", space, PARTS_DIR)
     vectors = sum(expected.values())
     dim = _dim(ws, out_dir, files) if vectors else 0
     result = {
@@ -387,7 +391,10 @@ def _pipeline(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str], out
         columns = ["id", "image", "image_ref"]
     else:
         columns = ["id", "status", "skill_text"] if space == "skill" else ["id", "conversations"]
-    ds = ray.data.read_parquet(files, filesystem=ws.fs, columns=columns, include_paths=True)
+    # Read tasks take 1 CPU by default: beside a pool of actors that hold most CPUs they
+    # would never be scheduled, so they get the decode tasks' share.
+    ds = ray.data.read_parquet(files, filesystem=ws.fs, include_paths=True, ray_remote_args=pre)
+    ds = ds.select_columns([*columns, "path"])
     if space in IMAGE_SPACES:
         image_root = ws.read_json(ws.path("pool", META_FILE)).get("image_root")
         prep = preprocess_for(space_cfg.encoder).__dict__
