@@ -17,6 +17,7 @@ retry would give the same unparseable answer again).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -95,9 +96,13 @@ class TransformersSkillWriter:
         generate_batch_size: int = 8,
         torch_threads: int = 0,
         seed: int = 0,
+        prefix_cache: bool = True,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-tensor GGUF bars flood the driver's log
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -117,6 +122,7 @@ class TransformersSkillWriter:
             path, dtype=getattr(torch, dtype), **extra
         ).to(device)
         self.model.eval()
+        self.prefix_ids, self.prefix_cache = self._prefix_cache() if prefix_cache else (None, None)
         self.max_new_tokens = max_new_tokens
         self.max_attempts = max_attempts
         self.retry_temperature = retry_temperature
@@ -124,9 +130,38 @@ class TransformersSkillWriter:
         self.generator_seed = seed
 
     def _prompt(self, question: str) -> str:
-        return self.tokenizer.apply_chat_template(
+        """The prompt's text, less the shared prefix when that is cached."""
+        text = self.tokenizer.apply_chat_template(
             build_messages(question), tokenize=False, add_generation_prompt=True
         )
+        return text[len(self.prefix_text) :] if self.prefix_ids is not None else text
+
+    def _prefix_cache(self):
+        """KV cache of the prompt's shared part (system + few-shot turns), computed once.
+
+        That part is about 250 of a prompt's ~270 tokens, so reusing its keys and
+        values cuts the prefill of every question about tenfold. Used only when the
+        prompt's tokens split cleanly at the prefix (checked on a probe question);
+        greedy answers are then the same as without it.
+        """
+        self.prefix_text = self.tokenizer.apply_chat_template(
+            build_messages("")[:-1], tokenize=False
+        )
+        probe = self.tokenizer.apply_chat_template(
+            build_messages("How many red cubes are there?"),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        ids = self.tokenizer(self.prefix_text, add_special_tokens=False).input_ids
+        rest = self.tokenizer(probe[len(self.prefix_text) :], add_special_tokens=False).input_ids
+        whole = self.tokenizer(probe, add_special_tokens=False).input_ids
+        if not probe.startswith(self.prefix_text) or ids + rest != whole:
+            log.warning("prompt does not split at the few-shot prefix: prefix cache off")
+            return None, None
+        prefix = self.torch.tensor([ids], device=self.device)
+        with self.torch.inference_mode():
+            cache = self.model(prefix, use_cache=True).past_key_values
+        return prefix, cache
 
     def _generate(self, prompts: list[str], attempt: int) -> list[tuple[str, int, int]]:
         """``(text, prompt_tokens, completion_tokens)`` per prompt."""
@@ -137,6 +172,16 @@ class TransformersSkillWriter:
         if attempt > 1:
             torch.manual_seed(self.generator_seed + attempt)
             sampling = {"do_sample": True, "temperature": self.retry_temperature, "top_p": 0.95}
+        if self.prefix_ids is not None:
+            # Left padding of the suffixes lands between prefix and question: masked out,
+            # and generate() numbers positions from the mask, so the positions stay right.
+            n = len(prompts)
+            enc["input_ids"] = torch.cat([self.prefix_ids.expand(n, -1), enc["input_ids"]], 1)
+            ones = torch.ones_like(self.prefix_ids).expand(n, -1)
+            enc["attention_mask"] = torch.cat([ones, enc["attention_mask"]], 1)
+            cache = copy.deepcopy(self.prefix_cache)
+            cache.batch_repeat_interleave(n)
+            enc["past_key_values"] = cache
         with torch.inference_mode():
             out = self.model.generate(
                 **enc,
@@ -347,100 +392,3 @@ class HTTPSkillWriter:
         rows = _batch_rows(batch)
         results = list(self.pool.map(lambda kq: self._one(kq[0], kq[1] or ""), rows))
         return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
-
-
-# -- vLLM (GPU clusters) --------------------------------------------------------------
-
-
-def vllm_processor_config(
-    model_source: str,
-    *,
-    engine_kwargs: dict | None = None,
-    concurrency: int | tuple[int, int] = 1,
-    batch_size: int = 64,
-    accelerator_type: str | None = None,
-    max_concurrent_batches: int = 8,
-    runtime_env: dict | None = None,
-):
-    """Ray Data LLM's ``vLLMEngineProcessorConfig`` for the skills prompt.
-
-    ``should_continue_on_error`` is on, so an engine error marks its row (the job
-    records it and retries it) instead of failing the dataset.
-    """
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    return vLLMEngineProcessorConfig(
-        model_source=model_source,
-        engine_kwargs=dict(engine_kwargs or {}),
-        concurrency=concurrency,
-        batch_size=batch_size,
-        accelerator_type=accelerator_type,
-        max_concurrent_batches=max_concurrent_batches,
-        runtime_env=runtime_env,
-        should_continue_on_error=True,
-        chat_template_stage=True,
-        tokenize_stage=True,
-        detokenize_stage=True,
-    )
-
-
-def _vllm_preprocess(row: dict, max_new_tokens: int, temperature: float) -> dict:
-    return {
-        "messages": build_messages(row["question"] or ""),
-        "sampling_params": {"temperature": temperature, "max_tokens": max_new_tokens},
-    }
-
-
-def _vllm_postprocess(row: dict) -> dict:
-    return {
-        "key": row["key"],
-        "generated_text": row.get("generated_text", ""),
-        "num_input_tokens": int(row.get("num_input_tokens") or 0),
-        "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
-    }
-
-
-def vllm_rows_to_results(batch: dict, attempt: int) -> pa.Table:
-    """Normalise a processor's output batch (pandas/dict of columns) to ``RESULT_SCHEMA``."""
-    keys = list(batch["key"])
-    n = len(keys)
-    errors = list(batch.get("__inference_error__", [""] * n))
-    texts = list(batch.get("generated_text", [None] * n))
-    p_tok = list(batch.get("num_input_tokens", [0] * n))
-    c_tok = list(batch.get("num_generated_tokens", [0] * n))
-    rows = []
-    for key, err, text, p, c in zip(keys, errors, texts, p_tok, c_tok, strict=True):
-        p = int(p) if p == p and p is not None else 0  # NaN from pandas for error rows
-        c = int(c) if c == c and c is not None else 0
-        if err:
-            rows.append(result_row(key, None, error=f"vLLM: {str(err)[:300]}", attempts=attempt))
-            continue
-        skills, reason = try_parse_skills(text)
-        rows.append(
-            result_row(
-                key,
-                text,
-                error=None if skills else f"unparseable answer: {reason}",
-                attempts=attempt,
-                prompt_tokens=p,
-                completion_tokens=c,
-            )
-        )
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-
-
-def build_vllm_processor(config, *, max_new_tokens: int, temperature: float, map_cpus: float):
-    """A Ray Data processor: (key, question) rows -> messages -> vLLM -> (key, generated_text, ...)."""
-    from functools import partial
-
-    from ray.data.llm import build_processor
-
-    return build_processor(
-        config,
-        preprocess=partial(
-            _vllm_preprocess, max_new_tokens=max_new_tokens, temperature=temperature
-        ),
-        postprocess=_vllm_postprocess,
-        preprocess_map_kwargs={"num_cpus": map_cpus},
-        postprocess_map_kwargs={"num_cpus": map_cpus},
-    )

@@ -26,12 +26,14 @@ STAGE_MODULES = {
     "world": "jobs.world",
     "ingest": "jobs.ingest",
     "embed": "jobs.embed",
+    "skills": "jobs.skills",
     "demo": "jobs.demo",
 }
 DESCRIPTIONS = {
     "world": "generate the shapes world (the embedded default pool) into a workspace",
     "ingest": "LLaVA JSON / JSONL / Parquet -> <ws>/pool, bad records -> <ws>/rejects",
     "embed": "pool -> <ws>/embeddings/<space> (clip, dino, text; skill from <ws>/skills)",
+    "skills": "an LLM names the visual skills each question needs -> <ws>/skills (cached, resumable)",
     "demo": "the whole pipeline on the embedded default",
 }
 

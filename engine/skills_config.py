@@ -1,0 +1,132 @@
+"""Configuration of the skills stage (section ``skills`` of a config file), one model per backend.
+
+Plain pydantic, no Ray: ``jobs.skills`` validates it in the driver before Ray
+starts, and hands each backend's fields to its actors in ``actors.llm`` / ``actors.vllm``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.resources import Resources
+
+
+class TransformersBackend(BaseModel):
+    """``skills.transformers``: a local model run by a Ray Data actor pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside the model folder (transformers' gguf_file=)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; 'auto' takes CUDA when the actor sees a GPU."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype; 'auto' is float32 on CPU and bfloat16 on CUDA."
+    )
+    generate_batch_size: int = Field(8, ge=1, description="Prompts per generate() call.")
+    torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0: torch's default.")
+    prefix_cache: bool = Field(
+        True,
+        description="Compute the few-shot prefix's KV cache once and reuse it for every "
+        "question (same greedy answers, about ten times less prefill).",
+    )
+    min_actors: int = Field(1, ge=1, description="Actor pool's minimum size.")
+    max_actors: int = Field(1, ge=1, description="Actor pool's maximum size (one model each).")
+    resources: Resources = Field(
+        # Fractional CPUs: a whole CPU per actor on a 2-core node starves the read tasks.
+        default_factory=lambda: Resources(num_cpus=0.5),
+        description="Resources of one model actor (num_gpus=1 on GPU nodes).",
+    )
+
+
+class OpenAIBackend(BaseModel):
+    """``skills.openai``: any OpenAI-compatible server (``vllm serve``, llama.cpp, a hosted API)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = Field(
+        None, description="Server's API root, e.g. http://127.0.0.1:8000/v1 (required)."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the API key (the key itself is "
+        "never read from config, logged or written); None sends no key.",
+    )
+    actors: int = Field(1, ge=1, description="Client actors.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight per actor (threads).")
+    max_requests_per_s: float | None = Field(
+        None, gt=0, description="Rate limit over all actors; None: unlimited."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one request.")
+    backoff_s: float = Field(0.5, ge=0, description="First retry's wait; doubles each retry.")
+    backoff_max_s: float = Field(10.0, ge=0, description="Longest wait between retries.")
+    breaker_after: int = Field(
+        8, ge=1, description="Consecutive connection failures after which rows get one try each."
+    )
+    extra_body: dict = Field(
+        default_factory=dict, description="Extra JSON fields of each request (server-specific)."
+    )
+    resources: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.25),
+        description="Resources of one client actor (it mostly waits on the network).",
+    )
+
+
+class VLLMBackend(BaseModel):
+    """``skills.vllm``: Ray Data LLM's vLLM engine processor, for GPU clusters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine_kwargs: dict = Field(
+        default_factory=lambda: {"max_model_len": 4096, "enable_prefix_caching": True},
+        description="vLLM engine arguments (tensor_parallel_size, gpu_memory_utilization, ...).",
+    )
+    concurrency: int = Field(1, ge=1, description="vLLM engine replicas (one per GPU at TP=1).")
+    batch_size: int = Field(64, ge=1, description="Rows per batch sent to an engine.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type to pin engines to, e.g. 'L4', 'A100'."
+    )
+    max_concurrent_batches: int = Field(8, ge=1, description="Batches in flight per engine.")
+    map_cpus: float = Field(0.25, gt=0, description="CPUs of the pre/postprocess map tasks.")
+
+
+class SkillsConfig(BaseModel):
+    """Configuration of ``vlselect skills`` (section ``skills`` of a config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["transformers", "openai", "vllm"] = Field(
+        "transformers", description="Who writes the answers; transformers runs offline."
+    )
+    model: str | None = Field(
+        None,
+        description="transformers: hub id, local folder or .gguf path (default: the packaged "
+        "SmolLM2-135M-Instruct); openai: the served model's name; vllm: model source. "
+        "Part of the cache key.",
+    )
+    max_new_tokens: int = Field(32, ge=1, description="Longest answer, in tokens.")
+    max_attempts: int = Field(
+        3, ge=1, description="Tries per question (timeout, HTTP error, unparseable answer)."
+    )
+    retry_temperature: float = Field(
+        0.7, ge=0, description="Sampling temperature of retries (the first try is greedy)."
+    )
+    limit: int | None = Field(None, ge=1, description="Only the first N pool samples (trials).")
+    batch_size: int = Field(32, ge=1, description="Unique questions per Ray Data batch.")
+    cache_flush_rows: int = Field(
+        256, ge=1, description="Successes buffered before a cache shard is written."
+    )
+    shard_rows: int = Field(200_000, ge=1, description="Rows per output shard of <ws>/skills.")
+    transformers: TransformersBackend = Field(
+        default_factory=TransformersBackend, description="Settings of the transformers backend."
+    )
+    openai: OpenAIBackend = Field(
+        default_factory=OpenAIBackend, description="Settings of the openai backend."
+    )
+    vllm: VLLMBackend = Field(
+        default_factory=VLLMBackend, description="Settings of the vllm backend."
+    )

@@ -1,0 +1,132 @@
+"""The skills stage's storage: the answer cache and the assembly of ``<ws>/skills`` rows.
+
+``<ws>/cache/skills/`` holds Parquet shards of successes only (``CACHE_SCHEMA``),
+keyed by ``engine.skills.cache_key``; a run appends shards as answers arrive, so an
+interrupted run keeps what it finished, and a key found there is never asked again.
+Failures are not cached: the next run retries them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.skills import CACHE_SCHEMA, PROMPT_VERSION, SKILLS_SCHEMA
+from engine.workspace import Workspace, read_parquet_dir, write_table_atomic
+
+CACHE_DIR = ("cache", "skills")
+
+
+def pool_fingerprint(ws: Workspace) -> dict:
+    """Names, sizes and row count of the pool's shards: changes when the pool does."""
+    files = ws.list_files("pool", suffix=".parquet")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{os.path.basename(path)}:{ws.fs.get_file_info(path).size}".encode())
+    return {
+        "files": len(files),
+        "rows": ws.parquet_rows(ws.path("pool")),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def read_cache(ws: Workspace, keys: set[str] | None = None) -> pa.Table:
+    """Cached successes (``CACHE_SCHEMA``), one row per key, optionally only ``keys``."""
+    if not ws.list_files(*CACHE_DIR, suffix=".parquet"):
+        return CACHE_SCHEMA.empty_table()
+    table = read_parquet_dir(ws.path(*CACHE_DIR), ws.fs).cast(CACHE_SCHEMA)
+    if keys is not None:
+        table = table.filter(pc.is_in(table.column("key"), pa.array(sorted(keys), pa.string())))
+    _, first = _first_index(table.column("key").to_pylist())
+    return table.take(pa.array(first, pa.int64()))
+
+
+def _first_index(keys: list[str]) -> tuple[dict[str, int], list[int]]:
+    index: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        index.setdefault(key, i)
+    return index, sorted(index.values())
+
+
+class CacheWriter:
+    """Buffers successes and writes them as cache shards, so an interruption keeps them."""
+
+    def __init__(self, ws: Workspace, model: str, flush_rows: int):
+        self.ws, self.model, self.flush_rows = ws, model, flush_rows
+        self.run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.buffer: list[pa.Table] = []
+        self.rows = self.shards = 0
+
+    def add(self, results: pa.Table) -> None:
+        ok = results.filter(pc.equal(results.column("status"), "ok"))
+        if ok.num_rows:
+            n = ok.num_rows
+            self.buffer.append(
+                ok.select(["key", "skills", "skill_text", "raw"])
+                .append_column("prompt_version", pa.array([PROMPT_VERSION] * n, pa.string()))
+                .append_column("model", pa.array([self.model] * n, pa.string()))
+                .cast(CACHE_SCHEMA)
+            )
+            self.rows += n
+        if sum(t.num_rows for t in self.buffer) >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.ws.path(*CACHE_DIR, f"part-{self.run}-{self.shards:05d}.parquet")
+        write_table_atomic(self.ws.fs, path, pa.concat_tables(self.buffer))
+        self.buffer, self.shards = [], self.shards + 1
+
+
+def assemble(ids: pa.Table, cached: pa.Table, failures: pa.Table, model: str) -> pa.Table:
+    """One ``SKILLS_SCHEMA`` row per id: its key's cached success, else its recorded failure."""
+    n_ok, n_bad = cached.num_rows, failures.num_rows
+    results = pa.table(
+        {
+            "key": pa.concat_arrays(
+                [cached.column("key").combine_chunks(), failures.column("key").combine_chunks()]
+            ),
+            "skills": pa.concat_arrays(
+                [
+                    cached.column("skills").combine_chunks(),
+                    failures.column("skills").combine_chunks(),
+                ]
+            ),
+            "skill_text": pa.concat_arrays(
+                [
+                    cached.column("skill_text").combine_chunks(),
+                    failures.column("skill_text").combine_chunks(),
+                ]
+            ),
+            "raw": pa.concat_arrays(
+                [cached.column("raw").combine_chunks(), failures.column("raw").combine_chunks()]
+            ),
+            "status": pa.array(["ok"] * n_ok + ["failed"] * n_bad, pa.string()),
+            "reason": pa.concat_arrays(
+                [pa.nulls(n_ok, pa.string()), failures.column("reason").combine_chunks()]
+            ),
+        }
+    )
+    index, _ = _first_index(results.column("key").to_pylist())
+    rows = [index.get(k) for k in ids.column("key").to_pylist()]
+    missing = rows.count(None)
+    if missing:
+        raise RuntimeError(
+            f"{missing} pool ids got no skills row (rows lost); nothing was promoted"
+        )
+    out = results.take(pa.array(rows, pa.int64()))
+    n = ids.num_rows
+    return pa.table(
+        {
+            "id": ids.column("id"),
+            **{c: out.column(c) for c in ("skills", "skill_text", "raw", "status", "reason")},
+            "prompt_version": pa.array([PROMPT_VERSION] * n, pa.string()),
+            "model": pa.array([model] * n, pa.string()),
+        }
+    ).cast(SKILLS_SCHEMA)

@@ -1,0 +1,322 @@
+"""``vlselect skills``: an LLM names the visual skills each pool question needs -> ``<ws>/skills``.
+
+What it does:
+    1. checks the pool and the backend's config (model, server URL, API key variable)
+       in the driver, before Ray starts;
+    2. reads ``<ws>/pool`` with Ray Data, computes each sample's instruction text and
+       its cache key (question, prompt version, model), and deduplicates by key:
+       templated pools repeat questions, so each unique question is asked once;
+    3. skips the keys already in ``<ws>/cache/skills/`` (successes only, written as
+       they arrive, so an interrupted run or a dead server loses nothing done);
+    4. generates the rest through the backend (``transformers`` | ``openai`` | ``vllm``);
+       every row ends "ok" or "failed" with its reason after ``max_attempts`` tries;
+    5. writes one row per pool id to ``<ws>/skills/`` (id, skills, skill_text, raw,
+       status, reason, prompt_version, model) and ``meta.json``, staged then promoted,
+       and prints counts: ok / failed / cached / generated, samples/s, tokens/s.
+
+A re-run regenerates nothing that succeeded; it retries only what failed or was
+never reached. The ``skill`` embedding is the embed stage's job
+(``vlselect embed --spaces skill`` reads ``skill_text`` of the rows with status ok).
+
+Raises:
+    InputError: no pool, or a backend config that cannot work (exit 2, nothing written).
+    RuntimeError: a pool id got no row, i.e. rows were lost (exit 1, nothing promoted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from tqdm import tqdm
+
+from actors.adapter import ray_options
+from actors.llm import (
+    PACKAGED_SMOLLM2,
+    HTTPSkillWriter,
+    Secret,
+    TransformersSkillWriter,
+    resolve_transformers_model,
+)
+from actors.vllm import generate_vllm, vllm_processor_config
+from engine.errors import InputError
+from engine.skills import PROMPT_VERSION, RESULT_SCHEMA, cache_key
+from engine.skills_config import SkillsConfig
+from engine.skills_store import CACHE_DIR, CacheWriter, assemble, pool_fingerprint, read_cache
+from engine.text import instruction_text
+from engine.workspace import META_FILE, Workspace, write_table_atomic
+from jobs.runtime import Timer, connect, print_summary
+
+STAGE = "skills"
+DEFAULT_WORKSPACE = None
+
+
+CONFIG = SkillsConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["transformers", "openai", "vllm"])
+    parser.add_argument("--base-url", help="openai backend: the server's API root (…/v1)")
+    parser.add_argument("--model", help="model id, folder or served name (see skills.model)")
+    parser.add_argument("--limit", type=int, help="only the first N pool samples")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    out = {k: getattr(args, k) for k in ("backend", "model", "limit") if getattr(args, k, None)}
+    if getattr(args, "base_url", None):
+        out["openai"] = {"base_url": args.base_url}
+    return out
+
+
+def model_id(cfg: SkillsConfig) -> str:
+    """The model's name in the cache key and the output: stable across machines."""
+    if cfg.backend == "transformers":
+        if cfg.model in (None, "", PACKAGED_SMOLLM2):
+            try:
+                _, gguf = resolve_transformers_model(None, cfg.transformers.gguf_file)
+            except FileNotFoundError as err:
+                raise InputError(str(err)) from None
+            return f"{PACKAGED_SMOLLM2}/{gguf}"
+        return cfg.model + (f"#{cfg.transformers.gguf_file}" if cfg.transformers.gguf_file else "")
+    if not cfg.model:
+        raise InputError(
+            f"the {cfg.backend} backend needs a model: pass --model NAME "
+            "(the served model's name for openai, a model source for vllm)"
+        )
+    return cfg.model
+
+
+def api_key(cfg: SkillsConfig) -> Secret | None:
+    name = cfg.openai.api_key_env
+    if not name:
+        return None
+    value = os.environ.get(name)
+    if not value:
+        raise InputError(
+            f"skills.openai.api_key_env names ${name}, which is not set: export it before "
+            "running (the key is read from the environment only)"
+        )
+    return Secret(value)
+
+
+def check_input(cfg: SkillsConfig, ws: Workspace) -> None:
+    if not ws.list_files("pool", suffix=".parquet"):
+        raise InputError(
+            f"no pool in {ws.path('pool')}: run `vlselect ingest --workspace {ws.uri}` first"
+        )
+    if cfg.backend == "openai" and not cfg.openai.base_url:
+        raise InputError(
+            "the openai backend needs the server's URL: pass --base-url http://HOST:PORT/v1 "
+            "(or set skills.openai.base_url)"
+        )
+
+
+def _add_keys(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
+    questions = [instruction_text(c) for c in batch.column("conversations").to_pylist()]
+    keys = [cache_key(q, prompt_version, model) for q in questions]
+    return pa.table({"id": batch.column("id"), "key": keys, "question": questions})
+
+
+def read_keys(cfg: SkillsConfig, ws: Workspace, model: str) -> tuple[pa.Table, dict[str, str]]:
+    """``(id, key)`` of every pool sample in pool order, and each unique key's question."""
+    # Pool order in, pool order out, and --limit takes the *first* N: this cheap pass
+    # preserves order (a dataset keeps the context it was created with).
+    ctx = ray.data.DataContext.get_current()
+    preserve = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        ds = ray.data.read_parquet(
+            ws.list_files("pool", suffix=".parquet"),
+            filesystem=ws.fs,
+            columns=["id", "conversations"],
+        )
+        if cfg.limit:
+            ds = ds.limit(cfg.limit)
+        ds = ds.map_batches(
+            _add_keys,
+            batch_format="pyarrow",
+            fn_kwargs={"prompt_version": PROMPT_VERSION, "model": model},
+            num_cpus=0.25,
+        )
+    finally:
+        ctx.execution_options.preserve_order = preserve
+    parts, questions = [], {}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        parts.append(batch.select(["id", "key"]))
+        for key, q in zip(
+            batch.column("key").to_pylist(), batch.column("question").to_pylist(), strict=True
+        ):
+            questions.setdefault(key, q)
+    ids = (
+        pa.concat_tables(parts)
+        if parts
+        else pa.table({"id": pa.array([], pa.string()), "key": pa.array([], pa.string())})
+    )
+    return ids, questions
+
+
+def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
+    """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` rows of ``pending``."""
+    step = max(cfg.batch_size, 1)
+    blocks = [pending.slice(i, step) for i in range(0, pending.num_rows, step)]
+    ds = ray.data.from_arrow(blocks)
+    if cfg.backend == "vllm":
+        yield from generate_vllm(
+            ds,
+            vllm_processor_config(model, **cfg.vllm.model_dump(exclude={"map_cpus"})),
+            max_new_tokens=cfg.max_new_tokens,
+            max_attempts=cfg.max_attempts,
+            retry_temperature=cfg.retry_temperature,
+            map_cpus=cfg.vllm.map_cpus,
+        )
+        return
+    if cfg.backend == "transformers":
+        t = cfg.transformers
+        cls, kwargs = TransformersSkillWriter, {
+            "model": cfg.model, "gguf_file": t.gguf_file, "device": t.device, "dtype": t.dtype,
+            "generate_batch_size": t.generate_batch_size, "torch_threads": t.torch_threads,
+            "prefix_cache": t.prefix_cache,
+        }  # fmt: skip
+        compute = ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors)
+        opts = ray_options(t.resources, actor=True)
+    else:
+        o = cfg.openai
+        rate = o.max_requests_per_s / o.actors if o.max_requests_per_s else None
+        cls, kwargs = HTTPSkillWriter, {
+            "base_url": o.base_url, "model": model, "api_key": api_key(cfg),
+            "concurrency": o.concurrency, "max_requests_per_s": rate, "timeout_s": o.timeout_s,
+            "backoff_s": o.backoff_s, "backoff_max_s": o.backoff_max_s,
+            "breaker_after": o.breaker_after, "extra_body": o.extra_body,
+        }  # fmt: skip
+        compute = ray.data.ActorPoolStrategy(size=o.actors)
+        opts = ray_options(o.resources, actor=True)
+    kwargs.update(
+        max_new_tokens=cfg.max_new_tokens,
+        max_attempts=cfg.max_attempts,
+        retry_temperature=cfg.retry_temperature,
+    )
+    out = ds.map_batches(
+        cls,
+        batch_format="pyarrow",
+        batch_size=cfg.batch_size,
+        compute=compute,
+        fn_constructor_kwargs=kwargs,
+        **opts,
+    )
+    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield batch.cast(RESULT_SCHEMA)
+
+
+def main(cfg: SkillsConfig, ws: Workspace) -> dict:
+    """Run the skills stage; see the module docstring. Returns the summary dict."""
+    timer = Timer()
+    check_input(cfg, ws)
+    model = model_id(cfg)
+    if cfg.backend == "openai":
+        api_key(cfg)  # refuse a missing key variable before Ray starts
+    connect()
+    ids, questions = read_keys(cfg, ws, model)
+    cached_keys = set(read_cache(ws, set(questions)).column("key").to_pylist())
+    todo = [k for k in questions if k not in cached_keys]
+    pending = pa.table(
+        {"key": todo, "question": [questions[k] for k in todo]},
+        schema=pa.schema([("key", pa.string()), ("question", pa.string())]),
+    )
+    writer = CacheWriter(ws, model, cfg.cache_flush_rows)
+    failures: list[pa.Table] = [RESULT_SCHEMA.empty_table()]
+    tokens, reasons = Counter(), Counter()
+    gen_timer = Timer()
+    try:
+        with tqdm(total=len(todo), unit="question", desc="skills", mininterval=1.0) as bar:
+            for batch in generate(cfg, pending, model) if todo else ():
+                writer.add(batch)
+                failed = batch.filter(pc.equal(batch.column("status"), "failed"))
+                failures.append(failed)
+                reasons.update(r.split(":")[0] for r in failed.column("reason").to_pylist())
+                tokens["prompt"] += pc.sum(batch.column("prompt_tokens")).as_py() or 0
+                tokens["completion"] += pc.sum(batch.column("completion_tokens")).as_py() or 0
+                bar.update(batch.num_rows)
+    finally:
+        writer.flush()  # what succeeded stays cached, however the loop ended
+    gen_seconds = gen_timer.seconds
+    failed_table = pa.concat_tables(failures)
+    cached = read_cache(ws, set(questions))
+    table = assemble(ids, cached, failed_table, model)
+    staging = ws.staging_dir(STAGE)
+    try:
+        for i, start in enumerate(range(0, max(table.num_rows, 1), cfg.shard_rows)):
+            write_table_atomic(
+                ws.fs, f"{staging}/part-{i:05d}.parquet", table.slice(start, cfg.shard_rows)
+            )
+        if ws.parquet_rows(staging) != ids.num_rows:
+            raise RuntimeError(
+                f"skills wrote {ws.parquet_rows(staging)} rows for {ids.num_rows} ids; nothing was promoted"
+            )
+        out_dir = ws.promote(staging, STAGE)
+    finally:
+        ws.discard(staging)
+    status = Counter(table.column("status").to_pylist())
+    seconds = timer.seconds
+    summary = {
+        "backend": cfg.backend,
+        "model": model,
+        "prompt_version": PROMPT_VERSION,
+        "samples": ids.num_rows,
+        "unique_questions": len(questions),
+        "dedup_ratio": round(ids.num_rows / max(len(questions), 1), 3),
+        "ok": status["ok"],
+        "failed": status["failed"],
+        "cached": len(cached_keys),
+        "generated": len(todo),
+        "generated_ok": writer.rows,
+        "failed_by_reason": dict(sorted(reasons.items())),
+        "prompt_tokens": tokens["prompt"],
+        "completion_tokens": tokens["completion"],
+        "seconds": round(seconds, 2),
+        "generate_seconds": round(gen_seconds, 2),
+        "samples_per_s": round(ids.num_rows / max(seconds, 1e-9), 2),
+        "generated_per_s": round(len(todo) / max(gen_seconds, 1e-9), 2) if todo else None,
+        "tokens_per_s": round(tokens["completion"] / max(gen_seconds, 1e-9), 1) if todo else None,
+        "skills": out_dir,
+    }
+    meta = {
+        "stage": STAGE,
+        # The key's variable *name* is config; the key itself is never read into it.
+        "config": cfg.model_dump(mode="json"),
+        "pool_fingerprint": pool_fingerprint(ws),
+        "cache": ws.path(*CACHE_DIR),
+        **summary,
+    }
+    ws.write_json(f"{out_dir}/{META_FILE}", meta)
+    rows = [
+        ("backend / model", f"{cfg.backend} / {model}"),
+        ("prompt", PROMPT_VERSION),
+        (
+            "samples",
+            f"{ids.num_rows} ({len(questions)} unique questions, x{summary['dedup_ratio']})",
+        ),
+        ("ok / failed", f"{status['ok']} / {status['failed']}"),
+        *[(f"  {r} (questions)", n) for r, n in summary["failed_by_reason"].items()],
+        ("cached / generated", f"{len(cached_keys)} / {len(todo)} questions"),
+        ("time", f"{summary['seconds']} s ({summary['samples_per_s']} samples/s)"),
+        (
+            "generation",
+            f"{summary['generate_seconds']} s, {summary['generated_per_s']} questions/s, {summary['tokens_per_s']} tokens/s",
+        ),
+        ("skills", out_dir),
+    ]
+    print_summary(STAGE, rows, extra=summary)
+    for row in table.filter(pc.equal(table.column("status"), "failed")).slice(0, 5).to_pylist():
+        print(f"  failed {row['id']!r}: {row['reason']}")
+    return summary
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main([STAGE, *sys.argv[1:]]))

@@ -1,0 +1,222 @@
+"""The skills backends as plain objects: the HTTP client against a loopback server, the
+transformers writer on a tiny random model, the vLLM processor built (not run)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+import pytest
+
+from actors.llm import (
+    HTTPSkillWriter,
+    Secret,
+    TransformersSkillWriter,
+    resolve_transformers_model,
+)
+from actors.vllm import _vllm_preprocess, vllm_processor_config, vllm_rows_to_results
+from engine.skills import RESULT_SCHEMA, build_messages
+from tests.fake_openai import API_KEY, FakeOpenAI
+
+
+def batch(*questions: str) -> pa.Table:
+    return pa.table({"key": [f"k{i}" for i in range(len(questions))], "question": list(questions)})
+
+
+def writer(server: FakeOpenAI, **kw) -> HTTPSkillWriter:
+    args = dict(base_url=server.base_url, model="fake", backoff_s=0.0, timeout_s=2.0)
+    return HTTPSkillWriter(**{**args, **kw})
+
+
+def test_http_rows_end_ok_or_failed_with_their_reason():
+    def rule(q, n):
+        return {
+            "good": ("ok", "Skills: counting, OCR"),
+            "garbage": ("ok", "The answer is 10."),
+            "refuse": ("ok", "I'm sorry, I cannot help with that."),
+            "err500": ("status", 500),
+            "err404": ("status", 404),
+            "broken": ("broken", "{not json"),
+            "flaky": ("status", 503) if n == 1 else ("ok", "counting"),
+            "bad-then-good": ("ok", "???") if n == 1 else ("ok", "spatial relations"),
+        }[q]
+
+    questions = [
+        "good",
+        "garbage",
+        "refuse",
+        "err500",
+        "err404",
+        "broken",
+        "flaky",
+        "bad-then-good",
+    ]
+    with FakeOpenAI(rule) as server:
+        out = writer(server, max_attempts=3)(batch(*questions))
+    assert out.schema == RESULT_SCHEMA
+    rows = {q: r for q, r in zip(questions, out.to_pylist(), strict=True)}
+    assert rows["good"]["skills"] == ["counting", "ocr"] and rows["good"]["status"] == "ok"
+    assert rows["good"]["completion_tokens"] == 6 and rows["good"]["attempts"] == 1
+    assert "unparseable answer" in rows["garbage"]["reason"] and rows["garbage"]["attempts"] == 3
+    assert rows["garbage"]["raw"] == "The answer is 10."
+    assert "refused" in rows["refuse"]["reason"]
+    assert rows["err500"]["reason"].startswith("HTTP 500") and rows["err500"]["attempts"] == 3
+    # A client error is not retried: the same request would fail the same way.
+    assert rows["err404"]["reason"].startswith("HTTP 404") and rows["err404"]["attempts"] == 1
+    assert rows["broken"]["reason"].startswith("malformed response")
+    assert rows["flaky"]["status"] == "ok" and rows["flaky"]["attempts"] == 2
+    assert rows["bad-then-good"]["skills"] == ["spatial relations"]
+    assert server.calls["garbage"] == 3 and server.calls["err404"] == 1
+    # The first try is greedy, retries sample.
+    assert set(server.temperatures) == {0.0, 0.7}
+
+
+def test_http_timeout_is_a_reason_not_an_exception():
+    with FakeOpenAI(lambda q, n: ("sleep", 3.0)) as server:
+        start = time.monotonic()
+        out = writer(server, timeout_s=0.3, max_attempts=2)(batch("slow"))
+    row = out.to_pylist()[0]
+    assert row["status"] == "failed" and row["reason"] == "timeout after 0.3 s"
+    assert row["attempts"] == 2 and time.monotonic() - start < 2.5
+
+
+def test_http_dead_server_fails_fast_through_the_breaker():
+    server = FakeOpenAI()
+    with server:
+        url = server.base_url
+    client = HTTPSkillWriter(
+        base_url=url, model="m", backoff_s=0.2, max_attempts=3, breaker_after=2, concurrency=1
+    )
+    start = time.monotonic()
+    rows = client(batch(*[f"q{i}" for i in range(10)])).to_pylist()
+    assert all(r["status"] == "failed" and "connection failed" in r["reason"] for r in rows)
+    # Two rows pay the backoff until the breaker opens; the other eight get one try each.
+    assert [r["attempts"] for r in rows[-8:]] == [1] * 8
+    assert time.monotonic() - start < 3
+
+
+def test_http_key_is_sent_but_never_shown():
+    with FakeOpenAI(lambda q, n: ("status", 401)) as server:
+        client = writer(server, api_key=Secret(API_KEY), max_attempts=1)
+        out = client(batch("q"))
+    assert server.auth == {f"Bearer {API_KEY}"}
+    assert API_KEY not in repr(Secret(API_KEY)) and API_KEY not in str(out.to_pylist())
+
+
+def test_http_rate_limit():
+    with FakeOpenAI() as server:
+        start = time.monotonic()
+        writer(server, max_requests_per_s=20, concurrency=4)(batch(*[f"q{i}" for i in range(10)]))
+    assert time.monotonic() - start >= 0.45
+
+
+def test_packaged_model_resolves_without_importing_it():
+    folder, gguf = resolve_transformers_model(None, None)
+    assert gguf.endswith(".gguf") and os.path.isfile(os.path.join(folder, gguf))
+    assert resolve_transformers_model("org/model", None) == ("org/model", None)
+    assert resolve_transformers_model(os.path.join(folder, gguf), None) == (folder, gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer and chat template, in an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder, gguf = resolve_transformers_model(None, None)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llm")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_transformers_writer_prefix_cache_gives_the_same_answers(tiny_llm):
+    questions = batch(
+        "How many cubes?", "What colour is the big star on the left?", "Is there a cat?"
+    )
+    kw = dict(model=tiny_llm, gguf_file=None, max_new_tokens=6, max_attempts=1, device="cpu")
+    cached = TransformersSkillWriter(**kw, prefix_cache=True)
+    plain = TransformersSkillWriter(**kw, prefix_cache=False)
+    assert cached.prefix_ids is not None and plain.prefix_ids is None
+    a, b = cached(questions), plain(questions)
+    assert a.schema == RESULT_SCHEMA and a.num_rows == 3
+    assert a.column("raw").to_pylist() == b.column("raw").to_pylist()
+    for row in a.to_pylist():
+        assert row["status"] in ("ok", "failed") and (row["status"] == "ok") == (
+            row["reason"] is None
+        )
+        assert 0 < row["completion_tokens"] <= 6 and row["prompt_tokens"] > 200
+
+
+def test_vllm_config_and_processor_are_built_with_the_settings(ray_session, tiny_llm):
+    from actors.vllm import build_vllm_processor
+
+    config = vllm_processor_config(
+        tiny_llm,
+        engine_kwargs={"max_model_len": 2048, "tensor_parallel_size": 1},
+        concurrency=2,
+        batch_size=16,
+        accelerator_type="L4",
+        max_concurrent_batches=4,
+    )
+    assert config.should_continue_on_error and config.model_source == tiny_llm
+    assert config.engine_kwargs["max_model_len"] == 2048 and config.accelerator_type == "L4"
+    processor = build_vllm_processor(config, max_new_tokens=24, temperature=0.0, map_cpus=0.25)
+    names = processor.list_stage_names()
+    assert names[-2:] == ["vLLMEngineStage", "DetokenizeStage"] and "ChatTemplateStage" in names
+    engine = processor.get_stage_by_name("vLLMEngineStage")
+    assert engine.fn_constructor_kwargs["model"] == tiny_llm
+    assert engine.fn_constructor_kwargs["batch_size"] == 16
+    assert engine.fn_constructor_kwargs["should_continue_on_error"] is True
+    assert engine.map_batches_kwargs["accelerator_type"] == "L4"
+    assert engine.map_batches_kwargs["compute"].max_size == 2
+    assert processor.preprocess_map_kwargs == {"num_cpus": 0.25}
+    pre = _vllm_preprocess({"key": "k", "question": "How many?"}, 24, 0.0)
+    assert pre["messages"] == build_messages("How many?")
+    assert pre["sampling_params"] == {"temperature": 0.0, "max_tokens": 24}
+
+
+def test_vllm_rows_normalise_errors_and_answers():
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "key": ["a", "b", "c"],
+            "__inference_error__": ["", "CUDA out of memory", ""],
+            "generated_text": ["counting, ocr", None, "The answer is 3."],
+            "num_input_tokens": [100, float("nan"), 90],
+            "num_generated_tokens": [5, float("nan"), 6],
+        }
+    )
+    rows = vllm_rows_to_results(frame, attempt=2).to_pylist()
+    assert rows[0]["skills"] == ["counting", "ocr"] and rows[0]["completion_tokens"] == 5
+    assert rows[1]["status"] == "failed" and rows[1]["reason"] == "vLLM: CUDA out of memory"
+    assert rows[2]["reason"].startswith("unparseable answer") and rows[2]["attempts"] == 2
+
+
+@pytest.mark.gpu
+def test_vllm_backend_runs_on_a_gpu(ray_session):
+    """On a GPU node with vLLM: VLSELECT_VLLM_MODEL (a hub id or local folder) answers."""
+    pytest.importorskip("vllm")
+    import ray
+
+    from actors.vllm import generate_vllm
+
+    model = os.environ.get("VLSELECT_VLLM_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    config = vllm_processor_config(model, engine_kwargs={"max_model_len": 2048}, batch_size=8)
+    ds = ray.data.from_arrow(batch("How many dogs are there?", "What does the sign say?"))
+    out = pa.concat_tables(
+        generate_vllm(
+            ds, config, max_new_tokens=24, max_attempts=2, retry_temperature=0.7, map_cpus=0.25
+        )
+    )
+    assert out.num_rows == 2 and set(out.column("status").to_pylist()) <= {"ok", "failed"}
+    assert out.column("completion_tokens").to_pylist()[0] > 0
