@@ -18,6 +18,7 @@ from actors.llm import (
 from actors.vllm import _vllm_preprocess, vllm_processor_config, vllm_rows_to_results
 from engine.skills import RESULT_SCHEMA, build_messages
 from tests.fake_openai import API_KEY, FakeOpenAI
+from tests.tiny_llm import tiny_llm_dir
 
 
 def batch(*questions: str) -> pa.Table:
@@ -119,23 +120,8 @@ def test_packaged_model_resolves_without_importing_it():
 
 
 @pytest.fixture(scope="session")
-def tiny_llm(tmp_path_factory):
-    """A random 2-layer Llama with SmolLM2's tokenizer and chat template, in an HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder, gguf = resolve_transformers_model(None, None)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny-llm")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def tiny_llm():
+    return tiny_llm_dir()
 
 
 def test_transformers_writer_prefix_cache_gives_the_same_answers(tiny_llm):

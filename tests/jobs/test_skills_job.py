@@ -1,0 +1,190 @@
+"""The skills stage on local Ray: every id once, the cache, failures with reasons, backends.
+
+The openai backend is tested against ``tests.fake_openai.FakeOpenAI``, a real HTTP
+server on loopback that answers by rules (well, garbage, refusal, 500, hang, death);
+``tests/slow/test_skills_openai.py`` runs the same backend against a real LLM server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.skills import PROMPT_VERSION
+from engine.workspace import read_parquet_dir
+from jobs.cli import main
+from tests.fake_openai import API_KEY, FakeOpenAI, default_rule
+from tests.tiny_llm import tiny_llm_dir
+
+
+@pytest.fixture(scope="module")
+def pool_ws(small_world, tmp_path_factory):
+    """A workspace holding the small world's ingested pool (2,000 samples, 648 questions)."""
+    ws = tmp_path_factory.mktemp("skills") / "ws"
+    assert (
+        main(["ingest", "--workspace", str(ws), "--source", str(small_world / "world" / "source")])
+        == 0
+    )
+    return ws
+
+
+def fresh(pool_ws: Path, tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copytree(pool_ws / "pool", ws / "pool")
+    return ws
+
+
+def run(ws: Path, *args: str) -> dict:
+    rc = main(["skills", "--workspace", str(ws), *args])
+    assert rc == 0
+    return json.loads((ws / "skills" / "meta.json").read_text())
+
+
+def openai_args(server: FakeOpenAI, *extra: str) -> list[str]:
+    return [
+        "--backend", "openai", "--base-url", server.base_url, "--model", "fake-smol",
+        "--set", "openai.backoff_s=0", "--set", "openai.concurrency=8", *extra,
+    ]  # fmt: skip
+
+
+def skills_rows(ws: Path) -> list[dict]:
+    return read_parquet_dir(str(ws / "skills")).to_pylist()
+
+
+def test_every_pool_id_once_and_a_rerun_regenerates_nothing(pool_ws, tmp_path, monkeypatch, capsys):
+    ws = fresh(pool_ws, tmp_path)
+    monkeypatch.setenv("VLSELECT_TEST_KEY", API_KEY)
+    with FakeOpenAI() as server:
+        args = openai_args(server, "--set", "openai.api_key_env=VLSELECT_TEST_KEY")
+        meta = run(ws, *args)
+        calls = sum(server.calls.values())
+        again = run(ws, *args)
+        assert sum(server.calls.values()) == calls  # nothing was asked twice
+    pool_ids = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    rows = skills_rows(ws)
+    assert [r["id"] for r in rows] == pool_ids  # every id once, in pool order
+    assert all(r["status"] == "ok" and r["reason"] is None for r in rows)
+    assert rows[0]["skills"] == ["object counting", "object recognition"]
+    assert rows[0]["skill_text"] == "object counting; object recognition"
+    assert {r["prompt_version"] for r in rows} == {PROMPT_VERSION} and rows[0][
+        "model"
+    ] == "fake-smol"
+    assert meta["samples"] == 2000 and meta["unique_questions"] == 648 == calls
+    assert meta["generated"] == 648 and meta["cached"] == 0 and meta["ok"] == 2000
+    assert again["generated"] == 0 and again["cached"] == 648 and again["ok"] == 2000
+    assert meta["pool_fingerprint"]["rows"] == 2000
+    # The key went to the server, and nowhere else.
+    assert server.auth == {f"Bearer {API_KEY}"}
+    assert API_KEY not in capsys.readouterr().out
+    assert API_KEY not in (ws / "skills" / "meta.json").read_text()
+    assert meta["config"]["openai"]["api_key_env"] == "VLSELECT_TEST_KEY"
+
+
+def failing_rule(question, n):
+    if "cross" in question:
+        return "ok", "The answer is 10."  # garbage every time
+    if "diamond" in question:
+        return "status", 500
+    if "row" in question:
+        return "sleep", 3.0  # past the client's timeout
+    if "ring" in question:
+        return "ok", "I'm sorry, I can't see images."
+    return "ok", "color recognition, shape recognition"
+
+
+def test_failures_are_recorded_with_reasons_and_only_they_are_retried(pool_ws, tmp_path):
+    ws = fresh(pool_ws, tmp_path)
+    limit = ["--limit", "300", "--set", "openai.timeout_s=0.5", "--set", "max_attempts=2"]
+    with FakeOpenAI(failing_rule) as server:
+        meta = run(ws, *openai_args(server, *limit))
+    rows = skills_rows(ws)
+    assert len(rows) == 300 == len({r["id"] for r in rows})
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and meta["failed"] == len(failed) and meta["ok"] == 300 - len(failed)
+    reasons = {r["reason"].split(":")[0] for r in failed}
+    assert {"unparseable answer", "HTTP 500", "timeout after 0.5 s"} <= reasons
+    assert all(r["skills"] == [] and r["skill_text"] is None for r in failed)
+    garbage = next(r for r in failed if r["reason"].startswith("unparseable"))
+    assert garbage["raw"] == "The answer is 10."  # what the model said is kept
+    assert any("refused" in r["reason"] for r in failed)
+    assert server.calls[next(q for q in server.calls if "diamond" in q)] == 2  # max_attempts
+    # The server is fixed: a re-run asks only for what failed.
+    with FakeOpenAI() as fixed:
+        again = run(ws, *openai_args(fixed, "--limit", "300"))
+    assert (
+        again["cached"] == meta["generated_ok"]
+        and again["generated"] == meta["unique_questions"] - meta["generated_ok"]
+    )
+    assert sum(fixed.calls.values()) == again["generated"]
+    assert again["ok"] == 300 and again["failed"] == 0
+
+
+def test_a_server_dying_mid_run_costs_a_rerun_not_data(pool_ws, tmp_path):
+    ws = fresh(pool_ws, tmp_path)
+    served = []
+
+    def dies_after_40(question, n):
+        served.append(question)
+        return ("die", None) if len(served) > 40 else default_rule(question, n)
+
+    common = ["--limit", "400", "--set", "openai.concurrency=2", "--set", "openai.breaker_after=2"]
+    with FakeOpenAI(dies_after_40) as server:
+        meta = run(ws, *openai_args(server, *common))
+    assert 0 < meta["generated_ok"] <= 41 and meta["failed"] > 0
+    rows = skills_rows(ws)
+    assert len(rows) == 400
+    reasons = {r["reason"].split(":")[0] for r in rows if r["status"] == "failed"}
+    assert reasons <= {"connection failed", "HTTP 503"} and reasons
+    # A new server (another port): the cache is keyed by question and model, not URL.
+    with FakeOpenAI() as restarted:
+        again = run(ws, *openai_args(restarted, *common))
+    assert again["cached"] == meta["generated_ok"] and again["failed"] == 0
+    assert sum(restarted.calls.values()) == meta["unique_questions"] - meta["generated_ok"]
+
+
+def test_transformers_backend_on_a_tiny_model(pool_ws, tmp_path):
+    tiny_llm = tiny_llm_dir()
+    ws = fresh(pool_ws, tmp_path)
+    meta = run(ws, "--limit", "12", "--model", tiny_llm, "--set", "max_new_tokens=4")
+    rows = skills_rows(ws)
+    assert len(rows) == 12 and meta["generated"] == meta["unique_questions"]
+    assert all(r["raw"] is not None for r in rows)  # a random model's text, parsed or not
+    assert all((r["status"] == "ok") == (r["reason"] is None) for r in rows)
+    assert meta["completion_tokens"] > 0 and meta["model"] == tiny_llm
+    assert (
+        run(ws, "--limit", "12", "--model", tiny_llm)["generated"]
+        == meta["unique_questions"] - meta["generated_ok"]
+    )
+
+
+@pytest.mark.slow
+def test_transformers_backend_on_the_packaged_smollm2(pool_ws, tmp_path):
+    ws = fresh(pool_ws, tmp_path)
+    meta = run(ws, "--limit", "40", "--set", "max_new_tokens=16")
+    rows = skills_rows(ws)
+    assert len(rows) == 40 and meta["model"].startswith("packaged:smollm2/")
+    assert meta["ok"] >= 30  # SmolLM2 follows the few-shot format on most questions
+    assert run(ws, "--limit", "40")["generated"] == meta["unique_questions"] - meta["generated_ok"]
+
+
+def test_bad_input_exits_2_and_writes_nothing(pool_ws, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["skills", "--workspace", str(empty)]) == 2
+    assert "run `vlselect ingest" in capsys.readouterr().err
+    ws = fresh(pool_ws, tmp_path)
+    assert main(["skills", "--workspace", str(ws), "--backend", "openai", "--model", "m"]) == 2
+    assert "--base-url" in capsys.readouterr().err
+    assert main(["skills", "--workspace", str(ws), "--backend", "vllm"]) == 2
+    assert "needs a model" in capsys.readouterr().err
+    monkeypatch.delenv("VLSELECT_NO_SUCH_KEY", raising=False)
+    args = ["--backend", "openai", "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]
+    args += ["--set", "openai.api_key_env=VLSELECT_NO_SUCH_KEY"]
+    assert main(["skills", "--workspace", str(ws), *args]) == 2
+    assert "$VLSELECT_NO_SUCH_KEY" in capsys.readouterr().err
+    assert main(["skills", "--workspace", str(ws), "--set", "bogus=1"]) == 2
+    assert not (ws / "skills").exists() and not (ws / "cache").exists()
