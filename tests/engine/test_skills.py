@@ -168,3 +168,16 @@ def test_result_rows_fit_the_schemas():
     assert table.num_rows == 3
     assert {"key", "skills", "skill_text", "raw"} <= set(CACHE_SCHEMA.names)
     assert SKILLS_SCHEMA.names[:2] == ["id", "skills"]
+
+
+@pytest.mark.parametrize("name", ["skills-openai.yaml", "skills-vllm.yaml"])
+def test_example_configs_validate(name):
+    from pathlib import Path
+
+    from engine.config import build_config, load_yaml_file
+    from engine.skills_config import SkillsConfig
+
+    path = Path(__file__).resolve().parents[2] / "configs" / name
+    assert "vlselect skills" in path.read_text().splitlines()[0]
+    cfg = build_config("skills", SkillsConfig, load_yaml_file(path))
+    assert cfg.backend in name and cfg.model
