@@ -162,6 +162,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 # -- the pipeline's CPU steps (Ray Data tasks) ----------------------------------------------
 
 
+def _read_shards(batch: pa.Table, columns: list[str], fs, rows: int):
+    """Stream the rows of the shards named in ``batch['path']``, with the shard's path."""
+    for path in batch.column("path").to_pylist():
+        for records in pq.ParquetFile(path, filesystem=fs).iter_batches(rows, columns=columns):
+            table = pa.Table.from_batches([records])
+            yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+
+
 def _prepare_images(batch: dict[str, np.ndarray], prep: dict, image_root: str | None) -> dict:
     from engine.encoders import ImagePreprocess
 
@@ -391,10 +399,17 @@ def _pipeline(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str], out
         columns = ["id", "image", "image_ref"]
     else:
         columns = ["id", "status", "skill_text"] if space == "skill" else ["id", "conversations"]
-    # Read tasks take 1 CPU by default: beside a pool of actors that hold most CPUs they
-    # would never be scheduled, so they get the decode tasks' share.
-    ds = ray.data.read_parquet(files, filesystem=ws.fs, include_paths=True, ray_remote_args=pre)
-    ds = ds.select_columns([*columns, "path"])
+    # The shard list is built in the driver and each shard read in a task whose CPUs the
+    # config sets. (read_parquet's file-listing task always takes 1 CPU in Ray 2.60:
+    # beside an actor pool that holds most CPUs of a small node it is never scheduled.)
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(
+        _read_shards,
+        fn_kwargs={"columns": columns, "fs": ws.fs, "rows": cfg.preprocess_batch_size},
+        batch_size=1,
+        batch_format="pyarrow",
+        **pre,
+    )
     if space in IMAGE_SPACES:
         image_root = ws.read_json(ws.path("pool", META_FILE)).get("image_root")
         prep = preprocess_for(space_cfg.encoder).__dict__

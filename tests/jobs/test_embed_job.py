@@ -72,7 +72,11 @@ def test_interrupted_run_resumes_finished_shards_and_writes_no_id_twice(pool_ws,
     pq.write_table(stray, clip / "_parts" / "part-000002.deadbeef.parquet")
     mtimes = {p.name: p.stat().st_mtime_ns for p in clip.glob("part-*.parquet")}
 
-    assert main(["embed", "--workspace", str(ws), "--spaces", "clip"]) == 0
+    # Two actors holding 1.6 of the session's 2 CPUs: the read and decode tasks must
+    # still be scheduled (a pipeline that needs a whole CPU for them hangs here).
+    pool = ["--set", "clip.min_actors=2", "--set", "clip.max_actors=2"]
+    pool += ["--set", "clip.actor.num_cpus=0.8", "--set", "preprocess.num_cpus=0.2"]
+    assert main(["embed", "--workspace", str(ws), "--spaces", "clip", *pool]) == 0
     meta = yaml.safe_load((clip / "meta.json").read_text())
     assert (meta["embedded"], meta["resumed"]) == (SHARD_ROWS, 2000 - SHARD_ROWS)
     after = space_table(ws, "clip")
