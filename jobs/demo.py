@@ -3,7 +3,8 @@
 What it does (the stages that exist so far; later stages join as they land):
     1. ``world``: generates the shapes world into the workspace (resumes if present);
     2. ``ingest``: normalises the world's pool into ``<ws>/pool`` (replacing an old one);
-    3. prints one table: each stage's counts, time and where its artifacts are.
+    3. ``embed``: the clip, dino and text spaces with the world's offline encoders;
+    4. prints one table: each stage's counts, time and where its artifacts are.
 
 Raises:
     InputError: bad config (exit 2).
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.config import build_config
 from engine.workspace import Workspace
-from jobs import ingest, world
+from jobs import embed, ingest, world
 from jobs.runtime import Timer, print_summary
 
 STAGE = "demo"
@@ -61,7 +62,13 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
         ingest.STAGE, ingest.CONFIG, ws.read_config(), {"ingest": {"overwrite": True}}
     )
     ingest_summary = ingest.main(ingest_cfg, ws)
-    summary = {"world": world_summary, "ingest": ingest_summary, "seconds": round(timer.seconds, 2)}
+    embed_summary = embed.main(build_config(embed.STAGE, embed.CONFIG, ws.read_config()), ws)
+    summary = {
+        "world": world_summary,
+        "ingest": ingest_summary,
+        "embed": embed_summary,
+        "seconds": round(timer.seconds, 2),
+    }
     print_summary(
         STAGE,
         [
@@ -75,10 +82,19 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
                 f"{ingest_summary['records_in']} in = {ingest_summary['accepted']} accepted + "
                 f"{ingest_summary['rejected']} rejected, {ingest_summary['seconds']} s",
             ),
+            *[
+                (
+                    f"embed {r['space']}",
+                    f"{r['vectors']} x {r['dim']} ({r['model']}, {r['weights']} weights), "
+                    f"{r['seconds']} s",
+                )
+                for r in embed_summary["spaces"]
+            ],
             ("total time", f"{summary['seconds']} s"),
             ("workspace", ws.root),
             ("pool", ingest_summary["pool"]),
             ("benchmarks", ws.path("benchmarks")),
+            ("embeddings", ws.path("embeddings")),
         ],
         extra={"seconds": summary["seconds"], "workspace": ws.root},
     )
