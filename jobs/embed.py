@@ -125,22 +125,9 @@ CONFIG = EmbedConfig
 # The embedded default (written into a world's vlselect.yaml): tiny architectures with
 # seeded random weights for the image spaces (no CLIP or DINO weights install offline;
 # summaries and meta.json say so) and the packaged all-MiniLM-L6-v2 for text.
-TINY_CLIP = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 1},
-}
-TINY_DINO = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 128,
-    "patch_size": 16,
-    "image_size": 64,
-}
 EMBEDDED_DEFAULT = {
-    "clip": {"encoder": {"kind": "open_clip", "model": "tiny-clip", "architecture": TINY_CLIP}},
-    "dino": {"encoder": {"kind": "dinov2", "model": "tiny-dinov2", "architecture": TINY_DINO}},
+    "clip": {"encoder": {"kind": "open_clip", "model": "tiny-clip", "weights": "random"}},
+    "dino": {"encoder": {"kind": "dinov2", "model": "tiny-dinov2", "weights": "random"}},
     "preprocess": {"num_cpus": 0.5},
 }
 

@@ -19,11 +19,10 @@ from engine.encoders import (
     weights_source,
 )
 from engine.errors import InputError
-from jobs.embed import TINY_CLIP, TINY_DINO
 
 TINY = {
-    "clip": EncoderSpec(kind="open_clip", model="tiny-clip", architecture=TINY_CLIP),
-    "dino": EncoderSpec(kind="dinov2", model="tiny-dinov2", architecture=TINY_DINO),
+    "clip": EncoderSpec(kind="open_clip", model="tiny-clip", weights="random"),
+    "dino": EncoderSpec(kind="dinov2", model="tiny-dinov2", weights="random"),
 }
 
 
@@ -83,6 +82,8 @@ def test_weight_checks_name_the_fix(monkeypatch, tmp_path):
             EncoderSpec(kind="sentence_transformers", model="all-MiniLM-L6-v2", weights="random")
         )
     check_available(EncoderSpec(kind="open_clip", model="ViT-B-32", weights="random"))
+    with pytest.raises(InputError, match="without pretrained weights"):
+        check_available(EncoderSpec(kind="open_clip", model="tiny-clip"))
     with pytest.raises(InputError, match="unknown open_clip model"):
         preprocess_for(EncoderSpec(kind="open_clip", model="ViT-Nope", weights="random"))
 
