@@ -142,16 +142,16 @@ _EDGE = "\"'`*_ \t.:!?-–—“”‘’[]{}"
 def _clean_item(item: str) -> str:
     # To a fixpoint, so that a cleaned item cleans to itself (stripping a quote can
     # expose a bullet, lowercasing can expose whitespace).
-    for _ in range(8):
+    for _ in range(32):
         before = item
         item = _BULLET.sub("", item)
         item = item.replace("**", "").replace("`", "")
         item = " ".join(item.split()).strip(_EDGE).lower()
+        # An unbalanced bracket left by splitting "reading (OCR, signs)" reads as noise.
+        if item.count("(") != item.count(")"):
+            item = item.replace("(", "").replace(")", "")
         if item == before:
             break
-    # An unbalanced bracket left by splitting "reading (OCR, signs)" reads as noise.
-    if item.count("(") != item.count(")"):
-        item = item.replace("(", "").replace(")", "").strip()
     return item
 
 
