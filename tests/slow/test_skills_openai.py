@@ -69,14 +69,14 @@ def test_killed_server_records_failures_and_a_rerun_after_restart_completes(pool
         killer = threading.Thread(target=kill_when_some_are_cached, daemon=True)
         killer.start()
         common = [
-            "--limit", "600", "--set", "cache_flush_rows=16", "--set", "openai.concurrency=4",
+            "--limit", "300", "--set", "cache_flush_rows=16", "--set", "openai.concurrency=4",
             "--set", "openai.timeout_s=30", "--set", "openai.backoff_s=0.2",
         ]  # fmt: skip
         meta = run(ws, srv, *common)
         killer.join()
         assert meta["generated_ok"] > 0 and meta["failed"] > 0
         rows = read_parquet_dir(str(ws / "skills")).to_pylist()
-        assert len(rows) == 600
+        assert len(rows) == 300
         failed = [r for r in rows if r["status"] == "failed"]
         assert all(r["reason"] for r in failed)
         assert {r["reason"].split(":")[0] for r in failed} & {
@@ -87,4 +87,4 @@ def test_killed_server_records_failures_and_a_rerun_after_restart_completes(pool
         again = run(ws, srv, *common)
     assert again["cached"] == meta["generated_ok"]
     assert again["generated"] == meta["unique_questions"] - meta["generated_ok"]
-    assert again["failed"] <= meta["failed"] and again["ok"] + again["failed"] == 600
+    assert again["failed"] <= meta["failed"] and again["ok"] + again["failed"] == 300
