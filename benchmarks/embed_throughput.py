@@ -50,10 +50,10 @@ CASES = {
 }
 
 
-def ray_config(case: str, actors: int) -> dict:
-    """One actor per core, one torch thread each; decode tasks get what the actors leave."""
+def ray_config(case: str, actors: int, threads: int) -> dict:
+    """``actors`` encoder actors of ``threads`` torch threads; decode tasks get what they leave."""
     space = dict(CASES[case])
-    space["encoder"] = {**space["encoder"], "torch_threads": 1}
+    space["encoder"] = {**space["encoder"], "torch_threads": threads}
     space.update(min_actors=actors, max_actors=actors, actor={"num_cpus": 0.8 * CPUS / actors})
     return {"embed": {"spaces": ["clip"], "clip": space, "preprocess": {"num_cpus": 0.2}}}
 
@@ -91,7 +91,7 @@ def row(case: str, how: str, n: int, seconds: float, mem: PeakRSS) -> dict:
     }
 
 
-def run_case(case: str, n: int, workdir: Path, actors: int) -> list[dict]:
+def run_case(case: str, n: int, workdir: Path, layouts: list[tuple[int, int]]) -> list[dict]:
     base = workdir / f"{case}-{n}"
     shutil.rmtree(base, ignore_errors=True)
     ws = base / "ws"
@@ -100,16 +100,20 @@ def run_case(case: str, n: int, workdir: Path, actors: int) -> list[dict]:
     assert cli(["ingest", "--workspace", str(ws)]) == 0
     (base / "bare").mkdir()
     bare = bare_loop(ws, case, base / "bare")
-    config = base / "embed.yaml"
-    config.write_text(yaml.safe_dump(ray_config(case, actors)))
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        assert cli(["embed", "--workspace", str(ws), "--config", str(config)]) == 0
-        seconds = time.perf_counter() - start
-    ray_row = row(case, f"vlselect embed ({actors} actors x 1 thread)", n, seconds, mem)
-    ray_row["ratio_to_bare"] = round(ray_row["samples_per_s"] / bare["samples_per_s"], 3)
+    rows = [bare]
+    for actors, threads in layouts:
+        config = base / "embed.yaml"
+        config.write_text(yaml.safe_dump(ray_config(case, actors, threads)))
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            argv = ["embed", "--workspace", str(ws), "--config", str(config), "--overwrite"]
+            assert cli(argv) == 0
+            seconds = time.perf_counter() - start
+        how = f"vlselect embed ({actors} actors x {threads} threads)"
+        rows.append(row(case, how, n, seconds, mem))
+        rows[-1]["ratio_to_bare"] = round(rows[-1]["samples_per_s"] / bare["samples_per_s"], 3)
     shutil.rmtree(base, ignore_errors=True)
-    return [bare, ray_row]
+    return rows
 
 
 def main() -> None:
@@ -117,7 +121,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cases", default="vitb32:2000,tiny:100000", help="CASE:N,...")
-    parser.add_argument("--actors", type=int, default=CPUS, help="encoder actors in the pool")
+    parser.add_argument(
+        "--layouts",
+        default=f"{CPUS}x1,1x{CPUS}",
+        help="encoder pool layouts to measure, ACTORSxTHREADS,...",
+    )
     parser.add_argument("--workdir", default="/tmp/vlselect-bench-embed")
     parser.add_argument("--out", default="benchmarks/results/embed.json")
     args = parser.parse_args()
@@ -127,7 +135,8 @@ def main() -> None:
     rows = []
     for item in args.cases.split(","):
         case, n = item.split(":")
-        rows += run_case(case, int(n), Path(args.workdir), args.actors)
+        layouts = [tuple(int(v) for v in lay.split("x")) for lay in args.layouts.split(",")]
+        rows += run_case(case, int(n), Path(args.workdir), layouts)
     header = ["case", "how", "n", "seconds", "samples_per_s", "ratio_to_bare"]
     report("embed", rows, [*header, "driver_peak_mib", "total_peak_mib"], args.out)
 

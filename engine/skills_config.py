@@ -121,6 +121,12 @@ class SkillsConfig(BaseModel):
         256, ge=1, description="Successes buffered before a cache shard is written."
     )
     shard_rows: int = Field(200_000, ge=1, description="Rows per output shard of <ws>/skills.")
+    embed: bool = Field(
+        True,
+        description="Embed the descriptions into the skill space when done (the embed stage's "
+        "'skill' space, configured in its section); False leaves it to `vlselect embed "
+        "--spaces skill`.",
+    )
     transformers: TransformersBackend = Field(
         default_factory=TransformersBackend, description="Settings of the transformers backend."
     )

@@ -15,8 +15,9 @@ What it does:
        and prints counts: ok / failed / cached / generated, samples/s, tokens/s.
 
 A re-run regenerates nothing that succeeded; it retries only what failed or was
-never reached. The ``skill`` embedding is the embed stage's job
-(``vlselect embed --spaces skill`` reads ``skill_text`` of the rows with status ok).
+never reached. Then, unless ``embed: false``, the embed stage embeds ``skill_text`` of
+the rows with status ok into ``<ws>/embeddings/skill`` (``vlselect embed --spaces skill``
+does the same on its own; it resumes, so an unchanged skills table is not re-embedded).
 
 Raises:
     InputError: no pool, or a backend config that cannot work (exit 2, nothing written).
@@ -44,12 +45,14 @@ from actors.llm import (
     resolve_transformers_model,
 )
 from actors.vllm import generate_vllm, vllm_processor_config
+from engine.config import build_config
 from engine.errors import InputError
 from engine.skills import PROMPT_VERSION, RESULT_SCHEMA, cache_key
 from engine.skills_config import SkillsConfig
 from engine.skills_store import CACHE_DIR, CacheWriter, assemble, pool_fingerprint, read_cache
 from engine.text import instruction_text
 from engine.workspace import META_FILE, Workspace, write_table_atomic
+from jobs import embed
 from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "skills"
@@ -313,6 +316,11 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     print_summary(STAGE, rows, extra=summary)
     for row in table.filter(pc.equal(table.column("status"), "failed")).slice(0, 5).to_pylist():
         print(f"  failed {row['id']!r}: {row['reason']}")
+    if cfg.embed and status["ok"]:
+        embed_cfg = build_config(
+            embed.STAGE, embed.CONFIG, ws.read_config(), {"embed": {"spaces": ["skill"]}}
+        )
+        summary["embed"] = embed.main(embed_cfg, ws)["spaces"][0]
     return summary
 
 

@@ -38,8 +38,9 @@ def fresh(pool_ws: Path, tmp_path: Path) -> Path:
     return ws
 
 
-def run(ws: Path, *args: str) -> dict:
-    rc = main(["skills", "--workspace", str(ws), *args])
+def run(ws: Path, *args: str, embed: bool = False) -> dict:
+    # Embedding the skill space costs an encoder pool's start-up: one test checks it.
+    rc = main(["skills", "--workspace", str(ws), "--set", f"embed={str(embed).lower()}", *args])
     assert rc == 0
     return json.loads((ws / "skills" / "meta.json").read_text())
 
@@ -60,7 +61,7 @@ def test_every_pool_id_once_and_a_rerun_regenerates_nothing(pool_ws, tmp_path, m
     monkeypatch.setenv("VLSELECT_TEST_KEY", API_KEY)
     with FakeOpenAI() as server:
         args = openai_args(server, "--set", "openai.api_key_env=VLSELECT_TEST_KEY")
-        meta = run(ws, *args)
+        meta = run(ws, *args, embed=True)
         calls = sum(server.calls.values())
         again = run(ws, *args)
         assert sum(server.calls.values()) == calls  # nothing was asked twice
@@ -70,6 +71,11 @@ def test_every_pool_id_once_and_a_rerun_regenerates_nothing(pool_ws, tmp_path, m
     assert all(r["status"] == "ok" and r["reason"] is None for r in rows)
     assert rows[0]["skills"] == ["object counting", "object recognition"]
     assert rows[0]["skill_text"] == "object counting; object recognition"
+    skill_space = read_parquet_dir(str(ws / "embeddings" / "skill"))
+    assert skill_space.column("id").to_pylist() == pool_ids  # one skill vector per id
+    assert len(skill_space.column("vector")[0]) == 384
+    skill_meta = json.loads((ws / "embeddings" / "skill" / "meta.json").read_text())
+    assert skill_meta["status"] == "complete" and skill_meta["vectors"] == 2000
     assert {r["prompt_version"] for r in rows} == {PROMPT_VERSION} and rows[0][
         "model"
     ] == "fake-smol"
