@@ -12,7 +12,7 @@ Ray's processes is sampled for both.
 Cases: ``vitb32`` (open_clip ViT-B-32 at 224 px, random weights: compute-bound) and
 ``tiny`` (the embedded default's 64 px tower: the pipeline's overhead dominates).
 
-    python benchmarks/embed_throughput.py --cases vitb32:2000,tiny:100000 \\
+    python benchmarks/embed_throughput.py --cases vitb32:3000,tiny:100000 \\
         --out benchmarks/results/embed.json
 """
 
@@ -120,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", default="vitb32:2000,tiny:100000", help="CASE:N,...")
+    parser.add_argument("--cases", default="vitb32:3000,tiny:100000", help="CASE:N,...")
     parser.add_argument(
         "--layouts",
         default=f"{CPUS}x1,1x{CPUS}",

@@ -46,7 +46,7 @@ from engine.encoders import (
     weights_source,
 )
 from engine.errors import InputError
-from engine.pool import ImagePolicy
+from engine.pool import ImagePolicy, Rejected
 from engine.resources import Resources
 from engine.shards import PARTS_DIR, finish_shard, finished_shards, stem, write_part
 from engine.text import instruction_text
@@ -162,10 +162,16 @@ def _prepare_images(batch: dict[str, np.ndarray], prep: dict, image_root: str | 
     from engine.encoders import ImagePreprocess
 
     policy = ImagePolicy(root=image_root, check="none")
-    images = [
-        data if data is not None else (policy.read(ref) if ref else None)
-        for data, ref in zip(batch["image"], batch["image_ref"], strict=True)
-    ]
+
+    def load(data, ref):
+        if data is not None or not ref:
+            return data
+        try:
+            return policy.read(ref)
+        except Rejected:  # gone since ingest: counted as undecodable, not a failed run
+            return b""
+
+    images = [load(d, r) for d, r in zip(batch["image"], batch["image_ref"], strict=True)]
     pixels, status = preprocess_images(images, ImagePreprocess(**prep))
     return {"id": batch["id"], "path": batch["path"], "status": status, "pixels": pixels}
 
