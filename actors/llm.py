@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from engine.devices import resolve_device
 from engine.skills import RESULT_SCHEMA, build_messages, result_row, try_parse_skills
 
 log = logging.getLogger("vlselect.llm")
@@ -104,23 +105,17 @@ class TransformersSkillWriter:
 
         hf_logging.disable_progress_bar()  # per-tensor GGUF bars flood the driver's log
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        torch_device, torch_dtype = resolve_device(device, dtype, "bfloat16", torch_threads)
         self.torch = torch
-        self.device = device
+        self.device = str(torch_device)
         path, gguf = resolve_transformers_model(model, gguf_file)
         extra = {"gguf_file": gguf} if gguf else {}
         self.tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), **extra
-        ).to(device)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+        self.model = loaded.to(self.device)
         self.model.eval()
         self.prefix_ids, self.prefix_cache = self._prefix_cache() if prefix_cache else (None, None)
         self.max_new_tokens = max_new_tokens

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.devices import resolve_device
 from engine.errors import InputError
 from engine.vectors import l2_normalize
 
@@ -329,15 +330,7 @@ def _resize_crop(img, prep: ImagePreprocess) -> np.ndarray:
 
 
 def _device_dtype(spec: EncoderSpec):
-    import torch
-
-    device = spec.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = spec.dtype
-    if name == "auto":
-        name = "float16" if device == "cuda" else "float32"
-    return torch.device(device), getattr(torch, name)
+    return resolve_device(spec.device, spec.dtype, "float16", spec.torch_threads)
 
 
 class ImageEncoder:
@@ -346,8 +339,6 @@ class ImageEncoder:
     def __init__(self, spec: EncoderSpec):
         import torch
 
-        if spec.torch_threads:
-            torch.set_num_threads(spec.torch_threads)
         self.device, self.dtype = _device_dtype(spec)
         self.prep = preprocess_for(spec)
         self.spec = spec
@@ -422,8 +413,6 @@ class TextEncoder:
     def __init__(self, spec: EncoderSpec, batch_size: int = 256):
         import torch
 
-        if spec.torch_threads:
-            torch.set_num_threads(spec.torch_threads)
         device, dtype = _device_dtype(spec)
         self.model, source = _load_sentence_transformer(spec, str(device))
         if dtype != torch.float32:
