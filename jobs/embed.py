@@ -40,6 +40,7 @@ from actors.adapter import ray_data_options
 from actors.encoder import EmbedActor
 from engine.encoders import (
     EncoderSpec,
+    ImagePreprocess,
     check_available,
     preprocess_for,
     preprocess_images,
@@ -159,8 +160,6 @@ def _read_shards(batch: pa.Table, columns: list[str], fs, rows: int):
 
 
 def _prepare_images(batch: dict[str, np.ndarray], prep: dict, image_root: str | None) -> dict:
-    from engine.encoders import ImagePreprocess
-
     policy = ImagePolicy(root=image_root, check="none")
 
     def load(data, ref):
@@ -383,10 +382,11 @@ def embed_space(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str]) -
 
 
 def _dim(ws: Workspace, out_dir: str, files: list[str]) -> int:
+    """The vectors' length, from the first row on disk (not a whole shard read for it)."""
     for f in files:
-        t = pq.read_table(f"{out_dir}/{stem(f)}.parquet", filesystem=ws.fs).slice(0, 1)
-        if t.num_rows:
-            return len(t.column("vector")[0])
+        shard = pq.ParquetFile(f"{out_dir}/{stem(f)}.parquet", filesystem=ws.fs)
+        for batch in shard.iter_batches(batch_size=1, columns=["vector"]):
+            return len(batch.column(0)[0])
     return 0
 
 
