@@ -27,6 +27,7 @@ STAGE_MODULES = {
     "ingest": "jobs.ingest",
     "embed": "jobs.embed",
     "skills": "jobs.skills",
+    "cluster": "jobs.cluster",
     "demo": "jobs.demo",
 }
 DESCRIPTIONS = {
@@ -34,6 +35,7 @@ DESCRIPTIONS = {
     "ingest": "LLaVA JSON / JSONL / Parquet -> <ws>/pool, bad records -> <ws>/rejects",
     "embed": "pool -> <ws>/embeddings/<space> (clip, dino, text; skill from <ws>/skills)",
     "skills": "an LLM names the visual skills each question needs -> <ws>/skills (cached, resumable)",
+    "cluster": "spherical k-means over embedding spaces -> <ws>/clusters/<name>",
     "demo": "the whole pipeline on the embedded default",
 }
 

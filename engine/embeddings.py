@@ -1,0 +1,98 @@
+"""Reading what ``vlselect embed`` wrote: ``<ws>/embeddings/<space>/`` shards and their meta.
+
+A space is usable when its ``meta.json`` says ``complete``; its shards are Parquet
+files of (id string, vector list<float32>) and its vectors are L2-normalised.
+Stages that read vectors (cluster, index, target) open spaces through here, so a
+missing, unfinished or malformed space is refused the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from engine.errors import InputError
+from engine.shards import stem
+from engine.vectors import from_arrow
+from engine.workspace import META_FILE, Workspace
+
+SPACES = ("clip", "dino", "text", "skill")
+
+
+@dataclass(frozen=True)
+class EmbeddedSpace:
+    """One finished space: its shard files (sorted), vector length, row count and meta."""
+
+    space: str
+    dir: str
+    files: tuple[str, ...]
+    dim: int
+    rows: int
+    meta: dict
+
+    @property
+    def stems(self) -> tuple[str, ...]:
+        return tuple(stem(f) for f in self.files)
+
+    @property
+    def fingerprint(self) -> object:
+        """What the vectors were made from (inputs and encoder): downstream stages key on it."""
+        return self.meta.get("fingerprint")
+
+
+def open_space(ws: Workspace, space: str) -> EmbeddedSpace:
+    """Check that ``space`` is embedded and finished; return its shards and shape.
+
+    Raises:
+        InputError: an unknown space name, a space never embedded, one whose run did not
+            finish, or shards whose row count differs from meta.json; each names the fix.
+    """
+    if space not in SPACES:
+        raise InputError(f"unknown space {space!r}; the spaces are {', '.join(SPACES)}")
+    run = f"vlselect embed --workspace {ws.uri} --spaces {space}"
+    if not ws.exists("embeddings", space, META_FILE):
+        raise InputError(
+            f"space {space!r} is not embedded: {ws.path('embeddings', space)} holds no "
+            f"{META_FILE}; run `{run}` first"
+        )
+    meta = ws.read_json(ws.path("embeddings", space, META_FILE))
+    if meta.get("status") != "complete":
+        raise InputError(
+            f"space {space!r} did not finish embedding (status {meta.get('status')!r}); "
+            f"run `{run}` again to resume it"
+        )
+    files = tuple(ws.list_files("embeddings", space, suffix=".parquet"))
+    rows = sum(pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in files)
+    if rows != meta.get("vectors"):
+        raise InputError(
+            f"space {space!r}: meta.json counts {meta.get('vectors')} vectors but its "
+            f"{len(files)} shards hold {rows}; run `{run} --overwrite`"
+        )
+    return EmbeddedSpace(space, ws.path("embeddings", space), files, int(meta["dim"]), rows, meta)
+
+
+def read_vectors(
+    fs: pafs.FileSystem, path: str, dim: int | None = None
+) -> tuple[pa.Array, np.ndarray]:
+    """One shard's ids (string, n) and vectors (n, d) float32.
+
+    Raises:
+        ValueError: the shard's vectors are not all of length ``dim`` (when given).
+    """
+    table = pq.read_table(path, columns=["id", "vector"], filesystem=fs)
+    ids = table.column("id").combine_chunks()
+    vectors = from_arrow(table.column("vector"))
+    if len(ids) and dim is not None and vectors.shape[1] != dim:
+        raise ValueError(f"{path}: vectors of length {vectors.shape[1]}, expected {dim}")
+    return ids, vectors.reshape(len(ids), -1) if len(ids) else np.zeros((0, dim or 0), np.float32)
+
+
+def unusable_rows(vectors: np.ndarray) -> np.ndarray:
+    """bool (n,): rows of ``vectors`` (n, d) that hold NaN or inf, or are all zero."""
+    finite = np.isfinite(vectors).all(axis=1)
+    nonzero = np.abs(np.where(np.isfinite(vectors), vectors, 0)).max(axis=1, initial=0) > 0
+    return ~(finite & nonzero)

@@ -1,0 +1,458 @@
+"""``vlselect cluster``: spherical k-means of the pool over one or more embedding spaces.
+
+What it does:
+    1. checks in the driver that every space in ``--spaces`` is embedded and finished,
+       that the spaces are sharded alike, and that K fits the rows (before Ray starts);
+    2. reads every shard once in parallel tasks: joins the spaces by id, combines each
+       row's vectors (``engine.features``: each space normalised, weighted, concatenated,
+       normalised again), counts rows missing from a space or holding NaN/inf/zero
+       vectors, and keeps a seeded sample of at most ``k * max_points_per_centroid``
+       rows (so a million rows never sit in one process);
+    3. refuses the run if any row is unusable and ``on_bad_rows`` is ``error`` (the
+       message names each space and count); with ``exclude`` those rows are left out,
+       counted, and listed with their reason in ``excluded/``;
+    4. fits spherical k-means (faiss, on a GPU when ``gpu``) in one Ray task;
+    5. assigns every row to its nearest centroid with a Ray Data actor pool streaming
+       the shards, one output file per shard (resumable: finished shards are kept when
+       the run is started again with the same inputs and config);
+    6. handles clusters smaller than ``min_cluster_size``: ``keep`` reports them,
+       ``merge`` drops their centroids and assigns their rows again to the others;
+    7. writes ``meta.json`` (K, sizes, objective per iteration, small clusters and what
+       was done with them) and prints a summary.
+
+Output ``<ws>/clusters/<name>/``: ``assignments/<shard>.parquet`` (id, cluster int32,
+similarity float32: the cosine to its centroid), ``centroids.npy`` float32 (K, D),
+``excluded/<shard>.parquet`` (id, reason) when rows were left out, ``meta.json``.
+
+Raises:
+    InputError: a space not embedded or unfinished, spaces sharded differently, K larger
+        than the usable rows, unusable rows with ``on_bad_rows: error`` (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from actors.adapter import ray_data_options, ray_options
+from actors.kmeans import CentroidAssigner, load_centroids, sample_shard, save_centroids
+from engine.embeddings import SPACES, EmbeddedSpace, open_space
+from engine.errors import InputError
+from engine.kmeans import (
+    sample_positions,
+    sample_size,
+    small_clusters,
+    split_positions,
+    train_spherical,
+)
+from engine.resources import Resources
+from engine.workspace import META_FILE, Workspace
+from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_summary
+
+STAGE = "cluster"
+DEFAULT_WORKSPACE = None
+log = logging.getLogger("vlselect.cluster")
+
+
+class ClusterConfig(BaseModel):
+    """Configuration of ``vlselect cluster`` (section ``cluster``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Name of the clustering: output goes to <ws>/clusters/<name>/.",
+    )
+    spaces: list[Literal[SPACES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["dino", "text"],
+        description="Embedding spaces whose vectors are combined, in order (PROGRESS: dino,text).",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Weight per space in the combined cosine (missing spaces weigh 1).",
+    )
+    k: int = Field(1000, ge=2, le=100_000, description="Number of clusters K.")
+    niter: int = Field(50, ge=1, description="k-means iterations (PROGRESS: 50).")
+    nredo: int = Field(1, ge=1, description="Fits with different seeds; the best one is kept.")
+    init: Literal["random", "kmeans++", "afk-mc2"] = Field(
+        "random",
+        description="Initial centroids: random rows (faiss's default, as PROGRESS), k-means++ "
+        "(fewer bad local optima; K sequential passes over the sample), or AFK-MC2 (cheaper "
+        "approximation of k-means++).",
+    )
+    seed: int = Field(0, description="Seed of the training sample and of faiss's initialisation.")
+    max_points_per_centroid: int = Field(
+        256, ge=1, description="The fit uses at most K times this many rows, a seeded sample."
+    )
+    min_points_per_centroid: int = Field(
+        39, ge=1, description="Below this many rows per cluster faiss warns the fit is thin."
+    )
+    max_sample: int | None = Field(
+        None, ge=1, description="Cap on the fit's sample whatever K (bounds the fit's memory)."
+    )
+    gpu: bool = Field(False, description="Fit and assign on GPUs (faiss-gpu; give num_gpus).")
+    fit: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=1),
+        description="Resources of the fitting task (num_gpus=1 with gpu=true).",
+    )
+    fit_threads: int = Field(
+        0,
+        ge=0,
+        description="faiss threads of the fit; 0 takes every core of the node it runs on "
+        "(nothing else of the stage runs while it fits).",
+    )
+    read: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.5),
+        description="Resources of one shard-reading task of the sampling pass.",
+    )
+    min_actors: int = Field(1, ge=1, description="Smallest size of the assignment actor pool.")
+    max_actors: int = Field(2, ge=1, description="Largest size of the assignment actor pool.")
+    actor: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.5),
+        description="Resources of one assignment actor (its faiss threads = max(1, num_cpus)).",
+    )
+    on_bad_rows: Literal["error", "exclude"] = Field(
+        "error",
+        description="Rows missing from a space or with NaN/inf/zero vectors: refuse the run, "
+        "or leave them out (counted in meta.json, listed in excluded/).",
+    )
+    min_cluster_size: int = Field(
+        1, ge=1, description="Clusters with fewer rows than this are 'small' (empty included)."
+    )
+    small_clusters: Literal["keep", "merge"] = Field(
+        "keep",
+        description="keep: report small clusters; merge: drop their centroids and assign "
+        "their rows to the nearest remaining centroid.",
+    )
+    overwrite: bool = Field(False, description="Start over even if a current result exists.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if len(set(self.spaces)) != len(self.spaces) or not self.spaces:
+            raise ValueError(f"spaces must be distinct and non-empty; got {self.spaces}")
+        unknown = sorted(set(self.weights) - set(self.spaces))
+        if unknown:
+            raise ValueError(f"weights given for spaces not clustered: {unknown}")
+        if any(w <= 0 for w in self.weights.values()):
+            raise ValueError(f"weights must be positive; got {self.weights}")
+        return self
+
+    def weight_of(self, space: str) -> float:
+        return float(self.weights.get(space, 1.0))
+
+
+CONFIG = ClusterConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="clustering name: <ws>/clusters/<name>/")
+    parser.add_argument("--spaces", help="comma-separated spaces to combine, e.g. dino,text")
+    parser.add_argument("--k", type=int, help="number of clusters")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--overwrite", action="store_true", default=None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    out: dict[str, Any] = {}
+    if args.spaces:
+        out["spaces"] = [s.strip() for s in args.spaces.split(",") if s.strip()]
+    for key in ("name", "k", "seed", "overwrite"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    return out
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+def check_inputs(cfg: ClusterConfig, ws: Workspace) -> list[EmbeddedSpace]:
+    """The spaces, opened and checked to be sharded alike, before Ray starts."""
+    if not cfg.name:
+        raise InputError("no clustering name: pass --name NAME (output: <ws>/clusters/NAME/)")
+    spaces = [open_space(ws, s) for s in cfg.spaces]
+    first = spaces[0]
+    for other in spaces[1:]:
+        if other.stems != first.stems:
+            only = sorted(set(first.stems) ^ set(other.stems))[:5]
+            raise InputError(
+                f"spaces {first.space!r} and {other.space!r} are sharded differently "
+                f"({len(first.stems)} vs {len(other.stems)} shards; e.g. {only} in one only); "
+                "cluster spaces embedded from the same pool shards (clip, dino, text), or "
+                "cluster the skill space on its own"
+            )
+    if cfg.k > first.rows:
+        raise InputError(
+            f"k={cfg.k} clusters but space {first.space!r} holds {first.rows} rows; "
+            f"choose --k at most {first.rows}"
+        )
+    return spaces
+
+
+def fingerprint(cfg: ClusterConfig, spaces: list[EmbeddedSpace]) -> dict:
+    # Where and how fast it runs does not change the result; everything else does.
+    how = {"name", "gpu", "fit", "fit_threads", "read", "min_actors", "max_actors", "actor"}
+    return json.loads(
+        json.dumps(
+            {
+                "inputs": {s.space: s.fingerprint for s in spaces},
+                "config": cfg.model_dump(mode="json", exclude=how | {"overwrite"}),
+            }
+        )
+    )
+
+
+def main(cfg: ClusterConfig, ws: Workspace) -> dict:
+    """Cluster the pool; see the module docstring. Returns the summary written to meta.json."""
+    timer = Timer()
+    spaces = check_inputs(cfg, ws)
+    out_dir = ws.path("clusters", cfg.name)
+    meta_path = f"{out_dir}/{META_FILE}"
+    key = fingerprint(cfg, spaces)
+    old = ws.read_json(meta_path) if ws.exists("clusters", cfg.name, META_FILE) else None
+    if old and old.get("fingerprint") == key and not cfg.overwrite:
+        if old.get("status") == "complete":
+            _print(old, ws, reused=True)
+            return old
+    else:
+        ws.remove("clusters", cfg.name)
+        old = None
+    ws.makedirs("clusters", cfg.name)
+    connect()
+    state = dict(old) if old and old.get("status") == "assigning" else {}
+    if not state:
+        state = _fit(cfg, ws, spaces, out_dir)
+        state.update(status="assigning", fingerprint=key, name=cfg.name)
+        ws.write_json(meta_path, state)
+    while True:
+        _assign(cfg, ws, spaces, out_dir)
+        sizes = _sizes(ws, out_dir, int(state["k"]))
+        small = small_clusters(sizes, cfg.min_cluster_size)
+        if cfg.small_clusters == "keep" or len(small) == 0:
+            break
+        # Removing centroids only moves rows onto the others: no new small cluster appears.
+        keep = np.setdiff1d(np.arange(int(state["k"])), small)
+        centroids = load_centroids(ws, f"{out_dir}/centroids.npy")[keep]
+        save_centroids(ws, f"{out_dir}/centroids.npy", centroids)
+        state["merged"] = state.get("merged", []) + [
+            {"dropped": small.tolist(), "rows_moved": int(sizes[small].sum())}
+        ]
+        state["k"] = len(keep)
+        ws.remove("clusters", cfg.name, "assignments")
+        ws.write_json(meta_path, state)
+        log.warning("%d small clusters merged into their neighbours; assigning again", len(small))
+    state.update(_describe(cfg, ws, out_dir, sizes, small), status="complete")
+    state["seconds"] = round(timer.seconds, 2)
+    state["config"] = cfg.model_dump(mode="json")
+    ws.write_json(meta_path, state)
+    _print(state, ws, reused=False)
+    return state
+
+
+def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir: str) -> dict:
+    """The sampling pass and the fit; writes centroids.npy. Returns what meta.json records."""
+    timer = Timer()
+    rows = [pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in spaces[0].files]
+    total = sum(rows)
+    n_sample = sample_size(total, cfg.k, cfg.max_points_per_centroid, cfg.max_sample)
+    per_shard = split_positions(sample_positions(total, n_sample, cfg.seed), rows)
+    dims = {s.space: s.dim for s in spaces}
+    weights = {s.space: cfg.weight_of(s.space) for s in spaces}
+    task = ray.remote(sample_shard).options(num_returns=2, **ray_options(cfg.read))
+    jobs = []
+    for i, stem in enumerate(spaces[0].stems):
+        files = {s.space: f"{s.dir}/{stem}.parquet" for s in spaces}
+        jobs.append((files, per_shard[i]))
+    feature_refs = []
+
+    def submit(job):
+        stats_ref, features_ref = task.remote(ws, job[0], dims, weights, job[1])
+        feature_refs.append(features_ref)
+        return stats_ref
+
+    reasons: dict[str, int] = {}
+    examples: list[str] = []
+    usable = rows_in = 0
+    errors: list[str] = []
+    max_in_flight = max(2, 2 * cluster_cpus())
+    with tqdm(total=len(jobs), unit="shard", desc=f"cluster {cfg.name}: read") as bar:
+        for stats in bounded_submit(submit, jobs, max_in_flight):
+            if "error" in stats:
+                errors.append(stats["error"])
+                continue
+            rows_in += stats["rows_in"]
+            usable += stats["usable"]
+            for reason, count in stats["reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + count
+            examples += stats["examples"][: max(0, 10 - len(examples))]
+            bar.update()
+    if errors:
+        raise InputError(
+            f"{len(errors)} embedding shard(s) are malformed: {'; '.join(errors[:3])}; "
+            "re-run `vlselect embed --overwrite` for the space named"
+        )
+    if reasons and cfg.on_bad_rows == "error":
+        listed = "; ".join(f"{n} rows {r}" for r, n in sorted(reasons.items()))
+        raise InputError(
+            f"{rows_in - usable} of {rows_in} rows cannot be clustered: {listed} "
+            f"(e.g. {examples}). Re-run `vlselect embed` for those spaces, or set "
+            "cluster.on_bad_rows=exclude to leave them out (they are counted and listed)"
+        )
+    if cfg.k > usable:
+        raise InputError(f"k={cfg.k} clusters but only {usable} usable rows; lower --k")
+    read_seconds = timer.seconds
+    fit = ray.get(_fit_task.options(**ray_options(cfg.fit)).remote(cfg, *feature_refs))
+    save_centroids(ws, f"{out_dir}/centroids.npy", fit.centroids)
+    return {
+        "k": cfg.k,
+        "k_requested": cfg.k,
+        "dim": int(fit.centroids.shape[1]),
+        "spaces": cfg.spaces,
+        "weights": weights,
+        "rows_in": rows_in,
+        "rows_usable": usable,
+        "excluded_reasons": reasons,
+        "sample_rows": int(sum(len(p) for p in per_shard)),
+        "objective": fit.objective,
+        "iterations": fit.iterations,
+        "fit_device": fit.device,
+        "fit_seconds": round(fit.seconds, 2),
+        "read_seconds": round(read_seconds, 2),
+    }
+
+
+@ray.remote
+def _fit_task(cfg: ClusterConfig, *parts: np.ndarray):
+    import os
+
+    import faiss
+
+    threads = cfg.fit_threads or len(os.sched_getaffinity(0))
+    faiss.omp_set_num_threads(threads)
+    sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    del parts
+    return train_spherical(
+        sample,
+        cfg.k,
+        niter=cfg.niter,
+        seed=cfg.seed,
+        nredo=cfg.nredo,
+        init=cfg.init,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        min_points_per_centroid=cfg.min_points_per_centroid,
+        gpu=cfg.gpu,
+    )
+
+
+def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir: str) -> None:
+    """Stream the unfinished shards through the assignment pool."""
+    done = {f.rsplit("/", 1)[1].removesuffix(".parquet") for f in _assignment_files(ws, out_dir)}
+    pending = [s for s in spaces[0].stems if s not in done]
+    if not pending:
+        return
+    ds = ray.data.from_items([{"stem": s} for s in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(
+        CentroidAssigner,
+        fn_constructor_kwargs={
+            "ws": ws,
+            "out_dir": out_dir,
+            "space_dirs": {s.space: s.dir for s in spaces},
+            "dims": {s.space: s.dim for s in spaces},
+            "weights": {s.space: cfg.weight_of(s.space) for s in spaces},
+            "threads": max(1, int(cfg.actor.num_cpus)),
+            "gpu": cfg.gpu,
+        },
+        compute=ray.data.ActorPoolStrategy(
+            min_size=cfg.min_actors, max_size=max(cfg.min_actors, cfg.max_actors)
+        ),
+        batch_size=1,
+        **ray_data_options(cfg.actor),
+    )
+    with tqdm(total=len(pending), unit="shard", desc=f"cluster {cfg.name}: assign") as bar:
+        for _ in ds.iter_batches(batch_size=1):
+            bar.update()
+
+
+def _assignment_files(ws: Workspace, out_dir: str) -> list[str]:
+    return ws.list_files(out_dir.removeprefix(ws.root + "/"), "assignments", suffix=".parquet")
+
+
+def _sizes(ws: Workspace, out_dir: str, k: int) -> np.ndarray:
+    """Rows per cluster, int64 (k,), from the assignment files (one int32 column read)."""
+    sizes = np.zeros(k, dtype=np.int64)
+    for f in _assignment_files(ws, out_dir):
+        labels = pq.read_table(f, columns=["cluster"], filesystem=ws.fs).column("cluster")
+        sizes += np.bincount(labels.to_numpy(), minlength=k)[:k]
+    return sizes
+
+
+def _describe(cfg, ws, out_dir, sizes: np.ndarray, small: np.ndarray) -> dict:
+    excluded_dir = out_dir.removeprefix(ws.root + "/") + "/excluded"
+    excluded = sum(
+        pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows
+        for f in ws.list_files(excluded_dir, suffix=".parquet")
+    )
+    similarity = []
+    for f in _assignment_files(ws, out_dir):
+        column = pq.read_table(f, columns=["similarity"], filesystem=ws.fs).column("similarity")
+        if len(column):
+            similarity.append(pc.mean(column).as_py() * len(column))
+    assigned = int(sizes.sum())
+    return {
+        "rows_assigned": assigned,
+        "rows_excluded": int(excluded),
+        "sizes": sizes.tolist(),
+        "size_stats": {
+            "min": int(sizes.min()),
+            "median": float(np.median(sizes)),
+            "max": int(sizes.max()),
+        },
+        "mean_similarity": float(sum(similarity) / assigned) if assigned else None,
+        "small_clusters": {
+            "min_cluster_size": cfg.min_cluster_size,
+            "policy": cfg.small_clusters,
+            "empty": np.flatnonzero(sizes == 0).tolist(),
+            "small": small.tolist(),
+        },
+    }
+
+
+_NOT_IN_SUMMARY = ("sizes", "iterations", "objective", "config", "fingerprint")
+
+
+def _print(meta: dict, ws: Workspace, reused: bool) -> None:
+    objective = meta.get("objective") or [0.0]
+    small = meta["small_clusters"]
+    merged = sum(len(m["dropped"]) for m in meta.get("merged", []))
+    rows = [
+        ("clusters", f"{meta['k']} (asked {meta['k_requested']}) over {'+'.join(meta['spaces'])}"),
+        ("rows", f"{meta['rows_in']} in = {meta['rows_assigned']} assigned + "
+                 f"{meta['rows_excluded']} excluded {meta['excluded_reasons'] or ''}".rstrip()),
+        ("fit", f"{meta['sample_rows']} sampled rows, {len(objective)} iterations"
+                f"{' (converged)' if len(objective) < meta['config']['niter'] else ''}, "
+                f"objective {objective[0]:.1f} -> {objective[-1]:.1f}, {meta['fit_seconds']} s "
+                f"on {meta['fit_device']}"),
+        ("sizes", f"min {meta['size_stats']['min']}, median {meta['size_stats']['median']:.0f}, "
+                  f"max {meta['size_stats']['max']}; {len(small['empty'])} empty, "
+                  f"{len(small['small'])} below {small['min_cluster_size']} "
+                  f"({small['policy']}{f', {merged} merged' if merged else ''})"),
+        ("time", "current, nothing recomputed" if reused else f"{meta['seconds']} s"),
+        ("clusters", ws.path("clusters", meta["name"])),
+    ]  # fmt: skip
+    print_summary(STAGE, rows, extra={k: v for k, v in meta.items() if k not in _NOT_IN_SUMMARY})
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main([STAGE, *sys.argv[1:]]))
