@@ -234,6 +234,7 @@ def main(cfg: ClusterConfig, ws: Workspace) -> dict:
         state = _fit(cfg, ws, spaces, out_dir)
         state.update(status="assigning", fingerprint=key, name=cfg.name)
         ws.write_json(meta_path, state)
+    assign_timer = Timer()
     while True:
         _assign(cfg, ws, spaces, out_dir)
         sizes = _sizes(ws, out_dir, int(state["k"]))
@@ -251,6 +252,7 @@ def main(cfg: ClusterConfig, ws: Workspace) -> dict:
         ws.remove("clusters", cfg.name, "assignments")
         ws.write_json(meta_path, state)
         log.warning("%d small clusters merged into their neighbours; assigning again", len(small))
+    state["assign_seconds"] = round(assign_timer.seconds, 2)
     state.update(_describe(cfg, ws, out_dir, sizes, small), status="complete")
     state["seconds"] = round(timer.seconds, 2)
     state["config"] = cfg.model_dump(mode="json")
@@ -324,6 +326,7 @@ def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir
         "excluded_reasons": reasons,
         "sample_rows": int(sum(len(p) for p in per_shard)),
         "objective": fit.objective,
+        "objective_runs": fit.runs,
         "iterations": fit.iterations,
         "fit_device": fit.device,
         "fit_seconds": round(fit.seconds, 2),
@@ -427,7 +430,7 @@ def _describe(cfg, ws, out_dir, sizes: np.ndarray, small: np.ndarray) -> dict:
     }
 
 
-_NOT_IN_SUMMARY = ("sizes", "iterations", "objective", "config", "fingerprint")
+_NOT_IN_SUMMARY = ("sizes", "iterations", "objective", "objective_runs", "config", "fingerprint")
 
 
 def _print(meta: dict, ws: Workspace, reused: bool) -> None:

@@ -4,7 +4,9 @@ What it does (the stages that exist so far; later stages join as they land):
     1. ``world``: generates the shapes world into the workspace (resumes if present);
     2. ``ingest``: normalises the world's pool into ``<ws>/pool`` (replacing an old one);
     3. ``embed``: the clip, dino and text spaces with the world's offline encoders;
-    4. prints one table: each stage's counts, time and where its artifacts are.
+    4. ``cluster``: spherical k-means of dino+text into ``progress`` (K = pool size / 50,
+       between 10 and 1000: PROGRESS's clusters, scaled to the pool);
+    5. prints one table: each stage's counts, time and where its artifacts are.
 
 Raises:
     InputError: bad config (exit 2).
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.config import build_config
 from engine.workspace import Workspace
-from jobs import embed, ingest, world
+from jobs import cluster, embed, ingest, world
 from jobs.runtime import Timer, print_summary
 
 STAGE = "demo"
@@ -63,10 +65,19 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
     )
     ingest_summary = ingest.main(ingest_cfg, ws)
     embed_summary = embed.main(build_config(embed.STAGE, embed.CONFIG, ws.read_config()), ws)
+    k = min(1000, max(10, cfg.size // 50))
+    cluster_cfg = build_config(
+        cluster.STAGE,
+        cluster.CONFIG,
+        ws.read_config(),
+        {"cluster": {"name": "progress", "spaces": ["dino", "text"], "k": k}},
+    )
+    cluster_summary = cluster.main(cluster_cfg, ws)
     summary = {
         "world": world_summary,
         "ingest": ingest_summary,
         "embed": embed_summary,
+        "cluster": cluster_summary,
         "seconds": round(timer.seconds, 2),
     }
     print_summary(
@@ -90,11 +101,18 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
                 )
                 for r in embed_summary["spaces"]
             ],
+            (
+                "cluster progress",
+                f"{cluster_summary['k']} clusters of dino+text, sizes "
+                f"{cluster_summary['size_stats']['min']}-{cluster_summary['size_stats']['max']}, "
+                f"{cluster_summary['seconds']} s",
+            ),
             ("total time", f"{summary['seconds']} s"),
             ("workspace", ws.root),
             ("pool", ingest_summary["pool"]),
             ("benchmarks", ws.path("benchmarks")),
             ("embeddings", ws.path("embeddings")),
+            ("clusters", ws.path("clusters")),
         ],
         extra={"seconds": summary["seconds"], "workspace": ws.root},
     )
