@@ -24,5 +24,8 @@ class Resources(BaseModel):
         description="Custom Ray resources, e.g. {'gpu_node': 1} to pin work to a node type.",
     )
     max_retries: int = Field(
-        3, ge=0, description="Retries of a failed task (a lost node included)."
+        3,
+        ge=-1,
+        description="Retries of a failed task (a lost node included); for an actor, its "
+        "restarts and the retries of its calls in flight. -1: without limit.",
     )

@@ -28,6 +28,8 @@ STAGE_MODULES = {
     "embed": "jobs.embed",
     "skills": "jobs.skills",
     "cluster": "jobs.cluster",
+    "index": "jobs.index",
+    "search": "jobs.search",
     "demo": "jobs.demo",
 }
 DESCRIPTIONS = {
@@ -36,6 +38,8 @@ DESCRIPTIONS = {
     "embed": "pool -> <ws>/embeddings/<space> (clip, dino, text; skill from <ws>/skills)",
     "skills": "an LLM names the visual skills each question needs -> <ws>/skills (cached, resumable)",
     "cluster": "spherical k-means over embedding spaces -> <ws>/clusters/<name>",
+    "index": "a space's vectors -> sharded FAISS indexes in <ws>/index/<space> (resumable)",
+    "search": "nearest pool ids of a .npy file of query vectors, through the shard actors",
     "demo": "the whole pipeline on the embedded default",
 }
 

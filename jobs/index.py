@@ -1,0 +1,328 @@
+"""``vlselect index``: one FAISS index per shard of an embedded space, built in parallel.
+
+What it does:
+    1. checks in the driver, before Ray starts, that the space is embedded and finished
+       (``<ws>/embeddings/<space>/meta.json`` complete), that 1 <= shards <= rows, and that
+       the factory string parses and each shard has the rows its training needs;
+    2. splits the space's N rows (in embedding-file order) into ``--shards`` contiguous,
+       balanced ranges and compares the fingerprint (the embeddings' fingerprint, the
+       factory, the shard count, the bad-row policy, faiss's version) with ``meta.json``:
+       the same keeps the shards already finished (resume), a change or ``--overwrite``
+       rebuilds every shard;
+    3. builds each unfinished shard in a Ray task (resources from ``task``): reads only
+       the embedding files that hold its range, refuses NaN, inf or all-zero vectors (or
+       leaves them out with ``on_bad_rows: exclude``, counted in ``meta.json``), trains
+       where the factory needs it, adds the vectors (label i = the shard's i-th id), and
+       writes ``shard-XXXX.ids.parquet`` then ``shard-XXXX.faiss`` (atomically: the
+       ``.faiss`` file marks the shard finished);
+    4. writes ``meta.json`` (status, dim, rows per shard, factory, metric, seconds) and
+       prints a summary.
+
+Output: ``<ws>/index/<space>/shard-XXXX.faiss`` (``faiss.serialize_index``, inner product:
+the vectors are L2-normalised, so scores are cosine similarities) and
+``shard-XXXX.ids.parquet`` (id string, in label order), ``meta.json``.
+
+Raises:
+    InputError: no finished embeddings for the space, an unknown space, shards < 1 or
+        more than the rows, a factory that does not parse or that a shard's rows cannot
+        train, bad vectors (named with their count) when ``on_bad_rows`` is ``error``
+        (exit 2; what this run wrote is removed).
+    RuntimeError / a Ray task error: a build failed (exit 1; finished shards are kept
+        and a re-run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from actors.adapter import ray_options
+from engine.embeddings import EmbeddedSpace, open_space, read_vectors, unusable_rows
+from engine.errors import InputError
+from engine.knn import build_index, check_trainable, file_slices, shard_name, shard_ranges
+from engine.resources import Resources
+from engine.workspace import META_FILE, Workspace
+from jobs.runtime import Timer, connect, print_summary
+
+STAGE = "index"
+DEFAULT_WORKSPACE = None
+log = logging.getLogger("vlselect.index")
+
+
+class IndexConfig(BaseModel):
+    """Configuration of ``vlselect index`` (section ``index``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    space: str | None = Field(None, description="The space to index: clip, dino, text or skill.")
+    shards: int = Field(1, ge=1, description="Index shards (one serving actor each).")
+    factory: str = Field(
+        "Flat",
+        description="faiss index_factory string, inner-product metric: 'Flat' (exact), "
+        "'IVF1024,Flat' (trained, needs >= 1024 rows per shard), 'HNSW32', 'IVF4096,PQ32'...",
+    )
+    on_bad_rows: Literal["error", "exclude"] = Field(
+        "error",
+        description="NaN, inf or all-zero vectors: 'error' refuses the space (exit 2), "
+        "'exclude' leaves those rows out of the index and counts them in meta.json.",
+    )
+    gpu: bool = Field(
+        False,
+        description="Train and add on the task's GPU (needs faiss-gpu and task.num_gpus); "
+        "the index is stored for the CPU either way.",
+    )
+    threads: int = Field(
+        0, ge=0, description="faiss threads per build task; 0: Ray's, floor(task.num_cpus)."
+    )
+    task: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=1.0),
+        description="Resources of one shard's build task (num_gpus with gpu: true; "
+        "memory_gb about 2-3x the shard's vectors).",
+    )
+    overwrite: bool = Field(False, description="Rebuild every shard, even if current.")
+
+
+CONFIG = IndexConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--space", help="the space to index: clip, dino, text or skill")
+    parser.add_argument("--shards", type=int, help="index shards (default 1)")
+    parser.add_argument("--factory", help="faiss factory string (default Flat)")
+    parser.add_argument("--overwrite", action="store_true", default=None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    out: dict[str, Any] = {}
+    for key in ("space", "shards", "factory", "overwrite"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    return out
+
+
+# -- one shard, in a Ray task -------------------------------------------------------------
+
+
+def build_shard(
+    ws: Workspace,
+    shard: int,
+    files: list[str],
+    slices: list[tuple[int, int, int]],
+    dim: int,
+    cfg: dict,
+) -> dict:
+    """Read a shard's rows, check them, build and write its index. Returns its stats.
+
+    An input problem (bad vectors, a wrong length, too few rows to train) is returned
+    as ``problem`` with nothing written, so the driver can report every shard's at once.
+    """
+    timer = Timer()
+    if cfg["threads"]:
+        faiss.omp_set_num_threads(cfg["threads"])
+    id_parts, vector_parts = [], []
+    for f, lo, hi in slices:
+        try:
+            ids, vectors = read_vectors(ws.fs, files[f], dim)
+        except ValueError as err:
+            return {"shard": shard, "problem": str(err)}
+        id_parts.append(ids.slice(lo, hi - lo))
+        vector_parts.append(vectors[lo:hi])
+    ids = pa.concat_arrays(id_parts)
+    vectors = np.concatenate(vector_parts)
+    bad = unusable_rows(vectors)
+    n_bad = int(bad.sum())
+    if n_bad and cfg["on_bad_rows"] == "error":
+        examples = ids.filter(pa.array(bad)).slice(0, 5).to_pylist()
+        return {"shard": shard, "bad": n_bad, "bad_examples": examples}
+    if n_bad:
+        ids, vectors = ids.filter(pa.array(~bad)), vectors[~bad]
+    try:
+        index = build_index(vectors, cfg["factory"], gpu=cfg["gpu"])
+    except InputError as err:
+        return {"shard": shard, "problem": f"shard {shard}: {err}"}
+    name = shard_name(shard)
+    out_dir = ws.path("index", cfg["space"])
+    ws.write_table(f"{out_dir}/{name}.ids.parquet", pa.table({"id": ids}))
+    ws.write_bytes(f"{out_dir}/{name}.faiss", memoryview(faiss.serialize_index(index)))
+    return {"shard": shard, "rows": len(ids), "excluded": n_bad, "seconds": timer.seconds}
+
+
+_build_shard = ray.remote(build_shard)
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+def check_inputs(cfg: IndexConfig, ws: Workspace) -> EmbeddedSpace:
+    """The space to index, checked before Ray starts. Raises InputError with the fix."""
+    if not cfg.space:
+        raise InputError("no space to index: pass --space clip|dino|text|skill")
+    space = open_space(ws, cfg.space)
+    if cfg.shards > space.rows:
+        raise InputError(
+            f"--shards {cfg.shards} is more than the {space.rows} vectors of space "
+            f"{cfg.space!r}; use at most {space.rows} shards"
+        )
+    check_trainable(cfg.factory, space.dim, space.rows, cfg.shards)
+    if cfg.gpu and not cfg.task.num_gpus:
+        raise InputError("gpu: true needs a GPU per build task: set task.num_gpus (e.g. 1)")
+    return space
+
+
+def fingerprint(cfg: IndexConfig, space: EmbeddedSpace) -> object:
+    """What the shards are made from; through JSON, as meta.json holds it."""
+    made_of = {
+        "embeddings": space.fingerprint,
+        "vectors": space.rows,
+        "dim": space.dim,
+        "factory": cfg.factory,
+        "shards": cfg.shards,
+        "on_bad_rows": cfg.on_bad_rows,
+        "faiss": faiss.__version__,
+    }
+    return json.loads(json.dumps(made_of, default=str))
+
+
+def main(cfg: IndexConfig, ws: Workspace) -> dict:
+    """Build ``<ws>/index/<space>``; see the module docstring. Returns the summary."""
+    timer = Timer()
+    space = check_inputs(cfg, ws)
+    connect()
+    result = build(cfg, ws, space)
+    per_shard = result["rows_per_shard"]
+    rows = [
+        ("space", f"{space.space}: {space.rows} vectors x {space.dim}"),
+        ("factory", f"{cfg.factory} (inner product = cosine on normalised vectors)"),
+        ("shards", f"{cfg.shards}: {result['built']} built now, {result['kept']} kept"),
+        ("rows per shard", f"{min(per_shard)}-{max(per_shard)}; {result['rows']} indexed"),
+    ]
+    if result["excluded"]:
+        rows.append(("excluded", f"{result['excluded']} NaN/inf/zero vectors left out"))
+    rows += [("time", f"{timer.seconds:.1f} s"), ("index", result["path"])]
+    print_summary(STAGE, rows, extra=result)
+    return result
+
+
+def build(cfg: IndexConfig, ws: Workspace, space: EmbeddedSpace) -> dict:
+    """Build the unfinished shards, resuming when the fingerprint is unchanged."""
+    timer = Timer()
+    name = space.space
+    out_dir = ws.path("index", name)
+    meta_path = f"{out_dir}/{META_FILE}"
+    made_of = fingerprint(cfg, space)
+    old = ws.read_json(meta_path) if ws.exists("index", name, META_FILE) else None
+    if cfg.overwrite or (old is not None and old.get("fingerprint") != made_of):
+        log.warning(
+            "%s: %s; rebuilding every shard",
+            name,
+            "overwrite" if cfg.overwrite else "embeddings or index config changed",
+        )
+        ws.remove("index", name)
+        old = None
+    elif old is None and ws.exists("index", name):
+        ws.remove("index", name)  # no meta: not ours to trust
+    ws.makedirs("index", name)
+    done = {s for s in range(cfg.shards) if ws.exists("index", name, f"{shard_name(s)}.faiss")}
+    pending = [s for s in range(cfg.shards) if s not in done]
+    ranges = shard_ranges(space.rows, cfg.shards)
+    ws.write_json(
+        meta_path, {"stage": STAGE, "space": name, "status": "running", "fingerprint": made_of}
+    )
+    results = _run(cfg, ws, space, pending, ranges)
+    _refuse_problems(cfg, ws, name, results, old)
+    built = {r["shard"]: r for r in results}
+    per_shard, excluded = [], []
+    for s, (start, stop) in enumerate(ranges):
+        rows = pq.ParquetFile(f"{out_dir}/{shard_name(s)}.ids.parquet", filesystem=ws.fs)
+        per_shard.append(rows.metadata.num_rows)
+        excluded.append(stop - start - per_shard[-1])
+    result = {
+        "space": name,
+        "factory": cfg.factory,
+        "metric": "inner_product",
+        "dim": space.dim,
+        "vectors": space.rows,
+        "rows": sum(per_shard),
+        "shards": cfg.shards,
+        "rows_per_shard": per_shard,
+        "excluded": sum(excluded),
+        "excluded_per_shard": excluded,
+        "built": len(pending),
+        "kept": len(done),
+        "build_seconds_per_shard": {s: round(r["seconds"], 2) for s, r in built.items()},
+        "seconds": round(timer.seconds, 2),
+        "path": out_dir,
+    }
+    config = cfg.model_dump(mode="json", exclude={"overwrite"})
+    ws.write_json(
+        meta_path,
+        {"stage": STAGE, "status": "complete", "fingerprint": made_of, "config": config, **result},
+    )
+    return result
+
+
+def _run(cfg, ws, space, pending, ranges) -> list[dict]:
+    rows_per_file = [pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in space.files]
+    task_cfg = {
+        "space": space.space,
+        "factory": cfg.factory,
+        "on_bad_rows": cfg.on_bad_rows,
+        "gpu": cfg.gpu,
+        "threads": cfg.threads,
+    }
+    opts = ray_options(cfg.task)
+    refs = []
+    for s in pending:
+        slices = file_slices(rows_per_file, *ranges[s])
+        files = [space.files[f] for f, _, _ in slices]
+        local = [(i, lo, hi) for i, (_, lo, hi) in enumerate(slices)]
+        refs.append(_build_shard.options(**opts).remote(ws, s, files, local, space.dim, task_cfg))
+    results = []
+    with tqdm(total=len(refs), unit="shard", desc=f"index {space.space}") as bar:
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1)
+            results.append(ray.get(ready[0]))
+            bar.update(1)
+    return results
+
+
+def _refuse_problems(cfg, ws, name, results, old) -> None:
+    """Bad input found by the tasks: remove what this run wrote, then one InputError."""
+    bad = [r for r in results if r.get("bad")]
+    problems = [r["problem"] for r in results if r.get("problem")]
+    if not bad and not problems:
+        return
+    for r in results:
+        if "rows" in r:
+            ws.remove("index", name, f"{shard_name(r['shard'])}.faiss")
+            ws.remove("index", name, f"{shard_name(r['shard'])}.ids.parquet")
+    if old is not None:
+        ws.write_json(ws.path("index", name, META_FILE), old)
+    else:
+        ws.remove("index", name)
+    if problems:
+        raise InputError(f"space {name!r}: " + "; ".join(sorted(set(problems))))
+    count = sum(r["bad"] for r in bad)
+    examples = [e for r in sorted(bad, key=lambda r: r["shard"]) for e in r["bad_examples"]]
+    raise InputError(
+        f"space {name!r} holds {count} unusable vectors (NaN, inf or all zero), e.g. ids "
+        f"{examples[:5]}; re-embed them (`vlselect embed --workspace {ws.uri} --spaces "
+        f"{name} --overwrite`) or leave them out with `--set on_bad_rows=exclude`"
+    )
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main([STAGE, *sys.argv[1:]]))
