@@ -50,6 +50,7 @@ from engine.workspace import Workspace
 log = logging.getLogger("vlselect.retrieval")
 
 NAMESPACE = "vlselect"
+INLINE_BYTES = 100 * 1024
 
 
 class ServiceConfig(BaseModel):
@@ -294,8 +295,10 @@ class RetrievalService:
         return ray.get([h.info.remote() for h in self.shards])
 
     def _submit(self, batch: np.ndarray, k: int) -> list:
-        ref = ray.put(batch)  # one copy in the object store, read by every shard
-        return [h.search.remote(ref, k) for h in self.shards]
+        # A large batch goes to the object store once, read by every shard; a small one
+        # travels inline with each call, which costs less than a store round trip.
+        arg = ray.put(batch) if batch.nbytes > INLINE_BYTES else batch
+        return [h.search.remote(arg, k) for h in self.shards]
 
     def _collect(self, refs: list, k: int) -> tuple[np.ndarray, np.ndarray]:
         parts = ray.get(refs)
