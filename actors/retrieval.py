@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 
@@ -163,6 +164,9 @@ class IndexShard:
     def info(self) -> dict:
         """Which shard this is, its size, where it runs, and whether Ray restarted it."""
         context = ray.get_runtime_context()
+        with warnings.catch_warnings():  # Ray 2.60 reads its own deprecated actor_id inside
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = bool(context.was_current_actor_reconstructed)
         return {
             "space": self.space,
             "shard": self.shard,
@@ -173,7 +177,7 @@ class IndexShard:
             "fingerprint": self.fingerprint,
             "pid": os.getpid(),
             "node": context.get_node_id(),
-            "restarted": context.was_current_actor_reconstructed,
+            "restarted": restarted,
             "load_seconds": round(self.load_seconds, 3),
         }
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from engine.embeddings import SPACES
 from engine.errors import InputError
 from engine.workspace import META_FILE, Workspace
 
@@ -358,8 +359,6 @@ def open_index(ws: Workspace, space: str) -> IndexInfo:
         InputError: an unknown space, no index for it, or one whose build did not finish
             (each names the command that fixes it).
     """
-    from engine.embeddings import SPACES
-
     if space not in SPACES:
         raise InputError(f"unknown space {space!r}; the spaces are {', '.join(SPACES)}")
     build = f"vlselect index --workspace {ws.uri} --space {space} --shards N"
