@@ -99,7 +99,10 @@ class ClusterConfig(BaseModel):
         39, ge=1, description="Below this many rows per cluster faiss warns the fit is thin."
     )
     max_sample: int | None = Field(
-        None, ge=1, description="Cap on the fit's sample whatever K (bounds the fit's memory)."
+        500_000,
+        ge=1,
+        description="Cap on the fit's sample whatever K, which bounds the fit's memory "
+        "(500k x 1408-d float32 = 2.8 GB); None: K x max_points_per_centroid only.",
     )
     gpu: bool = Field(False, description="Fit and assign on GPUs (faiss-gpu; give num_gpus).")
     fit: Resources = Field(
