@@ -27,6 +27,7 @@ STAGES = (
     "cluster",
     "index",
     "search",
+    "base",
     "target",
     "progress",
     "demo",

@@ -30,6 +30,7 @@ STAGE_MODULES = {
     "cluster": "jobs.cluster",
     "index": "jobs.index",
     "search": "jobs.search",
+    "base": "jobs.base",
     "demo": "jobs.demo",
 }
 DESCRIPTIONS = {
@@ -40,6 +41,7 @@ DESCRIPTIONS = {
     "cluster": "spherical k-means over embedding spaces -> <ws>/clusters/<name>",
     "index": "a space's vectors -> sharded FAISS indexes in <ws>/index/<space> (resumable)",
     "search": "nearest pool ids of a .npy file of query vectors, through the shard actors",
+    "base": "build (or reuse) the tiny LLaVA's base, cached in <ws>/models/<name>",
     "demo": "the whole pipeline on the embedded default",
 }
 

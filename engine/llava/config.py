@@ -1,0 +1,169 @@
+"""Configuration of the tiny LLaVA, its cached base, and the LoRA fine-tuning recipe.
+
+Sizes live here, never in code: a real run names a hub id or local folder for the
+tokenizer and sets bigger sizes (or loads a real LLaVA) through the same fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Bumped whenever the base's training code changes what a cached base means.
+BASE_VERSION = 1
+
+
+class VisionConfig(BaseModel):
+    """The CLIP vision tower (transformers ``CLIPVisionConfig``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(64, ge=16, description="Input side in pixels (world images are 64).")
+    patch_size: int = Field(
+        16, ge=2, description="Patch side; 64 / 16 gives one token per cell of the 4x4 grid."
+    )
+    hidden_size: int = Field(96, ge=8, description="Width of the tower.")
+    num_layers: int = Field(3, ge=1, description="Transformer layers of the tower.")
+    num_heads: int = Field(4, ge=1, description="Attention heads (hidden_size % heads == 0).")
+    intermediate_size: int = Field(384, ge=8, description="MLP width of each layer.")
+    feature_layer: int = Field(
+        -1,
+        description="Hidden state the projector reads (LLaVA-1.5 takes -2; the tiny tower's "
+        "attribute heads train the last one, so -1).",
+    )
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per image: the patches, CLS dropped (LLaVA's 'default' strategy)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+class TextConfig(BaseModel):
+    """The Llama language model (transformers ``LlamaConfig``); vocab comes from the tokenizer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: int = Field(128, ge=8, description="Width of the language model.")
+    num_layers: int = Field(3, ge=1, description="Decoder layers (DESIGN: depth helps, 3-4).")
+    num_heads: int = Field(4, ge=1, description="Attention heads (hidden_size % heads == 0).")
+    num_kv_heads: int | None = Field(None, ge=1, description="KV heads (GQA); None: num_heads.")
+    intermediate_size: int = Field(512, ge=8, description="MLP width of each layer.")
+    max_position_embeddings: int = Field(256, ge=16, description="Longest sequence the LM sees.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+
+
+class LlavaModelConfig(BaseModel):
+    """The whole tiny LLaVA: tower, language model, projector, tokenizer, prompt length."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vision: VisionConfig = Field(default_factory=VisionConfig, description="Vision tower.")
+    text: TextConfig = Field(default_factory=TextConfig, description="Language model.")
+    projector_act: str = Field("gelu", description="Activation between the projector's layers.")
+    tokenizer: str = Field(
+        "world",
+        description="'world': the offline word-level tokenizer built from the world's "
+        "vocabulary and saved with the base; otherwise a hub id or local folder "
+        "(it must know an '<image>' token).",
+    )
+    max_length: int = Field(
+        192, ge=16, description="Longest tokenized example; longer prompts are cut from the left."
+    )
+    seed: int = Field(0, description="Seed of the random initial weights.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> LlavaModelConfig:
+        v, t = self.vision, self.text
+        if v.image_size % v.patch_size:
+            raise ValueError(f"vision.image_size {v.image_size} % patch_size {v.patch_size} != 0")
+        for name, width, heads in (
+            ("vision", v.hidden_size, v.num_heads),
+            ("text", t.hidden_size, t.num_heads),
+        ):
+            if width % heads:
+                raise ValueError(f"{name}.hidden_size {width} is not a multiple of heads {heads}")
+        if self.max_length > t.max_position_embeddings:
+            raise ValueError(
+                f"max_length {self.max_length} > text.max_position_embeddings "
+                f"{t.max_position_embeddings}"
+            )
+        return self
+
+
+class BaseTrainConfig(BaseModel):
+    """How the base is trained once: tower on attributes, then LM + projector on captions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(
+        1_000_003,
+        description="Generation seed of the base's own scenes: a world separate from the pool "
+        "(the pool uses the world's seed).",
+    )
+    vision_scenes: int = Field(8192, ge=16, description="Scenes the tower trains on.")
+    vision_steps: int = Field(1000, ge=0, description="Attribute-head steps (DESIGN: 1000).")
+    vision_batch: int = Field(64, ge=1, description="Scenes per attribute step.")
+    vision_lr: float = Field(1e-3, gt=0, description="AdamW lr of tower and heads.")
+    caption_scenes: int = Field(8192, ge=16, description="Scenes captioned for alignment.")
+    caption_steps: int = Field(800, ge=0, description="Caption steps (DESIGN: 800).")
+    caption_batch: int = Field(32, ge=1, description="Captions per step.")
+    caption_lr: float = Field(2e-3, gt=0, description="AdamW lr of LM and projector.")
+    eval_scenes: int = Field(256, ge=1, description="Held-out scenes for the measured accuracies.")
+    warmup: float = Field(0.03, ge=0, lt=1, description="Share of steps of linear warm-up.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA if seen.")
+    torch_threads: int = Field(0, ge=0, description="torch threads; 0 keeps the process's.")
+
+
+class LoraConfig(BaseModel):
+    """PEFT LoRA on the language model (the projector trains fully, beside it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(32, ge=1, description="LoRA rank (LLaVA-1.5 recipe: 128 at 7B).")
+    alpha: int = Field(64, ge=1, description="LoRA alpha (recipe: 2 r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="Linear layers of the language model that get adapters.",
+    )
+    train_embeddings: bool = Field(
+        True,
+        description="Also train the LM's input embeddings and head in full: the tiny LM met "
+        "only caption words in its base, while a real LLM has seen every word.",
+    )
+
+
+class FinetuneConfig(BaseModel):
+    """The QA fine-tuning recipe (DESIGN: LLaVA-1.5's, scaled to the tiny model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora: LoraConfig | None = Field(
+        default_factory=LoraConfig, description="LoRA settings; None: full fine-tuning."
+    )
+    lr: float = Field(2e-3, gt=0, description="lr of the LoRA adapters (or the full LM).")
+    projector_lr: float = Field(1e-3, gt=0, description="lr of the projector, trained fully.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    epochs: float = Field(10, gt=0, description="Passes over the training samples.")
+    batch_size: int = Field(64, ge=1, description="Samples per step.")
+    warmup: float = Field(0.03, ge=0, lt=1, description="Share of steps of linear warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    seed: int = Field(0, description="Seed of shuffling and adapter init.")
+
+
+def fingerprint(*parts: BaseModel | dict) -> str:
+    """Stable short hash of configs (what decides a cached artifact's bytes)."""
+    data = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    blob = json.dumps([BASE_VERSION, *data], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

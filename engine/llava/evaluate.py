@@ -1,0 +1,156 @@
+"""Scores of a model on samples: mean per-token loss per sample, and greedy answers
+judged by normalized match. These are what PROGRESS scores its clusters with."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from engine.llava.data import IGNORE, collate_for, model_inputs
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+        ]
+    )
+}
+
+
+def _unwrap(model):
+    """The module to call ``generate`` on (a DeepSpeed engine wraps it in ``.module``)."""
+    return model.module if hasattr(model, "module") and hasattr(model, "backward") else model
+
+
+def per_sample_loss(model, batch: Mapping[str, Any]):
+    """Mean cross-entropy per answer token, per sample: float32 torch (B,) on CPU.
+
+    ``batch`` from ``collate`` with answers. A sample with no answer token (cut by
+    max_length) gets NaN. No gradients; the model is put in eval mode.
+    """
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        inputs = model_inputs(batch, model)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits.float()  # (B, L, V)
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
+        )  # (B, L-1), 0 where ignored
+        counts = (shift_labels != IGNORE).sum(1)
+        loss = nll.sum(1) / counts.clamp(min=1)
+        loss[counts == 0] = float("nan")
+    return loss.cpu()
+
+
+def generate_answers(
+    model, batch: Mapping[str, Any], tokenizer, max_new_tokens: int = 25
+) -> list[str]:
+    """Greedy answers of at most ``max_new_tokens`` tokens, one string per sample.
+
+    ``batch`` from ``collate(..., with_answers=False, padding_side='left')``: left padding
+    puts every prompt's end at the last column, where generation continues.
+    """
+    import torch
+
+    if batch["attention_mask"][:, -1].min() == 0:
+        raise ValueError("generate_answers needs a left-padded batch: collate(padding_side='left')")
+    gen_model = _unwrap(model)
+    gen_model.eval()
+    inputs = model_inputs(batch, model)
+    inputs.pop("labels", None)
+    with torch.no_grad():
+        out = gen_model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    new = out[:, inputs["input_ids"].shape[1] :].cpu()
+    return [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and articles, number words to digits, squeeze spaces."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in text.split())
+
+
+def is_match(prediction: str, reference: str) -> bool:
+    """Normalized exact match of a generated answer against the reference."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def _batches(examples: Sequence[Mapping[str, Any]], size: int):
+    for i in range(0, len(examples), size):
+        yield examples[i : i + size]
+
+
+def sample_losses(
+    model,
+    tokenizer,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    max_length: int,
+    batch_size: int = 64,
+    blank_images: bool = False,
+) -> np.ndarray:
+    """Mean per-token answer loss of each example: float32 (n,), NaN where none is left."""
+    out = [
+        per_sample_loss(
+            model,
+            collate_for(model, tokenizer, chunk, max_length, blank_images=blank_images),
+        ).numpy()
+        for chunk in _batches(examples, batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def answer_correct(
+    model,
+    tokenizer,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    max_length: int,
+    batch_size: int = 64,
+    max_new_tokens: int = 25,
+    blank_images: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """Greedy answers judged by normalized match: (bool (n,), the predictions)."""
+    preds: list[str] = []
+    for chunk in _batches(examples, batch_size):
+        batch = collate_for(
+            model,
+            tokenizer,
+            chunk,
+            max_length,
+            with_answers=False,
+            padding_side="left",
+            blank_images=blank_images,
+        )
+        preds += generate_answers(model, batch, tokenizer, max_new_tokens)
+    correct = np.array([is_match(p, ex["answer"]) for p, ex in zip(preds, examples, strict=True)])
+    return correct.astype(bool), preds

@@ -1,0 +1,102 @@
+"""The base's own scenes: images, per-cell attribute labels and row-by-row captions.
+
+They come from a world of the same rendering config but another generation seed, so
+the base never sees a pool, test or benchmark image (and never reads ground truth:
+the scenes are regenerated here, objects and all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import InputError
+from engine.world.answers import scene_caption
+from engine.world.config import WorldConfig
+from engine.world.generate import generate_sample, split_distribution
+from engine.world.render import COLOUR_NAMES, SHAPES, SIZES
+
+SPLIT = "pool"  # drawn like the pool (families, domains), from the base's own seed
+# Per-cell attributes and their class counts; the last class of colour, shape, size
+# and glyph means 'no such thing in this cell'.
+ATTRIBUTES: dict[str, int] = {
+    "colour": len(COLOUR_NAMES) + 1,
+    "shape": len(SHAPES) + 1,
+    "size": len(SIZES) + 1,
+    "glyph": 11,
+}
+_COLOUR = {c: i for i, c in enumerate(COLOUR_NAMES)}
+_SHAPE = {s: i for i, s in enumerate(SHAPES)}
+_SIZE = {s: i for i, s in enumerate(SIZES)}
+
+
+@dataclass
+class Scenes:
+    """n scenes of a grid x grid world.
+
+    images: uint8 (n, H, W, 3); labels: attribute -> int64 (n, grid * grid), cells in
+    row-major order (patch order of a patch-per-cell tower); captions: n strings.
+    """
+
+    images: np.ndarray
+    labels: dict[str, np.ndarray]
+    captions: list[str]
+    grid: int
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def take(self, idx: np.ndarray) -> Scenes:
+        return Scenes(
+            self.images[idx],
+            {k: v[idx] for k, v in self.labels.items()},
+            [self.captions[i] for i in idx.tolist()],
+            self.grid,
+        )
+
+
+def base_world(world: WorldConfig, seed: int) -> WorldConfig:
+    """The world of the base's scenes: the same rendering, another seed, no text-only."""
+    if seed == world.seed:
+        raise InputError(
+            f"base seed {seed} equals the world's seed: the base would train on pool scenes; "
+            "set base.train.seed to another value"
+        )
+    return world.model_copy(update={"seed": seed, "text_only_fraction": 0.0})
+
+
+def generate_scenes(world: WorldConfig, seed: int, start: int, count: int) -> Scenes:
+    """Scenes [start, start + count) of the base world of ``seed``."""
+    bw = base_world(world, seed)
+    dist = split_distribution(bw, SPLIT)
+    g = world.grid
+    images = np.empty((count, world.image_size, world.image_size, 3), np.uint8)
+    labels = {k: np.empty((count, g * g), np.int64) for k in ATTRIBUTES}
+    empty = {k: n - 1 for k, n in ATTRIBUTES.items()}
+    captions = []
+    for i in range(count):
+        sample, image = generate_sample(bw, SPLIT, start + i, dist)
+        images[i] = image
+        for k in ATTRIBUTES:
+            labels[k][i] = empty[k]
+        for o in sample.objects:
+            cell = o.row * g + o.col
+            labels["colour"][i, cell] = _COLOUR[o.colour]
+            labels["shape"][i, cell] = _SHAPE[o.shape]
+            labels["size"][i, cell] = _SIZE[o.size]
+            if o.digit is not None:
+                labels["glyph"][i, cell] = int(o.digit)
+        captions.append(scene_caption(sample.objects, g))
+    return Scenes(images, labels, captions, g)
+
+
+def check_grid(world: WorldConfig, image_size: int, patch_size: int) -> None:
+    """The attribute heads read one patch per cell: the tower's patch grid must be the world's."""
+    if world.image_size != image_size or image_size // patch_size != world.grid:
+        raise InputError(
+            f"the tiny tower sees {image_size // patch_size}x{image_size // patch_size} patches of "
+            f"{image_size}px images, the world draws a {world.grid}x{world.grid} grid on "
+            f"{world.image_size}px: set model.vision.image_size={world.image_size} and "
+            f"patch_size={world.image_size // world.grid}"
+        )

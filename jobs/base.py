@@ -1,0 +1,168 @@
+"""``vlselect base``: build (or reuse) the tiny LLaVA's base, cached in the workspace.
+
+What it does:
+    1. reads the world's config from the workspace (``vlselect world`` writes it) and
+       this stage's section ``base`` (model sizes, training recipe, resources);
+    2. reuses ``<ws>/models/<name>/`` when its fingerprint (world rendering, sizes,
+       recipe) matches; refuses a base of another config unless ``--overwrite``;
+    3. otherwise trains it in one Ray task with the declared resources (it lands on a GPU
+       node when ``resources.num_gpus`` asks for one): the vision tower on per-patch
+       attributes (colour, shape, size, glyph, row, column) of the base's own scenes,
+       frozen, then the language model and projector on row-by-row captions (a world of
+       another seed than the pool's: the base never sees pool, test or benchmark data);
+    4. writes ``model/`` (safetensors), ``tokenizer/`` and ``meta.json`` (config,
+       fingerprint, accuracies, times), staged and moved into place when complete;
+    5. prints the tower's per-attribute patch accuracy, the caption loss, time and path.
+
+Raises:
+    InputError: no world config in the workspace, a grid the tower cannot read, or a
+        cached base of another config without ``--overwrite`` (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.adapter import ray_options
+from engine.errors import InputError
+from engine.llava.cache import (
+    DEFAULT_NAME,
+    base_fingerprint,
+    base_path,
+    build_or_load_base,
+    read_base_meta,
+)
+from engine.llava.config import BaseTrainConfig, LlavaModelConfig
+from engine.llava.scenes import base_world, check_grid
+from engine.resources import Resources
+from engine.workspace import Workspace
+from engine.world.config import WorldConfig
+from jobs.runtime import Timer, connect, print_summary
+
+STAGE = "base"
+DEFAULT_WORKSPACE = None
+
+
+class BaseJobConfig(BaseModel):
+    """Configuration of ``vlselect base`` (section ``base``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        DEFAULT_NAME,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The base is cached at <ws>/models/<name>/.",
+    )
+    model: LlavaModelConfig = Field(
+        default_factory=LlavaModelConfig, description="Sizes of the tiny LLaVA and tokenizer."
+    )
+    train: BaseTrainConfig = Field(
+        default_factory=BaseTrainConfig, description="How the base is trained once."
+    )
+    overwrite: bool = Field(False, description="Replace a cached base of another config.")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=2, max_retries=1),
+        description="Resources of the training task (num_gpus: 1 to train on a GPU node).",
+    )
+
+
+CONFIG = BaseJobConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help=f"cache name under <ws>/models (default {DEFAULT_NAME})")
+    parser.add_argument("--overwrite", action="store_true", default=None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    keys = ("name", "overwrite")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def workspace_world(ws: Workspace) -> WorldConfig:
+    """The world config a workspace was generated with (its ``vlselect.yaml`` section)."""
+    section = ws.read_config().get("world") if ws.exists() else None
+    if not section:
+        raise InputError(
+            f"{ws.uri} holds no world config (vlselect.yaml has no 'world' section): "
+            f"generate the world first with `vlselect world --out {ws.uri}`"
+        )
+    try:
+        return WorldConfig.model_validate(section)
+    except ValueError as err:
+        raise InputError(f"the world section of {ws.uri}/vlselect.yaml is invalid: {err}") from None
+
+
+@ray.remote
+def _build(ws_uri: str, world_json: str, cfg_json: str) -> dict:
+    """Train (or reuse) the base inside a Ray task; returns its meta."""
+    cfg = BaseJobConfig.model_validate_json(cfg_json)
+    base, built = build_or_load_base(
+        Workspace.open(ws_uri),
+        WorldConfig.model_validate_json(world_json),
+        cfg.model,
+        cfg.train,
+        name=cfg.name,
+        overwrite=cfg.overwrite,
+    )
+    return {**base.meta, "built": built}
+
+
+def main(cfg: BaseJobConfig, ws: Workspace) -> dict:
+    """Build or reuse the base; see the module docstring."""
+    timer = Timer()
+    world = workspace_world(ws)
+    check_grid(world, cfg.model.vision.image_size, cfg.model.vision.patch_size)
+    base_world(world, cfg.train.seed)  # refuses a base seed equal to the pool's
+    fp = base_fingerprint(world, cfg.model, cfg.train)
+    meta = read_base_meta(ws, cfg.name)
+    if meta is not None and meta.get("fingerprint") != fp and not cfg.overwrite:
+        raise InputError(
+            f"{base_path(ws, cfg.name)} holds a base built with another config (fingerprint "
+            f"{meta.get('fingerprint')}, this one {fp}): pass --overwrite to replace it, or "
+            "give another --name"
+        )
+    if meta is not None and meta.get("fingerprint") == fp and not cfg.overwrite:
+        built = False  # nothing to train: no task, no Ray
+    else:
+        connect()
+        task = _build.options(**ray_options(cfg.resources))
+        meta = ray.get(task.remote(ws.uri, world.model_dump_json(), cfg.model_dump_json()))
+        built = meta.pop("built")
+    metrics = meta["metrics"]
+    vision = metrics["vision_patch_accuracy"]
+    summary = {
+        "path": base_path(ws, cfg.name),
+        "built": built,
+        "fingerprint": fp,
+        "vision_patch_accuracy": vision,
+        "caption_loss": metrics["caption_loss"],
+        "caption_token_accuracy": metrics["caption_token_accuracy"],
+        "train_seconds": metrics["seconds"],
+        "seconds": round(timer.seconds, 2),
+        "parameters": meta["parameters"],
+    }
+    print_summary(
+        STAGE,
+        [
+            ("base", f"{summary['path']} ({'built' if built else 'reused: fingerprint ' + fp})"),
+            ("parameters", f"{meta['parameters']:,} (vocab {meta['vocab_size']})"),
+            ("tower patch accuracy", ", ".join(f"{k} {v:.3f}" for k, v in vision.items())),
+            ("caption loss", f"{metrics['caption_loss']:.4f} per token (held-out scenes)"),
+            ("caption token acc.", f"{metrics['caption_token_accuracy']:.3f}"),
+            ("training time", f"{metrics['seconds']['total']} s on {metrics['device']}"),
+            ("time", f"{summary['seconds']} s"),
+        ],
+        extra=summary,
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main([STAGE, *sys.argv[1:]]))
