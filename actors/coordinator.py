@@ -1,0 +1,213 @@
+"""The PROGRESS coordinator: a named Ray actor that owns the budget and hands out rounds.
+
+It loads the run's clustering once (``<ws>/clusters/<name>/assignments``: the pool
+rows that PROGRESS may select, in file order, position i = i-th row) and keeps an
+``engine.coordinator.CoordinatorState``. After every change it persists, in this
+order and each atomically:
+
+    1. the round's rows with their answers (the reveal: the pool is unlabeled until
+       then): ``<run>/rounds/round-NNNN.parquet`` (pool columns + cluster), written
+       once; a retried round finds it and checks that it holds the same ids;
+    2. the checkpoint ``<run>/coordinator/state.npz``;
+    3. ``<run>/rounds.jsonl`` (rewritten whole from the state, so it never holds a
+       round twice).
+
+A coordinator restarted by Ray (``max_restarts``) or started again by a new job
+restores from the checkpoint; rounds are drawn from a generator seeded by (seed,
+round), so a round lost between steps 1 and 2 is drawn again identically. Its
+counters go to Ray's metrics (``vlselect_progress_*``, tagged by run), visible in the
+Ray dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+from ray.util.metrics import Counter, Gauge
+
+from actors.adapter import ray_options
+from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings
+from engine.progress import PoolClusters
+from engine.resources import Resources
+from engine.workspace import META_FILE, Workspace, read_parquet_dir
+
+log = logging.getLogger("vlselect.progress")
+STATE_FILE = "coordinator/state.npz"
+
+
+def round_file(run_dir: str, round_index: int) -> str:
+    return f"{run_dir}/rounds/round-{round_index:04d}.parquet"
+
+
+def load_pool_clusters(ws: Workspace, clusters_dir: str) -> tuple[pa.Array, PoolClusters]:
+    """The clustered pool: ids string (n,) and their labels, in assignment-file order."""
+    table = read_parquet_dir(f"{clusters_dir}/assignments", ws.fs, columns=["id", "cluster"])
+    k = int(ws.read_json(f"{clusters_dir}/{META_FILE}")["k"])
+    labels = table.column("cluster").to_numpy()
+    return table.column("id").combine_chunks(), PoolClusters.from_labels(labels, k)
+
+
+class Coordinator:
+    """Owns one PROGRESS run's ledger. Use through ``ray.remote(Coordinator)``; every
+    method is idempotent by round number, so Ray may retry calls in flight."""
+
+    def __init__(
+        self, ws: Workspace, run_dir: str, clusters_dir: str, pool_dir: str, settings: dict
+    ):
+        self.ws, self.run_dir, self.pool_dir = ws, run_dir, pool_dir
+        self.ids, clusters = load_pool_clusters(ws, clusters_dir)
+        wanted = ProgressSettings(**settings)
+        path = f"{run_dir}/{STATE_FILE}"
+        if ws.fs.get_file_info(path).type.name != "NotFound":
+            with ws.fs.open_input_stream(path) as f:
+                self.state = CoordinatorState.from_bytes(f.read(), clusters)
+            if self.state.settings != wanted:
+                raise ValueError(
+                    f"{path} was written with settings {self.state.settings.model_dump()}, "
+                    f"this run asks {wanted.model_dump()}: use a new run name or --overwrite"
+                )
+            log.info("coordinator restored at round %d", self.state.rounds)
+        else:
+            self.state = CoordinatorState(wanted, clusters)
+        self._init_metrics()
+
+    # -- the trainer's calls -------------------------------------------------------------
+
+    def warmup(self, ids: list[str]) -> dict:
+        """Record the warm-up selection (pool ids) as round 0 and reveal it."""
+        positions = self._positions(ids)
+        picked = self.state.warmup(positions)
+        return self._commit(0, picked)
+
+    def report(self, round_index: int, scores: list[float], evaluated: list[int]) -> dict:
+        """Per-cluster scores (K,) after training on ``round_index`` (-1: before any)."""
+        self.state.report(round_index, np.asarray(scores, np.float64), np.asarray(evaluated))
+        self._persist()
+        return self.status()
+
+    def next_round(self, round_index: int) -> dict:
+        """Round ``round_index``'s rows, drawn now or before; the file that holds them."""
+        picked = self.state.next_round(round_index)
+        return self._commit(round_index, picked)
+
+    def eval_ids(self, round_index: int) -> list[str]:
+        """Ids to score after training on ``round_index`` (BASELINE: the warm-up's)."""
+        positions = self.state.eval_positions(max(round_index, 0))
+        return self.ids.take(pa.array(positions)).to_pylist()
+
+    def labels_of(self, ids: list[str]) -> list[int]:
+        """Cluster of each pool id (selected rows only: asking costs no reveal)."""
+        positions = self._positions(ids)
+        if not self.state.ledger.selected[positions].all():
+            raise ValueError("labels asked for rows that are not selected")
+        return self.state.clusters.labels[positions].tolist()
+
+    def status(self) -> dict:
+        s = self.state
+        return {
+            "rounds": s.rounds,
+            "spent": s.ledger.spent,
+            "budget": s.ledger.budget,
+            "left": s.ledger.left,
+            "revealed": int(sum(r.picks for r in s.records)),
+            "finished": s.finished,
+            "k": s.clusters.k,
+            "pool": s.clusters.n,
+            "scored_rounds": sorted(s.scores),
+        }
+
+    def rounds_jsonl(self) -> str:
+        return self.state.rounds_jsonl()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _positions(self, ids: list[str]) -> np.ndarray:
+        found = pc.index_in(pa.array(ids, pa.string()), value_set=self.ids)
+        if found.null_count:
+            missing = [i for i, f in zip(ids, found.to_pylist(), strict=True) if f is None]
+            raise ValueError(
+                f"{len(missing)} ids are not in the clustered pool, e.g. {missing[:3]}"
+            )
+        return found.to_numpy().astype(np.int64)
+
+    def _commit(self, round_index: int, positions: np.ndarray) -> dict:
+        path = round_file(self.run_dir, round_index)
+        ids = self.ids.take(pa.array(positions))
+        if self.ws.fs.get_file_info(path).type.name == "NotFound":
+            self._reveal(path, ids, self.state.clusters.labels[positions])
+        else:
+            written = pads.dataset(path, filesystem=self.ws.fs).to_table(columns=["id"])
+            if set(written.column("id").to_pylist()) != set(ids.to_pylist()):
+                raise RuntimeError(
+                    f"{path} holds other rows than round {round_index} draws now: the run's "
+                    "workspace was changed under it; start a new run"
+                )
+        self._persist()
+        return {"round": round_index, "rows": len(ids), "path": path, **self.status()}
+
+    def _reveal(self, path: str, ids: pa.Array, labels: np.ndarray) -> None:
+        """Read the selected rows' records (answers included) from the pool: the oracle."""
+        dataset = pads.dataset(self.pool_dir, filesystem=self.ws.fs, format="parquet")
+        table = dataset.to_table(filter=pc.field("id").isin(ids))
+        if table.num_rows != len(ids):
+            raise RuntimeError(
+                f"the pool at {self.pool_dir} holds {table.num_rows} of the {len(ids)} rows "
+                "selected: the pool changed after clustering; run `vlselect cluster` again"
+            )
+        order = pc.index_in(ids, value_set=table.column("id"))
+        table = table.take(order).append_column("cluster", pa.array(labels, pa.int32()))
+        self.ws.write_table(path, table)
+        self._reveals.inc(len(ids), tags=self._tags)
+
+    def _persist(self) -> None:
+        self.ws.write_bytes(f"{self.run_dir}/{STATE_FILE}", self.state.to_bytes())
+        self.ws.write_bytes(f"{self.run_dir}/rounds.jsonl", self.state.rounds_jsonl().encode())
+        self._update_metrics()
+
+    def _init_metrics(self) -> None:
+        self._tags = {"run": self.run_dir.rsplit("/", 1)[-1]}
+        keys = ("run",)
+        self._spent = Gauge("vlselect_progress_budget_spent", "Rows revealed", tag_keys=keys)
+        self._round = Gauge("vlselect_progress_round", "Rounds handed out", tag_keys=keys)
+        self._reveals = Counter(
+            "vlselect_progress_reveals", "Answers revealed by this process", tag_keys=keys
+        )
+        self._update_metrics()
+
+    def _update_metrics(self) -> None:
+        self._spent.set(self.state.ledger.spent, tags=self._tags)
+        self._round.set(self.state.rounds, tags=self._tags)
+
+
+def start_coordinator(
+    ws: Workspace,
+    run_dir: str,
+    clusters_dir: str,
+    pool_dir: str,
+    settings: ProgressSettings,
+    name: str,
+    resources: Resources,
+    detached: bool = False,
+):
+    """The run's named coordinator actor: the live one if it exists, else a new one.
+
+    Ray restarts it when it dies (``resources.max_retries``; -1 = always) and retries
+    the calls in flight, which are idempotent. ``detached`` keeps it alive after the
+    job's driver exits, so a new driver picks it up by name.
+    """
+    options = ray_options(resources, actor=True)
+    if detached:
+        options["lifetime"] = "detached"
+    return (
+        ray.remote(Coordinator)
+        .options(name=name, get_if_exists=True, **options)
+        .remote(ws, run_dir, clusters_dir, pool_dir, settings.model_dump())
+    )
+
+
+__all__ = ["BASELINE", "Coordinator", "round_file", "start_coordinator"]
