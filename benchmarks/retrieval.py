@@ -39,7 +39,7 @@ from benchmarks.common import report  # noqa: E402
 from engine.knn import build_index, set_search_params  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
 from jobs.cli import main as cli  # noqa: E402
-from tests.retrieval_data import write_space  # noqa: E402
+from tests.synthetic_space import write_space  # noqa: E402
 
 CPUS = os.cpu_count() or 2
 K = 10

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from engine.embeddings import read_vectors, unusable_rows
-from engine.vectors import l2_normalize
+from engine.vectors import row_norms
 
 
 def combine_spaces(parts: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -43,11 +43,23 @@ def combine_spaces(parts: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     if len({p.shape[0] for p in parts}) != 1:
         raise ValueError(f"spaces hold different row counts: {[p.shape[0] for p in parts]}")
     total = float(sum(weights))
-    scaled = [
-        l2_normalize(p) * np.float32(np.sqrt(w / total))
-        for p, w in zip(parts, weights, strict=True)
-    ]
-    return l2_normalize(np.concatenate(scaled, axis=1))
+    n = parts[0].shape[0]
+    out = np.empty((n, sum(p.shape[1] for p in parts)), np.float32)
+    start = 0
+    # Each part goes straight into its columns of the output, normalised and scaled in
+    # one multiply: no per-space copies and no concatenation.
+    for p, w in zip(parts, weights, strict=True):
+        p = np.asarray(p, np.float32)
+        scale = np.float32(np.sqrt(w / total)) / np.maximum(row_norms(p), np.float32(1e-12))
+        np.multiply(p, scale[:, None], out=out[:, start : start + p.shape[1]])
+        start += p.shape[1]
+    # Rows with every part non-zero already have unit norm (up to rounding); only rows
+    # with a zero part need the final normalisation.
+    norms = row_norms(out)
+    off = np.flatnonzero(np.abs(norms - 1) > 1e-5)
+    if off.size:
+        out[off] /= np.maximum(norms[off], np.float32(1e-12))[:, None]
+    return out
 
 
 @dataclass
@@ -116,7 +128,13 @@ def shard_features(
         reason[bad & (reason == None)] = f"NaN, inf or zero vector in {s}"  # noqa: E711
         positions[s] = pos_np
     keep = reason == None  # noqa: E711
-    parts = [loaded[s][1][positions[s][keep]] for s in spaces]
+    identity = np.arange(n)
+    parts = []
+    for s in spaces:
+        vectors, pos = loaded[s][1], positions[s]
+        # The common case, every row present and usable in the same order, needs no gather.
+        same = keep.all() and len(vectors) == n and np.array_equal(pos, identity)
+        parts.append(vectors if same else vectors[pos[keep]])
     dim = sum(dims[s] for s in spaces)
     features = (
         combine_spaces(parts, [weights[s] for s in spaces])

@@ -6,7 +6,9 @@ What it does (the stages that exist so far; later stages join as they land):
     3. ``embed``: the clip, dino and text spaces with the world's offline encoders;
     4. ``cluster``: spherical k-means of dino+text into ``progress`` (K = pool size / 50,
        between 10 and 1000: PROGRESS's clusters, scaled to the pool);
-    5. prints one table: each stage's counts, time and where its artifacts are.
+    5. ``index``: the clip (concept) space in 2 exact Flat shards, which targeted
+       selection queries;
+    6. prints one table: each stage's counts, time and where its artifacts are.
 
 Raises:
     InputError: bad config (exit 2).
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.config import build_config
 from engine.workspace import Workspace
-from jobs import cluster, embed, ingest, world
+from jobs import cluster, embed, index, ingest, world
 from jobs.runtime import Timer, print_summary
 
 STAGE = "demo"
@@ -73,11 +75,16 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
         {"cluster": {"name": "progress", "spaces": ["dino", "text"], "k": k}},
     )
     cluster_summary = cluster.main(cluster_cfg, ws)
+    index_cfg = build_config(
+        index.STAGE, index.CONFIG, ws.read_config(), {"index": {"space": "clip", "shards": 2}}
+    )
+    index_summary = index.main(index_cfg, ws)
     summary = {
         "world": world_summary,
         "ingest": ingest_summary,
         "embed": embed_summary,
         "cluster": cluster_summary,
+        "index": index_summary,
         "seconds": round(timer.seconds, 2),
     }
     print_summary(
@@ -107,12 +114,18 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
                 f"{cluster_summary['size_stats']['min']}-{cluster_summary['size_stats']['max']}, "
                 f"{cluster_summary['seconds']} s",
             ),
+            (
+                "index clip",
+                f"{index_summary['rows']} vectors in {index_summary['shards']} "
+                f"{index_summary['factory']} shards, {index_summary['seconds']} s",
+            ),
             ("total time", f"{summary['seconds']} s"),
             ("workspace", ws.root),
             ("pool", ingest_summary["pool"]),
             ("benchmarks", ws.path("benchmarks")),
             ("embeddings", ws.path("embeddings")),
             ("clusters", ws.path("clusters")),
+            ("index", ws.path("index")),
         ],
         extra={"seconds": summary["seconds"], "workspace": ws.root},
     )

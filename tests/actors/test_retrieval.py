@@ -13,7 +13,7 @@ from actors.retrieval import RetrievalService, ServiceConfig
 from engine.errors import InputError
 from engine.workspace import Workspace
 from jobs.cli import main
-from tests.retrieval_data import clustered, write_space
+from tests.synthetic_space import clustered, write_space
 
 N, DIM = 2000, 32
 SERVICE = ServiceConfig(batch_size=16, shard={"num_cpus": 0.1, "max_retries": -1})

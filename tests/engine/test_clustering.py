@@ -20,7 +20,7 @@ from engine.kmeans import (
     train_spherical,
 )
 from engine.vectors import l2_normalize, to_arrow
-from tests.synthetic_space import clustered
+from tests.synthetic_space import clustered_labelled
 
 
 def test_combined_cosine_is_the_weighted_mean_of_the_spaces_cosines():
@@ -110,7 +110,7 @@ def test_sample_size_follows_faiss_rule_and_cap():
 
 
 def test_spherical_kmeans_finds_planted_clusters_and_assignment_matches_brute_force():
-    x, planted = clustered(3000, 24, 6, seed=4, spread=0.3)
+    x, planted = clustered_labelled(3000, 24, 6, seed=4)
     fit = train_spherical(
         x, 6, niter=30, seed=0, nredo=2, init="kmeans++", max_points_per_centroid=1000
     )

@@ -25,7 +25,7 @@ from engine.knn import (
     to_gpu,
 )
 from engine.workspace import Workspace
-from tests.retrieval_data import brute_force, clustered
+from tests.synthetic_space import brute_force, clustered
 
 FLT_MAX = np.finfo(np.float32).max
 

@@ -34,8 +34,8 @@ def planted_spaces(seed: int = 0):
 def planted(tmp_path_factory):
     ws = tmp_path_factory.mktemp("cluster") / "ws"
     ids, dino, text, labels = planted_spaces()
-    write_space(ws, "dino", ids, dino, SHARD_ROWS)
-    write_space(ws, "text", ids, text, SHARD_ROWS)
+    write_space(ws, "dino", dino, ids=ids, shard_rows=SHARD_ROWS)
+    write_space(ws, "text", text, ids=ids, shard_rows=SHARD_ROWS)
     return ws, ids, dino, text, labels
 
 
@@ -102,7 +102,7 @@ def test_unusable_rows_refused_or_excluded_and_counted(ray_session, planted, tmp
     text = text.copy()
     text[5] = np.nan
     shutil.rmtree(ws / "embeddings" / "text")
-    write_space(ws, "text", ids, text, SHARD_ROWS, drop=frozenset({10, 11, 12}))
+    write_space(ws, "text", text, ids=ids, shard_rows=SHARD_ROWS, drop=frozenset({10, 11, 12}))
     assert run(ws, "--name", "bad", "--k", "4") == 2
     err = capsys.readouterr().err
     assert "4 of 1200 rows cannot be clustered" in err
@@ -156,7 +156,7 @@ def test_spaces_sharded_differently_or_unfinished_are_refused(planted, tmp_path,
     ws = copy_ws(planted, tmp_path)
     ids, _, text = planted[1], planted[2], planted[3]
     shutil.rmtree(ws / "embeddings" / "text")
-    write_space(ws, "text", ids, text, 300)
+    write_space(ws, "text", text, ids=ids, shard_rows=300)
     assert run(ws, "--name", "x") == 2
     assert "sharded differently (3 vs 4 shards" in capsys.readouterr().err
     meta = json.loads((ws / "embeddings" / "dino" / "meta.json").read_text())
@@ -169,7 +169,8 @@ def test_wrong_dimension_in_one_shard_is_named(ray_session, planted, tmp_path, c
     ws = copy_ws(planted, tmp_path)
     shard = ws / "embeddings" / "text" / "part-000002.parquet"
     table = pq.read_table(shard)
-    write_space(tmp_path / "short", "text", table.column("id").to_pylist(), np.ones((400, 8)), 400)
+    ids = table.column("id").to_pylist()
+    write_space(tmp_path / "short", "text", np.ones((400, 8)), ids=ids, shard_rows=400)
     shutil.copy(tmp_path / "short" / "embeddings" / "text" / "part-000000.parquet", shard)
     assert run(ws, "--name", "x", "--k", "4") == 2
     err = capsys.readouterr().err

@@ -13,7 +13,7 @@ import pytest
 from actors.retrieval import RetrievalService, ServiceConfig
 from engine.workspace import Workspace
 from jobs.cli import main
-from tests.retrieval_data import brute_force, clustered, write_space
+from tests.synthetic_space import brute_force, clustered, write_space
 
 N, DIM = 1203, 32
 # Small shards: 8 of them must fit the test session's 2 CPUs beside anything else.
