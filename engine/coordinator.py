@@ -132,16 +132,17 @@ class CoordinatorState:
         )
 
     def next_round(self, round_index: int) -> np.ndarray:
-        """The rows of round ``round_index`` (>= 1): drawn now if new, else the rows drawn
-        before; int64 positions, ascending. Empty once the budget is spent."""
-        if round_index < 1:
-            raise ValueError(f"selection rounds start at 1 (0 is the warm-up), got {round_index}")
+        """The rows of round ``round_index``: drawn now if new, else the rows drawn before
+        (round 0: the warm-up's); int64 positions, ascending. Empty, and no round is
+        recorded, once the budget is spent."""
         if not self.rounds:
             raise ValueError("the warm-up (round 0) must be recorded before selection rounds")
-        if round_index < self.rounds:
+        if 0 <= round_index < self.rounds:
             return self.ledger.rows_of_round(round_index)
         if round_index != self.rounds:
             raise ValueError(f"round {round_index} asked, but the next round is {self.rounds}")
+        if self.finished:
+            return np.empty(0, np.int64)  # nothing left: no round, no record
         s = self.settings
         delta = self.delta(round_index - 1)
         rng = np.random.default_rng([s.seed, round_index])

@@ -81,6 +81,11 @@ def mmd_prototypes(kernel: np.ndarray, m: int) -> np.ndarray:
     return order
 
 
+def warmup_scores(centroids: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """float64 (K,) transferability / density: COINCIDE's cluster score."""
+    return transferability(centroids) / np.maximum(np.asarray(density, np.float64), 1e-12)
+
+
 def cluster_quotas(
     scores: np.ndarray, sizes: np.ndarray, total: int, temperature: float
 ) -> np.ndarray:
@@ -117,39 +122,35 @@ def cluster_quotas(
     return quota
 
 
-def cluster_prototypes(
+def cluster_order(
     features: np.ndarray,
     limit: int,
     sigma: float,
     max_kernel_rows: int,
     rng: np.random.Generator,
 ) -> tuple[float, np.ndarray]:
-    """One cluster's density and prototype order from one kernel.
+    """One cluster's density and the order its members are taken in, from one kernel.
 
     features: float32 (n, d) the cluster's members. Returns (density: the mean kernel
-    over all pairs, order: int64 (min(limit, n'),) member positions in greedy MMD
-    order), where n' = min(n, max_kernel_rows): larger clusters enter the kernel as a
-    seeded subsample, which bounds memory to max_kernel_rows^2 float64.
+    over all pairs, order: int64 (min(limit, n),) member positions): greedy MMD
+    prototypes first, then, once those run out, the members left out of the kernel in
+    a seeded random order. Clusters above ``max_kernel_rows`` enter the kernel as a
+    seeded subsample, which bounds memory to max_kernel_rows^2 float64. A quota q takes
+    ``order[:q]``: a prefix of the greedy order is the greedy selection of that size.
     """
     n = features.shape[0]
+    limit = min(int(limit), n)
     if n == 0:
         return 0.0, np.empty(0, np.int64)
     rows = np.arange(n)
     if n > max_kernel_rows:
         rows = np.sort(rng.choice(n, max_kernel_rows, replace=False))
     kernel = gaussian_kernel(features[rows], features[rows], sigma)
-    return float(kernel.mean()), rows[mmd_prototypes(kernel, limit)]
-
-
-def take_quota(order: np.ndarray, n: int, quota: int, rng: np.random.Generator) -> np.ndarray:
-    """int64 (min(quota, n),) member positions: the prototype ``order``'s prefix, then
-    members outside it uniformly when the quota is longer."""
-    quota = min(int(quota), n)
-    picked = np.asarray(order[:quota], np.int64)
-    if picked.size < quota:
-        rest = np.setdiff1d(np.arange(n), picked)
-        picked = np.concatenate([picked, rng.choice(rest, quota - picked.size, replace=False)])
-    return picked
+    order = rows[mmd_prototypes(kernel, limit)]
+    if order.size < limit:
+        rest = rng.permutation(np.setdiff1d(np.arange(n), rows))
+        order = np.concatenate([order, rest[: limit - order.size]])
+    return float(kernel.mean()), order.astype(np.int64)
 
 
 def select_warmup(
@@ -174,13 +175,8 @@ def select_warmup(
     members = [np.flatnonzero(labels == c) for c in range(k)]
     density, orders = np.zeros(k), []
     for c in range(k):
-        density[c], order = cluster_prototypes(
-            features[members[c]], min(total, sizes[c]), sigma, max_kernel_rows, rng
-        )
+        density[c], order = cluster_order(features[members[c]], total, sigma, max_kernel_rows, rng)
         orders.append(order)
-    scores = transferability(centroids) / np.maximum(density, 1e-12)
-    quotas = cluster_quotas(scores, sizes, total, temperature)
-    picked = [
-        members[c][take_quota(orders[c], sizes[c], quotas[c], rng)] for c in np.flatnonzero(quotas)
-    ]
+    quotas = cluster_quotas(warmup_scores(centroids, density), sizes, total, temperature)
+    picked = [members[c][orders[c][: quotas[c]]] for c in np.flatnonzero(quotas)]
     return np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)

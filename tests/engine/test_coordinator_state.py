@@ -48,6 +48,8 @@ def test_budget_is_spent_exactly_and_rounds_stop():
     state.warmup(np.arange(0, 300, 10))  # 30 rows
     sizes = [state.next_round(t).size for t in (1, 2, 3)]
     assert sizes == [25, 15, 0] and state.finished and state.ledger.spent == 70
+    assert state.rounds == 3  # the empty ask recorded nothing
+    assert (state.next_round(0) == np.arange(0, 300, 10)).all()
 
 
 def test_order_is_enforced():

@@ -7,12 +7,11 @@ import pytest
 
 from engine.vectors import l2_normalize
 from engine.warmup import (
-    cluster_prototypes,
+    cluster_order,
     cluster_quotas,
     gaussian_kernel,
     mmd_prototypes,
     select_warmup,
-    take_quota,
     transferability,
 )
 from tests.synthetic_space import clustered_labelled
@@ -73,15 +72,18 @@ def test_quotas_fill_the_largest_share_first_and_pass_shortfalls_on():
     assert cluster_quotas(np.ones(2), np.array([0, 3]), 2, 0.1).tolist() == [0, 2]
 
 
-def test_prototypes_subsample_large_clusters_and_quota_fills_uniformly():
+def test_large_clusters_use_a_kernel_subsample_then_a_uniform_order():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((300, 4)).astype(np.float32)
-    density, order = cluster_prototypes(x, 50, 1.0, max_kernel_rows=100, rng=rng)
-    assert order.size == 50 and np.unique(order).size == 50 and order.max() < 300
+    density, order = cluster_order(x, 120, 1.0, max_kernel_rows=100, rng=rng)
+    assert order.size == 120 and np.unique(order).size == 120 and order.max() < 300
     assert 0 < density < 1
-    picked = take_quota(order, 300, 120, rng)
-    assert picked.size == 120 and np.unique(picked).size == 120
-    assert (picked[:50] == order).all()
+    # The first 100 are the kernel subsample's prototypes, the rest come from outside it.
+    assert np.intersect1d(order[:100], order[100:]).size == 0
+    density_small, small = cluster_order(x[:50], 10, 1.0, max_kernel_rows=100, rng=rng)
+    kernel = gaussian_kernel(x[:50], x[:50], 1.0)
+    assert small.tolist() == brute_force_mmd_order(kernel, 10)
+    assert density_small == pytest.approx(kernel.mean())
 
 
 def test_warmup_selects_exactly_the_budget_without_duplicates():
