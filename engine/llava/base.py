@@ -103,7 +103,7 @@ def pretrain_vision(
         stepper.backward(loss)
         stepper.step()
         if (step + 1) % 100 == 0:
-            log(f"vision step {step + 1}/{cfg.vision_steps}: loss {float(loss):.4f}")
+            log(f"vision step {step + 1}/{cfg.vision_steps}: loss {float(loss.detach()):.4f}")
     acc = attribute_accuracy(tower, heads, held_out, layer, device)
     tower.requires_grad_(False)
     tower.eval()
@@ -176,8 +176,8 @@ def train_base(
     tokenizer = make_tokenizer(model_cfg, world)
     model = build_llava(model_cfg, tokenizer).to(device)
     n = max(cfg.vision_scenes, cfg.caption_scenes)
-    scenes = generate_scenes(world, cfg.seed, 0, n)
-    held_out = generate_scenes(world, cfg.seed, n, cfg.eval_scenes)
+    scenes = generate_scenes(world, cfg.seed, 0, n, cfg.card_share)
+    held_out = generate_scenes(world, cfg.seed, n, cfg.eval_scenes, cfg.card_share)
     t_scenes = time.perf_counter()
     log(f"{n + cfg.eval_scenes} base scenes in {t_scenes - t0:.1f} s; training the tower")
     vision = pretrain_vision(

@@ -103,7 +103,15 @@ class BaseTrainConfig(BaseModel):
         description="Generation seed of the base's own scenes: a world separate from the pool "
         "(the pool uses the world's seed).",
     )
-    vision_scenes: int = Field(8192, ge=16, description="Scenes the tower trains on.")
+    vision_scenes: int = Field(16384, ge=16, description="Scenes the tower trains on.")
+    card_share: float | None = Field(
+        0.35,
+        ge=0,
+        lt=1,
+        description="Share of the base's scenes asking about a card (the glyph family, the "
+        "only one that draws a card): at the pool's 10% the tower reads few digits and "
+        "overfits them. None: the pool's family mix.",
+    )
     vision_steps: int = Field(1000, ge=0, description="Attribute-head steps (DESIGN: 1000).")
     vision_batch: int = Field(64, ge=1, description="Scenes per attribute step.")
     vision_lr: float = Field(1e-3, gt=0, description="AdamW lr of tower and heads.")

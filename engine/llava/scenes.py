@@ -56,19 +56,28 @@ class Scenes:
         )
 
 
-def base_world(world: WorldConfig, seed: int) -> WorldConfig:
-    """The world of the base's scenes: the same rendering, another seed, no text-only."""
+def base_world(world: WorldConfig, seed: int, card_share: float | None = None) -> WorldConfig:
+    """The world of the base's scenes: the same rendering, another seed, no text-only;
+    with ``card_share``, that share of scenes from the glyph family (the one with a card)."""
     if seed == world.seed:
         raise InputError(
             f"base seed {seed} equals the world's seed: the base would train on pool scenes; "
             "set base.train.seed to another value"
         )
-    return world.model_copy(update={"seed": seed, "text_only_fraction": 0.0})
+    update: dict = {"seed": seed, "text_only_fraction": 0.0}
+    if card_share is not None:
+        others = {f: w for f, w in world.families.items() if f != "glyph"}
+        total = sum(others.values()) or 1.0
+        families = {f: (1 - card_share) * w / total for f, w in others.items()}
+        update["families"] = {**families, "glyph": card_share}
+    return world.model_copy(update=update)
 
 
-def generate_scenes(world: WorldConfig, seed: int, start: int, count: int) -> Scenes:
-    """Scenes [start, start + count) of the base world of ``seed``."""
-    bw = base_world(world, seed)
+def generate_scenes(
+    world: WorldConfig, seed: int, start: int, count: int, card_share: float | None = None
+) -> Scenes:
+    """Scenes [start, start + count) of the base world of ``seed`` (see ``base_world``)."""
+    bw = base_world(world, seed, card_share)
     dist = split_distribution(bw, SPLIT)
     g = world.grid
     images = np.empty((count, world.image_size, world.image_size, 3), np.uint8)
