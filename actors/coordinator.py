@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import ray
 from ray.util.metrics import Counter, Gauge
 
@@ -152,7 +153,12 @@ class Coordinator:
 
     def _reveal(self, path: str, ids: pa.Array, labels: np.ndarray) -> None:
         """Read the selected rows' records (answers included) from the pool: the oracle."""
-        dataset = pads.dataset(self.pool_dir, filesystem=self.ws.fs, format="parquet")
+        files = [
+            i.path
+            for i in self.ws.fs.get_file_info(pafs.FileSelector(self.pool_dir))
+            if i.path.endswith(".parquet")
+        ]
+        dataset = pads.dataset(files, filesystem=self.ws.fs, format="parquet")
         table = dataset.to_table(filter=pc.field("id").isin(ids))
         if table.num_rows != len(ids):
             raise RuntimeError(

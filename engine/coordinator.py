@@ -68,7 +68,10 @@ class RoundRecord:
         return self.__dict__.copy()
 
 
-def _sparse(values: np.ndarray, keep: np.ndarray, digits: int = 6) -> dict[str, float]:
+def _sparse(values: np.ndarray, keep: np.ndarray, digits: int | None = 6) -> dict[str, float]:
+    """{cluster: value} where ``keep``; ints when ``digits`` is None."""
+    if digits is None:
+        return {str(int(c)): int(values[c]) for c in np.flatnonzero(keep)}
     return {str(int(c)): round(float(values[c]), digits) for c in np.flatnonzero(keep)}
 
 
@@ -181,7 +184,7 @@ class CoordinatorState:
                 round=round_index,
                 kind=kind,
                 picks=int(positions.size),
-                picks_per_cluster=_sparse(per_cluster, per_cluster > 0, 0),
+                picks_per_cluster=_sparse(per_cluster, per_cluster > 0, None),
                 spent=self.ledger.spent,
                 budget=self.ledger.budget,
                 delta=_sparse(delta, np.isfinite(delta)),

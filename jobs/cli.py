@@ -31,6 +31,7 @@ STAGE_MODULES = {
     "index": "jobs.index",
     "search": "jobs.search",
     "base": "jobs.base",
+    "progress": "jobs.progress",
     "demo": "jobs.demo",
 }
 DESCRIPTIONS = {
@@ -42,6 +43,7 @@ DESCRIPTIONS = {
     "index": "a space's vectors -> sharded FAISS indexes in <ws>/index/<space> (resumable)",
     "search": "nearest pool ids of a .npy file of query vectors, through the shard actors",
     "base": "build (or reuse) the tiny LLaVA's base, cached in <ws>/models/<name>",
+    "progress": "PROGRESS: a LoRA fine-tune (Ray Train, DeepSpeed) that selects its own data online",
     "demo": "the whole pipeline on the embedded default",
 }
 

@@ -1,0 +1,439 @@
+"""``vlselect progress``: PROGRESS, a LoRA fine-tune that selects its own data online.
+
+What it does:
+    1. checks in the driver that the pool, the cached base (``vlselect base``) and the
+       embeddings exist; clusters the pool if the ``progress`` (K = pool/50 in 10..1000)
+       or ``warmup`` (K = pool/10 in 10..5000) clustering is missing (PROGRESS's K=1000
+       and K=5000 at 665K rows, scaled to the pool); resolves budget, warm-up and round
+       sizes (fractions of the pool or counts) and refuses a run directory of another
+       config unless ``--overwrite``;
+    2. starts the coordinator (a named Ray actor, ``actors.coordinator``), which owns the
+       budget ledger and reveals each selected row's answer once;
+    3. selects the warm-up set with COINCIDE's selector over the warm-up clustering
+       (Ray Data: per-shard features -> groupby cluster -> density and prototype order)
+       and records it as round 0, unless the coordinator already has it (a resumed run);
+    4. runs a Ray Train ``TorchTrainer`` (``actors.trainer``): DeepSpeed ZeRO-2 (or 3)
+       over PEFT LoRA on transformers' LLaVA, the projector trained fully with its own
+       lr, one cosine schedule over the whole budget; round by round it trains on the
+       coordinator's selection, checkpoints, scores min(n_k, 100) selected rows per
+       cluster (loss, or greedy answers judged by normalized match) and reports them;
+       failed workers restart from the last checkpoint (``max_failures``), and a new job
+       of the same name resumes from it;
+    5. writes ``selected.json`` (LLaVA format), ``ids.txt``, plots (Δk per cluster over
+       rounds, picks per cluster, the budget curve), ``meta.json``, and prints a summary.
+
+Output ``<ws>/progress/<name>/``: ``rounds/round-NNNN.parquet`` (the revealed rows),
+``rounds.jsonl``, ``coordinator/state.npz``, ``train/`` (Ray Train's checkpoints),
+``adapter/`` (the LoRA adapter and projector), ``selected.json``, ``ids.txt``,
+``plots/*.png``, ``meta.json``.
+
+Raises:
+    InputError: no pool, no base, no embeddings for the clustering spaces, a budget
+        of zero or above the pool, a warm-up above the budget, a global batch that the
+        workers and micro-batch do not divide, or a run of another config (exit 2).
+    RuntimeError: training failed beyond ``max_failures`` (exit 1; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from typing import Any, Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.coordinator import start_coordinator
+from actors.trainer import round_steps, train_loop_per_worker
+from engine.config import build_config
+from engine.coordinator import ProgressSettings
+from engine.errors import InputError
+from engine.llava import DEFAULT_NAME, FinetuneConfig, LoraConfig, read_base_meta
+from engine.progress_report import write_outputs
+from engine.resources import Resources
+from engine.workspace import META_FILE, Workspace
+from jobs import cluster
+from jobs.progress_warmup import select_warmup_ids
+from jobs.runtime import Timer, connect, print_summary
+
+STAGE = "progress"
+DEFAULT_WORKSPACE = None
+NAMESPACE = "vlselect"
+log = logging.getLogger("vlselect.progress")
+
+
+def paper_recipe() -> FinetuneConfig:
+    """LLaVA-1.5's LoRA recipe, as PROGRESS trains it (DESIGN.md)."""
+    return FinetuneConfig(
+        lora=LoraConfig(r=128, alpha=256),
+        lr=2e-4,
+        projector_lr=2e-5,
+        epochs=1,
+        batch_size=128,
+        warmup=0.03,
+    )
+
+
+class ProgressConfig(BaseModel):
+    """Configuration of ``vlselect progress`` (section ``progress``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="Run name: <ws>/progress/<name>/.")
+    budget: float = Field(
+        0.2, gt=0, description="Rows to reveal, warm-up included: a fraction (<= 1) or a count."
+    )
+    warmup: float = Field(
+        0.09, gt=0, description="Warm-up rows (COINCIDE's selector): a fraction or a count."
+    )
+    round_size: float = Field(
+        0.0113,
+        gt=0,
+        description="Rows per selection round: a fraction or a count (paper 7.5K of 665K).",
+    )
+    metric: Literal["accuracy", "loss"] = Field(
+        "accuracy", description="Cluster score: greedy-answer accuracy, or mean per-token loss."
+    )
+    temperature: float = Field(1.0, gt=0, description="τ of softmax(Δk / τ) (paper 1.0).")
+    explore: float = Field(0.1, ge=0, le=1, description="δ: uniform exploration share.")
+    gap: int = Field(1, ge=1, description="γ: Δk compares scores this many rounds apart.")
+    eval_per_cluster: int = Field(100, ge=1, description="Rows scored per cluster: min(n_k, this).")
+    max_new_tokens: int = Field(25, ge=1, description="Longest greedy answer when scoring.")
+    clusters: str = Field("progress", description="Clustering that tracks progress.")
+    warmup_clusters: str = Field("warmup", description="Clustering the warm-up selects over.")
+    spaces: list[str] = Field(
+        default_factory=lambda: ["dino", "text"],
+        description="Spaces of both clusterings and of the warm-up's features.",
+    )
+    warmup_temperature: float = Field(0.1, gt=0, description="COINCIDE's softmax temperature.")
+    warmup_sigma: float = Field(1.0, gt=0, description="σ of the Gaussian kernel.")
+    max_kernel_rows: int = Field(
+        2048, ge=2, description="Largest cluster kernel (a seeded subsample beyond)."
+    )
+    base: str = Field(DEFAULT_NAME, description="Cached base to start from (<ws>/models/<base>).")
+    finetune: FinetuneConfig = Field(
+        default_factory=paper_recipe,
+        description="LoRA and optimiser recipe; batch_size is the global batch, epochs "
+        "the passes over each round's rows.",
+    )
+    num_workers: int = Field(2, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL (else CPU and gloo).")
+    worker: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=1), description="Resources of one worker."
+    )
+    micro_batch: int = Field(16, ge=1, description="Samples per worker per forward pass.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (2 saves LoRA safely).")
+    torch_threads: int = Field(1, ge=0, description="torch threads per worker (0: torch's).")
+    eval_batch: int = Field(64, ge=1, description="Samples per scoring batch.")
+    max_failures: int = Field(3, ge=-1, description="Worker failures survived (-1: any).")
+    coordinator: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0, max_retries=-1),
+        description="The coordinator actor (restarted by Ray when it dies).",
+    )
+    detached: bool = Field(False, description="Keep the coordinator alive after the driver.")
+    seed: int = Field(0, ge=0, description="Seed of the warm-up, every round and the training.")
+    overwrite: bool = Field(False, description="Replace a run of this name.")
+
+
+CONFIG = ProgressConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="run name: <ws>/progress/<name>/")
+    parser.add_argument("--budget", type=float, help="a fraction of the pool (0.2) or a count")
+    parser.add_argument("--metric", choices=["accuracy", "loss"])
+    parser.add_argument("--workers", dest="num_workers", type=int, help="Ray Train workers")
+    parser.add_argument("--overwrite", action="store_true", default=None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    keys = ("name", "budget", "metric", "num_workers", "overwrite")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def count(value: float, pool: int, what: str) -> int:
+    """A fraction (<= 1) of ``pool`` or a count, as an int >= 1."""
+    n = int(round(value * pool)) if value <= 1 else int(value)
+    if n < 1:
+        raise InputError(f"{what} {value} of a pool of {pool} rows is no rows; raise it")
+    return n
+
+
+def round_sizes(budget: int, warmup: int, round_size: int) -> list[int]:
+    """Rows of each round: the warm-up, full rounds, then what is left of the budget."""
+    rest = budget - warmup
+    return (
+        [warmup]
+        + [round_size] * (rest // round_size)
+        + ([rest % round_size] if rest % round_size else [])
+    )
+
+
+# -- the driver -------------------------------------------------------------------------
+
+
+def check_inputs(cfg: ProgressConfig, ws: Workspace) -> dict[str, Any]:
+    """Everything the run needs, checked before Ray starts; the resolved sizes."""
+    if not cfg.name:
+        raise InputError("no run name: pass --name NAME (output: <ws>/progress/NAME/)")
+    if not ws.exists("pool"):
+        raise InputError(f"no pool at {ws.path('pool')}: run `vlselect ingest` first")
+    if read_base_meta(ws, cfg.base) is None:
+        raise InputError(
+            f"no base model at {ws.path('models', cfg.base)}: run `vlselect base --workspace "
+            f"{ws.uri}` first"
+        )
+    accumulation, left = divmod(cfg.finetune.batch_size, cfg.micro_batch * cfg.num_workers)
+    if left or accumulation < 1:
+        raise InputError(
+            f"global batch {cfg.finetune.batch_size} is not a multiple of micro_batch "
+            f"{cfg.micro_batch} x {cfg.num_workers} workers: change one of them"
+        )
+    return {"accumulation": accumulation, **resolve_sizes(cfg, ws.parquet_rows(ws.path("pool")))}
+
+
+def resolve_sizes(cfg: ProgressConfig, pool: int) -> dict[str, int]:
+    """Budget, warm-up and round size in rows for a pool of ``pool`` rows."""
+    budget = count(cfg.budget, pool, "budget")
+    if budget > pool:
+        raise InputError(
+            f"budget {budget} exceeds the clustered pool of {pool} rows: lower --budget"
+        )
+    warmup = count(cfg.warmup, pool, "warm-up")
+    if warmup > budget:
+        raise InputError(
+            f"warm-up {warmup} rows exceeds the budget of {budget}: lower --set warmup"
+        )
+    return {
+        "pool": pool,
+        "budget": budget,
+        "warmup": warmup,
+        "round_size": count(cfg.round_size, pool, "round size"),
+    }
+
+
+def ensure_clustering(
+    cfg: ProgressConfig, ws: Workspace, name: str, k_rule: tuple[int, int, int]
+) -> dict:
+    """The clustering ``name``'s meta, clustering the pool first when it is missing."""
+    if ws.exists("clusters", name, META_FILE):
+        meta = ws.read_json(ws.path("clusters", name, META_FILE))
+        if meta.get("status") == "complete":
+            return meta
+    per_cluster, low, high = k_rule
+    rows = ws.parquet_rows(ws.path("pool"))
+    k = min(high, max(low, rows // per_cluster))
+    log.info("clustering %s missing: running vlselect cluster --name %s --k %d", name, name, k)
+    sections = ws.read_config()
+    cluster_cfg = build_config(
+        cluster.STAGE,
+        cluster.CONFIG,
+        sections,
+        {"cluster": {"name": name, "spaces": cfg.spaces, "k": k, "seed": cfg.seed}},
+    )
+    return cluster.main(cluster_cfg, ws)
+
+
+def fingerprint(cfg: ProgressConfig, clusters: dict, warm: dict, base: dict) -> dict:
+    how = {"name", "num_workers", "use_gpu", "worker", "torch_threads", "eval_batch"}
+    how |= {"max_failures", "coordinator", "detached", "overwrite"}
+    return json.loads(
+        json.dumps(
+            {
+                "config": cfg.model_dump(mode="json", exclude=how),
+                "clusters": clusters.get("fingerprint"),
+                "warmup_clusters": warm.get("fingerprint"),
+                "base": base.get("fingerprint"),
+            }
+        )
+    )
+
+
+def main(cfg: ProgressConfig, ws: Workspace) -> dict:
+    """Run PROGRESS on ``ws``; see the module docstring. Returns the summary."""
+    timer = Timer()
+    sizes = check_inputs(cfg, ws)
+    connect()
+    clusters = ensure_clustering(cfg, ws, cfg.clusters, (50, 10, 1000))
+    warm = ensure_clustering(cfg, ws, cfg.warmup_clusters, (10, 10, 5000))
+    base = read_base_meta(ws, cfg.base)
+    # Rows the clustering left out (bad vectors) are not selectable: sizes from its count.
+    sizes.update(resolve_sizes(cfg, int(clusters["rows_assigned"])))
+    pool, budget, warmup = sizes["pool"], sizes["budget"], sizes["warmup"]
+    round_size = sizes["round_size"]
+    run_dir = ws.path("progress", cfg.name)
+    made_of = fingerprint(cfg, clusters, warm, base)
+    meta_path = f"{run_dir}/{META_FILE}"
+    old = ws.read_json(meta_path) if ws.exists("progress", cfg.name, META_FILE) else None
+    if old is not None and old.get("fingerprint") != made_of and not cfg.overwrite:
+        raise InputError(
+            f"{run_dir} holds a run of another config: pass --overwrite to replace it or "
+            "choose another --name"
+        )
+    actor_name = f"vlselect-progress-{cfg.name}"
+    if cfg.overwrite:
+        _stop_actor(actor_name)
+        ws.remove("progress", cfg.name)
+    ws.makedirs("progress", cfg.name)
+    ws.write_json(meta_path, {"stage": STAGE, "status": "running", "fingerprint": made_of})
+
+    settings = ProgressSettings(
+        budget=budget,
+        round_size=round_size,
+        metric=cfg.metric,
+        temperature=cfg.temperature,
+        explore=cfg.explore,
+        gap=cfg.gap,
+        eval_per_cluster=cfg.eval_per_cluster,
+        seed=cfg.seed,
+    )
+    coordinator = start_coordinator(
+        ws,
+        run_dir,
+        ws.path("clusters", cfg.clusters),
+        ws.path("pool"),
+        settings,
+        actor_name,
+        cfg.coordinator,
+        detached=cfg.detached,
+    )
+    status = ray.get(coordinator.status.remote())
+    warm_seconds = 0.0
+    if status["rounds"] == 0:
+        warm_timer = Timer()
+        ids = select_warmup_ids(cfg, ws, warmup)
+        ray.get(coordinator.warmup.remote(ids))
+        warm_seconds = warm_timer.seconds
+    else:
+        log.info(
+            "resuming %s at round %d (%d of %d spent)",
+            cfg.name,
+            status["rounds"],
+            status["spent"],
+            budget,
+        )
+    plan = round_sizes(budget, warmup, round_size)
+    total_steps = sum(round_steps(n, cfg.finetune.epochs, cfg.finetune.batch_size) for n in plan)
+    result = _train(
+        cfg, ws, run_dir, actor_name, int(clusters["k"]), sizes["accumulation"], total_steps
+    )
+    status = ray.get(coordinator.status.remote())
+    outputs = write_outputs(ws, run_dir, ray.get(coordinator.rounds_jsonl.remote()))
+    summary = {
+        "stage": STAGE,
+        "status": "complete",
+        "name": cfg.name,
+        "pool": pool,
+        "budget": budget,
+        "spent": status["spent"],
+        "revealed": status["revealed"],
+        "rounds": status["rounds"],
+        "round_rows": plan,
+        "k": int(clusters["k"]),
+        "warmup_k": int(warm["k"]),
+        "total_steps": total_steps,
+        "warmup_seconds": round(warm_seconds, 2),
+        "final_metrics": result,
+        "seconds": round(timer.seconds, 2),
+        "outputs": outputs,
+        "fingerprint": made_of,
+        "config": cfg.model_dump(mode="json"),
+    }
+    ws.write_json(meta_path, summary)
+    if not cfg.detached:
+        _stop_actor(actor_name)
+    _print(summary, run_dir)
+    return summary
+
+
+def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.worker.num_cpus, **cfg.worker.custom}
+    if cfg.use_gpu:
+        resources["GPU"] = max(1.0, cfg.worker.num_gpus)
+    env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "workspace": ws.uri,
+            "run_dir": run_dir,
+            "coordinator": actor_name,
+            "namespace": ray.get_runtime_context().namespace,
+            "base": cfg.base,
+            "finetune": cfg.finetune.model_dump(mode="json"),
+            "seed": cfg.seed,
+            "metric": cfg.metric,
+            "k": k,
+            "epochs": cfg.finetune.epochs,
+            "global_batch": cfg.finetune.batch_size,
+            "micro_batch": cfg.micro_batch,
+            "accumulation": accumulation,
+            "zero_stage": cfg.zero_stage,
+            "total_steps": total_steps,
+            "torch_threads": cfg.torch_threads,
+            "eval_batch": cfg.eval_batch,
+            "max_new_tokens": cfg.max_new_tokens,
+            "use_gpu": cfg.use_gpu,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="train",
+            storage_path=run_dir,
+            storage_filesystem=ws.fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(
+            f"training failed: {result.error}; run again to resume"
+        ) from result.error
+    return dict(result.metrics or {})
+
+
+def _stop_actor(name: str) -> None:
+    with contextlib.suppress(ValueError):  # not running
+        ray.kill(ray.get_actor(name))
+
+
+def _print(summary: dict, run_dir: str) -> None:
+    last = summary["final_metrics"]
+    rows = [
+        (
+            "pool",
+            f"{summary['pool']} rows in {summary['k']} clusters ({summary['warmup_k']} for the warm-up)",
+        ),
+        (
+            "budget",
+            f"{summary['spent']} of {summary['budget']} spent, {summary['revealed']} answers revealed",
+        ),
+        (
+            "rounds",
+            f"{summary['rounds']} (warm-up {summary['round_rows'][0]} rows, then {summary['round_rows'][1:]})",
+        ),
+        (
+            "training",
+            f"{summary['total_steps']} steps; last round loss {last.get('train_loss', float('nan')):.4f}, score {last.get('score', float('nan')):.4f}",
+        ),
+        ("time", f"{summary['seconds']:.1f} s (warm-up selection {summary['warmup_seconds']} s)"),
+        ("run", run_dir),
+        *[(k, v) for k, v in summary["outputs"].items()],
+    ]
+    print_summary(
+        STAGE, rows, extra={k: summary[k] for k in ("spent", "budget", "rounds", "seconds")}
+    )
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main([STAGE, *sys.argv[1:]]))

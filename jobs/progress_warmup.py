@@ -1,0 +1,70 @@
+"""The warm-up selection of ``vlselect progress``, wired on Ray Data.
+
+``select_warmup_ids`` streams the pool's shards through ``actors.warmup``: each shard's
+combined features joined with its warm-up cluster, a shuffle by cluster, and one task
+per cluster for its density and prototype order. The driver then scores the clusters
+(transferability over density, from the centroids), apportions the warm-up count
+(``engine.warmup.cluster_quotas``) and takes each cluster's order up to its quota.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from actors.adapter import ray_data_options
+from actors.kmeans import load_centroids
+from actors.warmup import order_cluster, shard_cluster_features
+from engine.embeddings import open_space
+from engine.resources import Resources
+from engine.warmup import cluster_quotas, warmup_scores
+from engine.workspace import Workspace
+from jobs.runtime import cluster_cpus
+
+
+def select_warmup_ids(cfg, ws: Workspace, total: int) -> list[str]:
+    """``total`` pool ids chosen by COINCIDE's selector over ``cfg.warmup_clusters``."""
+    clusters_dir = ws.path("clusters", cfg.warmup_clusters)
+    meta = ws.read_json(f"{clusters_dir}/meta.json")
+    spaces = [open_space(ws, s) for s in meta["spaces"]]
+    weights = meta["weights"]
+    stems = [
+        f.rsplit("/", 1)[1].removesuffix(".parquet")
+        for f in ws.list_files(clusters_dir, "assignments", suffix=".parquet")
+    ]
+    ds = ray.data.from_items([{"stem": s} for s in stems], override_num_blocks=len(stems))
+    ds = ds.map_batches(
+        shard_cluster_features,
+        batch_size=1,
+        fn_kwargs={
+            "ws": ws,
+            "space_dirs": {s.space: s.dir for s in spaces},
+            "dims": {s.space: s.dim for s in spaces},
+            "weights": {s.space: float(weights[s.space]) for s in spaces},
+            "assignments_dir": f"{clusters_dir}/assignments",
+        },
+        **ray_data_options(Resources(num_cpus=0.5)),
+    )
+    # Ray Data's default of 200 shuffle partitions costs seconds of task overhead on a
+    # small pool; a few per CPU keeps every core busy at any size.
+    partitions = max(1, min(int(meta["k"]), 4 * cluster_cpus()))
+    groups = ds.groupby("cluster", num_partitions=partitions).map_groups(
+        order_cluster,
+        batch_format="numpy",
+        fn_kwargs={
+            "limit": total,
+            "sigma": cfg.warmup_sigma,
+            "max_kernel_rows": cfg.max_kernel_rows,
+            "seed": cfg.seed,
+        },
+    )
+    rows = groups.take_all()
+    centroids = load_centroids(ws, f"{clusters_dir}/centroids.npy")
+    k = centroids.shape[0]
+    sizes, density = np.zeros(k, np.int64), np.zeros(k)
+    orders: dict[int, list[str]] = {}
+    for r in rows:
+        c = int(r["cluster"])
+        sizes[c], density[c], orders[c] = int(r["size"]), float(r["density"]), list(r["order"])
+    quotas = cluster_quotas(warmup_scores(centroids, density), sizes, total, cfg.warmup_temperature)
+    return [i for c in np.flatnonzero(quotas) for i in orders[int(c)][: int(quotas[c])]]

@@ -1,0 +1,122 @@
+"""``vlselect progress`` end to end on one local Ray: a tiny world, a tiny base, two
+Ray Train workers with DeepSpeed ZeRO-2 on gloo, the coordinator killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from engine.workspace import read_parquet_dir
+from jobs.cli import main
+from tests.engine.test_llava import TINY, TINY_TRAIN
+from tests.synthetic_space import clustered_labelled, write_space
+
+POOL = 300
+TINY_RUN = {
+    "budget": 0.2,  # 60 rows
+    "warmup": 0.09,  # 27 rows
+    "round_size": 10,  # then rounds of 10, 10, 10, 3
+    "metric": "loss",
+    "eval_per_cluster": 5,
+    "finetune": {
+        "lora": {"r": 4, "alpha": 8},
+        "lr": 1e-2,
+        "projector_lr": 1e-2,
+        "epochs": 1,
+        "batch_size": 8,
+    },
+    "micro_batch": 4,
+    "num_workers": 2,
+    "worker": {"num_cpus": 0.5},
+    "eval_batch": 16,
+}
+
+
+def summary_of(out: str) -> dict:
+    line = [x for x in out.splitlines() if x.startswith("vlselect-summary ")][-1]
+    return json.loads(line.removeprefix("vlselect-summary "))
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(ray_session, tmp_path_factory) -> Path:
+    """A 300-row world, ingested, with synthetic dino/text spaces and a tiny base."""
+    ws = tmp_path_factory.mktemp("progress") / "ws"
+    assert main(["world", "--out", str(ws), "--size", str(POOL)]) == 0
+    assert main(["ingest", "--workspace", str(ws)]) == 0
+    ids = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    for space, dim, seed in (("dino", 24, 1), ("text", 16, 2)):
+        vectors, _ = clustered_labelled(len(ids), dim, 12, seed=seed)
+        write_space(ws, space, vectors, ids=ids, shard_rows=100)
+    config = tmp_path_factory.mktemp("cfg") / "run.yaml"
+    config.write_text(
+        yaml.safe_dump({"base": {"model": TINY, "train": TINY_TRAIN}, "progress": TINY_RUN})
+    )
+    assert main(["base", "--workspace", str(ws), "--config", str(config)]) == 0
+    return ws, config
+
+
+def kill_coordinator_after_round(
+    ray, name: str, run_dir: Path, round_index: int
+) -> threading.Thread:
+    def killer():
+        target = run_dir / "rounds" / f"round-{round_index:04d}.parquet"
+        deadline = time.time() + 600
+        while not target.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        ray.kill(ray.get_actor(name, namespace=None), no_restart=False)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys):
+    ws, config = tiny_ws
+    run_dir = ws / "progress" / "tiny"
+    killer = kill_coordinator_after_round(ray_session, "vlselect-progress-tiny", run_dir, 1)
+    code = main(["progress", "--workspace", str(ws), "--config", str(config), "--name", "tiny"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    killer.join(timeout=1)
+    summary = summary_of(capsys.readouterr().out)
+    assert summary["spent"] == summary["budget"] == 60 and summary["revealed"] == 60
+
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    assert rounds[0]["kind"] == "warmup" and rounds[0]["picks"] == 27
+    assert [r["picks"] for r in rounds[1:]] == [10, 10, 10, 3]
+    assert [r["spent"] for r in rounds] == [27, 37, 47, 57, 60]
+    assert all(r["delta"] for r in rounds[1:])  # every selection round had a Δk
+
+    files = sorted((run_dir / "rounds").glob("round-*.parquet"))
+    ids = [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 60  # nothing picked or revealed twice
+    selected = json.loads((run_dir / "selected.json").read_text())
+    assert [r["id"] for r in selected] == ids
+    assert all(r["conversations"][1]["from"] == "gpt" for r in selected)
+    assert (run_dir / "ids.txt").read_text().split() == ids
+    for plot in ("delta.png", "picks.png", "budget.png"):
+        assert (run_dir / "plots" / plot).stat().st_size > 1000
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["final_metrics"]["round"] == 4
+    assert np.isfinite(meta["final_metrics"]["train_loss"])
+
+
+def test_bad_budgets_are_refused(tiny_ws, capsys):
+    ws, config = tiny_ws
+    base = ["progress", "--workspace", str(ws), "--config", str(config), "--name", "bad"]
+    assert main([*base, "--budget", "301"]) == 2
+    assert "exceeds the clustered pool of 300" in capsys.readouterr().err
+    assert main([*base, "--set", "warmup=100"]) == 2
+    assert "warm-up 100 rows exceeds the budget of 60" in capsys.readouterr().err
+    assert main([*base, "--set", "micro_batch=3"]) == 2
+    assert "not a multiple of micro_batch" in capsys.readouterr().err
+    assert main(["progress", "--workspace", str(ws), "--config", str(config)]) == 2
+    assert "--name" in capsys.readouterr().err
