@@ -62,28 +62,29 @@ def tiny_ws(ray_session, tmp_path_factory) -> Path:
     return ws, config
 
 
-def kill_coordinator_after_round(
-    ray, name: str, run_dir: Path, round_index: int
-) -> threading.Thread:
+def kill_coordinator_after_round(ray, name: str, run_dir: Path, round_index: int):
+    """Kill the coordinator (Ray restarts it) once round ``round_index`` is revealed."""
+    killed = threading.Event()
+
     def killer():
         target = run_dir / "rounds" / f"round-{round_index:04d}.parquet"
         deadline = time.time() + 600
         while not target.exists() and time.time() < deadline:
             time.sleep(0.2)
-        ray.kill(ray.get_actor(name, namespace=None), no_restart=False)
+        ray.kill(ray.get_actor(name), no_restart=False)
+        killed.set()
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=killer, daemon=True).start()
+    return killed
 
 
 def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys):
     ws, config = tiny_ws
     run_dir = ws / "progress" / "tiny"
-    killer = kill_coordinator_after_round(ray_session, "vlselect-progress-tiny", run_dir, 1)
+    killed = kill_coordinator_after_round(ray_session, "vlselect-progress-tiny", run_dir, 1)
     code = main(["progress", "--workspace", str(ws), "--config", str(config), "--name", "tiny"])
     assert code == 0, capsys.readouterr().err[-3000:]
-    killer.join(timeout=1)
+    assert killed.is_set()
     summary = summary_of(capsys.readouterr().out)
     assert summary["spent"] == summary["budget"] == 60 and summary["revealed"] == 60
 
