@@ -247,7 +247,29 @@ def _write_workspace_config(ws: Workspace, world: WorldConfig) -> None:
     ingest = sections.setdefault("ingest", {})
     ingest.setdefault("source", "world/source")
     sections.setdefault("embed", EMBEDDED_DEFAULT)
+    sections.setdefault("progress", TINY_PROGRESS)
     ws.write_config(sections)
+
+
+# The tiny LLaVA's recipe for ``vlselect progress`` on the embedded default: the paper's
+# (LoRA r=128, lr 2e-4, global batch 128, one pass) would not move a model this small in
+# minutes; this one learns the world (benchmarks/tiny_llava.py). Every field can be set
+# again with --set progress.finetune.lr=... .
+TINY_PROGRESS = {
+    "finetune": {
+        "lora": {"r": 32, "alpha": 64},
+        "lr": 2e-3,
+        "projector_lr": 1e-3,
+        "epochs": 10,
+        "batch_size": 32,
+        "warmup": 0.03,
+    },
+    "micro_batch": 16,
+    "num_workers": 2,
+    "worker": {"num_cpus": 1},
+    "round_size": 0.03,
+    "eval_per_cluster": 20,
+}
 
 
 if __name__ == "__main__":
