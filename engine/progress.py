@@ -26,7 +26,32 @@ from typing import Literal
 
 import numpy as np
 
+from engine.errors import InputError
+
 Metric = Literal["accuracy", "loss"]
+
+
+def rows_of(value: float, pool: int, what: str) -> int:
+    """A size given as a fraction (<= 1) of ``pool`` or as a count, in rows (>= 1).
+
+    Raises:
+        InputError: the size is no rows at all.
+    """
+    n = int(round(value * pool)) if value <= 1 else int(value)
+    if n < 1:
+        raise InputError(f"{what} {value} of a pool of {pool} rows is no rows; raise it")
+    return n
+
+
+def round_rows(budget: int, warmup: int, round_size: int) -> list[int]:
+    """Rows of each round of a run: the warm-up, full rounds, then the budget's rest.
+
+    Exact while the pool has the rows (the budget never exceeds it), so the cosine
+    schedule's total steps are known before the first round.
+    """
+    rest = budget - warmup
+    tail = [rest % round_size] if rest % round_size else []
+    return [warmup] + [round_size] * (rest // round_size) + tail
 
 
 def relative_progress(

@@ -52,6 +52,7 @@ from engine.config import build_config
 from engine.coordinator import ProgressSettings
 from engine.errors import InputError
 from engine.llava import DEFAULT_NAME, FinetuneConfig, LoraConfig, read_base_meta
+from engine.progress import round_rows, rows_of
 from engine.progress_report import write_outputs
 from engine.resources import Resources
 from engine.workspace import META_FILE, Workspace
@@ -154,24 +155,6 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def count(value: float, pool: int, what: str) -> int:
-    """A fraction (<= 1) of ``pool`` or a count, as an int >= 1."""
-    n = int(round(value * pool)) if value <= 1 else int(value)
-    if n < 1:
-        raise InputError(f"{what} {value} of a pool of {pool} rows is no rows; raise it")
-    return n
-
-
-def round_sizes(budget: int, warmup: int, round_size: int) -> list[int]:
-    """Rows of each round: the warm-up, full rounds, then what is left of the budget."""
-    rest = budget - warmup
-    return (
-        [warmup]
-        + [round_size] * (rest // round_size)
-        + ([rest % round_size] if rest % round_size else [])
-    )
-
-
 # -- the driver -------------------------------------------------------------------------
 
 
@@ -197,12 +180,12 @@ def check_inputs(cfg: ProgressConfig, ws: Workspace) -> dict[str, Any]:
 
 def resolve_sizes(cfg: ProgressConfig, pool: int) -> dict[str, int]:
     """Budget, warm-up and round size in rows for a pool of ``pool`` rows."""
-    budget = count(cfg.budget, pool, "budget")
+    budget = rows_of(cfg.budget, pool, "budget")
     if budget > pool:
         raise InputError(
             f"budget {budget} exceeds the clustered pool of {pool} rows: lower --budget"
         )
-    warmup = count(cfg.warmup, pool, "warm-up")
+    warmup = rows_of(cfg.warmup, pool, "warm-up")
     if warmup > budget:
         raise InputError(
             f"warm-up {warmup} rows exceeds the budget of {budget}: lower --set warmup"
@@ -211,7 +194,7 @@ def resolve_sizes(cfg: ProgressConfig, pool: int) -> dict[str, int]:
         "pool": pool,
         "budget": budget,
         "warmup": warmup,
-        "round_size": count(cfg.round_size, pool, "round size"),
+        "round_size": rows_of(cfg.round_size, pool, "round size"),
     }
 
 
@@ -315,7 +298,7 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
             status["spent"],
             budget,
         )
-    plan = round_sizes(budget, warmup, round_size)
+    plan = round_rows(budget, warmup, round_size)
     total_steps = sum(round_steps(n, cfg.finetune.epochs, cfg.finetune.batch_size) for n in plan)
     result = _train(
         cfg, ws, run_dir, actor_name, int(clusters["k"]), sizes["accumulation"], total_steps

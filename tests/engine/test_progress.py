@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.errors import InputError
 from engine.progress import (
     BudgetExceeded,
     Ledger,
@@ -15,6 +16,8 @@ from engine.progress import (
     plan_round,
     progress_probabilities,
     relative_progress,
+    round_rows,
+    rows_of,
     select_round,
 )
 
@@ -136,3 +139,14 @@ def test_rounds_never_overspend_repeat_or_come_up_short(case):
         positive = np.isfinite(delta) & (delta > 0)
         assert not plan.quota[~positive].any()
         assert (np.bincount(labels[picks], minlength=k) >= plan.quota).all()
+
+
+def test_sizes_are_fractions_or_counts_and_rounds_cover_the_budget():
+    assert rows_of(0.2, 665_000, "budget") == 133_000 and rows_of(7500, 665_000, "round") == 7500
+    with pytest.raises(InputError, match="no rows"):
+        rows_of(0.001, 100, "budget")
+    assert round_rows(60, 27, 10) == [27, 10, 10, 10, 3]
+    assert (
+        round_rows(133_000, 59_850, 7500)[-1] == 5650
+        and sum(round_rows(133_000, 59_850, 7500)) == 133_000
+    )
