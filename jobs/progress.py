@@ -412,7 +412,12 @@ def _print(summary: dict, run_dir: str) -> None:
         *[(k, v) for k, v in summary["outputs"].items()],
     ]
     print_summary(
-        STAGE, rows, extra={k: summary[k] for k in ("spent", "budget", "rounds", "seconds")}
+        STAGE,
+        rows,
+        extra={
+            k: summary[k]
+            for k in ("name", "pool", "budget", "spent", "revealed", "rounds", "seconds")
+        },
     )
 
 
