@@ -28,6 +28,33 @@ def save_centroids(ws: Workspace, path: str, centroids: np.ndarray) -> None:
     ws.write_bytes(path, buf.getvalue())
 
 
+def write_shard_assignments(
+    ws: Workspace,
+    out_dir: str,
+    stem: str,
+    ids: pa.Array,
+    cluster: np.ndarray,
+    similarity: np.ndarray,
+    rejected: pa.Table,
+) -> None:
+    """``<out>/excluded/<stem>.parquet`` (id, reason) if any rows were left out, then
+    ``<out>/assignments/<stem>.parquet`` (id, cluster int32, similarity float32), each
+    atomically: the assignments file is the shard's completion marker, so it goes last."""
+    excluded_path = f"{out_dir}/excluded/{stem}.parquet"
+    if rejected.num_rows:
+        ws.write_table(excluded_path, rejected)
+    else:
+        ws.discard(excluded_path)  # left by an earlier pass over other centroids
+    table = pa.table(
+        {
+            "id": ids,
+            "cluster": pa.array(cluster, pa.int32()),
+            "similarity": pa.array(similarity, pa.float32()),
+        }
+    )
+    ws.write_table(f"{out_dir}/assignments/{stem}.parquet", table)
+
+
 class CentroidAssigner:
     """A Ray Data callable class: one batch = one shard stem; writes that shard's assignments.
 
@@ -61,19 +88,9 @@ class CentroidAssigner:
             files = {s: f"{d}/{shard}.parquet" for s, d in self.space_dirs.items()}
             found = shard_features(self.ws.fs, files, self.dims, self.weights)
             cluster, similarity = self.index.assign(found.features)
-            excluded_path = f"{self.out_dir}/excluded/{shard}.parquet"
-            if found.rejected.num_rows:
-                self.ws.write_table(excluded_path, found.rejected)
-            else:
-                self.ws.discard(excluded_path)  # left by an earlier pass over other centroids
-            table = pa.table(
-                {
-                    "id": found.ids,
-                    "cluster": pa.array(cluster, pa.int32()),
-                    "similarity": pa.array(similarity, pa.float32()),
-                }
+            write_shard_assignments(
+                self.ws, self.out_dir, shard, found.ids, cluster, similarity, found.rejected
             )
-            self.ws.write_table(f"{self.out_dir}/assignments/{shard}.parquet", table)
             rows.append(len(found.ids))
             excluded.append(found.rejected.num_rows)
         return {
@@ -85,25 +102,32 @@ class CentroidAssigner:
 
 def sample_shard(
     ws: Workspace,
+    stem: str,
     files: dict[str, str],
     dims: dict[str, int],
     weights: dict[str, float],
     positions: np.ndarray,
+    keep_rows: bool = False,
 ) -> tuple[dict, np.ndarray]:
     """Validate one shard and return (its rejection counts and rows, features at ``positions``).
 
     ``positions`` are int64 row numbers among the shard's *usable* rows; the features
-    returned are float32 (len(positions), D).
+    returned are float32 (len(positions), D). ``keep_rows`` (when every row is in the
+    sample) adds the usable ids and the rejected rows to the stats, so the fit can
+    write the assignments without a second pass.
     """
     try:
         found = shard_features(ws.fs, files, dims, weights)
     except ValueError as err:  # a malformed shard: the driver refuses the run, naming it
-        return {"error": str(err)}, np.zeros((0, sum(dims.values())), np.float32)
+        return {"stem": stem, "error": str(err)}, np.zeros((0, sum(dims.values())), np.float32)
     stats = {
+        "stem": stem,
         "rows_in": found.rows_in,
         "usable": len(found.ids),
         "reasons": found.reason_counts(),
         "examples": found.rejected.column("id").slice(0, 5).to_pylist(),
     }
+    if keep_rows:
+        stats["ids"], stats["rejected"] = found.ids, found.rejected
     positions = positions[positions < len(found.ids)]
     return stats, np.ascontiguousarray(found.features[positions])

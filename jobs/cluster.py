@@ -11,7 +11,9 @@ What it does:
     3. refuses the run if any row is unusable and ``on_bad_rows`` is ``error`` (the
        message names each space and count); with ``exclude`` those rows are left out,
        counted, and listed with their reason in ``excluded/``;
-    4. fits spherical k-means (faiss, on a GPU when ``gpu``) in one Ray task;
+    4. fits spherical k-means (faiss, on a GPU when ``gpu``) in one Ray task; when the
+       sample is every row (pools up to ``k * max_points_per_centroid``), that task also
+       assigns them, and the driver writes the shards' assignments (step 5 finds them done);
     5. assigns every row to its nearest centroid with a Ray Data actor pool streaming
        the shards, one output file per shard (resumable: finished shards are kept when
        the run is started again with the same inputs and config);
@@ -45,10 +47,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from actors.adapter import ray_data_options, ray_options
-from actors.kmeans import CentroidAssigner, load_centroids, sample_shard, save_centroids
+from actors.kmeans import (
+    CentroidAssigner,
+    load_centroids,
+    sample_shard,
+    save_centroids,
+    write_shard_assignments,
+)
 from engine.embeddings import SPACES, EmbeddedSpace, open_space
 from engine.errors import InputError
 from engine.kmeans import (
+    CentroidIndex,
     sample_positions,
     sample_size,
     small_clusters,
@@ -273,15 +282,19 @@ def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir
     per_shard = split_positions(sample_positions(total, n_sample, cfg.seed), rows)
     dims = {s.space: s.dim for s in spaces}
     weights = {s.space: cfg.weight_of(s.space) for s in spaces}
+    # When the sample is every row (pools up to K x max_points_per_centroid), the fit
+    # holds all features already: it assigns them too, and the streaming pass is skipped.
+    whole = n_sample >= total
     task = ray.remote(sample_shard).options(num_returns=2, **ray_options(cfg.read))
     jobs = []
     for i, stem in enumerate(spaces[0].stems):
         files = {s.space: f"{s.dir}/{stem}.parquet" for s in spaces}
-        jobs.append((files, per_shard[i]))
+        jobs.append((stem, files, per_shard[i]))
     feature_refs = []
+    shard_rows: dict[str, dict] = {}
 
     def submit(job):
-        stats_ref, features_ref = task.remote(ws, job[0], dims, weights, job[1])
+        stats_ref, features_ref = task.remote(ws, job[0], job[1], dims, weights, job[2], whole)
         feature_refs.append(features_ref)
         return stats_ref
 
@@ -300,6 +313,8 @@ def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir
             for reason, count in stats["reasons"].items():
                 reasons[reason] = reasons.get(reason, 0) + count
             examples += stats["examples"][: max(0, 10 - len(examples))]
+            if whole:
+                shard_rows[stats["stem"]] = stats
             bar.update()
     if errors:
         raise InputError(
@@ -316,8 +331,26 @@ def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir
     if cfg.k > usable:
         raise InputError(f"k={cfg.k} clusters but only {usable} usable rows; lower --k")
     read_seconds = timer.seconds
-    fit = ray.get(_fit_task.options(**ray_options(cfg.fit)).remote(cfg, *feature_refs))
+    fit, assigned = ray.get(
+        _fit_task.options(**ray_options(cfg.fit)).remote(cfg, whole, *feature_refs)
+    )
     save_centroids(ws, f"{out_dir}/centroids.npy", fit.centroids)
+    if assigned is not None:
+        # Rows come back in the order the shards were submitted: the stems' order.
+        start = 0
+        for stem in spaces[0].stems:
+            rows = shard_rows[stem]
+            stop = start + rows["usable"]
+            write_shard_assignments(
+                ws,
+                out_dir,
+                stem,
+                rows["ids"],
+                assigned[0][start:stop],
+                assigned[1][start:stop],
+                rows["rejected"],
+            )
+            start = stop
     return {
         "k": cfg.k,
         "k_requested": cfg.k,
@@ -338,7 +371,9 @@ def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir
 
 
 @ray.remote
-def _fit_task(cfg: ClusterConfig, *parts: np.ndarray):
+def _fit_task(cfg: ClusterConfig, assign_sample: bool, *parts: np.ndarray):
+    """(the fit, and (cluster int64 (n,), similarity float32 (n,)) of every sample row
+    when ``assign_sample``, else None)."""
     import os
 
     import faiss
@@ -347,7 +382,7 @@ def _fit_task(cfg: ClusterConfig, *parts: np.ndarray):
     faiss.omp_set_num_threads(threads)
     sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
     del parts
-    return train_spherical(
+    fit = train_spherical(
         sample,
         cfg.k,
         niter=cfg.niter,
@@ -358,6 +393,8 @@ def _fit_task(cfg: ClusterConfig, *parts: np.ndarray):
         min_points_per_centroid=cfg.min_points_per_centroid,
         gpu=cfg.gpu,
     )
+    assigned = CentroidIndex(fit.centroids, gpu=cfg.gpu).assign(sample) if assign_sample else None
+    return fit, assigned
 
 
 def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir: str) -> None:

@@ -49,10 +49,19 @@ def copy_ws(planted, tmp_path) -> Path:
     return ws
 
 
-def test_planted_clusters_are_found_and_every_row_is_assigned_once(ray_session, planted):
+@pytest.mark.parametrize(
+    "max_sample",
+    [ROWS, 600],
+    ids=["sample-is-the-pool: the fit assigns", "partial-sample: streamed assignment"],
+)
+def test_planted_clusters_are_found_and_every_row_is_assigned_once(
+    ray_session, planted, max_sample
+):
     ws, ids, dino, text, labels = planted
-    assert run(ws, "--name", "p", "--k", "8", "--set", "init=kmeans++") == 0
-    out = ws / "clusters" / "p"
+    name = f"p{max_sample}"
+    flags = ("--set", "init=kmeans++", "--set", f"max_sample={max_sample}")
+    assert run(ws, "--name", name, "--k", "8", *flags) == 0
+    out = ws / "clusters" / name
     table = read_parquet_dir(str(out / "assignments"))
     assert table.column("id").to_pylist() == ids  # each id once, in pool order
     cluster = table.column("cluster").to_numpy()
@@ -67,7 +76,7 @@ def test_planted_clusters_are_found_and_every_row_is_assigned_once(ray_session, 
         atol=1e-5,
     )
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["status"] == "complete" and meta["k"] == 8 and meta["sample_rows"] == ROWS
+    assert meta["status"] == "complete" and meta["k"] == 8 and meta["sample_rows"] == max_sample
     assert sum(meta["sizes"]) == meta["rows_assigned"] == meta["rows_in"] == ROWS
     assert meta["rows_excluded"] == 0 and meta["small_clusters"]["empty"] == []
     assert 1 <= len(meta["objective"]) <= 50 and meta["objective"][-1] >= meta["objective"][0]
