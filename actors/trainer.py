@@ -140,6 +140,7 @@ class RoundTrainer:
     def resume_round(self) -> int:
         """The first round to train: after the checkpoint's, or 0 (baseline scored first)."""
         checkpoint = ray.train.get_checkpoint()
+        self.started_at = 0
         if checkpoint is None:
             if BASELINE not in ray.get(self.coordinator.status.remote())["scored_rounds"]:
                 self.score(BASELINE)
@@ -148,6 +149,7 @@ class RoundTrainer:
             self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
             with open(os.path.join(path, ROUND_META)) as f:
                 done = json.load(f)["round"]
+        self.started_at = done + 1
         return done + 1
 
     def train_round(self, t: int) -> dict | None:
@@ -188,6 +190,7 @@ class RoundTrainer:
             "score": score,
             "spent": info["spent"],
             "budget": info["budget"],
+            "started_at_round": self.started_at,  # > 0: this process resumed a checkpoint
             "train_seconds": round(train_seconds, 2),
             "seconds": round(time.perf_counter() - start, 2),
         }

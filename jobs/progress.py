@@ -416,7 +416,16 @@ def _print(summary: dict, run_dir: str) -> None:
         rows,
         extra={
             k: summary[k]
-            for k in ("name", "pool", "budget", "spent", "revealed", "rounds", "seconds")
+            for k in (
+                "name",
+                "pool",
+                "budget",
+                "spent",
+                "revealed",
+                "rounds",
+                "seconds",
+                "final_metrics",
+            )
         },
     )
 

@@ -78,11 +78,14 @@ def kill_coordinator_after_round(ray, name: str, run_dir: Path, round_index: int
     return killed
 
 
-def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys):
+@pytest.mark.parametrize("zero_stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys, zero_stage):
     ws, config = tiny_ws
-    run_dir = ws / "progress" / "tiny"
-    killed = kill_coordinator_after_round(ray_session, "vlselect-progress-tiny", run_dir, 1)
-    code = main(["progress", "--workspace", str(ws), "--config", str(config), "--name", "tiny"])
+    name = f"tiny{zero_stage}"
+    run_dir = ws / "progress" / name
+    killed = kill_coordinator_after_round(ray_session, f"vlselect-progress-{name}", run_dir, 1)
+    args = ["--config", str(config), "--name", name, "--set", f"zero_stage={zero_stage}"]
+    code = main(["progress", "--workspace", str(ws), *args])
     assert code == 0, capsys.readouterr().err[-3000:]
     assert killed.is_set()
     summary = summary_of(capsys.readouterr().out)

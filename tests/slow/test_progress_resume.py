@@ -91,6 +91,7 @@ def test_a_killed_run_resumes_with_the_ledger_exact(tmp_path):
     )
     assert summary["spent"] == summary["budget"] == 60 and summary["revealed"] == 60
     assert "resuming r at round" in out
+    assert summary["final_metrics"]["started_at_round"] >= 2  # Ray Train restored a checkpoint
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
     assert rounds[: len(before)] == [json.loads(x) for x in before]  # history kept as it was
