@@ -90,13 +90,16 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=10)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a base of another config")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tiny_llava.json"))
     args = p.parse_args()
 
     world = WorldConfig(size=args.pool, test_size=args.test)
     ws = Workspace.open(args.workspace)
     t0 = time.perf_counter()
-    base, built = build_or_load_base(ws, world, LlavaModelConfig(), BaseTrainConfig())
+    base, built = build_or_load_base(
+        ws, world, LlavaModelConfig(), BaseTrainConfig(), overwrite=args.overwrite
+    )
     base_seconds = round(time.perf_counter() - t0, 1)
     train, _ = world_examples(world, "pool", args.pool)
     test, families = world_examples(world, "test", args.test)
