@@ -39,6 +39,9 @@ from engine.workspace import META_FILE, Workspace, read_parquet_dir
 
 log = logging.getLogger("vlselect.progress")
 STATE_FILE = "coordinator/state.npz"
+# Named actors live in a namespace; a fixed one lets a new driver (another job) find a
+# detached coordinator, where Ray's default namespace is a fresh one per job.
+NAMESPACE = "vlselect"
 
 
 def round_file(run_dir: str, round_index: int) -> str:
@@ -137,6 +140,8 @@ class Coordinator:
         return found.to_numpy().astype(np.int64)
 
     def _commit(self, round_index: int, positions: np.ndarray) -> dict:
+        if positions.size == 0:  # the budget is spent: no round, no file
+            return {"round": round_index, "rows": 0, "path": None, **self.status()}
         path = round_file(self.run_dir, round_index)
         ids = self.ids.take(pa.array(positions))
         if self.ws.fs.get_file_info(path).type.name == "NotFound":
@@ -211,9 +216,21 @@ def start_coordinator(
         options["lifetime"] = "detached"
     return (
         ray.remote(Coordinator)
-        .options(name=name, get_if_exists=True, **options)
+        .options(name=name, namespace=NAMESPACE, get_if_exists=True, **options)
         .remote(ws, run_dir, clusters_dir, pool_dir, settings.model_dump())
     )
 
 
-__all__ = ["BASELINE", "Coordinator", "round_file", "start_coordinator"]
+def get_coordinator(name: str):
+    """The live coordinator ``name`` (ValueError when there is none)."""
+    return ray.get_actor(name, namespace=NAMESPACE)
+
+
+__all__ = [
+    "BASELINE",
+    "NAMESPACE",
+    "Coordinator",
+    "get_coordinator",
+    "round_file",
+    "start_coordinator",
+]

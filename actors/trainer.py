@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 
-from actors.coordinator import round_file
+from actors.coordinator import get_coordinator, round_file
 from engine.coordinator import BASELINE
 from engine.llava import (
     FinetuneConfig,
@@ -112,7 +112,7 @@ class RoundTrainer:
         torch.manual_seed(config["seed"])
         if config.get("torch_threads"):
             torch.set_num_threads(config["torch_threads"])
-        self.coordinator = ray.get_actor(config["coordinator"], namespace=config["namespace"])
+        self.coordinator = get_coordinator(config["coordinator"])
         base = load_base(self.ws, config["base"])
         self.tokenizer, self.max_length = base.tokenizer, base.max_length
         ft = FinetuneConfig(**config["finetune"])

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.coordinator import start_coordinator
+from actors.coordinator import get_coordinator, start_coordinator
 from actors.trainer import round_steps, train_loop_per_worker
 from engine.config import build_config
 from engine.coordinator import ProgressSettings
@@ -62,7 +62,6 @@ from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "progress"
 DEFAULT_WORKSPACE = None
-NAMESPACE = "vlselect"
 log = logging.getLogger("vlselect.progress")
 
 
@@ -346,7 +345,6 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps) -> dict:
             "workspace": ws.uri,
             "run_dir": run_dir,
             "coordinator": actor_name,
-            "namespace": ray.get_runtime_context().namespace,
             "base": cfg.base,
             "finetune": cfg.finetune.model_dump(mode="json"),
             "seed": cfg.seed,
@@ -385,7 +383,7 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps) -> dict:
 
 def _stop_actor(name: str) -> None:
     with contextlib.suppress(ValueError):  # not running
-        ray.kill(ray.get_actor(name))
+        ray.kill(get_coordinator(name))
 
 
 def _print(summary: dict, run_dir: str) -> None:

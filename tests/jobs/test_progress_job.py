@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from actors.coordinator import get_coordinator
 from engine.workspace import read_parquet_dir
 from jobs.cli import main
 from tests.engine.test_llava import TINY, TINY_TRAIN
@@ -71,7 +72,7 @@ def kill_coordinator_after_round(ray, name: str, run_dir: Path, round_index: int
         deadline = time.time() + 600
         while not target.exists() and time.time() < deadline:
             time.sleep(0.2)
-        ray.kill(ray.get_actor(name), no_restart=False)
+        ray.kill(get_coordinator(name), no_restart=False)
         killed.set()
 
     threading.Thread(target=killer, daemon=True).start()
@@ -99,6 +100,7 @@ def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys, 
     assert all(r["delta"] for r in rounds[1:])  # every selection round had a Δk
 
     files = sorted((run_dir / "rounds").glob("round-*.parquet"))
+    assert len(files) == 5  # one per round, none for the empty ask that ends the run
     ids = [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
     assert len(ids) == len(set(ids)) == 60  # nothing picked or revealed twice
     selected = json.loads((run_dir / "selected.json").read_text())
