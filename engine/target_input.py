@@ -1,0 +1,209 @@
+"""Reading a target benchmark: image + question per sample, each bad record with its reason.
+
+A benchmark file is LLaVA JSON, JSONL or Parquet (the ingest readers, ``engine.ingest``).
+A record needs an image and a question; its answer is not read. The question is
+``question`` (or ``text`` / ``prompt``) when the record has one, else the human turns of
+``conversations`` (an answer turn is optional), cleaned as the pool's are
+(``engine.text.instruction_text``: the skill prompt sees the same text for both). Its
+image is resolved and decoded by the pool's own rules (``engine.pool``): a path under the
+image root, a URI, a ``data:`` URI, inline bytes, or a ``{bytes, path}`` object. A record
+without an id gets ``<benchmark>-<record index>``.
+
+Reject codes: ``malformed_json``, ``not_an_object``, ``duplicate_id``, ``missing_image``,
+``missing_question``, ``bad_conversations``, and the pool's image codes
+(``bad_image_type``, ``multi_image``, ``image_escapes_root``, ``image_not_found``,
+``image_unreadable``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from engine.errors import InputError
+from engine.ingest import detect_format, iter_records
+from engine.pool import ImagePolicy, Rejected, _check_image, _image_bytes, raw_snippet, record_id
+from engine.text import instruction_text
+
+QUESTION_KEYS = ("question", "text", "prompt")
+
+
+@dataclass
+class Benchmark:
+    """The usable samples of one benchmark file, in file order, and what was refused.
+
+    ids / images / questions: one entry per usable sample (images: encoded bytes).
+    rejects: one dict per refused record: record_index, id, reason_code, reason, raw.
+    """
+
+    name: str
+    path: str
+    records: int = 0
+    ids: list[str] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    questions: list[str] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def reject_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(r["reason_code"] for r in self.rejects).items()))
+
+    def drop(self, keep: list[bool], code: str, reasons: list[str | None]) -> None:
+        """Refuse the usable samples where ``keep`` is False, with ``code`` and their reason."""
+        kept = ([], [], [])
+        for i, ok in enumerate(keep):
+            if ok:
+                kept[0].append(self.ids[i])
+                kept[1].append(self.images[i])
+                kept[2].append(self.questions[i])
+            else:
+                reason = f"{code}: {reasons[i]}" if reasons[i] else code
+                self.rejects.append(
+                    {"record_index": -1, "id": self.ids[i], "reason_code": code,
+                     "reason": reason, "raw": self.questions[i][:200]}
+                )  # fmt: skip
+        self.ids, self.images, self.questions = kept
+
+
+def benchmark_name(path: str) -> str:
+    """The name a benchmark file goes by: its file name without extension."""
+    base = os.path.basename(path.rstrip("/"))
+    for ext in (".parquet", ".jsonl", ".ndjson", ".json"):
+        if base.lower().endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def _question(record: dict) -> str:
+    for key in QUESTION_KEYS:
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            return instruction_text([{"from": "human", "value": value}])
+    turns = record.get("conversations")
+    if turns is None:
+        raise Rejected("missing_question", "record has no question and no conversations")
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise Rejected("bad_conversations", "'conversations' is not a JSON list") from None
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns
+    ):
+        raise Rejected("bad_conversations", "'conversations' is not a list of {from, value}")
+    human = [t for t in turns if t.get("from") in ("human", "user")]
+    text = instruction_text({"from": "human", "value": t["value"]} for t in human)
+    if not text:
+        raise Rejected("missing_question", "the record's human turns hold no question")
+    return text
+
+
+def read_benchmark(
+    path: str, *, name: str | None = None, image_root: str | None = None
+) -> Benchmark:
+    """Every record of ``path`` as a usable sample or a reject (never raises for a record).
+
+    Args:
+        path: a LLaVA JSON / JSONL / Parquet file (or a directory of Parquet files).
+        name: the benchmark's name (default: the file name without extension).
+        image_root: where image paths resolve (default: the file's folder).
+    Raises:
+        InputError: the file is missing, empty, or not readable as a whole (named).
+    """
+    name = name or benchmark_name(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise InputError(f"benchmark file {path} is empty: it holds no records")
+    fmt = detect_format(path)
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    policy = ImagePolicy(root=root, check="decode")
+    out = Benchmark(name=name, path=path)
+    seen: dict[str, int] = {}
+    for item in iter_records(path, fmt):
+        out.records += 1
+        record = item.record
+        try:
+            if item.error is not None:
+                raise Rejected("malformed_json", item.error)
+            if not isinstance(record, dict):
+                raise Rejected("not_an_object", f"record is a {type(record).__name__}")
+            sample_id = record_id(record) or f"{name}-{item.index}"
+            if sample_id in seen:
+                raise Rejected(
+                    "duplicate_id", f"id {sample_id!r} first seen at record {seen[sample_id]}"
+                )
+            question = _question(record)
+            if record.get("image") is None:
+                raise Rejected("missing_image", "record names no image")
+            data, ref = _image_bytes(record["image"], policy)
+            _check_image(data, "decode", ref or "inline image")
+        except Rejected as rej:
+            out.rejects.append(
+                {"record_index": item.index, "id": record_id(record), "reason_code": rej.code,
+                 "reason": rej.reason, "raw": raw_snippet(record, 300)}
+            )  # fmt: skip
+            continue
+        seen[sample_id] = item.index
+        out.ids.append(sample_id)
+        out.images.append(data)
+        out.questions.append(question)
+    if out.records == 0:
+        raise InputError(f"benchmark file {path} holds no records")
+    return out
+
+
+def require_usable(bench: Benchmark) -> None:
+    """Raise InputError when no sample of ``bench`` is usable, with the reasons counted."""
+    if len(bench):
+        return
+    counts = ", ".join(f"{n} {code}" for code, n in bench.reject_counts().items())
+    example = bench.rejects[0]["reason"] if bench.rejects else ""
+    raise InputError(
+        f"benchmark {bench.name!r} ({bench.path}): none of its {bench.records} records is "
+        f"usable ({counts}; e.g. {example}); each sample needs an image and a question"
+    )
+
+
+def reference_sample(
+    ws, clip_files: list[str], skill_files: list[str], n: int, seed: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Up to ``n`` pool samples with a vector in both spaces, seeded, as reference queries.
+
+    Reads skill shards in a seeded order until it has ``4n`` candidate ids (the skill space
+    may lack rows whose description failed), draws ``n`` of them, then reads the concept
+    vectors of those ids shard by shard (only the id column of shards without any).
+    Returns ``(ids, concept (m, d_c) float32, skill (m, d_s) float32)``, m <= n.
+    """
+    from engine.embeddings import read_vectors
+
+    rng = np.random.default_rng(seed)
+    ids, vecs = [], []
+    for f in rng.permutation(len(skill_files)):
+        got_ids, got = read_vectors(ws.fs, skill_files[f])
+        ids.extend(got_ids.to_pylist())
+        vecs.append(got)
+        if len(ids) >= 4 * n:
+            break
+    if not ids:
+        return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    skill = np.concatenate(vecs)
+    pick = np.sort(rng.choice(len(ids), min(n, len(ids)), replace=False))
+    wanted = {ids[i]: j for j, i in enumerate(pick)}
+    concept: dict[int, np.ndarray] = {}
+    for f in clip_files:
+        col = pq.read_table(f, columns=["id"], filesystem=ws.fs).column("id").to_pylist()
+        if not wanted.keys() & set(col):
+            continue
+        got_ids, got = read_vectors(ws.fs, f)
+        for row, pool_id in enumerate(got_ids.to_pylist()):
+            if pool_id in wanted:
+                concept[wanted[pool_id]] = got[row]
+    keep = sorted(concept)
+    out_ids = [ids[pick[j]] for j in keep]
+    return out_ids, np.stack([concept[j] for j in keep]), skill[pick[keep]]

@@ -1,0 +1,415 @@
+"""``vlselect target``: a training subset aimed at one or more benchmarks, in concept or skill space.
+
+What it does:
+    1. checks in the driver, before Ray starts: the budget (a fraction or a count, within
+       the pool), the pool, the ``clip`` and ``skill`` spaces embedded and indexed (each
+       missing piece named with the stage to run), and every benchmark file: each record
+       becomes a sample (image + question) or a reject with its reason
+       (``engine.target_input``); a benchmark with no usable sample refuses the run;
+    2. embeds the benchmarks' samples with the pool's own encoders: the CLIP image tower
+       of the ``clip`` space, and the skills stage's backend writes each question's skill
+       description (cached with the pool's), embedded like the pool's ``skill`` space
+       (``jobs.target_embed``: Ray Data, encoder actor pools);
+    3. starts one retrieval service per space (shard actors, ``actors.retrieval``) shared by
+       every benchmark, and a seeded reference set of pool samples (queries in both
+       spaces, themselves left out);
+    4. per benchmark: each sample's ``depth`` neighbours in both spaces, the cross-ranks
+       R_c|s and R_s|c, the prediction with its confidence (``engine.crossrank``), then
+       exactly ``budget`` distinct pool ids in the mode asked (``auto``: the predicted
+       space; ``engine.targeted``), deepening the lists until the budget is reached;
+    5. writes ``<ws>/selections/<name>/`` (one benchmark) or ``<ws>/selections/<name>/<bench>/``
+       (several, plus ``summary.json``): selected.json, ids.txt, report.json,
+       crossranks.parquet, crossranks.png, rejects.json; meta.json with a fingerprint, so a
+       rerun of the same inputs and config reports the result without recomputing.
+
+Raises:
+    InputError: no name, no benchmark, a budget of zero, negative or above the pool, a
+        space not embedded or not indexed, a benchmark file missing, empty or with no
+        usable sample, an existing selection of another config without ``--overwrite``,
+        benchmark vectors of another dim than the index (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.retrieval import RetrievalService, ServiceConfig
+from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self
+from engine.embeddings import EmbeddedSpace, open_space
+from engine.errors import InputError
+from engine.knn import IndexInfo, open_index
+from engine.progress import rows_of
+from engine.target_input import Benchmark, read_benchmark, reference_sample, require_usable
+from engine.target_report import (
+    cluster_counts,
+    clusterings,
+    crossrank_table,
+    pool_records,
+    scatter_png,
+    write_selection,
+)
+from engine.targeted import MODES, select
+from engine.workspace import META_FILE, Workspace
+from jobs import target_embed as te
+from jobs.runtime import Timer, connect, print_summary
+
+STAGE = "target"
+DEFAULT_WORKSPACE = None
+SPACE_OF = {"concept": "clip", "skill": "skill"}
+log = logging.getLogger("vlselect.target")
+
+
+class TargetConfig(BaseModel):
+    """Configuration of ``vlselect target`` (section ``target``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Selection name: output goes to <ws>/selections/<name>/.",
+    )  # fmt: skip
+    benchmarks: list[str] = Field(
+        default_factory=list, description="Benchmark files (LLaVA JSON/JSONL/Parquet)."
+    )
+    budget: float | None = Field(
+        None, description="Rows per benchmark: a fraction of the pool (0.2) or a count (133000)."
+    )
+    mode: Literal[MODES] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="auto (the predicted space), concept, skill, or the hybrid baselines "
+        "sum, max (fused rankings) and split (half the budget from each space).",
+    )
+    images: str | None = Field(
+        None, description="Root of the benchmarks' image paths (default: each file's folder)."
+    )
+    depth: int = Field(
+        1000, ge=1, description="Neighbours per sample and space for the cross-ranks; a rank "
+        "beyond it is censored at depth + 1.",
+    )  # fmt: skip
+    reference: int = Field(
+        200, ge=0, description="Pool samples used as reference queries (0: no calibration)."
+    )
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the confidence.")
+    seed: int = Field(0, description="Seed of the reference sample and the bootstrap.")
+    aggregation: Literal["round_robin", "score"] = Field(
+        "round_robin",
+        description="round_robin: benchmark samples take turns, each its next-best unselected "
+        "neighbour; score: every (sample, neighbour) pair ranked by score.",
+    )
+    quota: int | None = Field(
+        None, ge=1, description="Most pool rows one benchmark sample may contribute (None: no cap)."
+    )
+    split_share: float = Field(
+        0.5, gt=0, lt=1, description="split mode: the concept space's share of the budget."
+    )
+    service: ServiceConfig = Field(
+        default_factory=lambda: ServiceConfig(shard={"num_cpus": 0.25, "max_retries": -1}),
+        description="The retrieval services' shard actors and batching (both spaces).",
+    )
+    preprocess_cpus: float = Field(0.5, gt=0, description="CPUs of a decode-and-resize task.")
+    overwrite: bool = Field(False, description="Replace an existing selection of this name.")
+
+
+CONFIG = TargetConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", dest="benchmarks", action="append",
+                        help="a benchmark file (repeat for several)")  # fmt: skip
+    parser.add_argument("--budget", type=float, help="a fraction of the pool (0.2) or a count")
+    parser.add_argument("--name", help="selection name: <ws>/selections/<name>/")
+    parser.add_argument("--mode", choices=list(MODES))
+    parser.add_argument("--images", help="root of the benchmarks' image paths")
+    parser.add_argument("--depth", type=int, help="neighbours per sample for the cross-ranks")
+    parser.add_argument("--aggregation", choices=["round_robin", "score"])
+    parser.add_argument("--quota", type=int, help="most rows one benchmark sample contributes")
+    parser.add_argument("--overwrite", action="store_true", default=None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    keys = ("benchmarks", "budget", "name", "mode", "images", "depth", "aggregation", "quota",
+            "overwrite")  # fmt: skip
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+@dataclass
+class Plan:
+    """What check_inputs found: sizes, spaces, indexes, benchmarks and where outputs go."""
+
+    pool: int
+    budget: int
+    spaces: dict[str, EmbeddedSpace]
+    indexes: dict[str, IndexInfo]
+    benchmarks: list[Benchmark]
+    fingerprint: dict
+    out: str
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    files = (
+        sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
+    )
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _space(ws: Workspace, space: str) -> tuple[EmbeddedSpace, IndexInfo]:
+    missing = not ws.exists("embeddings", "skill", META_FILE)
+    if space == "skill" and missing and not ws.exists("skills", META_FILE):
+        raise InputError(
+            f"the pool has no skill descriptions: run `vlselect skills --workspace {ws.uri}` "
+            f"(it embeds the skill space when done), then `vlselect index --workspace "
+            f"{ws.uri} --space skill`"
+        )
+    embedded = open_space(ws, space)
+    try:
+        index = open_index(ws, space)
+    except InputError as err:
+        raise InputError(f"{err} (`vlselect index --workspace {ws.uri} --space {space}`)") from None
+    if (index.fingerprint or {}).get("embeddings") != embedded.fingerprint:
+        raise InputError(
+            f"the index of space {space!r} was built from older embeddings: rebuild it with "
+            f"`vlselect index --workspace {ws.uri} --space {space}`"
+        )
+    return embedded, index
+
+
+def check_inputs(cfg: TargetConfig, ws: Workspace) -> Plan:
+    """Everything the run needs, checked before Ray starts. Raises InputError with the fix."""
+    if not cfg.name:
+        raise InputError("no selection name: pass --name NAME (output: <ws>/selections/NAME/)")
+    if not cfg.benchmarks:
+        raise InputError("no benchmark: pass --benchmark FILE (LLaVA JSON, JSONL or Parquet)")
+    if cfg.budget is None:
+        raise InputError("no budget: pass --budget as a fraction of the pool (0.2) or a count")
+    if not ws.list_files("pool", suffix=".parquet"):
+        raise InputError(
+            f"no pool in {ws.path('pool')}: run `vlselect ingest --workspace {ws.uri}`"
+        )
+    pool = ws.parquet_rows(ws.path("pool"))
+    if cfg.budget <= 0:
+        raise InputError(f"budget {cfg.budget:g} is not positive: pass a fraction (0.2) or a count")
+    budget = rows_of(cfg.budget, pool, "budget")
+    found = {s: _space(ws, s) for s in ("clip", "skill")}
+    indexed = min(found["clip"][1].rows, found["skill"][1].rows)
+    if budget > indexed:
+        raise InputError(
+            f"budget {budget} is more than the pool's {pool} rows"
+            + (f" ({indexed} indexed in both spaces)" if indexed < pool else "")
+            + ": lower --budget"
+        )
+    names = [os.path.basename(b) for b in cfg.benchmarks]
+    benches = [read_benchmark(b, image_root=cfg.images) for b in cfg.benchmarks]
+    dup = {b.name for b in benches if [x.name for x in benches].count(b.name) > 1}
+    if dup:
+        raise InputError(f"benchmark files share the name(s) {sorted(dup)}: rename one ({names})")
+    for b in benches:
+        require_usable(b)
+    out = ws.path("selections", cfg.name)
+    made_of = {
+        "config": cfg.model_dump(mode="json", exclude={"overwrite", "service", "preprocess_cpus"}),
+        "pool": pool,
+        "spaces": {s: e.fingerprint for s, (e, _) in found.items()},
+        "indexes": {s: i.fingerprint for s, (_, i) in found.items()},
+        "benchmarks": {b.name: _file_digest(b.path) for b in benches},
+    }
+    made_of = json.loads(json.dumps(made_of, default=str))
+    old = (
+        ws.read_json(f"{out}/{META_FILE}") if ws.exists("selections", cfg.name, META_FILE) else None
+    )
+    if (
+        ws.exists("selections", cfg.name)
+        and not cfg.overwrite
+        and (old is None or old.get("fingerprint") != made_of)
+    ):
+        raise InputError(
+            f"selection {cfg.name!r} exists ({out}) from other inputs or config: pass "
+            f"--overwrite to replace it, or choose another --name"
+        )
+    return Plan(pool, budget, {s: e for s, (e, _) in found.items()},
+                {s: i for s, (_, i) in found.items()}, benches, made_of, out)  # fmt: skip
+
+
+def _lists(services, queries: dict[str, np.ndarray], k: int) -> dict[str, tuple]:
+    return {space: services[space].search(queries[space], k) for space in ("concept", "skill")}
+
+
+def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, staged) -> dict:
+    """Cross-ranks, decision, selection and outputs of one benchmark; its report."""
+    timer = Timer()
+    rows = min(plan.indexes["clip"].rows, plan.indexes["skill"].rows)
+    depth = min(cfg.depth, rows)
+    lists = _lists(services, vecs, depth)
+    ranks = cross_ranks(*lists["concept"], *lists["skill"])
+    decision = decide(ranks, reference, n_boot=cfg.bootstrap, seed=cfg.seed)
+    mode = decision.prediction if cfg.mode == "auto" else cfg.mode
+    k = min(rows, max(depth, math.ceil(2 * plan.budget / len(bench))))
+    while True:
+        if k > depth:
+            lists = _lists(services, vecs, k)
+        chosen = select(mode, plan.budget, lists, aggregation=cfg.aggregation, quota=cfg.quota,
+                        split_share=cfg.split_share)  # fmt: skip
+        if len(chosen) == plan.budget or k == rows:
+            break
+        k = min(rows, 2 * k)
+    if len(chosen) != plan.budget:
+        raise RuntimeError(
+            f"{bench.name}: the neighbour lists of the whole index hold {len(chosen)} distinct "
+            f"ids, fewer than the budget {plan.budget} (an approximate index missed rows): "
+            f"raise search nprobe/ef_search or index with 'Flat'"
+        )
+    staged.put(bench.name, ranks, decision, lists, vecs, chosen, reference)
+    per = chosen.per_sample(len(bench))
+    return {
+        "benchmark": bench.name, "file": bench.path, "records": bench.records,
+        "usable": len(bench), "rejected": len(bench.rejects),
+        "rejected_by_reason": bench.reject_counts(), "mode_requested": cfg.mode, "mode": mode,
+        **decision.as_dict(), "ranks": ranks.aggregate(),
+        "reference_ranks": reference.aggregate() if reference is not None else None,
+        "depth": depth, "selection_depth": k, "budget": plan.budget, "selected": len(chosen),
+        "aggregation": cfg.aggregation, "quota": cfg.quota, "quota_lifted": chosen.quota_lifted,
+        "picks_per_sample": {"min": int(per.min()), "median": float(np.median(per)),
+                             "max": int(per.max())},
+        "picks_by_space": {s: chosen.space.count(s) for s in sorted(set(chosen.space))},
+        "seconds": round(timer.seconds, 2),
+    }  # fmt: skip
+
+
+class Staged:
+    """Per-benchmark results held until every benchmark is done, then written together."""
+
+    def __init__(self, ws: Workspace, root: str, single: bool):
+        self.ws, self.root, self.single, self.items = ws, root, single, {}
+
+    def dir(self, name: str) -> str:
+        return self.root if self.single else f"{self.root}/{name}"
+
+    def put(self, name, ranks: CrossRanks, decision, lists, vecs, chosen, reference) -> None:
+        c_ids, s_ids = lists["concept"][0], lists["skill"][0]
+        self.items[name] = (ranks, decision, c_ids[:, 0], s_ids[:, 0], vecs["skill_text"], chosen)
+        self.ws.write_bytes(f"{self.dir(name)}/crossranks.png",
+                            scatter_png(name, ranks, reference, decision))  # fmt: skip
+
+
+def main(cfg: TargetConfig, ws: Workspace) -> dict:
+    """Select for every benchmark; see the module docstring. Returns the summary."""
+    timer = Timer()
+    plan = check_inputs(cfg, ws)
+    old = (
+        ws.read_json(f"{plan.out}/{META_FILE}")
+        if ws.exists("selections", cfg.name, META_FILE)
+        else None
+    )
+    if old and old.get("fingerprint") == plan.fingerprint and not cfg.overwrite:
+        _print(old["summary"], plan.out, reused=True)
+        return old["summary"]
+    connect()
+    vectors, embed_stats = te.embed_benchmarks(
+        ws, plan.benchmarks, plan.indexes, cfg.preprocess_cpus
+    )
+    reference = None
+    svc = {"concept": None, "skill": None}
+    staging = ws.staging_dir(STAGE)
+    staged = Staged(ws, staging, single=len(plan.benchmarks) == 1)
+    try:
+        svc["concept"] = RetrievalService.start(ws, "clip", cfg.service)
+        svc["skill"] = RetrievalService.start(ws, "skill", cfg.service)
+        if cfg.reference:
+            reference = _reference(cfg, ws, plan, svc)
+        reports = [run_benchmark(cfg, ws, plan, svc, b, vectors[b.name], reference, staged)
+                   for b in plan.benchmarks]  # fmt: skip
+        for s in svc.values():
+            s.stop()
+        svc = {}
+        summary = _write(cfg, ws, plan, staged, reports, embed_stats, timer, staging)
+    finally:
+        for s in svc.values():
+            if s is not None:
+                s.stop()
+        ws.discard(staging)
+    _print(summary, plan.out, reused=False)
+    return summary
+
+
+def _reference(cfg, ws, plan, svc) -> CrossRanks | None:
+    ids, qc, qs = reference_sample(ws, list(plan.spaces["clip"].files),
+                                   list(plan.spaces["skill"].files), cfg.reference, cfg.seed)  # fmt: skip
+    if not ids:
+        return None
+    depth = min(cfg.depth, plan.indexes["clip"].rows - 1, plan.indexes["skill"].rows - 1)
+    own = np.array(ids, dtype=object)
+    c = drop_self(*svc["concept"].search(qc, depth + 1), own, depth)
+    s = drop_self(*svc["skill"].search(qs, depth + 1), own, depth)
+    return cross_ranks(*c, *s)
+
+
+def _write(cfg, ws, plan, staged: Staged, reports, embed_stats, timer, staging) -> dict:
+    wanted = {b: set(item[-1].ids) for b, item in staged.items.items()}
+    dirs = {b: staged.dir(b) for b in wanted}
+    records: dict[str, dict] = {b: {} for b in wanted}
+    task = ray.remote(num_cpus=0.25)(pool_records)
+    parts = ray.get(
+        [task.remote(ws, f, wanted, dirs) for f in ws.list_files("pool", suffix=".parquet")]
+    )
+    for part in parts:
+        for b, found in part.items():
+            records[b].update(found)
+    counts = cluster_counts(
+        ws, clusterings(ws), {b: item[-1].ids for b, item in staged.items.items()}
+    )
+    for report, bench in zip(reports, plan.benchmarks, strict=True):
+        ranks, decision, top_c, top_s, text, chosen = staged.items[bench.name]
+        out_dir = staged.dir(bench.name)
+        report["clusters"] = counts[bench.name]
+        report["skills"] = embed_stats
+        ws.write_table(
+            f"{out_dir}/crossranks.parquet", crossrank_table(bench.ids, ranks, top_c, top_s, text)
+        )
+        ws.write_json(f"{out_dir}/rejects.json", bench.rejects)
+        write_selection(ws, out_dir, chosen.ids, records[bench.name], report)
+    summary = {"name": cfg.name, "pool": plan.pool, "budget": plan.budget,
+               "benchmarks": [{k: r[k] for k in ("benchmark", "usable", "rejected", "prediction",
+                               "confidence", "margin", "mode", "selected", "seconds")} for r in reports],
+               "seconds": round(timer.seconds, 2), "path": plan.out}  # fmt: skip
+    if not staged.single:
+        ws.write_json(f"{staging}/summary.json", {**summary, "reports": reports})
+    config = cfg.model_dump(mode="json")
+    ws.write_json(f"{staging}/{META_FILE}", {"stage": STAGE, "status": "complete",
+                  "fingerprint": plan.fingerprint, "config": config, "summary": summary})  # fmt: skip
+    ws.promote(staging, "selections", cfg.name)
+    return summary
+
+
+def _print(summary: dict, out: str, reused: bool) -> None:
+    rows: list[tuple[str, Any]] = [
+        ("pool / budget", f"{summary['pool']} rows / {summary['budget']} per benchmark")
+    ]
+    rows.append(("benchmark", "samples  rejected  prediction (confidence, margin)  mode  selected"))
+    for b in summary["benchmarks"]:
+        rows.append((b["benchmark"], f"{b['usable']:>7}  {b['rejected']:>8}  {b['prediction']:>7} "
+                     f"({b['confidence']:.2f}, {b['margin']:+.3f})  {b['mode']:>7}  {b['selected']}"))  # fmt: skip
+    rows.append(("time", "current, nothing recomputed" if reused else f"{summary['seconds']} s"))
+    rows.append(("selections", out))
+    print_summary(STAGE, rows, extra=summary)
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main([STAGE, *sys.argv[1:]]))

@@ -1,0 +1,187 @@
+"""``vlselect target`` on local Ray: a small world's pool with synthetic clip and skill spaces
+(built into real indexes by ``vlselect index``), real benchmark files embedded by the pool's
+encoders, skill descriptions from the skills cache; every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engine.skills import PROMPT_VERSION, cache_key
+from engine.skills_config import SkillsConfig
+from engine.skills_store import CacheWriter
+from engine.text import instruction_text
+from engine.workspace import Workspace, read_parquet_dir
+from jobs import skills
+from jobs.cli import main
+from tests.synthetic_space import clustered, write_space
+
+POOL = 200
+SERVICE = ["--set", "service.shard.num_cpus=0.1"]
+
+
+def family(question: str) -> str:
+    """A stand-in for the LLM's answer in the skills cache (the tests cannot wait on it)."""
+    q = question.lower()
+    for word, skill in (("how many", "object counting"), ("more", "quantity comparison"),
+                        ("left", "spatial relations"), ("right", "spatial relations"),
+                        ("row", "position reading"), ("colour", "color recognition")):  # fmt: skip
+        if word in q:
+            return skill
+    return "object recognition"
+
+
+def cache_skills(ws: Path, questions: list[str]) -> None:
+    model = skills.model_id(SkillsConfig())
+    writer = CacheWriter(Workspace.open(str(ws)), model, 10_000)
+    keys = {cache_key(q, PROMPT_VERSION, model): q for q in questions}
+    writer.add(pa.table({
+        "key": list(keys), "skills": [[family(q)] for q in keys.values()],
+        "skill_text": [family(q) for q in keys.values()], "raw": [family(q) for q in keys.values()],
+        "status": ["ok"] * len(keys),
+    }))  # fmt: skip
+    writer.flush()
+
+
+def bench_file(ws: Path, name: str, n: int, out: Path) -> Path:
+    table = pq.read_table(ws / "benchmarks" / f"{name}.parquet").slice(0, n)
+    pq.write_table(table, out / f"{name}.parquet")
+    return out / f"{name}.parquet"
+
+
+@pytest.fixture(scope="module")
+def world(ray_session, tmp_path_factory):
+    """A 200-row world, ingested; clip (64-d) and skill (384-d) spaces written as synthetic
+    vectors over the pool's ids and indexed for real; skill answers for every benchmark
+    question in the cache."""
+    root = tmp_path_factory.mktemp("target")
+    ws = root / "ws"
+    assert main(["world", "--out", str(ws), "--size", str(POOL)]) == 0
+    assert main(["ingest", "--workspace", str(ws)]) == 0
+    ids = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    write_space(ws, "clip", clustered(POOL, 64, 12, seed=1), ids=ids, shard_rows=70)
+    write_space(ws, "skill", clustered(POOL, 384, 6, seed=2), ids=ids, shard_rows=70)
+    for space, shards in (("clip", "2"), ("skill", "1")):
+        assert main(["index", "--workspace", str(ws), "--space", space, "--shards", shards]) == 0
+    questions = []
+    for f in (ws / "benchmarks").glob("*.parquet"):
+        for turns in pq.read_table(f, columns=["conversations"]).column(0).to_pylist():
+            questions.append(instruction_text(turns))
+    cache_skills(ws, questions)
+    files = root / "files"
+    files.mkdir()
+    return ws, files
+
+
+def target(ws: Path, *args: str) -> int:
+    return main(["target", "--workspace", str(ws), *SERVICE, *args])
+
+
+def test_every_benchmark_gets_exactly_the_budget(world, capsys):
+    ws, files = world
+    benches = [bench_file(ws, b, 30, files) for b in
+               ("bench_counting", "bench_spatial", "bench_space", "bench_snow")]  # fmt: skip
+    args = [a for b in benches for a in ("--benchmark", str(b))]
+    assert target(ws, *args, "--budget", "0.25", "--name", "all", "--depth", "150") == 0
+    pool_ids = set(read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist())
+    out = ws / "selections" / "all"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [b["benchmark"] for b in summary["benchmarks"]] == [b.stem for b in benches]
+    for b in benches:
+        d = out / b.stem
+        ids = (d / "ids.txt").read_text().split()
+        assert len(ids) == len(set(ids)) == 50 and set(ids) <= pool_ids
+        selected = json.loads((d / "selected.json").read_text())
+        assert [r["id"] for r in selected] == ids
+        assert all(r["conversations"] for r in selected)
+        images = [r["image"] for r in selected if "image" in r]  # text-only rows have none
+        assert images and all(i.startswith("images/") for i in images)
+        assert (d / images[0]).read_bytes()[:4] == b"\x89PNG"
+        report = json.loads((d / "report.json").read_text())
+        assert report["prediction"] in ("concept", "skill") and 0 <= report["confidence"] <= 1
+        assert report["mode"] == report["prediction"] and report["selected"] == 50
+        assert report["usable"] == 30 and report["ranks"]["samples"] == 30
+        assert report["reference_ranks"]["samples"] > 0
+        assert (d / "crossranks.png").read_bytes()[:4] == b"\x89PNG"
+        ranks = pq.read_table(d / "crossranks.parquet")
+        assert ranks.num_rows == 30 and min(ranks.column("r_cs").to_pylist()) >= 1
+    printed = capsys.readouterr().out
+    assert "bench_snow" in printed and "prediction" in printed
+    # The same inputs and config again: the result is reported, nothing recomputed.
+    assert target(ws, *args, "--budget", "0.25", "--name", "all", "--depth", "150") == 0
+    assert "nothing recomputed" in capsys.readouterr().out
+
+
+def test_hybrid_mode_bad_records_and_clusters(world):
+    ws, files = world
+    assert main(["cluster", "--workspace", str(ws), "--name", "c", "--spaces", "clip",
+                 "--k", "4"]) == 0  # fmt: skip
+    good = pq.read_table(ws / "benchmarks" / "bench_snow.parquet").slice(0, 12).to_pylist()
+    lines = [json.dumps({"id": r["id"], "question": r["conversations"][0]["value"],
+                         "image": "data:image/png;base64," + __import__("base64").b64encode(
+                             r["image"]).decode()}) for r in good]  # fmt: skip
+    lines += [
+        json.dumps({"id": "no-image", "question": "How many circles are there?"}),
+        json.dumps({"id": "no-question", "image": "x.png"}),
+        json.dumps({"id": "missing-file", "question": "What colour?", "image": "gone.png"}),
+        json.dumps({"id": "broken", "question": "What colour?", "image": "broken.png"}),
+        "{not json",
+    ]
+    (files / "broken.png").write_bytes(b"not a png")
+    jsonl = files / "mixed.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    assert target(ws, "--benchmark", str(jsonl), "--budget", "33", "--name", "mix",
+                  "--mode", "split", "--quota", "2") == 0  # fmt: skip
+    report = json.loads((ws / "selections" / "mix" / "report.json").read_text())
+    assert report["mode"] == "split" and report["selected"] == 33 and report["usable"] == 12
+    assert report["rejected_by_reason"] == {
+        "image_not_found": 1, "image_unreadable": 1, "malformed_json": 1,
+        "missing_image": 1, "missing_question": 1,
+    }  # fmt: skip
+    assert report["clusters"]["c"]["rows_with_cluster"] == 33
+    rejects = json.loads((ws / "selections" / "mix" / "rejects.json").read_text())
+    assert {r["id"] for r in rejects} >= {"no-image", "no-question", "missing-file", "broken"}
+
+
+def test_bad_input_is_refused_with_the_fix(world, tmp_path, capsys):
+    ws, files = world
+    bench = bench_file(ws, "bench_space", 5, files)
+
+    def refused(*args: str) -> str:
+        assert target(ws, *args) == 2
+        return capsys.readouterr().err
+
+    base = ["--benchmark", str(bench), "--name", "bad"]
+    assert "not positive" in refused(*base, "--budget", "0")
+    assert "not positive" in refused(*base, "--budget", "-3")
+    assert "more than the pool's 200 rows" in refused(*base, "--budget", "201")
+    assert "no budget" in refused("--benchmark", str(bench), "--name", "bad")
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    assert "is empty" in refused("--benchmark", str(empty), "--name", "bad", "--budget", "5")
+    useless = tmp_path / "useless.jsonl"
+    useless.write_text('{"id": "a", "question": "q?"}\n{"id": "b", "image": "x.png"}\n')
+    err = refused("--benchmark", str(useless), "--name", "bad", "--budget", "5")
+    assert "none of its 2 records is usable" in err and "1 missing_image" in err
+    assert "not found" in refused("--benchmark", str(tmp_path / "nope.json"), "--name", "bad",
+                                  "--budget", "5")  # fmt: skip
+    assert not (ws / "selections" / "bad").exists()
+    # A space without its index, then without its vectors: the stage to run is named.
+    moved = tmp_path / "index-skill"
+    shutil.move(ws / "index" / "skill", moved)
+    try:
+        err = refused(*base, "--budget", "5")
+        assert "vlselect index" in err and "--space skill" in err
+    finally:
+        shutil.move(moved, ws / "index" / "skill")
+    moved = tmp_path / "emb-skill"
+    shutil.move(ws / "embeddings" / "skill", moved)
+    try:
+        assert "vlselect skills" in refused(*base, "--budget", "5")
+    finally:
+        shutil.move(moved, ws / "embeddings" / "skill")
