@@ -6,6 +6,10 @@ from typing import Any
 
 from engine.resources import Resources
 
+# The namespace of every named actor (coordinators, index shards): Ray's default is a
+# fresh namespace per job, where a named actor started by one job is invisible to the next.
+NAMESPACE = "vlselect"
+
 
 def ray_options(resources: Resources, *, actor: bool = False) -> dict[str, Any]:
     """Options for ``ray.remote(...).options(**opts)``: tasks retry, actors restart."""

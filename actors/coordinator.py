@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.metrics import Counter, Gauge
 
-from actors.adapter import ray_options
+from actors.adapter import NAMESPACE, ray_options
 from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings
 from engine.progress import PoolClusters
 from engine.resources import Resources
@@ -39,9 +39,6 @@ from engine.workspace import META_FILE, Workspace, read_parquet_dir
 
 log = logging.getLogger("vlselect.progress")
 STATE_FILE = "coordinator/state.npz"
-# Named actors live in a namespace; a fixed one lets a new driver (another job) find a
-# detached coordinator, where Ray's default namespace is a fresh one per job.
-NAMESPACE = "vlselect"
 
 
 def round_file(run_dir: str, round_index: int) -> str:

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.adapter import ray_options
+from actors.adapter import NAMESPACE, ray_options
 from engine.errors import InputError
 from engine.knn import (
     IndexInfo,
@@ -50,7 +50,6 @@ from engine.workspace import Workspace
 
 log = logging.getLogger("vlselect.retrieval")
 
-NAMESPACE = "vlselect"
 INLINE_BYTES = 100 * 1024
 
 
