@@ -56,6 +56,7 @@ def plot_rounds(rounds: list[dict[str, Any]]) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = {}
     x = [r["round"] for r in rounds]
@@ -70,6 +71,7 @@ def plot_rounds(rounds: list[dict[str, Any]]) -> dict[str, bytes]:
         ys = [r["delta"].get(c, np.nan) for r in rounds]
         ax.plot(x, ys, marker="o", label=f"cluster {c}")
     ax.axhline(0, color="grey", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="Δk (relative progress)", title="Δk per cluster (most picked)")
     ax.legend(fontsize=7, ncol=2)
     out["delta.png"] = _figure_bytes(fig)
@@ -88,6 +90,7 @@ def plot_rounds(rounds: list[dict[str, Any]]) -> dict[str, bytes]:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.step(x, [r["spent"] for r in rounds], where="post", label="spent")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(rounds[-1]["budget"], color="red", ls="--", label="budget")
     ax.set(xlabel="round", ylabel="rows revealed", title="Budget curve")
     ax.legend()
