@@ -338,6 +338,8 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps) -> dict:
     resources = {"CPU": cfg.worker.num_cpus, **cfg.worker.custom}
     if cfg.use_gpu:
         resources["GPU"] = max(1.0, cfg.worker.num_gpus)
+    if cfg.worker.memory_gb:
+        resources["memory"] = int(cfg.worker.memory_gb * 1024**3)
     env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
     trainer = TorchTrainer(
         train_loop_per_worker,
