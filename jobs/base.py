@@ -8,8 +8,9 @@ What it does:
     3. otherwise trains it in one Ray task with the declared resources (it lands on a GPU
        node when ``resources.num_gpus`` asks for one): the vision tower on per-patch
        attributes (colour, shape, size, glyph, row, column) of the base's own scenes,
-       frozen, then the language model and projector on row-by-row captions (a world of
-       another seed than the pool's: the base never sees pool, test or benchmark data);
+       frozen, then the language model and projector on captions that list each scene's
+       objects in a random order (a world of another seed than the pool's: the base never
+       sees pool, test or benchmark data);
     4. writes ``model/`` (safetensors), ``tokenizer/`` and ``meta.json`` (config,
        fingerprint, accuracies, times), staged and moved into place when complete;
     5. prints the tower's per-attribute patch accuracy, the caption loss, time and path.

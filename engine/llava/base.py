@@ -3,8 +3,11 @@ to look at the image in minutes on 2 cores; with this base it does).
 
 1. The vision tower learns per-patch attribute heads (colour, shape, size, glyph, row,
    column) on the base's own scenes, then is frozen.
-2. The language model and projector learn to caption those scenes row by row
-   ("Row 1: large red circle, empty, ..."), image tokens before the prompt.
+2. The language model and projector learn to caption those scenes: each scene's objects
+   in a random order ("small green ring in row 1 column 4. large red circle in ..."),
+   image tokens before the prompt. The random order is what teaches the language model
+   to look a patch up by its content, which questions need; row-by-row captions
+   (``caption_style: rows``) teach only a fixed reading order.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from engine.llava.config import BaseTrainConfig, LlavaModelConfig
 from engine.llava.data import IGNORE, collate_for, model_inputs
 from engine.llava.model import build_llava, pixel_values
 from engine.llava.scenes import ATTRIBUTES, Scenes, check_grid, generate_scenes
-from engine.llava.tokenizer import CAPTION_PROMPT, build_world_tokenizer, load_tokenizer
+from engine.llava.tokenizer import build_world_tokenizer, load_tokenizer
 from engine.llava.train import torch_stepper, train_loop
 from engine.world.config import WorldConfig
 
@@ -112,7 +115,7 @@ def pretrain_vision(
 
 def _caption_examples(scenes: Scenes, idx) -> list[dict]:
     return [
-        {"image": scenes.images[i], "question": CAPTION_PROMPT, "answer": scenes.captions[i]}
+        {"image": scenes.images[i], "question": scenes.prompt, "answer": scenes.captions[i]}
         for i in idx
     ]
 
@@ -176,8 +179,10 @@ def train_base(
     tokenizer = make_tokenizer(model_cfg, world)
     model = build_llava(model_cfg, tokenizer).to(device)
     n = max(cfg.vision_scenes, cfg.caption_scenes)
-    scenes = generate_scenes(world, cfg.seed, 0, n, cfg.card_share)
-    held_out = generate_scenes(world, cfg.seed, n, cfg.eval_scenes, cfg.card_share)
+    scenes = generate_scenes(world, cfg.seed, 0, n, cfg.card_share, cfg.caption_style)
+    held_out = generate_scenes(
+        world, cfg.seed, n, cfg.eval_scenes, cfg.card_share, cfg.caption_style
+    )
     t_scenes = time.perf_counter()
     log(f"{n + cfg.eval_scenes} base scenes in {t_scenes - t0:.1f} s; training the tower")
     vision = pretrain_vision(

@@ -1,4 +1,4 @@
-"""The base's own scenes: images, per-cell attribute labels and row-by-row captions.
+"""The base's own scenes: images, per-cell attribute labels and captions.
 
 They come from a world of the same rendering config but another generation seed, so
 the base never sees a pool, test or benchmark image (and never reads ground truth:
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import InputError
-from engine.world.answers import scene_caption
+from engine.llava.tokenizer import CAPTION_PROMPTS
+from engine.world.answers import object_caption, scene_caption
 from engine.world.config import WorldConfig
 from engine.world.generate import generate_sample, split_distribution
 from engine.world.render import COLOUR_NAMES, SHAPES, SIZES
@@ -43,6 +44,7 @@ class Scenes:
     labels: dict[str, np.ndarray]
     captions: list[str]
     grid: int
+    prompt: str
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -53,6 +55,7 @@ class Scenes:
             {k: v[idx] for k, v in self.labels.items()},
             [self.captions[i] for i in idx.tolist()],
             self.grid,
+            self.prompt,
         )
 
 
@@ -74,9 +77,20 @@ def base_world(world: WorldConfig, seed: int, card_share: float | None = None) -
 
 
 def generate_scenes(
-    world: WorldConfig, seed: int, start: int, count: int, card_share: float | None = None
+    world: WorldConfig,
+    seed: int,
+    start: int,
+    count: int,
+    card_share: float | None = None,
+    caption_style: str = "objects",
 ) -> Scenes:
-    """Scenes [start, start + count) of the base world of ``seed`` (see ``base_world``)."""
+    """Scenes [start, start + count) of the base world of ``seed`` (see ``base_world``),
+    captioned in ``caption_style`` ('objects': each scene's objects in a random order of
+    its own; 'rows': row by row)."""
+    if caption_style not in CAPTION_PROMPTS:
+        raise InputError(
+            f"unknown caption style {caption_style!r}; known: {sorted(CAPTION_PROMPTS)}"
+        )
     bw = base_world(world, seed, card_share)
     dist = split_distribution(bw, SPLIT)
     g = world.grid
@@ -96,8 +110,12 @@ def generate_scenes(
             labels["size"][i, cell] = _SIZE[o.size]
             if o.digit is not None:
                 labels["glyph"][i, cell] = int(o.digit)
-        captions.append(scene_caption(sample.objects, g))
-    return Scenes(images, labels, captions, g)
+        if caption_style == "rows":
+            captions.append(scene_caption(sample.objects, g))
+        else:
+            order = np.random.default_rng([seed, start + i]).permutation(len(sample.objects))
+            captions.append(object_caption(sample.objects, order.tolist()))
+    return Scenes(images, labels, captions, g, CAPTION_PROMPTS[caption_style])
 
 
 def check_grid(world: WorldConfig, image_size: int, patch_size: int) -> None:

@@ -8,7 +8,7 @@ re-label scenes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from engine.world.config import FAMILIES, TEXT_FAMILY, WorldConfig
 from engine.world.families import Sample
@@ -84,6 +84,24 @@ def derive_answer(sample: Sample) -> str:
     raise ValueError(f"unknown family {f!r}; known: {list(FAMILIES)}")
 
 
+def _object_name(o: SceneObject) -> str:
+    return f"{o.size} {o.colour} " + (f"card showing {o.digit}" if o.shape == "card" else o.shape)
+
+
+def object_caption(objects: list[SceneObject], order: Sequence[int]) -> str:
+    """The objects of a scene in ``order``, e.g. 'large red circle in row 1 column 2. ...'.
+
+    Meant for pretraining a language model on the world. A random order per scene makes
+    the model find, for the attributes it has written so far, the patch that holds them
+    and read the rest there: the content-addressed lookup that questions ask for ('What
+    color is the circle?'), which a fixed reading order never trains.
+    """
+    return " ".join(
+        f"{_object_name(objects[i])} in row {objects[i].row + 1} column {objects[i].col + 1}."
+        for i in order
+    )
+
+
 def scene_caption(objects: list[SceneObject], grid: int) -> str:
     """Row-by-row description of a scene, e.g. 'Row 1: large red circle, empty, ...'.
 
@@ -98,9 +116,7 @@ def scene_caption(objects: list[SceneObject], grid: int) -> str:
             o = cells.get((r, c))
             if o is None:
                 parts.append("empty")
-            elif o.shape == "card":
-                parts.append(f"{o.size} {o.colour} card showing {o.digit}")
             else:
-                parts.append(f"{o.size} {o.colour} {o.shape}")
+                parts.append(_object_name(o))
         rows.append(f"Row {r + 1}: " + ", ".join(parts) + ".")
     return "\n".join(rows)

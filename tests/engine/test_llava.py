@@ -30,7 +30,8 @@ from engine.llava import (
     torch_stepper,
     train_step,
 )
-from engine.llava.tokenizer import IMAGE, world_corpus
+from engine.llava.scenes import generate_scenes
+from engine.llava.tokenizer import CAPTION_PROMPTS, IMAGE, world_corpus
 from engine.workspace import Workspace
 from engine.world.config import WorldConfig
 from engine.world.generate import generate_sample
@@ -93,6 +94,18 @@ def test_tokenizer_round_trip_and_no_unknown_words(world, tokenizer, tmp_path):
     again = load_tokenizer(str(tmp_path / "tok"))
     assert again(text, add_special_tokens=False)["input_ids"] == ids
     assert again.convert_tokens_to_ids(IMAGE) == image_id
+
+
+@pytest.mark.parametrize("style", ["objects", "rows"])
+def test_base_captions_of_either_style_have_no_unknown_words(world, tokenizer, style):
+    scenes = generate_scenes(world, 7, 0, 24, card_share=0.5, caption_style=style)
+    assert scenes.prompt == CAPTION_PROMPTS[style]
+    for text in [scenes.prompt, *scenes.captions]:
+        assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"]
+    again = generate_scenes(world, 7, 8, 4, card_share=0.5, caption_style=style)
+    assert again.captions == scenes.captions[8:12]  # a scene's caption depends on it alone
+    with pytest.raises(InputError, match="unknown caption style"):
+        generate_scenes(world, 7, 0, 1, caption_style="poems")
 
 
 def test_load_tokenizer_names_a_missing_folder(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from engine.world.answers import derive_answer, family_answers, scene_caption
+from engine.world.answers import derive_answer, family_answers, object_caption, scene_caption
 from engine.world.config import (
     DEFAULT_DOMAIN_WEIGHTS,
     DOMAINS,
@@ -338,6 +338,19 @@ def test_scene_caption_lists_rows(cfg: WorldConfig) -> None:
     s = _samples(cfg, "glyph", 1)[0]
     text = scene_caption(s.objects, cfg.grid)
     assert text.count("Row ") == cfg.grid and "card showing" in text
+
+
+def test_object_caption_names_every_object_once_in_the_given_order(cfg: WorldConfig) -> None:
+    objs = _samples(cfg, "glyph", 1)[0].objects
+    order = list(reversed(range(len(objs))))
+    sentences = object_caption(objs, order).removesuffix(".").split(". ")
+    assert len(sentences) == len(objs)
+    for sentence, i in zip(sentences, order, strict=True):
+        o = objs[i]
+        assert sentence.startswith(f"{o.size} {o.colour} {o.shape}")
+        assert sentence.endswith(f"in row {o.row + 1} column {o.col + 1}")
+        if o.shape == "card":
+            assert f"card showing {o.digit}" in sentence
 
 
 # ---- rendering --------------------------------------------------------------------------
