@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from engine.errors import InputError
 from engine.shards import stem
 from engine.vectors import from_arrow
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 
 SPACES = ("clip", "dino", "text", "skill")
 
@@ -54,17 +54,13 @@ def open_space(ws: Workspace, space: str) -> EmbeddedSpace:
     if space not in SPACES:
         raise InputError(f"unknown space {space!r}; the spaces are {', '.join(SPACES)}")
     run = f"vlselect embed --workspace {ws.uri} --spaces {space}"
-    if not ws.exists("embeddings", space, META_FILE):
-        raise InputError(
-            f"space {space!r} is not embedded: {ws.path('embeddings', space)} holds no "
-            f"{META_FILE}; run `{run}` first"
-        )
-    meta = ws.read_json(ws.path("embeddings", space, META_FILE))
-    if meta.get("status") != "complete":
-        raise InputError(
-            f"space {space!r} did not finish embedding (status {meta.get('status')!r}); "
-            f"run `{run}` again to resume it"
-        )
+    meta = ws.finished_meta(
+        "embeddings",
+        space,
+        missing=f"space {space!r} is not embedded",
+        unfinished=f"space {space!r} did not finish embedding",
+        command=run,
+    )
     files = tuple(ws.list_files("embeddings", space, suffix=".parquet"))
     rows = sum(pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in files)
     if rows != meta.get("vectors"):

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine.workspace import Workspace
 
 log = logging.getLogger("vlselect.kmeans")
 
@@ -168,3 +172,58 @@ class CentroidIndex:
 def small_clusters(sizes: np.ndarray, min_size: int) -> np.ndarray:
     """Cluster numbers (int64) whose size (int (k,)) is below ``min_size``: empty ones too."""
     return np.flatnonzero(np.asarray(sizes) < min_size)
+
+
+def assignment_files(ws: Workspace, out_dir: str) -> list[str]:
+    """The finished per-shard assignment files of the clustering at ``out_dir``."""
+    return ws.list_files(out_dir.removeprefix(ws.root + "/"), "assignments", suffix=".parquet")
+
+
+def cluster_sizes(ws: Workspace, out_dir: str, k: int) -> np.ndarray:
+    """Rows per cluster, int64 (k,), from the assignment files (one int32 column read)."""
+    sizes = np.zeros(k, dtype=np.int64)
+    for f in assignment_files(ws, out_dir):
+        labels = pq.read_table(f, columns=["cluster"], filesystem=ws.fs).column("cluster")
+        sizes += np.bincount(labels.to_numpy(), minlength=k)[:k]
+    return sizes
+
+
+def describe_assignments(
+    ws: Workspace,
+    out_dir: str,
+    sizes: np.ndarray,
+    small: np.ndarray,
+    min_cluster_size: int,
+    policy: str,
+) -> dict:
+    """Counts of the finished clustering at ``out_dir`` for its meta.json: rows assigned
+    and excluded, sizes (int64 (k,)) and their spread, mean similarity to the centroid,
+    empty and ``small`` clusters (int (m,)) under ``policy``."""
+    excluded_dir = out_dir.removeprefix(ws.root + "/") + "/excluded"
+    excluded = sum(
+        pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows
+        for f in ws.list_files(excluded_dir, suffix=".parquet")
+    )
+    similarity = []
+    for f in assignment_files(ws, out_dir):
+        column = pq.read_table(f, columns=["similarity"], filesystem=ws.fs).column("similarity")
+        if len(column):
+            similarity.append(pc.mean(column).as_py() * len(column))
+    assigned = int(sizes.sum())
+    return {
+        "rows_assigned": assigned,
+        "rows_excluded": int(excluded),
+        "sizes": sizes.tolist(),
+        "size_stats": {
+            "min": int(sizes.min()),
+            "median": float(np.median(sizes)),
+            "max": int(sizes.max()),
+        },
+        "mean_similarity": float(sum(similarity) / assigned) if assigned else None,
+        "small_clusters": {
+            "min_cluster_size": min_cluster_size,
+            "policy": policy,
+            "empty": np.flatnonzero(sizes == 0).tolist(),
+            "small": small.tolist(),
+        },
+    }

@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.embeddings import SPACES
 from engine.errors import InputError
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 
 log = logging.getLogger("vlselect.knn")
 
@@ -362,17 +362,13 @@ def open_index(ws: Workspace, space: str) -> IndexInfo:
     if space not in SPACES:
         raise InputError(f"unknown space {space!r}; the spaces are {', '.join(SPACES)}")
     build = f"vlselect index --workspace {ws.uri} --space {space} --shards N"
-    if not ws.exists("index", space, META_FILE):
-        raise InputError(
-            f"no index for space {space!r}: {ws.path('index', space)} holds no {META_FILE}; "
-            f"run `{build}` first"
-        )
-    meta = ws.read_json(ws.path("index", space, META_FILE))
-    if meta.get("status") != "complete":
-        raise InputError(
-            f"the index of space {space!r} did not finish building (status "
-            f"{meta.get('status')!r}); run `{build}` again to resume it"
-        )
+    meta = ws.finished_meta(
+        "index",
+        space,
+        missing=f"no index for space {space!r}",
+        unfinished=f"the index of space {space!r} did not finish building",
+        command=build,
+    )
     return IndexInfo(
         space=space,
         dir=ws.path("index", space),

@@ -129,6 +129,26 @@ class Workspace:
     def write_table(self, path: str, table: pa.Table) -> None:
         write_table_atomic(self.fs, path, table)
 
+    def finished_meta(
+        self, *parts: str, missing: str, unfinished: str, command: str
+    ) -> dict[str, Any]:
+        """The ``meta.json`` under ``parts`` of a stage run that finished.
+
+        Raises:
+            InputError: no meta.json there (message starts with ``missing``), or one whose
+                status is not 'complete' (starts with ``unfinished``); both name ``command``.
+        """
+        if not self.exists(*parts, META_FILE):
+            raise InputError(
+                f"{missing}: {self.path(*parts)} holds no {META_FILE}; run `{command}` first"
+            )
+        meta = self.read_json(self.path(*parts, META_FILE))
+        if meta.get("status") != "complete":
+            raise InputError(
+                f"{unfinished} (status {meta.get('status')!r}); run `{command}` again to resume it"
+            )
+        return meta
+
     # -- the workspace's own config -----------------------------------------------------
 
     def read_config(self) -> dict[str, Any]:

@@ -40,7 +40,6 @@ import sys
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -58,6 +57,9 @@ from engine.embeddings import SPACES, EmbeddedSpace, open_space
 from engine.errors import InputError
 from engine.kmeans import (
     CentroidIndex,
+    assignment_files,
+    cluster_sizes,
+    describe_assignments,
     sample_positions,
     sample_size,
     small_clusters,
@@ -249,7 +251,7 @@ def main(cfg: ClusterConfig, ws: Workspace) -> dict:
     assign_timer = Timer()
     while True:
         _assign(cfg, ws, spaces, out_dir)
-        sizes = _sizes(ws, out_dir, int(state["k"]))
+        sizes = cluster_sizes(ws, out_dir, int(state["k"]))
         small = small_clusters(sizes, cfg.min_cluster_size)
         if cfg.small_clusters == "keep" or len(small) == 0:
             break
@@ -265,7 +267,10 @@ def main(cfg: ClusterConfig, ws: Workspace) -> dict:
         ws.write_json(meta_path, state)
         log.warning("%d small clusters merged into their neighbours; assigning again", len(small))
     state["assign_seconds"] = round(assign_timer.seconds, 2)
-    state.update(_describe(cfg, ws, out_dir, sizes, small), status="complete")
+    state.update(
+        describe_assignments(ws, out_dir, sizes, small, cfg.min_cluster_size, cfg.small_clusters),
+        status="complete",
+    )
     state["seconds"] = round(timer.seconds, 2)
     state["config"] = cfg.model_dump(mode="json")
     ws.write_json(meta_path, state)
@@ -399,7 +404,7 @@ def _fit_task(cfg: ClusterConfig, assign_sample: bool, *parts: np.ndarray):
 
 def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir: str) -> None:
     """Stream the unfinished shards through the assignment pool."""
-    done = {f.rsplit("/", 1)[1].removesuffix(".parquet") for f in _assignment_files(ws, out_dir)}
+    done = {f.rsplit("/", 1)[1].removesuffix(".parquet") for f in assignment_files(ws, out_dir)}
     pending = [s for s in spaces[0].stems if s not in done]
     if not pending:
         return
@@ -424,50 +429,6 @@ def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_
     with tqdm(total=len(pending), unit="shard", desc=f"cluster {cfg.name}: assign") as bar:
         for _ in ds.iter_batches(batch_size=1):
             bar.update()
-
-
-def _assignment_files(ws: Workspace, out_dir: str) -> list[str]:
-    return ws.list_files(out_dir.removeprefix(ws.root + "/"), "assignments", suffix=".parquet")
-
-
-def _sizes(ws: Workspace, out_dir: str, k: int) -> np.ndarray:
-    """Rows per cluster, int64 (k,), from the assignment files (one int32 column read)."""
-    sizes = np.zeros(k, dtype=np.int64)
-    for f in _assignment_files(ws, out_dir):
-        labels = pq.read_table(f, columns=["cluster"], filesystem=ws.fs).column("cluster")
-        sizes += np.bincount(labels.to_numpy(), minlength=k)[:k]
-    return sizes
-
-
-def _describe(cfg, ws, out_dir, sizes: np.ndarray, small: np.ndarray) -> dict:
-    excluded_dir = out_dir.removeprefix(ws.root + "/") + "/excluded"
-    excluded = sum(
-        pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows
-        for f in ws.list_files(excluded_dir, suffix=".parquet")
-    )
-    similarity = []
-    for f in _assignment_files(ws, out_dir):
-        column = pq.read_table(f, columns=["similarity"], filesystem=ws.fs).column("similarity")
-        if len(column):
-            similarity.append(pc.mean(column).as_py() * len(column))
-    assigned = int(sizes.sum())
-    return {
-        "rows_assigned": assigned,
-        "rows_excluded": int(excluded),
-        "sizes": sizes.tolist(),
-        "size_stats": {
-            "min": int(sizes.min()),
-            "median": float(np.median(sizes)),
-            "max": int(sizes.max()),
-        },
-        "mean_similarity": float(sum(similarity) / assigned) if assigned else None,
-        "small_clusters": {
-            "min_cluster_size": cfg.min_cluster_size,
-            "policy": cfg.small_clusters,
-            "empty": np.flatnonzero(sizes == 0).tolist(),
-            "small": small.tolist(),
-        },
-    }
 
 
 _NOT_IN_SUMMARY = ("sizes", "iterations", "objective", "objective_runs", "config", "fingerprint")
