@@ -12,6 +12,7 @@ import binascii
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -336,3 +337,18 @@ def _check_image(data: bytes, check: ImageCheck, label: str) -> tuple[int | None
     ) as err:
         raise Rejected("image_unreadable", f"{label} cannot be decoded: {err}") from None
     return size
+
+
+def llava_record(row: dict[str, Any], write_image: Callable[[str, bytes], None]) -> dict:
+    """A pool row (id, image, image_ref, conversations) as a LLaVA record.
+
+    An image the pool refers to keeps its reference; inline image bytes go to
+    ``write_image("images/<id>.png", bytes)``, a path relative to the JSON's folder.
+    """
+    record = {"id": row["id"], "conversations": row["conversations"]}
+    if row["image_ref"]:
+        record["image"] = row["image_ref"]
+    elif row["image"] is not None:
+        record["image"] = f"images/{row['id']}.png"
+        write_image(record["image"], row["image"])
+    return record

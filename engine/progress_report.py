@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from engine.pool import llava_record
 from engine.workspace import Workspace
 
 TOP_CLUSTERS = 12  # Δk lines drawn: more is unreadable
@@ -33,13 +34,9 @@ def llava_records(ws: Workspace, run_dir: str) -> list[dict[str, Any]]:
             path, filesystem=ws.fs, columns=["id", "image", "image_ref", "conversations"]
         )
         for row in table.to_pylist():
-            record = {"id": row["id"], "conversations": row["conversations"]}
-            if row["image_ref"]:
-                record["image"] = row["image_ref"]
-            elif row["image"] is not None:
-                record["image"] = f"images/{row['id']}.png"
-                ws.write_bytes(f"{run_dir}/images/{row['id']}.png", row["image"])
-            records.append(record)
+            records.append(
+                llava_record(row, lambda rel, data: ws.write_bytes(f"{run_dir}/{rel}", data))
+            )
     return records
 
 

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.crossrank import CrossRanks, Decision
+from engine.pool import llava_record
 from engine.workspace import META_FILE, Workspace
 
 TOP_CLUSTERS = 20
@@ -48,13 +49,10 @@ def pool_records(ws: Workspace, pool_file: str, wanted: dict[str, set[str]], out
         for key, chosen in wanted.items():
             if row["id"] not in chosen:
                 continue
-            record = {"id": row["id"], "conversations": row["conversations"]}
-            if row["image_ref"]:
-                record["image"] = row["image_ref"]
-            elif row["image"] is not None:
-                record["image"] = f"images/{row['id']}.png"
-                ws.write_bytes(f"{out_dirs[key]}/images/{row['id']}.png", row["image"])
-            out[key][row["id"]] = record
+            out_dir = out_dirs[key]
+            out[key][row["id"]] = llava_record(
+                row, lambda rel, data, d=out_dir: ws.write_bytes(f"{d}/{rel}", data)
+            )
     return out
 
 
