@@ -1,8 +1,10 @@
 """The workspace: one directory (local path or pyarrow-filesystem URI) through which stages hand over.
 
-Writes are atomic at file level: a file is written under a temporary name and
-renamed into place, so a reader never takes a half-written artifact for a
-finished one. Directories of shards are staged under ``<ws>/.staging/`` and moved
+Writes are atomic at file level: a file is written under a hidden temporary name
+(``.<name>.tmp-<hex>`` beside it) and renamed into place, so a reader never takes a
+half-written artifact for a finished one. The leading dot matters: a writer killed
+mid-write leaves its temporary behind, and pyarrow datasets and Ray Data skip
+hidden files where a ``*.parquet*``-style listing would not. Directories of shards are staged under ``<ws>/.staging/`` and moved
 into place when complete.
 """
 
@@ -12,6 +14,7 @@ import contextlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -107,15 +110,8 @@ class Workspace:
     # -- atomic file writes -------------------------------------------------------------
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        self.fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
-        try:
-            with self.fs.open_output_stream(tmp) as out:
-                out.write(data)
-            self.fs.move(tmp, path)
-        except BaseException:
-            _quiet_delete(self.fs, tmp)
-            raise
+        with atomic_output(self.fs, path) as tmp, self.fs.open_output_stream(tmp) as out:
+            out.write(data)
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(
@@ -166,16 +162,28 @@ class Workspace:
         self.write_bytes(self.path(CONFIG_FILE), text.encode())
 
 
-def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    """Write ``table`` as Parquet to ``path`` via a temporary name (zstd, dictionary off for bytes)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
+@contextlib.contextmanager
+def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[str]:
+    """Yield a hidden temporary path beside ``path``; rename it to ``path`` on success.
+
+    On an exception the temporary is deleted and ``path`` is left as it was; a process
+    killed inside the block leaves only a hidden ``.<name>.tmp-<hex>`` that readers skip.
+    """
+    target = PurePosixPath(path)
+    tmp = str(target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    fs.create_dir(str(target.parent), recursive=True)
     try:
-        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+        yield tmp
         fs.move(tmp, path)
     except BaseException:
         _quiet_delete(fs, tmp)
         raise
+
+
+def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    """Write ``table`` as Parquet (zstd) to ``path`` through :func:`atomic_output`."""
+    with atomic_output(fs, path) as tmp:
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
 
 
 def _quiet_delete(fs: pafs.FileSystem, path: str) -> None:

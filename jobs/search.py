@@ -42,7 +42,7 @@ from engine.embeddings import unusable_rows
 from engine.errors import InputError
 from engine.knn import IndexInfo, open_index
 from engine.vectors import l2_normalize
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import META_FILE, Workspace, atomic_output
 from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "search"
@@ -167,29 +167,24 @@ def main(cfg: SearchConfig, ws: Workspace) -> dict:
     with RetrievalService.start(ws, cfg.space, cfg) as service:
         started = timer.seconds
         search = Timer()
-        fs.create_dir(os.path.dirname(out) or ".", recursive=True)
-        tmp = f"{out}.tmp-{os.getpid()}"
-        try:
-            with pq.ParquetWriter(tmp, RESULT_SCHEMA, filesystem=fs) as writer:
-                for start, ids, scores in service.iter_search(queries, cfg.k):
-                    found = ~np.equal(ids, None)
-                    short += int((~found).any(axis=1).sum())
-                    rows, ranks = np.nonzero(found)
-                    table = pa.table(
-                        {
-                            "query": rows + start,
-                            "rank": ranks,
-                            "id": pa.array(ids[found], pa.string()),
-                            "score": scores[found],
-                        },
-                        schema=RESULT_SCHEMA,
-                    )
-                    writer.write_table(table)
-            fs.move(tmp, out)
-        except BaseException:
-            if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                fs.delete_file(tmp)
-            raise
+        with (
+            atomic_output(fs, out) as tmp,
+            pq.ParquetWriter(tmp, RESULT_SCHEMA, filesystem=fs) as writer,
+        ):
+            for start, ids, scores in service.iter_search(queries, cfg.k):
+                found = ~np.equal(ids, None)
+                short += int((~found).any(axis=1).sum())
+                rows, ranks = np.nonzero(found)
+                table = pa.table(
+                    {
+                        "query": rows + start,
+                        "rank": ranks,
+                        "id": pa.array(ids[found], pa.string()),
+                        "score": scores[found],
+                    },
+                    schema=RESULT_SCHEMA,
+                )
+                writer.write_table(table)
         seconds = search.seconds
     qps = len(queries) / seconds if seconds else float("inf")
     result = {

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from actors.adapter import ray_options
 from engine.errors import InputError
 from engine.resources import Resources
-from engine.workspace import META_FILE, Workspace, write_table_atomic
+from engine.workspace import META_FILE, Workspace, atomic_output, write_table_atomic
 from engine.world.config import WorldConfig
 from engine.world.generate import POOL, ShardSpec, generate_rows, plan_shards, world_manifest
 from jobs.embed import EMBEDDED_DEFAULT
@@ -222,8 +222,7 @@ def _export_llava_json(ws: Workspace) -> str:
     """world/llava/pool.json (one JSON array, written incrementally) and images/<id>.png."""
     out_dir = ws.makedirs("world", "llava", "images")
     json_path = ws.path("world", "llava", "pool.json")
-    tmp = json_path + ".tmp"
-    with ws.fs.open_output_stream(tmp) as f:
+    with atomic_output(ws.fs, json_path) as tmp, ws.fs.open_output_stream(tmp) as f:
         f.write(b"[\n")
         first = True
         for part in ws.list_files("world", "source", suffix=".parquet"):
@@ -236,7 +235,6 @@ def _export_llava_json(ws: Workspace) -> str:
                 f.write((b"" if first else b",\n") + json.dumps(record).encode())
                 first = False
         f.write(b"\n]\n")
-    ws.fs.move(tmp, json_path)
     return json_path
 
 

@@ -83,7 +83,7 @@ def report(ray, actor, round_index):
 
 
 def round_rows(ws, run_dir) -> list[pa.Table]:
-    files = sorted((p for p in ws.list_files(run_dir, "rounds")), key=str)
+    files = ws.list_files(run_dir, "rounds", suffix=".parquet")
     return [pq.read_table(f) for f in files]
 
 

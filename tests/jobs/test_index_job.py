@@ -113,7 +113,7 @@ def test_search_cli_writes_query_rank_id_score(ray_session, tmp_path, data):
     got = table.to_pandas().sort_values(["query", "rank"])
     assert got["id"].tolist() == np.array(ids, dtype=object)[rows].reshape(-1).tolist()
     np.testing.assert_allclose(got["score"].to_numpy(), exact.reshape(-1), atol=2e-7)
-    assert not list(out.parent.glob("*.tmp-*"))
+    assert not list(out.parent.glob(".*.tmp-*"))
 
 
 @pytest.mark.parametrize(
