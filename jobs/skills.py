@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from actors.adapter import ray_options
+from actors.adapter import ray_data_options
 from actors.llm import (
     PACKAGED_SMOLLM2,
     HTTPSkillWriter,
@@ -134,10 +134,8 @@ def read_keys(cfg: SkillsConfig, ws: Workspace, model: str) -> tuple[pa.Table, d
     ctx.execution_options.preserve_order = True
     try:
         ds = ray.data.read_parquet(
-            ws.list_files("pool", suffix=".parquet"),
-            filesystem=ws.fs,
-            columns=["id", "conversations"],
-        )
+            ws.list_files("pool", suffix=".parquet"), filesystem=ws.fs
+        ).select_columns(["id", "conversations"])
         if cfg.limit:
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(
@@ -186,7 +184,7 @@ def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
             "prefix_cache": t.prefix_cache,
         }  # fmt: skip
         compute = ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors)
-        opts = ray_options(t.resources, actor=True)
+        opts = ray_data_options(t.resources)
     else:
         o = cfg.openai
         rate = o.max_requests_per_s / o.actors if o.max_requests_per_s else None
@@ -197,7 +195,7 @@ def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
             "breaker_after": o.breaker_after, "extra_body": o.extra_body,
         }  # fmt: skip
         compute = ray.data.ActorPoolStrategy(size=o.actors)
-        opts = ray_options(o.resources, actor=True)
+        opts = ray_data_options(o.resources)
     kwargs.update(
         max_new_tokens=cfg.max_new_tokens,
         max_attempts=cfg.max_attempts,

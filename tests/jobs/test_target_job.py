@@ -20,6 +20,7 @@ from engine.workspace import Workspace, read_parquet_dir
 from jobs import skills
 from jobs.cli import main
 from tests.synthetic_space import clustered, write_space
+from tests.tiny_llm import tiny_llm_dir
 
 POOL = 200
 SERVICE = ["--set", "service.shard.num_cpus=0.1"]
@@ -146,6 +147,31 @@ def test_hybrid_mode_bad_records_and_clusters(world):
     assert report["clusters"]["c"]["rows_with_cluster"] == 33
     rejects = json.loads((ws / "selections" / "mix" / "rejects.json").read_text())
     assert {r["id"] for r in rejects} >= {"no-image", "no-question", "missing-file", "broken"}
+
+
+def test_uncached_questions_are_described_by_the_skills_backend(world, tmp_path):
+    """The workspace's skills model (a tiny random Llama through the transformers backend)
+    has answered none of the benchmark's questions: the job asks it, caches what it says,
+    and refuses (with the reason) what it could not parse; a rerun asks nothing again."""
+    src, files = world
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws, ignore=shutil.ignore_patterns("selections"))
+    tiny = tiny_llm_dir()
+    space = Workspace.open(str(ws))
+    space.write_config(space.read_config() | {"skills": {"model": tiny, "max_new_tokens": 4}})
+    bench = bench_file(ws, "bench_counting", 8, files)
+    args = ["--benchmark", str(bench), "--budget", "10", "--mode", "skill", "--depth", "50"]
+    assert target(ws, *args, "--name", "llm") == 0
+    report = json.loads((ws / "selections" / "llm" / "report.json").read_text())
+    writer = report["skills"]
+    assert writer["backend"] == "transformers" and writer["model"] == tiny
+    assert writer["cached"] == 0 and writer["generated"] == writer["unique_questions"] > 0
+    assert report["usable"] + report["rejected"] == 8
+    assert report["rejected_by_reason"].get("skill_description_failed", 0) == writer["failed"]
+    assert report["selected"] == 10
+    assert target(ws, *args, "--name", "llm-again") == 0
+    again = json.loads((ws / "selections" / "llm-again" / "report.json").read_text())
+    assert again["skills"]["generated"] == writer["failed"]  # only failures are asked again
 
 
 def test_bad_input_is_refused_with_the_fix(world, tmp_path, capsys):
