@@ -27,6 +27,7 @@ from engine.llava import (  # noqa: E402
     load_base,
 )
 from engine.llava.finetune import accuracy_by_group, finetune  # noqa: E402
+from engine.pool import first_exchange  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
 from engine.world.config import WorldConfig  # noqa: E402
 from engine.world.generate import generate_rows  # noqa: E402
@@ -42,16 +43,8 @@ def world_examples(world: WorldConfig, split: str, count: int) -> tuple[list[dic
     records, labels = generate_rows(world, split, 0, count)
     out = []
     for rec in records.to_pylist():
-        turns = rec["conversations"]
-        question = turns[0]["value"].replace("<image>", "").strip()
-        out.append(
-            {
-                "id": rec["id"],
-                "image": rec["image"],
-                "question": question,
-                "answer": turns[1]["value"],
-            }
-        )
+        question, answer = first_exchange(rec["conversations"])
+        out.append({"id": rec["id"], "image": rec["image"], "question": question, "answer": answer})
     return out, labels.column("family").to_pylist()
 
 

@@ -211,7 +211,7 @@ def _normalize(record: Any, record_index: int, source: str, policy: ImagePolicy)
         if not n_tokens:
             # LLaVA's preprocessing expects the token in the first human turn.
             turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
-    question = turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
+    question, answer = first_exchange(turns)
     if not question:
         raise Rejected("bad_conversations", "the first human turn is empty")
     return {
@@ -221,11 +221,16 @@ def _normalize(record: Any, record_index: int, source: str, policy: ImagePolicy)
         "width": width,
         "height": height,
         "question": question,
-        "answer": turns[1]["value"],
+        "answer": answer,
         "conversations": turns,
         "source": source,
         "record_index": record_index,
     }
+
+
+def first_exchange(turns: list[dict]) -> tuple[str, str]:
+    """The first human turn without its image token, and the reply to it."""
+    return turns[0]["value"].replace(IMAGE_TOKEN, "").strip(), turns[1]["value"]
 
 
 _MISSING = object()

@@ -92,9 +92,12 @@ def finetune(
     *,
     blank_images: bool = False,
     log: Callable[[str], None] = print,
+    log_every: int = 50,
+    progress: str | None = None,
 ):
     """Fine-tune a base on QA ``examples`` (dicts: image, question, answer). Returns
-    (trained model, per-step losses). ``blank_images`` trains the text-only prior."""
+    (trained model, per-step losses). ``blank_images`` trains the text-only prior;
+    ``progress`` names a progress bar over the steps."""
     model = prepare_for_finetune(model, cfg)
     steps = total_steps(len(examples), cfg)
     stepper = torch_stepper(
@@ -106,7 +109,10 @@ def finetune(
         max_grad_norm=cfg.max_grad_norm,
     )
     batches = epoch_batches(model, tokenizer, examples, cfg, max_length, blank_images=blank_images)
-    return model, train_loop(stepper, batches, log_every=50, log=log)
+    losses = train_loop(
+        stepper, batches, log_every=log_every, log=log, progress=progress, total=steps
+    )
+    return model, losses
 
 
 def accuracy_by_group(

@@ -115,11 +115,21 @@ def train_loop(
     *,
     log_every: int = 0,
     log: Callable[[str], None] = print,
+    progress: str | None = None,
+    total: int | None = None,
 ) -> list[float]:
-    """``train_step`` over ``batches``; returns every step's loss."""
+    """``train_step`` over ``batches``; returns every step's loss. ``progress`` names a
+    tqdm bar (``total`` steps) that shows the running loss."""
     losses = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = bar = tqdm(batches, total=total, desc=progress, leave=False)
     for i, batch in enumerate(batches):
         losses.append(train_step(stepper, batch))
+        if bar is not None and i % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if log_every and (i + 1) % log_every == 0:
             recent = losses[-log_every:]
             log(f"step {i + 1}: loss {sum(recent) / len(recent):.4f}")
