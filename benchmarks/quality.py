@@ -1,19 +1,24 @@
 """Selection quality on the shapes world: the papers' main table, at a scale 2 cores train.
 
     python benchmarks/quality.py [--workspace ws/quality] [--pool 2000] [--seeds 0,1,2]
-                                 [--budgets 0.1,0.2,0.3] [--methods random,coincide,perplexity]
+        [--budgets 0.1,0.2,0.3] [--methods random,coincide,perplexity,progress-loss,...]
+        [--target-modes concept,skill,sum,max,split] [--target-budget 0.2]
 
 1. Prepares the workspace with the real stages, each skipped when already done:
    ``vlselect world`` (the default world at ``--pool`` rows), ``ingest``, ``embed
    --spaces dino,text``, the warm-up clustering ``vlselect progress`` makes (dino+text,
-   K = pool/10), and ``vlselect base`` (about 9 minutes, once per world).
+   K = pool/10), and ``vlselect base`` (about 9 minutes, once per world); with target
+   modes also the clip space, ``vlselect skills`` (SmolLM2: minutes) and both indexes.
 2. Selects, per seed and budget: ``random``; ``coincide`` (COINCIDE's selector, the
    warm-up of ``vlselect progress``, run to the whole budget); ``perplexity`` (the pool
    ranked by the per-token answer loss of a warm-up model, trained with the recipe on
    the seed's 9% COINCIDE warm-up; the middle of the ranking kept, engine.quality);
-   ``full``, the whole pool, once per seed.
-3. Trains each selection from the cached base with ONE recipe (``FinetuneConfig``
-   defaults unless ``--set``: LoRA r=32 on the LM, projector trained fully, batch 64,
+   ``full``, the whole pool, once per seed; with ``--methods progress-loss`` /
+   ``progress-accuracy``, a ``vlselect progress`` job's selection; with
+   ``--target-modes``, a ``vlselect target`` job per mode over the held-out benchmarks
+   (``auto``: each benchmark's predicted space), scored on its own benchmark.
+3. Trains each selection from the cached base with ONE recipe (``FinetuneConfig``'s
+   defaults: LoRA r=32 on the LM, projector trained fully, batch 64,
    ``--epochs`` passes over the selected rows, one cosine schedule): the papers' rule,
    the same epochs for every selection, so a 20% selection trains 20% of full data's
    steps. The text-only prior is full data with black images, first seed.
@@ -41,28 +46,24 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.quality_report import summarize, targeted_summary, write_report  # noqa: E402
 from benchmarks.tiny_llava import world_examples  # noqa: E402
 from engine.llava import FinetuneConfig, load_base  # noqa: E402
 from engine.llava.evaluate import sample_losses  # noqa: E402
 from engine.llava.finetune import accuracy_by_group, finetune  # noqa: E402
-from engine.quality import (  # noqa: E402
-    markdown_table,
-    mean_std,
-    random_selection,
-    relative_performance,
-    score_selection,
-)
+from engine.quality import random_selection, score_selection  # noqa: E402
 from engine.workspace import Workspace, read_parquet_dir  # noqa: E402
 from engine.world.config import WorldConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 UNTARGETED = ("random", "coincide", "perplexity")
+PROGRESS = ("progress-loss", "progress-accuracy")
+TARGET_MODES = ("concept", "skill", "sum", "max", "split")
 WARMUP_SHARE = 0.09
 
 
-def prepare(ws: Workspace, pool: int, world_seed: int) -> WorldConfig:
+def prepare(ws: Workspace, pool: int, world_seed: int, targeted: bool) -> WorldConfig:
     """Run the stages the selections need (each skips what is done); the world's config."""
     from jobs.cli import main as cli
 
@@ -71,10 +72,15 @@ def prepare(ws: Workspace, pool: int, world_seed: int) -> WorldConfig:
         steps.append(["world", "--out", ws.root, "--size", str(pool), "--seed", str(world_seed)])
     if not ws.exists("pool", "meta.json"):
         steps.append(["ingest", "--workspace", ws.root])
+    spaces = "clip,dino,text" if targeted else "dino,text"
     steps += [
-        ["embed", "--workspace", ws.root, "--spaces", "dino,text"],
+        ["embed", "--workspace", ws.root, "--spaces", spaces],
         ["base", "--workspace", ws.root],
     ]
+    if targeted:  # the skill space (SmolLM2 describes every question: minutes) and indexes
+        if not ws.exists("embeddings", "skill", "meta.json"):
+            steps.append(["skills", "--workspace", ws.root])
+        steps += [["index", "--workspace", ws.root, "--space", s] for s in ("clip", "skill")]
     for argv in steps:
         if cli(argv) != 0:
             raise SystemExit(f"`vlselect {' '.join(argv)}` failed")
@@ -130,8 +136,18 @@ class Bench:
             blank_images=blank, log_every=0, progress=desc,
         )  # fmt: skip
 
-    def run(self, key: str, positions: np.ndarray, seed: int, blank: bool = False) -> dict:
-        """Train on ``positions`` and score every evaluation set (cached by ``key``)."""
+    def positions(self, ids: list[str]) -> np.ndarray:
+        return np.sort(np.array([self.position[i] for i in ids], np.int64))
+
+    def run(
+        self,
+        key: str,
+        positions: np.ndarray,
+        seed: int,
+        blank: bool = False,
+        evals: list[str] | None = None,
+    ) -> dict:
+        """Train on ``positions``, score ``evals`` (default all; cached by ``key``)."""
         path = self.runs_dir / f"{key}.json"
         if path.exists():
             done = json.loads(path.read_text())
@@ -146,6 +162,7 @@ class Bench:
                 blank_images=blank,
             )
             for name, (examples, families) in self.evals.items()
+            if evals is None or name in evals
         }  # fmt: skip
         result = {
             "key": key, "rows": len(positions), "steps": len(losses), "seed": seed,
@@ -158,7 +175,8 @@ class Bench:
 
     def perplexity_scores(self, warmup: np.ndarray, seed: int) -> np.ndarray:
         """Per-token answer loss of every pool row under a model trained on ``warmup``."""
-        path = self.runs_dir / f"perplexity-scores-s{seed}.npy"
+        made_of = hashlib.sha256(json.dumps(self.made_of, sort_keys=True).encode())
+        path = self.runs_dir / f"perplexity-scores-s{seed}-{made_of.hexdigest()[:12]}.npy"
         if path.exists():
             return np.load(path, allow_pickle=False)
         model, _ = self.train(warmup, seed, f"warm-up model s{seed}")
@@ -174,38 +192,50 @@ def _ids_hash(positions: np.ndarray) -> str:
 
 
 def select(bench: Bench, method: str, budget: float, seed: int) -> np.ndarray:
+    """Pool positions of an untargeted baseline's selection, int64 (round(budget * n),)."""
     n = len(bench.ids)
     count = int(round(budget * n))
     if method == "random":
         return random_selection(n, count, seed)
-    warm_ids = coincide_ids(bench.ws, int(round(WARMUP_SHARE * n)), seed)
     if method == "coincide":
-        ids = coincide_ids(bench.ws, count, seed)
-        return np.sort(np.array([bench.position[i] for i in ids], np.int64))
+        return bench.positions(coincide_ids(bench.ws, count, seed))
     if method == "perplexity":
-        warm = np.array([bench.position[i] for i in warm_ids], np.int64)
-        return score_selection(bench.perplexity_scores(warm, seed), count, "middle")
+        warm_ids = coincide_ids(bench.ws, int(round(WARMUP_SHARE * n)), seed)
+        scores = bench.perplexity_scores(bench.positions(warm_ids), seed)
+        return score_selection(scores, count, "middle")
     raise ValueError(f"unknown method {method!r}; known: {UNTARGETED}")
 
 
-def overall(acc: dict) -> dict[str, float]:
-    return {name: a["overall"] for name, a in acc.items()}
+def progress_ids(ws: Workspace, metric: str, budget: float, seed: int) -> list[str]:
+    """The rows a ``vlselect progress`` run of ``metric`` chose (the job runs once)."""
+    from jobs.cli import main as cli
+
+    name = f"quality-{metric}-{round(budget * 100)}-s{seed}"
+    argv = ["progress", "--workspace", ws.root, "--name", name, "--budget", str(budget),
+            "--metric", metric, "--set", f"seed={seed}"]  # fmt: skip
+    if cli(argv) != 0:
+        raise SystemExit(f"`vlselect {' '.join(argv)}` failed")
+    return Path(ws.path("progress", name, "ids.txt")).read_text().split()
 
 
-def summarize(results: dict, evals: list[str]) -> dict:
-    """Mean and std over seeds per (method, budget) and eval set; Rel vs full data."""
-    full = {e: mean_std([overall(r["accuracy"])[e] for r in results["full"]])[0] for e in evals}
-    out = {}
-    for label, runs in results.items():
-        per_eval = {e: mean_std([overall(r["accuracy"])[e] for r in runs]) for e in evals}
-        rel_per_seed = [relative_performance(overall(r["accuracy"]), full, evals) for r in runs]
-        out[label] = {
-            "seeds": [r["seed"] for r in runs],
-            "accuracy": {e: {"mean": m, "std": s} for e, (m, s) in per_eval.items()},
-            "rel": dict(zip(("mean", "std"), mean_std(rel_per_seed), strict=True)),
-            "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
-        }
-    return out
+def targeted_ids(ws: Workspace, world: WorldConfig, mode: str, budget: float):
+    """Per held-out benchmark, the rows ``vlselect target --mode MODE`` chose, and each
+    benchmark's predicted space (one job per mode, all benchmarks at once)."""
+    from jobs.cli import main as cli
+
+    name = f"quality-{mode}-{round(budget * 100)}"
+    argv = ["target", "--workspace", ws.root, "--budget", str(budget), "--name", name,
+            "--mode", mode]  # fmt: skip
+    for b in world.benchmarks:
+        argv += ["--benchmark", ws.path("benchmarks", f"{b.name}.parquet")]
+    if cli(argv) != 0:
+        raise SystemExit(f"`vlselect {' '.join(argv)}` failed")
+    ids, predictions = {}, {}
+    for b in world.benchmarks:
+        folder = Path(ws.path("selections", name, b.name))
+        ids[b.name] = (folder / "ids.txt").read_text().split()
+        predictions[b.name] = json.loads((folder / "report.json").read_text())["prediction"]
+    return ids, predictions
 
 
 def main() -> None:
@@ -214,104 +244,72 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=2000)
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--budgets", default="0.1,0.2,0.3")
-    p.add_argument("--methods", default=",".join(UNTARGETED))
+    p.add_argument("--budgets", default="0.1,0.2,0.3", help="budgets of the untargeted methods")
+    p.add_argument("--methods", default=",".join(UNTARGETED),
+                   help=f"of {UNTARGETED + PROGRESS}")  # fmt: skip
+    p.add_argument("--target-modes", default="",
+                   help=f"vlselect target modes at --target-budget, of {TARGET_MODES}")  # fmt: skip
+    p.add_argument("--target-budget", type=float, default=0.2)
+    p.add_argument("--progress-budgets", default="0.2",
+                   help="budgets of the PROGRESS runs (a vlselect progress job each)")  # fmt: skip
     p.add_argument("--epochs", type=float, default=10)
     p.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = p.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
-    methods = args.methods.split(",")
+    progress_budgets = [float(b) for b in args.progress_budgets.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    modes = [m for m in args.target_modes.split(",") if m]
+    unknown = set(methods) - set(UNTARGETED + PROGRESS) | set(modes) - set(TARGET_MODES)
+    if unknown or (modes and not {"concept", "skill"} <= set(modes)):
+        p.error(f"unknown methods or modes {sorted(unknown)}; target modes need concept,skill")
     t0 = time.perf_counter()
     ws = Workspace.open(args.workspace)
-    world = prepare(ws, args.pool, args.world_seed)
+    world = prepare(ws, args.pool, args.world_seed, targeted=bool(modes))
     setup_seconds = time.perf_counter() - t0
     bench = Bench(ws, world, FinetuneConfig(epochs=args.epochs))
-    evals = list(bench.evals)
+    benchmarks = [b.name for b in world.benchmarks]
     everything = np.arange(len(bench.ids))
-    plan = [("full", 1.0, s) for s in seeds]
-    plan += [(m, b, s) for s in seeds for b in budgets for m in methods]
     results: dict[str, list[dict]] = {}
-    for method, budget, seed in tqdm(plan, desc="runs"):
-        positions = everything if method == "full" else select(bench, method, budget, seed)
+    plan = [("full", 1.0, s) for s in seeds]
+    plan += [
+        (m, b, s)
+        for s in seeds
+        for m in methods
+        for b in (progress_budgets if m in PROGRESS else budgets)
+    ]
+    for method, budget, seed in tqdm(plan, desc="untargeted runs"):
+        if method == "full":
+            positions = everything
+        elif method in PROGRESS:
+            positions = bench.positions(progress_ids(ws, method.split("-")[1], budget, seed))
+        else:
+            positions = select(bench, method, budget, seed)
         label = "full" if method == "full" else f"{method}@{budget:g}"
         key = f"{method}-{round(budget * 100)}-s{seed}"
         results.setdefault(label, []).append(bench.run(key, positions, seed))
+    predictions = {}
+    for mode in tqdm(modes, desc="targeted selections"):
+        chosen, predictions = targeted_ids(ws, world, mode, args.target_budget)
+        for b, seed in [(b, s) for b in benchmarks for s in seeds]:
+            key = f"target-{mode}-{b}-{round(args.target_budget * 100)}-s{seed}"
+            run = bench.run(key, bench.positions(chosen[b]), seed, evals=[b])
+            results.setdefault(f"target:{mode}:{b}", []).append(run)
     prior = bench.run(f"prior-100-s{seeds[0]}", everything, seeds[0], blank=True)
-    summary = summarize(results, evals)
-    write_report(args.out, summary, results, prior, evals, budgets, methods, {
+    summary = summarize(results, benchmarks)
+    doc = {
         "pool": len(bench.ids), "world_seed": args.world_seed, "seeds": seeds,
-        "recipe": bench.made_of["recipe"], "setup_seconds": round(setup_seconds, 1),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-    })  # fmt: skip
-
-
-def _cell(stat: dict, scale: float = 100.0) -> str:
-    return f"{stat['mean'] * scale:.1f} ± {stat['std'] * scale:.1f}"
-
-
-def write_report(out, summary, results, prior, evals, budgets, methods, setting) -> None:
-    header = ["method", "budget", *evals, "Rel"]
-    rows = [["full data", "100%", *(_cell(summary["full"]["accuracy"][e]) for e in evals),
-             "100.0"]]  # fmt: skip
-    for b in budgets:
-        for m in methods:
-            s = summary[f"{m}@{b:g}"]
-            rel = f"{s['rel']['mean']:.1f} ± {s['rel']['std']:.1f}"
-            rows.append([m, f"{b:.0%}", *(_cell(s["accuracy"][e]) for e in evals), rel])
-    prior_acc = overall(prior["accuracy"])
-    rows.append(["text-only prior (full, image black)", "100%",
-                 *(f"{prior_acc[e] * 100:.1f}" for e in evals), ""])  # fmt: skip
-    main_table = markdown_table(header, rows)
-    families = [*sorted(set(results["full"][0]["accuracy"]["test"]) - {"overall"}), "overall"]
-    fam_header = ["method (test split)", *families]
-    fam_rows = []
-    for label in ["full", *(f"{m}@0.2" for m in methods if f"{m}@0.2" in results)]:
-        runs = results[label]
-        fam_rows.append([label, *(f"{np.mean([r['accuracy']['test'][f] for r in runs]) * 100:.1f}"
-                                  for f in families)])  # fmt: skip
-    fam_rows.append(["text-only prior", *(f"{prior['accuracy']['test'][f] * 100:.1f}"
-                                          for f in families)])  # fmt: skip
-    fam_table = markdown_table(fam_header, fam_rows)
-    text = (
-        f"Accuracy (%) mean ± std over seeds {setting['seeds']}; pool {setting['pool']}; "
-        f"Rel = 100 x mean over {evals} of accuracy / full data's.\n\n{main_table}\n\n"
-        f"Per family, 20% budgets (test split):\n\n{fam_table}\n"
-    )
-    print("\n" + text)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".md").write_text(text)
-    doc = {"benchmark": "quality", "machine": machine(), **setting, "evals": evals,
-           "summary": summary, "prior": prior, "runs": results}  # fmt: skip
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    plot_budgets(path.with_name(path.stem + "_budget.png"), summary, budgets, methods, prior_acc,
-                 evals)  # fmt: skip
-    print(f"wrote {path}, {path.with_suffix('.md')} and the budget plot")
-
-
-def plot_budgets(path: Path, summary, budgets, methods, prior_acc, evals) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def mean_over_evals(s):
-        return np.mean([s["accuracy"][e]["mean"] for e in evals]) * 100
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        ys = [mean_over_evals(summary[f"{m}@{b:g}"]) for b in budgets]
-        ax.plot([b * 100 for b in budgets], ys, marker="o", label=m)
-    ax.axhline(mean_over_evals(summary["full"]), color="k", label="full data")
-    ax.axhline(np.mean([prior_acc[e] for e in evals]) * 100, color="grey", ls="--",
-               label="text-only prior")  # fmt: skip
-    ax.set_xlabel("budget (% of pool)")
-    ax.set_ylabel("accuracy, mean over eval sets (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        "budgets": sorted(set(budgets) | set(progress_budgets)), "methods": methods,
+        "evals": list(bench.evals), "benchmarks": benchmarks, "recipe": bench.made_of["recipe"],
+        "target_budget": args.target_budget, "summary": summary, "prior": prior,
+        "runs": results, "setup_seconds": round(setup_seconds, 1),
+    }  # fmt: skip
+    if modes:
+        rows, choice = targeted_summary(summary, modes, predictions, benchmarks)
+        doc["targeted"] = {"predictions": predictions, "rows": rows, "choice": choice}
+    doc["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print("\n" + write_report(args.out, doc))
+    print(f"wrote {args.out} (and .md, _budget.png) in {doc['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
