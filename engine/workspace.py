@@ -4,8 +4,8 @@ Writes are atomic at file level: a file is written under a hidden temporary name
 (``.<name>.tmp-<hex>`` beside it) and renamed into place, so a reader never takes a
 half-written artifact for a finished one. The leading dot matters: a writer killed
 mid-write leaves its temporary behind, and pyarrow datasets and Ray Data skip
-hidden files where a ``*.parquet*``-style listing would not. Directories of shards are staged under ``<ws>/.staging/`` and moved
-into place when complete.
+hidden files where a ``*.parquet*``-style listing would not. Directories of shards
+are staged under ``<ws>/.staging/`` and moved into place when complete.
 """
 
 from __future__ import annotations
