@@ -11,6 +11,8 @@ from pathlib import Path
 
 import psutil
 
+from engine.quality import markdown_table
+
 
 class PeakRSS:
     """Samples the RSS of this process and of all its descendants (Ray's processes)."""
@@ -53,9 +55,7 @@ def machine() -> dict:
 
 def report(name: str, rows: list[dict], header: list[str], out: str, **extra) -> None:
     """Print ``rows`` as a markdown table and write them, with the machine, as JSON to ``out``."""
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(h, "")) for h in header) + " |")
+    print("\n" + markdown_table(header, [[r.get(h, "") for h in header] for r in rows]))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "machine": machine(), **extra, "rows": rows}

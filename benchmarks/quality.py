@@ -173,13 +173,15 @@ class Bench:
         path.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
-    def perplexity_scores(self, warmup: np.ndarray, seed: int) -> np.ndarray:
-        """Per-token answer loss of every pool row under a model trained on ``warmup``."""
+    def perplexity_scores(self, seed: int) -> np.ndarray:
+        """Per-token answer loss of every pool row under a model trained on the seed's
+        COINCIDE warm-up (selected only when the scores are not cached yet)."""
         made_of = hashlib.sha256(json.dumps(self.made_of, sort_keys=True).encode())
         path = self.runs_dir / f"perplexity-scores-s{seed}-{made_of.hexdigest()[:12]}.npy"
         if path.exists():
             return np.load(path, allow_pickle=False)
-        model, _ = self.train(warmup, seed, f"warm-up model s{seed}")
+        warm_ids = coincide_ids(self.ws, int(round(WARMUP_SHARE * len(self.ids))), seed)
+        model, _ = self.train(self.positions(warm_ids), seed, f"warm-up model s{seed}")
         scores = sample_losses(
             model, self.base.tokenizer, self.pool, max_length=self.base.max_length
         )
@@ -200,9 +202,7 @@ def select(bench: Bench, method: str, budget: float, seed: int) -> np.ndarray:
     if method == "coincide":
         return bench.positions(coincide_ids(bench.ws, count, seed))
     if method == "perplexity":
-        warm_ids = coincide_ids(bench.ws, int(round(WARMUP_SHARE * n)), seed)
-        scores = bench.perplexity_scores(bench.positions(warm_ids), seed)
-        return score_selection(scores, count, "middle")
+        return score_selection(bench.perplexity_scores(seed), count, "middle")
     raise ValueError(f"unknown method {method!r}; known: {UNTARGETED}")
 
 
