@@ -206,11 +206,13 @@ def select(bench: Bench, method: str, budget: float, seed: int) -> np.ndarray:
     raise ValueError(f"unknown method {method!r}; known: {UNTARGETED}")
 
 
-def progress_ids(ws: Workspace, metric: str, budget: float, seed: int) -> list[str]:
-    """The rows a ``vlselect progress`` run of ``metric`` chose (the job runs once)."""
+def progress_ids(bench: Bench, metric: str, budget: float, seed: int) -> list[str]:
+    """The rows a ``vlselect progress`` run of ``metric`` chose (the job runs once per
+    base: its name carries the base's fingerprint, as its selection depends on it)."""
     from jobs.cli import main as cli
 
-    name = f"quality-{metric}-{round(budget * 100)}-s{seed}"
+    ws = bench.ws
+    name = f"quality-{metric}-{round(budget * 100)}-s{seed}-{bench.made_of['base'][:8]}"
     argv = ["progress", "--workspace", ws.root, "--name", name, "--budget", str(budget),
             "--metric", metric, "--set", f"seed={seed}"]  # fmt: skip
     if cli(argv) != 0:
@@ -282,7 +284,7 @@ def main() -> None:
         if method == "full":
             positions = everything
         elif method in PROGRESS:
-            positions = bench.positions(progress_ids(ws, method.split("-")[1], budget, seed))
+            positions = bench.positions(progress_ids(bench, method.split("-")[1], budget, seed))
         else:
             positions = select(bench, method, budget, seed)
         label = "full" if method == "full" else f"{method}@{budget:g}"

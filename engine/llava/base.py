@@ -121,7 +121,7 @@ def pretrain_vision(
 
 def _caption_examples(scenes: Scenes, idx) -> list[dict]:
     return [
-        {"image": scenes.images[i], "question": scenes.prompt, "answer": scenes.captions[i]}
+        {"image": scenes.images[i], "question": scenes.prompts[i], "answer": scenes.captions[i]}
         for i in idx
     ]
 
@@ -185,10 +185,13 @@ def train_base(
     tokenizer = make_tokenizer(model_cfg, world)
     model = build_llava(model_cfg, tokenizer).to(device)
     n = max(cfg.vision_scenes, cfg.caption_scenes)
-    scenes = generate_scenes(world, cfg.seed, 0, n, cfg.card_share, cfg.caption_style)
-    held_out = generate_scenes(
-        world, cfg.seed, n, cfg.eval_scenes, cfg.card_share, cfg.caption_style
-    )
+    look = {
+        "card_share": cfg.card_share,
+        "caption_style": cfg.caption_style,
+        "domains": cfg.domains,
+    }
+    scenes = generate_scenes(world, cfg.seed, 0, n, **look)
+    held_out = generate_scenes(world, cfg.seed, n, cfg.eval_scenes, **look)
     t_scenes = time.perf_counter()
     log(f"{n + cfg.eval_scenes} base scenes in {t_scenes - t0:.1f} s; training the tower")
     vision = pretrain_vision(

@@ -10,7 +10,9 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.world.config import DOMAINS, check_weights
 
 # Bumped whenever the base's training code changes what a cached base means.
 BASE_VERSION = 2
@@ -120,12 +122,19 @@ class BaseTrainConfig(BaseModel):
     )
     vision_batch: int = Field(64, ge=1, description="Scenes per attribute step.")
     vision_lr: float = Field(1e-3, gt=0, description="AdamW lr of tower and heads.")
-    caption_style: Literal["objects", "rows"] = Field(
+    caption_style: Literal["objects", "rows", "views"] = Field(
         "objects",
         description="'objects': each scene's objects in a random order (teaches the LM to "
         "find a patch by its content: after the same 2k-row LoRA fine-tune, 0.43 overall "
         "against 0.33 with 'rows', colour 0.33 against 0.16); 'rows': row by row, cells "
-        "left to right.",
+        "left to right; 'views': each scene in one of four views (objects, lookup by "
+        "colour and shape, counts, relations; engine.llava.scenes.VIEW_WEIGHTS).",
+    )
+    domains: dict[str, float] | None = Field(
+        None,
+        description="Domain (concept) mix of the base's scenes; None: the pool's. A domain "
+        "left out is a concept the pretrained model never saw: the fine-tune has to learn "
+        "it from the pool's rows of it, so what a selection holds of it matters.",
     )
     caption_scenes: int = Field(8192, ge=16, description="Scenes captioned for alignment.")
     caption_steps: int = Field(800, ge=0, description="Caption steps (DESIGN: 800).")
@@ -135,6 +144,11 @@ class BaseTrainConfig(BaseModel):
     warmup: float = Field(0.03, ge=0, lt=1, description="Share of steps of linear warm-up.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA if seen.")
     torch_threads: int = Field(0, ge=0, description="torch threads; 0 keeps the process's.")
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        return v if v is None else check_weights(v, DOMAINS, "domain")
 
 
 class LoraConfig(BaseModel):

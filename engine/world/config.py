@@ -55,8 +55,8 @@ DEFAULT_DOMAIN_WEIGHTS: dict[str, float] = {
 _RESERVED_SPLITS = ("pool", "test")
 
 
-def _check_weights(
-    weights: dict[str, float], known: tuple[str, ...], what: str, allow_empty: bool
+def check_weights(
+    weights: dict[str, float], known: tuple[str, ...], what: str, allow_empty: bool = False
 ) -> dict[str, float]:
     """Refuse unknown names and non-positive totals; return the dict unchanged."""
     bad = [k for k in weights if k not in known]
@@ -105,12 +105,12 @@ class BenchmarkSpec(BaseModel):
     @field_validator("families")
     @classmethod
     def _known_families(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_weights(v, IMAGE_FAMILIES, "family", allow_empty=True)
+        return check_weights(v, IMAGE_FAMILIES, "family", allow_empty=True)
 
     @field_validator("domains")
     @classmethod
     def _known_domains(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_weights(v, DOMAINS, "domain", allow_empty=True)
+        return check_weights(v, DOMAINS, "domain", allow_empty=True)
 
     @field_validator("name")
     @classmethod
@@ -216,12 +216,12 @@ class WorldConfig(BaseModel):
     @field_validator("families")
     @classmethod
     def _known_families(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_weights(v, IMAGE_FAMILIES, "family", allow_empty=False)
+        return check_weights(v, IMAGE_FAMILIES, "family", allow_empty=False)
 
     @field_validator("domains")
     @classmethod
     def _known_domains(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_weights(v, DOMAINS, "domain", allow_empty=False)
+        return check_weights(v, DOMAINS, "domain", allow_empty=False)
 
     @model_validator(mode="after")
     def _consistent(self) -> WorldConfig:

@@ -47,7 +47,8 @@ class Sample:
     query: dict = field(default_factory=dict)
 
 
-def _plural(shape: str) -> str:
+def plural(shape: str) -> str:
+    """'circle' -> 'circles', 'cross' -> 'crosses'."""
     return shape + ("es" if shape.endswith("s") else "s")
 
 
@@ -273,7 +274,7 @@ def counting(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> 
             "How many {p} are in the image?",
             "Count the {p} in the image.",
         ),
-        p=_plural(BASIC_SHAPES[s]),
+        p=plural(BASIC_SHAPES[s]),
     )
     return Sample("counting", q, str(k), objs, domain, {"shape": BASIC_SHAPES[s]})
 
