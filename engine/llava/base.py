@@ -121,7 +121,7 @@ def pretrain_vision(
 
 def _caption_examples(scenes: Scenes, idx) -> list[dict]:
     return [
-        {"image": scenes.images[i], "question": scenes.prompts[i], "answer": scenes.captions[i]}
+        {"image": scenes.images[i], "question": scenes.prompt, "answer": scenes.captions[i]}
         for i in idx
     ]
 

@@ -122,13 +122,12 @@ class BaseTrainConfig(BaseModel):
     )
     vision_batch: int = Field(64, ge=1, description="Scenes per attribute step.")
     vision_lr: float = Field(1e-3, gt=0, description="AdamW lr of tower and heads.")
-    caption_style: Literal["objects", "rows", "views"] = Field(
+    caption_style: Literal["objects", "rows"] = Field(
         "objects",
         description="'objects': each scene's objects in a random order (teaches the LM to "
         "find a patch by its content: after the same 2k-row LoRA fine-tune, 0.43 overall "
         "against 0.33 with 'rows', colour 0.33 against 0.16); 'rows': row by row, cells "
-        "left to right; 'views': each scene in one of four views (objects, lookup by "
-        "colour and shape, counts, relations; engine.llava.scenes.VIEW_WEIGHTS).",
+        "left to right.",
     )
     domains: dict[str, float] | None = Field(
         None,

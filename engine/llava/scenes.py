@@ -13,13 +13,7 @@ import numpy as np
 
 from engine.errors import InputError
 from engine.llava.tokenizer import CAPTION_PROMPTS
-from engine.world.answers import (
-    count_caption,
-    lookup_caption,
-    object_caption,
-    relation_caption,
-    scene_caption,
-)
+from engine.world.answers import object_caption, scene_caption
 from engine.world.config import WorldConfig
 from engine.world.generate import generate_sample, split_distribution
 from engine.world.render import COLOUR_NAMES, SHAPES, SIZES
@@ -36,29 +30,6 @@ ATTRIBUTES: dict[str, int] = {
 _COLOUR = {c: i for i, c in enumerate(COLOUR_NAMES)}
 _SHAPE = {s: i for i, s in enumerate(SHAPES)}
 _SIZE = {s: i for i, s in enumerate(SIZES)}
-# caption_style 'views': each scene is captioned in one view, drawn with these weights.
-# Two scenes in five list their objects; the rest teach what a pretrained LLM brings to
-# LLaVA and a tiny one lacks: looking an object up by colour and shape, counting,
-# relations in words.
-VIEW_WEIGHTS: dict[str, float] = {"objects": 0.4, "lookup": 0.2, "counts": 0.2, "relations": 0.2}
-CAPTION_STYLES = ("objects", "rows", "views")
-_RELATION_PAIRS = 4  # relation sentences asked for per scene (fewer if names repeat)
-
-
-def caption(objects, grid: int, view: str, rng: np.random.Generator) -> str:
-    """One scene's caption in ``view`` (a key of CAPTION_PROMPTS); ``rng`` orders it.
-    '' for 'relations' when no two objects have unique names."""
-    if view == "rows":
-        return scene_caption(objects, grid)
-    if view == "counts":
-        return count_caption(objects)
-    if view == "relations":
-        n = len(objects)
-        ordered = [(a, b) for a in range(n) for b in range(n) if a != b]
-        picks = rng.permutation(len(ordered))[:_RELATION_PAIRS].tolist()
-        return relation_caption(objects, [(*ordered[k], int(rng.integers(4))) for k in picks])
-    order = rng.permutation(len(objects)).tolist()
-    return (lookup_caption if view == "lookup" else object_caption)(objects, order)
 
 
 @dataclass
@@ -66,15 +37,14 @@ class Scenes:
     """n scenes of a grid x grid world.
 
     images: uint8 (n, H, W, 3); labels: attribute -> int64 (n, grid * grid), cells in
-    row-major order (patch order of a patch-per-cell tower); captions: n strings;
-    prompts: n strings, the instruction each caption answers.
+    row-major order (patch order of a patch-per-cell tower); captions: n strings.
     """
 
     images: np.ndarray
     labels: dict[str, np.ndarray]
     captions: list[str]
     grid: int
-    prompts: list[str]
+    prompt: str
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -85,7 +55,7 @@ class Scenes:
             {k: v[idx] for k, v in self.labels.items()},
             [self.captions[i] for i in idx.tolist()],
             self.grid,
-            [self.prompts[i] for i in idx.tolist()],
+            self.prompt,
         )
 
 
@@ -125,19 +95,18 @@ def generate_scenes(
 ) -> Scenes:
     """Scenes [start, start + count) of the base world of ``seed`` (see ``base_world``),
     captioned in ``caption_style`` ('objects': each scene's objects in a random order of
-    its own; 'rows': row by row; 'views': each scene in one view drawn by VIEW_WEIGHTS).
-    ``domains``: the base's domain mix (None: the pool's). A scene's caption depends on
-    (seed, its index) alone."""
-    if caption_style not in CAPTION_STYLES:
-        raise InputError(f"unknown caption style {caption_style!r}; known: {list(CAPTION_STYLES)}")
-    views, weights = list(VIEW_WEIGHTS), np.array(list(VIEW_WEIGHTS.values()))
+    its own; 'rows': row by row); ``domains``: the base's domain mix (None: the pool's)."""
+    if caption_style not in CAPTION_PROMPTS:
+        raise InputError(
+            f"unknown caption style {caption_style!r}; known: {sorted(CAPTION_PROMPTS)}"
+        )
     bw = base_world(world, seed, card_share, domains)
     dist = split_distribution(bw, SPLIT)
     g = world.grid
     images = np.empty((count, world.image_size, world.image_size, 3), np.uint8)
     labels = {k: np.empty((count, g * g), np.int64) for k in ATTRIBUTES}
     empty = {k: n - 1 for k, n in ATTRIBUTES.items()}
-    captions, prompts = [], []
+    captions = []
     for i in range(count):
         sample, image = generate_sample(bw, SPLIT, start + i, dist)
         images[i] = image
@@ -150,16 +119,12 @@ def generate_scenes(
             labels["size"][i, cell] = _SIZE[o.size]
             if o.digit is not None:
                 labels["glyph"][i, cell] = int(o.digit)
-        rng = np.random.default_rng([seed, start + i])
-        view = caption_style
-        if caption_style == "views":
-            view = views[int(rng.choice(len(views), p=weights / weights.sum()))]
-        text = caption(sample.objects, g, view, rng)
-        if not text:  # no relation to state: count instead
-            view, text = "counts", count_caption(sample.objects)
-        captions.append(text)
-        prompts.append(CAPTION_PROMPTS[view])
-    return Scenes(images, labels, captions, g, prompts)
+        if caption_style == "rows":
+            captions.append(scene_caption(sample.objects, g))
+        else:
+            order = np.random.default_rng([seed, start + i]).permutation(len(sample.objects))
+            captions.append(object_caption(sample.objects, order.tolist()))
+    return Scenes(images, labels, captions, g, CAPTION_PROMPTS[caption_style])
 
 
 def check_grid(world: WorldConfig, image_size: int, patch_size: int) -> None:

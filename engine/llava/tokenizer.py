@@ -20,14 +20,10 @@ from engine.world.render import COLOUR_NAMES, SHAPES, SIZES
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4 in this order
 USER, ASSISTANT = "USER:", "ASSISTANT:"
-# The base's caption instruction per caption view; BaseTrainConfig.caption_style picks
-# one view ('objects', 'rows') or mixes the first four ('views').
+# The base's caption instruction per caption style (BaseTrainConfig.caption_style).
 CAPTION_PROMPTS = {
     "objects": "Describe the objects in the image.",
     "rows": "Describe the image row by row.",
-    "lookup": "Name each object by its color and shape, then say its size and place.",
-    "counts": "Count the objects of every shape and of every color.",
-    "relations": "Say where the objects are relative to each other.",
 }
 _VOCAB_SAMPLES_PER_FAMILY = 300  # every template and name shows up many times over
 
@@ -36,8 +32,7 @@ def world_corpus(world: WorldConfig) -> list[str]:
     """Texts whose words make the world's vocabulary: questions of every family and the
     catalogues (colours, shapes and plurals, sizes, numbers 0..99, caption words)."""
     texts = [USER, ASSISTANT, *CAPTION_PROMPTS.values()]
-    texts += ["yes no empty card showing Row in row column the is to of , . : ? !"]
-    texts += ["to the left of to the right of above below"]
+    texts += ["yes no empty card showing Row in row column , . : ? !"]
     texts += [" ".join(COLOUR_NAMES), " ".join(SHAPES), " ".join(SIZES)]
     texts += [" ".join(s + ("es" if s.endswith("s") else "s") for s in SHAPES)]
     texts += [" ".join(str(n) for n in range(100))]

@@ -8,11 +8,10 @@ re-label scenes.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 from engine.world.config import FAMILIES, TEXT_FAMILY, WorldConfig
-from engine.world.families import Sample, plural
+from engine.world.families import Sample
 from engine.world.render import BASIC_SHAPES, COLOUR_NAMES, SIZES, SceneObject
 
 
@@ -121,71 +120,3 @@ def scene_caption(objects: list[SceneObject], grid: int) -> str:
                 parts.append(_object_name(o))
         rows.append(f"Row {r + 1}: " + ", ".join(parts) + ".")
     return "\n".join(rows)
-
-
-def lookup_caption(objects: list[SceneObject], order: Sequence[int]) -> str:
-    """Each object named by colour and shape first, then its size and cell, e.g.
-    'the red circle is large, in row 1 column 2.'
-
-    The questions' order of reading: a model that has learnt to continue 'the red
-    circle is' has learnt the conjunctive lookup that size, existence and position
-    questions ask for, which the 'objects' caption (size first) never trains.
-    """
-    parts = []
-    for i in order:
-        o = objects[i]
-        name = (
-            f"{o.colour} card showing {o.digit}" if o.shape == "card" else f"{o.colour} {o.shape}"
-        )
-        parts.append(f"the {name} is {o.size}, in row {o.row + 1} column {o.col + 1}.")
-    return " ".join(parts)
-
-
-def count_caption(objects: list[SceneObject]) -> str:
-    """How many objects of every basic shape and every colour the scene holds, zeros
-    included, e.g. 'circles 2, squares 0, ... red 1, green 0, ...' (cards not counted:
-    no question counts them)."""
-    shapes = Counter(o.shape for o in objects)
-    colours = Counter(o.colour for o in objects)
-    by_shape = ", ".join(f"{plural(s)} {shapes[s]}" for s in BASIC_SHAPES)
-    by_colour = ", ".join(f"{c} {colours[c]}" for c in COLOUR_NAMES)
-    return f"{by_shape}. {by_colour}."
-
-
-_RELATION_WORDS = {
-    "left": "to the left of",
-    "right": "to the right of",
-    "above": "above",
-    "below": "below",
-}
-
-
-def relation_caption(objects: list[SceneObject], pairs: Sequence[tuple[int, int, int]]) -> str:
-    """Relations between objects a scene names uniquely (by colour and shape), e.g.
-    'the red circle is to the left of the blue ring.'
-
-    pairs: (a, b, pick) index triples into ``objects``; each sentence states one true
-    relation of a to b, the ``pick``-th (mod their number) of left/right/above/below
-    that hold. Pairs of a non-unique name or in the same cell are skipped.
-    """
-    names = Counter((o.shape, o.colour) for o in objects)
-    out = []
-    for a, b, pick in pairs:
-        oa, ob = objects[a], objects[b]
-        if a == b or names[(oa.shape, oa.colour)] > 1 or names[(ob.shape, ob.colour)] > 1:
-            continue
-        true = [
-            rel
-            for rel, holds in (
-                ("left", oa.col < ob.col),
-                ("right", oa.col > ob.col),
-                ("above", oa.row < ob.row),
-                ("below", oa.row > ob.row),
-            )
-            if holds
-        ]
-        if not true or "card" in (oa.shape, ob.shape):
-            continue
-        rel = _RELATION_WORDS[true[pick % len(true)]]
-        out.append(f"the {oa.colour} {oa.shape} is {rel} the {ob.colour} {ob.shape}.")
-    return " ".join(out)

@@ -47,8 +47,7 @@ class Sample:
     query: dict = field(default_factory=dict)
 
 
-def plural(shape: str) -> str:
-    """'circle' -> 'circles', 'cross' -> 'crosses'."""
+def _plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
@@ -274,7 +273,7 @@ def counting(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> 
             "How many {p} are in the image?",
             "Count the {p} in the image.",
         ),
-        p=plural(BASIC_SHAPES[s]),
+        p=_plural(BASIC_SHAPES[s]),
     )
     return Sample("counting", q, str(k), objs, domain, {"shape": BASIC_SHAPES[s]})
 
