@@ -27,6 +27,9 @@ MODELS = "models"
 DEFAULT_NAME = "tiny-llava"
 # Training knobs that change where or how fast the base trains, not what it is.
 _NOT_IDENTITY = {"device", "torch_threads"}
+# Knobs added after bases were cached, left out of the fingerprint at these defaults so
+# that those bases keep theirs.
+_ADDED_LATER = {"domains": None}
 
 
 @dataclass
@@ -48,7 +51,9 @@ def base_fingerprint(world: WorldConfig, model: LlavaModelConfig, train: BaseTra
     world_fields = world.model_dump(
         mode="json", exclude={"size", "shard_size", "benchmarks", "test_size"}
     )
-    return fingerprint(model, train.model_dump(mode="json", exclude=_NOT_IDENTITY), world_fields)
+    unset = {k for k, default in _ADDED_LATER.items() if getattr(train, k) == default}
+    recipe = train.model_dump(mode="json", exclude=_NOT_IDENTITY | unset)
+    return fingerprint(model, recipe, world_fields)
 
 
 def base_path(ws: Workspace, name: str = DEFAULT_NAME) -> str:

@@ -296,3 +296,18 @@ def test_the_base_world_can_leave_out_domains_the_pool_has(world):
     assert scenes.images.mean() > pale.images.mean()  # snow scenes are pale, space dark
     with pytest.raises(ValidationError, match="unknown domain"):
         BaseTrainConfig(domains={"mars": 1.0})
+
+
+def test_a_base_fingerprint_changes_with_the_domains_knob_only_when_it_is_set(world):
+    from engine.llava.cache import base_fingerprint
+    from engine.llava.config import BaseTrainConfig, LlavaModelConfig, fingerprint
+
+    model = LlavaModelConfig()
+    plain = base_fingerprint(world, model, BaseTrainConfig())
+    dump = BaseTrainConfig().model_dump(mode="json", exclude={"device", "torch_threads"})
+    dump.pop("domains")  # what a base cached before the knob existed was keyed by
+    rendering = world.model_dump(
+        mode="json", exclude={"size", "shard_size", "benchmarks", "test_size"}
+    )
+    assert plain == fingerprint(model, dump, rendering)
+    assert base_fingerprint(world, model, BaseTrainConfig(domains={"meadow": 1.0})) != plain
