@@ -46,10 +46,7 @@ def summarize(results: dict[str, list[dict]], benchmarks: list[str]) -> dict:
 def targeted_summary(summary: dict, modes: list[str], predictions: dict, benchmarks: list[str]):
     """Per mode, one row over the benchmarks (each column its own selection), plus
     ``auto`` (each benchmark's predicted space) and whether it picked the better space."""
-    rows = {}
-    for mode in modes:
-        cells = {b: summary[f"target:{mode}:{b}"] for b in benchmarks}
-        rows[mode] = cells
+    rows = {mode: {b: summary[f"target:{mode}:{b}"] for b in benchmarks} for mode in modes}
     rows["auto"] = {b: rows[predictions[b]][b] for b in benchmarks}
     choice = {}
     for b in benchmarks:
@@ -65,7 +62,9 @@ def _cell(stat: dict) -> str:
 
 
 def _rel_of_row(cells: dict, full: dict, benchmarks: list[str]) -> float:
-    return 100 * float(np.mean([cells[b]["accuracy"][b]["mean"] / full[b] for b in benchmarks]))
+    """Rel of a targeted row, each benchmark scored by its own selection."""
+    row = {b: cells[b]["accuracy"][b]["mean"] for b in benchmarks}
+    return relative_performance(row, full, benchmarks)
 
 
 def write_report(out: str, doc: dict) -> str:
@@ -92,7 +91,7 @@ def write_report(out: str, doc: dict) -> str:
     p = overall(prior["accuracy"])
     rows.append(["text-only prior (full data, image black)", "100%",
                  *(f"{p[b] * 100:.1f}" for b in benchmarks),
-                 f"{100 * np.mean([p[b] / full[b] for b in benchmarks]):.1f}",
+                 f"{relative_performance(p, full, benchmarks):.1f}",
                  f"{p['test'] * 100:.1f}"])  # fmt: skip
     parts = [
         f"Accuracy (%), mean ± std over seeds {doc['seeds']}; pool {doc['pool']} rows; "
