@@ -118,9 +118,12 @@ class Workspace:
             path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
         )
 
-    def read_json(self, path: str) -> Any:
+    def read_bytes(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+            return f.read()
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_bytes(path))
 
     def write_table(self, path: str, table: pa.Table) -> None:
         write_table_atomic(self.fs, path, table)

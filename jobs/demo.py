@@ -1,42 +1,97 @@
-"""``vlselect demo``: the whole pipeline on the embedded default, then one summary.
+"""``vlselect demo``: the whole pipeline on the embedded default, one summary, one HTML report.
 
-What it does (the stages that exist so far; later stages join as they land):
-    1. ``world``: generates the shapes world into the workspace (resumes if present);
-    2. ``ingest``: normalises the world's pool into ``<ws>/pool`` (replacing an old one);
+What it does, each stage through its own job (``vlselect <stage>`` would do the same):
+    1. ``world``: generates the shapes world (pool and held-out benchmarks);
+    2. ``ingest``: normalises the pool into ``<ws>/pool`` (replacing an old one);
     3. ``embed``: the clip, dino and text spaces with the world's offline encoders;
-    4. ``cluster``: spherical k-means of dino+text into ``progress`` (K = pool size / 50,
-       between 10 and 1000: PROGRESS's clusters, scaled to the pool);
-    5. ``index``: the clip (concept) space in 2 exact Flat shards, which targeted
-       selection queries;
-    6. prints one table: each stage's counts, time and where its artifacts are.
+    4. ``skills``: the packaged SmolLM2 names each question's skills (on CPU: about 6
+       minutes at 2,000 rows; successes are cached, so a second demo asks nothing) and
+       the skill space is embedded;
+    5. ``cluster``: spherical k-means of dino+text into ``progress`` (K = pool / 50);
+    6. ``index``: the clip (concept) and skill spaces, 2 exact shards each;
+    7. ``target``: one selection per held-out benchmark (``target_mode``, default
+       ``auto``: the space each benchmark's cross-ranks predict) into
+       ``<ws>/selections/demo/``;
+    8. ``base`` then ``progress``: the tiny LLaVA's base (built once per world, reused
+       after) and a PROGRESS run of ``progress_budget`` into ``<ws>/progress/demo/``;
+    9. writes ``<ws>/report/index.html`` (every figure inlined: cluster sizes, word clouds
+       of the largest clusters' questions, each benchmark's cross-rank scatter, Δk over
+       rounds, picks per cluster, the budget curve) and ``report/summary.json``, and
+       prints one table: each stage's counts, time and where its artifacts are.
+
+``targeted: false`` skips 4, the skill index and 7; ``progress: false`` skips 8.
 
 Raises:
     InputError: bad config (exit 2).
+    RuntimeError: a stage lost rows or failed past its retries (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.config import build_config
+from engine.demo_report import (
+    Figure,
+    Section,
+    cluster_questions,
+    cluster_sizes_png,
+    cluster_words_png,
+    render_html,
+)
+from engine.llava.cache import base_fingerprint, read_base_meta
+from engine.targeted import MODES
 from engine.workspace import Workspace
-from jobs import cluster, embed, index, ingest, world
+from jobs import base, cluster, embed, index, ingest, progress, skills, target, world
 from jobs.runtime import Timer, print_summary
 
 STAGE = "demo"
 DEFAULT_WORKSPACE = "ws/demo"
+RUN_NAME = "demo"
+STAGES = {
+    m.STAGE: m for m in (world, ingest, embed, skills, cluster, index, target, base, progress)
+}
 
 
 class DemoConfig(BaseModel):
-    """``vlselect demo``: the size of the embedded default it runs on."""
+    """``vlselect demo``: the embedded default's size and which selection stages run."""
 
     model_config = ConfigDict(extra="forbid")
 
     size: int = Field(2000, ge=100, le=1_000_000, description="Pool size of the generated world.")
     seed: int = Field(0, ge=0, description="World seed.")
+    targeted: bool = Field(
+        True, description="Run skills, the skill index and targeted selection per benchmark."
+    )
+    target_budget: float = Field(
+        0.2, gt=0, description="Rows per benchmark: a fraction of the pool or a count."
+    )
+    target_mode: Literal[MODES] = Field(  # type: ignore[valid-type]
+        "auto", description="Targeted selection's mode (auto: the predicted space)."
+    )
+    progress: bool = Field(True, description="Build the base and run PROGRESS.")
+    progress_budget: float = Field(
+        0.2, gt=0, description="PROGRESS's budget: a fraction of the pool or a count."
+    )
+    clouds: int = Field(6, ge=1, le=12, description="Clusters shown as word clouds.")
+    stages: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Sections of the stages the demo runs (base, skills, progress, ...), "
+        "applied over the workspace's vlselect.yaml as `vlselect <stage> --config` would; "
+        "the demo's own settings (size, names, budgets) still win.",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(v) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; the demo runs {sorted(STAGES)}")
+        return v
 
 
 CONFIG = DemoConfig
@@ -51,85 +106,225 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("size", "seed") if getattr(args, k, None) is not None}
 
 
+def _stage_config(cfg: DemoConfig, ws: Workspace, stage: str, override: dict | None = None):
+    """A stage's config: the workspace's, the demo's ``stages`` section, the demo's own."""
+    layers = [ws.read_config() if ws.exists() else {}, {stage: cfg.stages.get(stage, {})}]
+    return build_config(stage, STAGES[stage].CONFIG, *layers, {stage: override or {}})
+
+
 def main(cfg: DemoConfig, ws: Workspace) -> dict:
-    """Run each stage in turn on ``ws``; see the module docstring."""
+    """Run each stage in turn on ``ws``; see the module docstring. Returns the summary."""
     timer = Timer()
-    layers = [ws.read_config() if ws.exists() else {}]
-    world_cfg = build_config(
-        world.STAGE,
-        world.CONFIG,
-        *layers,
-        {"world": {"size": cfg.size, "seed": cfg.seed, "overwrite": True}},
-    )
-    world_summary = world.main(world_cfg, ws)
-    ingest_cfg = build_config(
-        ingest.STAGE, ingest.CONFIG, ws.read_config(), {"ingest": {"overwrite": True}}
-    )
-    ingest_summary = ingest.main(ingest_cfg, ws)
-    embed_summary = embed.main(build_config(embed.STAGE, embed.CONFIG, ws.read_config()), ws)
+    for stage in cfg.stages:  # a bad section fails now, not after minutes of earlier stages
+        _stage_config(cfg, ws, stage)
+
+    def run(module, override: dict | None = None) -> dict:
+        return module.main(_stage_config(cfg, ws, module.STAGE, override), ws)
+
+    s: dict[str, Any] = {}
+    s["world"] = run(world, {"size": cfg.size, "seed": cfg.seed, "overwrite": True})
+    s["ingest"] = run(ingest, {"overwrite": True})
+    s["embed"] = run(embed, {"spaces": ["clip", "dino", "text"]})
+    if cfg.targeted:
+        s["skills"] = run(skills)
     k = min(1000, max(10, cfg.size // 50))
-    cluster_cfg = build_config(
-        cluster.STAGE,
-        cluster.CONFIG,
-        ws.read_config(),
-        {"cluster": {"name": "progress", "spaces": ["dino", "text"], "k": k}},
+    s["cluster"] = run(cluster, {"name": "progress", "spaces": ["dino", "text"], "k": k})
+    s["index"] = [run(index, {"space": "clip", "shards": 2})]
+    if cfg.targeted:
+        s["index"].append(run(index, {"space": "skill", "shards": 2}))
+        # the in-distribution test split is not a target: it is the pool's own mix
+        benchmarks = [p for b, p in s["world"]["benchmarks"].items() if b != "test"]
+        s["target"] = run(target, {
+            "name": RUN_NAME, "benchmarks": benchmarks, "budget": cfg.target_budget,
+            "mode": cfg.target_mode, "overwrite": True,
+        })  # fmt: skip
+    if cfg.progress:
+        base_cfg = _stage_config(cfg, ws, base.STAGE)
+        s["base"] = run(base, {"overwrite": _base_is_stale(ws, base_cfg)})
+        s["progress"] = run(
+            progress, {"name": RUN_NAME, "budget": cfg.progress_budget, "overwrite": True}
+        )
+    s["seconds"] = round(timer.seconds, 2)
+    s["report"] = write_report(cfg, ws, s)
+    _print(ws, s)
+    return s
+
+
+def _base_is_stale(ws: Workspace, cfg: base.BaseJobConfig) -> bool:
+    """True when the cached base was built for another world or recipe (the demo's world
+    is regenerated, so a new size or seed must rebuild it rather than be refused)."""
+    meta = read_base_meta(ws, cfg.name)
+    if meta is None:
+        return False
+    return meta.get("fingerprint") != base_fingerprint(
+        base.workspace_world(ws), cfg.model, cfg.train
     )
-    cluster_summary = cluster.main(cluster_cfg, ws)
-    index_cfg = build_config(
-        index.STAGE, index.CONFIG, ws.read_config(), {"index": {"space": "clip", "shards": 2}}
-    )
-    index_summary = index.main(index_cfg, ws)
-    summary = {
-        "world": world_summary,
-        "ingest": ingest_summary,
-        "embed": embed_summary,
-        "cluster": cluster_summary,
-        "index": index_summary,
-        "seconds": round(timer.seconds, 2),
-    }
-    print_summary(
-        STAGE,
-        [
-            (
-                "world",
-                f"{world_summary['pool_size']} pool samples, "
-                f"{len(world_summary['benchmarks'])} held-out sets, {world_summary['seconds']} s",
-            ),
-            (
-                "ingest",
-                f"{ingest_summary['records_in']} in = {ingest_summary['accepted']} accepted + "
-                f"{ingest_summary['rejected']} rejected, {ingest_summary['seconds']} s",
-            ),
-            *[
-                (
-                    f"embed {r['space']}",
-                    f"{r['vectors']} x {r['dim']} ({r['model']}, {r['weights']} weights), "
-                    f"{r['seconds']} s",
-                )
-                for r in embed_summary["spaces"]
+
+
+def _stage_rows(s: dict) -> list[list[str]]:
+    w, i = s["world"], s["ingest"]
+    rows = [
+        ["world", f"{w['pool_size']} pool samples, {len(w['benchmarks'])} held-out sets",
+         w["seconds"]],
+        ["ingest", f"{i['records_in']} in = {i['accepted']} accepted + {i['rejected']} rejected",
+         i["seconds"]],
+    ]  # fmt: skip
+    rows += [
+        [f"embed {r['space']}", f"{r['vectors']} x {r['dim']} ({r['model']})", r["seconds"]]
+        for r in s["embed"]["spaces"]
+    ]
+    if "skills" in s:
+        k = s["skills"]
+        rows.append(["skills", f"{k['ok']} ok, {k['failed']} failed; {k['unique_questions']} "
+                     f"unique questions, {k['generated']} generated", k["seconds"]])  # fmt: skip
+    c = s["cluster"]
+    rows.append(["cluster progress", f"{c['k']} clusters of dino+text, sizes "
+                 f"{c['size_stats']['min']}-{c['size_stats']['max']}", c["seconds"]])  # fmt: skip
+    rows += [
+        [f"index {r['space']}", f"{r['rows']} vectors, {r['shards']} {r['factory']} shards",
+         r["seconds"]]
+        for r in s["index"]
+    ]  # fmt: skip
+    if "target" in s:
+        t = s["target"]
+        rows.append(["target", f"{len(t['benchmarks'])} benchmarks x {t['budget']} rows",
+                     t["seconds"]])  # fmt: skip
+    if "base" in s:
+        b = s["base"]
+        rows.append(["base", "built" if b["built"] else "reused (same world and recipe)",
+                     b["seconds"]])  # fmt: skip
+    if "progress" in s:
+        p = s["progress"]
+        rows.append(["progress", f"{p['spent']} of {p['budget']} rows in {p['rounds']} rounds, "
+                     f"{p['total_steps']} steps", p["seconds"]])  # fmt: skip
+    return [[name, what, f"{sec:.1f}"] for name, what, sec in rows]
+
+
+def _selection_dir(t: dict, b: dict) -> str:
+    """Where ``vlselect target`` wrote one benchmark's selection (no subfolder for one)."""
+    return t["path"] if len(t["benchmarks"]) == 1 else f"{t['path']}/{b['benchmark']}"
+
+
+def _png_figures(ws: Workspace, folder: str, names: list[tuple[str, str]]) -> list[Figure]:
+    return [
+        Figure(name, caption, ws.read_bytes(f"{folder}/{name}"))
+        for name, caption in names
+        if ws.fs.get_file_info(f"{folder}/{name}").size
+    ]
+
+
+def report_sections(cfg: DemoConfig, ws: Workspace, s: dict) -> list[Section]:
+    """The report's sections from the stages' summaries and their artifacts."""
+    sections = [
+        Section(
+            "Pipeline",
+            f"{s['world']['pool_size']} pool samples, end to end in {s['seconds']} s.",
+            [["stage", "what", "seconds"], *_stage_rows(s)],
+        )
+    ]
+    sizes, questions = cluster_questions(ws, "progress", cfg.clouds)
+    sections.append(
+        Section(
+            "Skill clusters (dino + text, the clusters PROGRESS tracks)",
+            f"{len(sizes)} clusters; the word clouds show the questions of the "
+            f"{len(questions)} largest, as PROGRESS's paper shows what a cluster holds.",
+            figures=[
+                Figure(
+                    "cluster_sizes.png",
+                    "Rows per cluster, largest first.",
+                    cluster_sizes_png(sizes, f"{len(sizes)} clusters"),
+                ),
+                Figure(
+                    "cluster_words.png",
+                    "Words of each cluster's questions.",
+                    cluster_words_png(questions, sizes),
+                ),
             ],
-            (
-                "cluster progress",
-                f"{cluster_summary['k']} clusters of dino+text, sizes "
-                f"{cluster_summary['size_stats']['min']}-{cluster_summary['size_stats']['max']}, "
-                f"{cluster_summary['seconds']} s",
-            ),
-            (
-                "index clip",
-                f"{index_summary['rows']} vectors in {index_summary['shards']} "
-                f"{index_summary['factory']} shards, {index_summary['seconds']} s",
-            ),
-            ("total time", f"{summary['seconds']} s"),
-            ("workspace", ws.root),
-            ("pool", ingest_summary["pool"]),
-            ("benchmarks", ws.path("benchmarks")),
-            ("embeddings", ws.path("embeddings")),
-            ("clusters", ws.path("clusters")),
-            ("index", ws.path("index")),
-        ],
-        extra={"seconds": summary["seconds"], "workspace": ws.root},
+        )  # fmt: skip
     )
-    return summary
+    if "target" in s:
+        t = s["target"]
+        table = [["benchmark", "samples", "rejected", "prediction", "confidence", "margin",
+                  "mode", "selected"]]  # fmt: skip
+        table += [
+            [b["benchmark"], b["usable"], b["rejected"], b["prediction"],
+             f"{b['confidence']:.2f}", f"{b['margin']:+.3f}", b["mode"], b["selected"]]
+            for b in t["benchmarks"]
+        ]  # fmt: skip
+        figures = [
+            Figure(f"crossranks_{b['benchmark']}.png",
+                   f"{b['benchmark']}: cross-ranks of its samples, concept vs skill space "
+                   f"(predicted: {b['prediction']}).",
+                   ws.read_bytes(f"{_selection_dir(t, b)}/crossranks.png"))
+            for b in t["benchmarks"]
+        ]  # fmt: skip
+        sections.append(
+            Section(
+                "Targeted selection: concepts or skills?",
+                f"{t['budget']} pool rows per benchmark in mode {cfg.target_mode}; "
+                f"selections under {t['path']}.",
+                table,
+                figures,
+            )
+        )
+    if "progress" in s:
+        p = s["progress"]
+        last = p["final_metrics"]
+        table = [["budget", "spent", "rounds", "rows per round", "steps", "last score"],
+                 [p["budget"], p["spent"], p["rounds"], " ".join(map(str, p["round_rows"])),
+                  p["total_steps"], f"{last.get('score', float('nan')):.4f}"]]  # fmt: skip
+        plots = p["outputs"].get("plots", "")
+        figures = _png_figures(ws, plots, [
+            ("delta.png", "Δk per cluster over rounds: the clusters improving fastest."),
+            ("picks.png", "Rows picked per cluster."),
+            ("budget.png", "Budget spent over rounds."),
+        ]) if plots else []  # fmt: skip
+        sections.append(
+            Section(
+                "PROGRESS",
+                f"A LoRA fine-tune of the tiny LLaVA that picks its own data; run under "
+                f"{ws.path('progress', RUN_NAME)}.",
+                table,
+                figures,
+            )
+        )
+    return sections
+
+
+def write_report(cfg: DemoConfig, ws: Workspace, s: dict) -> str:
+    """``<ws>/report/index.html`` and ``summary.json``; returns the HTML's path."""
+    sections = report_sections(cfg, ws, s)
+    artifacts = [["artifact", "where"], *_artifacts(ws, s)]
+    sections.append(Section("Artifacts", table=artifacts))
+    path = ws.path("report", "index.html")
+    ws.makedirs("report")
+    ws.write_bytes(path, render_html("vlselect demo", sections).encode())
+    ws.write_json(ws.path("report", "summary.json"), {**s, "report": path})
+    return path
+
+
+def _artifacts(ws: Workspace, s: dict) -> list[list[str]]:
+    rows = [["workspace", ws.root], ["pool", s["ingest"]["pool"]],
+            ["benchmarks", ws.path("benchmarks")], ["embeddings", ws.path("embeddings")],
+            ["clusters", ws.path("clusters")], ["index", ws.path("index")]]  # fmt: skip
+    if "skills" in s:
+        rows.append(["skills", s["skills"]["skills"]])
+    if "target" in s:
+        rows.append(["selections", s["target"]["path"]])
+    if "base" in s:
+        rows.append(["base", s["base"]["path"]])
+    if "progress" in s:
+        rows.append(["progress", ws.path("progress", RUN_NAME)])
+    return rows
+
+
+def _print(ws: Workspace, s: dict) -> None:
+    rows: list[tuple[str, Any]] = [(n, f"{what} ({sec} s)") for n, what, sec in _stage_rows(s)]
+    rows.append(("total time", f"{s['seconds']} s"))
+    rows += [(name, where) for name, where in _artifacts(ws, s)]
+    rows.append(("report", s["report"]))
+    print_summary(STAGE, rows, extra={"seconds": s["seconds"], "workspace": ws.root,
+                                      "report": s["report"]})  # fmt: skip
 
 
 if __name__ == "__main__":
