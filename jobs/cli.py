@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import sys
 import traceback
 from types import ModuleType
@@ -20,7 +20,7 @@ from types import ModuleType
 from engine.config import build_config, load_yaml_file, parse_set_overrides
 from engine.errors import InputError
 from engine.workspace import Workspace
-from jobs.runtime import set_address
+from jobs.runtime import configure_logging, set_address
 
 STAGE_MODULES = {
     "world": "jobs.world",
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
         p.add_argument("--log-level", default="INFO")
+        p.add_argument(
+            "--log-format",
+            choices=["text", "json"],
+            default=os.environ.get("VLSELECT_LOG_FORMAT", "text"),
+            help="json: one JSON object per log line, for a log pipeline (or VLSELECT_LOG_FORMAT)",
+        )
         module.add_arguments(p)
     return parser
 
@@ -98,9 +104,7 @@ def resolve_config(module: ModuleType, args: argparse.Namespace, ws: Workspace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     module = importlib.import_module(STAGE_MODULES[args.stage])
     try:
         ws = Workspace.open(args.workspace or module.DEFAULT_WORKSPACE)

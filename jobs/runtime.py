@@ -70,13 +70,71 @@ class Timer:
         return time.perf_counter() - self.start
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """The root logger's level and format: 'text' for people, 'json' for log pipelines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+# Summary keys that count rows; each becomes a sample of vlselect_stage_rows{stage, kind}.
+_ROW_COUNTS = ("records_in", "accepted", "rejected", "rows", "vectors", "ok", "failed",
+               "generated", "cached", "selected", "spent", "revealed", "rows_assigned")  # fmt: skip
+_metrics: dict[str, Any] = {}
+
+
+def export_stage_metrics(stage: str, summary: dict[str, Any]) -> None:
+    """A finished stage's row counts and seconds as Ray metrics (the dashboard's Metrics
+    view, Prometheus at each node's metrics export port). A no-op without Ray."""
+    if not ray.is_initialized():
+        return
+    from ray.util.metrics import Counter, Gauge
+
+    if not _metrics:
+        _metrics["rows"] = Counter(
+            "vlselect_stage_rows", "Rows a finished stage counted, by kind", ("stage", "kind")
+        )
+        _metrics["seconds"] = Gauge(
+            "vlselect_stage_seconds", "Wall time of a stage's last run", ("stage",)
+        )
+        _metrics["runs"] = Counter("vlselect_stage_runs", "Stage runs finished", ("stage",))
+    for kind in _ROW_COUNTS:
+        value = summary.get(kind)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            _metrics["rows"].inc(value, tags={"stage": stage, "kind": kind})
+    if isinstance(summary.get("seconds"), int | float):
+        _metrics["seconds"].set(float(summary["seconds"]), tags={"stage": stage})
+    _metrics["runs"].inc(1, tags={"stage": stage})
+
+
 def print_summary(
     title: str, rows: list[tuple[str, Any]], extra: dict[str, Any] | None = None
 ) -> None:
-    """A short aligned summary block, then one JSON line for machines (grep 'vlselect-summary')."""
+    """A short aligned summary block, then one JSON line for machines (grep
+    'vlselect-summary'); the counts in ``extra`` also go out as Ray metrics."""
     width = max(len(k) for k, _ in rows)
     print(f"\n== {title} ==")
     for key, value in rows:
         print(f"  {key.ljust(width)}  {value}")
     if extra is not None:
         print("vlselect-summary " + json.dumps({"stage": title, **extra}, default=str))
+        export_stage_metrics(title, extra)

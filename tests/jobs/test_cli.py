@@ -70,3 +70,44 @@ def test_argparse_errors_exit_2():
     with pytest.raises(SystemExit) as exc:
         main(["world", "--out", "x", "--size", "many"])
     assert exc.value.code == 2
+
+
+def test_json_logs_are_one_object_per_line(capsys):
+    """--log-format json: every log line a JSON object a log pipeline can parse."""
+    import json
+    import logging
+
+    from jobs.runtime import configure_logging
+
+    configure_logging("INFO", "json")
+    try:
+        log = logging.getLogger("vlselect.test")
+        log.info("shard %d of %d done", 3, 8)
+        try:
+            raise ValueError("bad row")
+        except ValueError:
+            log.exception("shard failed")
+        log.debug("not shown at INFO")
+    finally:
+        configure_logging("INFO", "text")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(r["level"], r["logger"], r["msg"]) for r in lines] == [
+        ("INFO", "vlselect.test", "shard 3 of 8 done"),
+        ("ERROR", "vlselect.test", "shard failed"),
+    ]
+    assert "ValueError: bad row" in lines[1]["exc"] and lines[0]["ts"].startswith("20")
+    out = subprocess.run(
+        [str(BIN / "vlselect"), "ingest", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--log-format {text,json}" in out
+
+
+def test_stage_counts_go_out_as_ray_metrics(ray_session):
+    from ray.util.metrics import Counter
+
+    from jobs.runtime import _metrics, export_stage_metrics
+
+    export_stage_metrics("ingest", {"records_in": 5, "accepted": 4, "rejected": 1,
+                                    "seconds": 1.5, "flag": True})  # fmt: skip
+    export_stage_metrics("ingest", {"records_in": 0, "seconds": 0.1})  # zero: nothing added
+    assert isinstance(_metrics["rows"], Counter) and set(_metrics) == {"rows", "seconds", "runs"}
