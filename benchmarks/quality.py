@@ -7,7 +7,7 @@
 1. Prepares the workspace with the real stages, each skipped when already done:
    ``vlselect world`` (the default world at ``--pool`` rows), ``ingest``, ``embed
    --spaces dino,text``, the warm-up clustering ``vlselect progress`` makes (dino+text,
-   K = pool/10), and ``vlselect base`` (about 9 minutes, once per world); with target
+   K = pool/10), and ``vlselect base`` (about 30 minutes on 2 cores, once per world); with target
    modes also the clip space, ``vlselect skills`` (SmolLM2: minutes) and both indexes.
 2. Selects, per seed and budget: ``random``; ``coincide`` (COINCIDE's selector, the
    warm-up of ``vlselect progress``, run to the whole budget); ``perplexity`` (the pool

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.text import strip_answer_format
 from engine.workspace import Workspace, read_parquet_dir
 
 # Words every question of the shapes world shares; they say nothing about a cluster.
@@ -117,7 +118,8 @@ def cluster_questions(
     ws: Workspace, clustering: str, count: int, per_cluster: int = 300
 ) -> tuple[np.ndarray, dict[int, list[str]]]:
     """Sizes, int64 (K,), of ``clustering``'s clusters and the questions (at most
-    ``per_cluster`` each) of its ``count`` largest, largest first."""
+    ``per_cluster`` each, answer-format instructions stripped) of its ``count`` largest,
+    largest first."""
     k = int(ws.read_json(ws.path("clusters", clustering, "meta.json"))["k"])
     assigned = read_parquet_dir(
         ws.path("clusters", clustering, "assignments"), columns=["id", "cluster"]
@@ -131,7 +133,7 @@ def cluster_questions(
     cols = (joined.column("cluster").to_pylist(), joined.column("question").to_pylist())
     for c, q in zip(*cols, strict=True):
         if len(questions[c]) < per_cluster:
-            questions[c].append(q)
+            questions[c].append(strip_answer_format(q))  # the format line is every row's
     return sizes, questions
 
 

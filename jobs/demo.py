@@ -12,8 +12,9 @@ What it does, each stage through its own job (``vlselect <stage>`` would do the 
     7. ``target``: one selection per held-out benchmark (``target_mode``, default
        ``auto``: the space each benchmark's cross-ranks predict) into
        ``<ws>/selections/demo/``;
-    8. ``base`` then ``progress``: the tiny LLaVA's base (built once per world, reused
-       after) and a PROGRESS run of ``progress_budget`` into ``<ws>/progress/demo/``;
+    8. ``base`` then ``progress``: the tiny LLaVA's base (``base_recipe: quick`` trains a
+       third of the full recipe's steps; built once per world and recipe, reused after)
+       and a PROGRESS run of ``progress_budget`` into ``<ws>/progress/demo/``;
     9. writes ``<ws>/report/index.html`` (every figure inlined: cluster sizes, word clouds
        of the largest clusters' questions, each benchmark's cross-rank scatter, Δk over
        rounds, picks per cluster, the budget curve) and ``report/summary.json``, and
@@ -52,6 +53,8 @@ from jobs.runtime import Timer, print_summary
 STAGE = "demo"
 DEFAULT_WORKSPACE = "ws/demo"
 RUN_NAME = "demo"
+# A third of the base recipe's steps: the demo shows the pipeline, not the model's quality.
+QUICK_BASE = {"train": {"vision_steps": 700, "language_steps": 1000, "caption_steps": 300}}
 STAGES = {
     m.STAGE: m for m in (world, ingest, embed, skills, cluster, index, target, base, progress)
 }
@@ -74,6 +77,11 @@ class DemoConfig(BaseModel):
         "auto", description="Targeted selection's mode (auto: the predicted space)."
     )
     progress: bool = Field(True, description="Build the base and run PROGRESS.")
+    base_recipe: Literal["quick", "full"] = Field(
+        "quick",
+        description="quick: the base trains on fewer steps (QUICK_BASE: minutes, enough to "
+        "show the pipeline); full: `vlselect base`'s recipe, as the quality benchmark uses.",
+    )
     progress_budget: float = Field(
         0.2, gt=0, description="PROGRESS's budget: a fraction of the pool or a count."
     )
@@ -107,8 +115,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def _stage_config(cfg: DemoConfig, ws: Workspace, stage: str, override: dict | None = None):
-    """A stage's config: the workspace's, the demo's ``stages`` section, the demo's own."""
-    layers = [ws.read_config() if ws.exists() else {}, {stage: cfg.stages.get(stage, {})}]
+    """A stage's config: the workspace's, the quick base, the demo's ``stages`` section,
+    the demo's own settings."""
+    layers = [ws.read_config() if ws.exists() else {}]
+    if stage == base.STAGE and cfg.base_recipe == "quick":
+        layers.append({stage: QUICK_BASE})
+    layers.append({stage: cfg.stages.get(stage, {})})
     return build_config(stage, STAGES[stage].CONFIG, *layers, {stage: override or {}})
 
 

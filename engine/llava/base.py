@@ -2,12 +2,17 @@
 to look at the image in minutes on 2 cores; with this base it does).
 
 1. The vision tower learns per-patch attribute heads (colour, shape, size, glyph, row,
-   column) on the base's own scenes, then is frozen.
-2. The language model and projector learn to caption those scenes: each scene's objects
-   in a random order ("small green ring in row 1 column 4. large red circle in ..."),
-   image tokens before the prompt. The random order is what teaches the language model
-   to look a patch up by its content, which questions need; row-by-row captions
-   (``caption_style: rows``) teach only a fixed reading order.
+   column) on the base's own scenes, then is frozen (the pretrained CLIP of LLaVA).
+2. The language model learns the scene language (``engine.llava.language``): scenes
+   given as their cells' words, every family's questions, captions and the text family,
+   so that it reasons before it sees an image (the pretrained LLM of LLaVA).
+3. The projector learns to caption the base's images with the LM frozen (LLaVA's
+   stage 1): each scene's objects in a random order ("small green ring in row 1 column
+   4. large red circle in ..."), image tokens before the prompt; it learns to put each
+   patch where the LM reads that cell's words. With ``language_steps: 0`` and
+   ``caption_trains: projector+lm`` the LM learns from these captions alone (the random
+   order is what teaches it to look a patch up by its content; ``caption_style: rows``
+   teaches only a fixed reading order).
 """
 
 from __future__ import annotations
@@ -20,8 +25,15 @@ import numpy as np
 from engine.devices import resolve_device
 from engine.llava.config import BaseTrainConfig, LlavaModelConfig
 from engine.llava.data import IGNORE, collate_for, model_inputs
+from engine.llava.language import language_accuracy, pretrain_language
 from engine.llava.model import build_llava, pixel_values
-from engine.llava.scenes import ATTRIBUTES, Scenes, check_grid, generate_scenes
+from engine.llava.scenes import (
+    ATTRIBUTES,
+    Scenes,
+    check_grid,
+    generate_scene_texts,
+    generate_scenes,
+)
 from engine.llava.tokenizer import build_world_tokenizer, load_tokenizer
 from engine.llava.train import torch_stepper, train_loop
 from engine.world.config import WorldConfig
@@ -150,8 +162,14 @@ def caption_metrics(model, tokenizer, scenes: Scenes, max_length: int) -> dict[s
 def align_captions(
     model, tokenizer, train: Scenes, cfg: BaseTrainConfig, max_length: int, log: Log
 ) -> list[float]:
-    """Train the language model and projector (tower frozen) to caption ``train``."""
-    trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    """Train the projector (and with ``caption_trains: projector+lm`` the language model;
+    the tower stays frozen) to caption ``train``."""
+    with_lm = cfg.caption_trains == "projector+lm"
+    trainable = [
+        p
+        for n, p in model.named_parameters()
+        if "vision_tower" not in n and (with_lm or "multi_modal_projector" in n)
+    ]
     stepper = torch_stepper(
         model, [{"params": trainable, "lr": cfg.caption_lr}], cfg.caption_steps, warmup=cfg.warmup
     )
@@ -204,7 +222,31 @@ def train_base(
         log,
     )
     t_vision = time.perf_counter()
-    log(f"tower: {vision} in {t_vision - t_scenes:.1f} s; aligning on captions")
+    log(f"tower: {vision} in {t_vision - t_scenes:.1f} s")
+    language = {}
+    if cfg.language_steps:
+        log("the LM learns the scene language")
+        look = {"families": cfg.language_families, "text_share": cfg.language_text_share,
+                "domains": cfg.domains}  # fmt: skip
+        texts = generate_scene_texts(world, cfg.seed, 0, cfg.language_scenes, **look)
+        held_texts = generate_scene_texts(
+            world, cfg.seed, cfg.language_scenes, cfg.eval_scenes * 4, **look
+        )
+        lang_losses = pretrain_language(
+            model, tokenizer, texts, steps=cfg.language_steps, batch=cfg.language_batch,
+            lr=cfg.language_lr, caption_share=cfg.language_caption_share,
+            caption_style=cfg.caption_style, warmup=cfg.warmup,
+            max_length=model_cfg.max_length, log=log, seed=cfg.seed + 2,
+        )  # fmt: skip
+        language = {
+            "language_accuracy": language_accuracy(
+                model, tokenizer, held_texts, model_cfg.max_length
+            ),
+            "language_train_loss_last": float(np.mean(lang_losses[-100:])),
+        }
+        log(f"scene-language accuracy (held-out questions): {language['language_accuracy']}")
+    t_language = time.perf_counter()
+    log(f"aligning on captions ({cfg.caption_trains})")
     losses = align_captions(
         model, tokenizer, scenes.take(np.arange(cfg.caption_scenes)), cfg, model_cfg.max_length, log
     )
@@ -212,12 +254,14 @@ def train_base(
     t_end = time.perf_counter()
     metrics = {
         "vision_patch_accuracy": vision,
+        **language,
         **captions,
         "caption_train_loss_last": float(np.mean(losses[-20:])) if losses else None,
         "seconds": {
             "scenes": round(t_scenes - t0, 1),
             "vision": round(t_vision - t_scenes, 1),
-            "captions": round(t_end - t_vision, 1),
+            "language": round(t_language - t_vision, 1),
+            "captions": round(t_end - t_language, 1),
             "total": round(t_end - t0, 1),
         },
         "device": str(device),

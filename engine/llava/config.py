@@ -12,10 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.world.config import DOMAINS, check_weights
+from engine.world.config import DOMAINS, IMAGE_FAMILIES, check_weights
 
 # Bumped whenever the base's training code changes what a cached base means.
-BASE_VERSION = 2
+BASE_VERSION = 3
 
 
 class VisionConfig(BaseModel):
@@ -135,6 +135,41 @@ class BaseTrainConfig(BaseModel):
         "left out is a concept the pretrained model never saw: the fine-tune has to learn "
         "it from the pool's rows of it, so what a selection holds of it matters.",
     )
+    language_steps: int = Field(
+        3000,
+        ge=0,
+        description="Steps of the LM's scene-language pretraining (engine.llava.language): "
+        "scenes given as their cells' words, every family's questions answered, so the LM "
+        "reasons before it sees an image, as LLaVA's LLM does. 0: none (the LM then learns "
+        "from captions only; set caption_trains: projector+lm).",
+    )
+    language_scenes: int = Field(
+        40000, ge=16, description="Scenes (one question each) the LM pretrains on."
+    )
+    language_batch: int = Field(64, ge=1, description="Questions per language step.")
+    language_lr: float = Field(2e-3, gt=0, description="AdamW lr of the LM's pretraining.")
+    language_caption_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Share of each language batch that captions its scene instead of "
+        "answering: captions read out every object, the dense signal the LM learns to read "
+        "cells from (question-only batches plateaued at chance), and the frozen LM later "
+        "teaches the projector by captioning.",
+    )
+    language_families: dict[str, float] | None = Field(
+        None,
+        description="Image families (skills) the LM practises, with weights; None: all "
+        "alike. A family left out is a skill the fine-tune has to teach from the pool.",
+    )
+    language_text_share: float = Field(
+        0.1, ge=0, lt=1, description="Share of text-only questions (the world's text family)."
+    )
+    caption_trains: Literal["projector", "projector+lm"] = Field(
+        "projector",
+        description="What the caption stage trains: the projector alone with the LM frozen "
+        "(LLaVA's stage 1, over the pretrained LM), or both (no language pretraining).",
+    )
     caption_scenes: int = Field(8192, ge=16, description="Scenes captioned for alignment.")
     caption_steps: int = Field(800, ge=0, description="Caption steps (DESIGN: 800).")
     caption_batch: int = Field(32, ge=1, description="Captions per step.")
@@ -148,6 +183,20 @@ class BaseTrainConfig(BaseModel):
     @classmethod
     def _known_domains(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         return v if v is None else check_weights(v, DOMAINS, "domain")
+
+    @model_validator(mode="after")
+    def _lm_is_trained(self) -> BaseTrainConfig:
+        if self.language_steps == 0 and self.caption_trains == "projector":
+            raise ValueError(
+                "language_steps: 0 leaves the language model untrained while "
+                "caption_trains: projector keeps it frozen; set caption_trains: projector+lm"
+            )
+        return self
+
+    @field_validator("language_families")
+    @classmethod
+    def _known_families(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        return v if v is None else check_weights(v, IMAGE_FAMILIES, "image family")
 
 
 class LoraConfig(BaseModel):

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import InputError
+from engine.llava.language import SceneTexts
 from engine.llava.tokenizer import CAPTION_PROMPTS
 from engine.world.answers import object_caption, scene_caption
-from engine.world.config import WorldConfig
+from engine.world.config import IMAGE_FAMILIES, WorldConfig
 from engine.world.generate import generate_sample, split_distribution
 from engine.world.render import COLOUR_NAMES, SHAPES, SIZES
 
@@ -125,6 +126,41 @@ def generate_scenes(
             order = np.random.default_rng([seed, start + i]).permutation(len(sample.objects))
             captions.append(object_caption(sample.objects, order.tolist()))
     return Scenes(images, labels, captions, g, CAPTION_PROMPTS[caption_style])
+
+
+# Language texts are drawn from sample indices far past any scene's, so their random
+# streams never repeat the tower's or the captions' scenes.
+LANGUAGE_OFFSET = 1 << 40
+
+
+def generate_scene_texts(
+    world: WorldConfig,
+    seed: int,
+    start: int,
+    count: int,
+    families: dict[str, float] | None = None,
+    text_share: float = 0.0,
+    domains: dict[str, float] | None = None,
+) -> SceneTexts:
+    """Questions [start, start + count) of the base world of ``seed`` as text: each one's
+    objects, question, answer and family (images are rendered by the generator, not kept).
+
+    ``families``: image family -> weight (None: every image family alike); ``text_share``:
+    the share of text-only questions (the world's text family); ``domains`` as in
+    ``base_world``.
+    """
+    bw = base_world(world, seed, None, domains)
+    mix = families if families is not None else dict.fromkeys(IMAGE_FAMILIES, 1.0)
+    bw = bw.model_copy(update={"families": mix, "text_only_fraction": text_share})
+    dist = split_distribution(bw, SPLIT)
+    objects, questions, answers, fams = [], [], [], []
+    for i in range(count):
+        sample, _ = generate_sample(bw, SPLIT, LANGUAGE_OFFSET + start + i, dist)
+        objects.append(sample.objects)
+        questions.append(sample.question)
+        answers.append(sample.answer)
+        fams.append(sample.family)
+    return SceneTexts(objects, questions, answers, fams, world.grid)
 
 
 def check_grid(world: WorldConfig, image_size: int, patch_size: int) -> None:

@@ -33,7 +33,7 @@ from engine.llava import (
 from engine.llava.scenes import generate_scenes
 from engine.llava.tokenizer import CAPTION_PROMPTS, IMAGE, world_corpus
 from engine.workspace import Workspace
-from engine.world.config import WorldConfig
+from engine.world.config import IMAGE_FAMILIES, TEXT_FAMILY, WorldConfig
 from engine.world.generate import generate_sample
 
 TINY = {
@@ -48,6 +48,9 @@ TINY_TRAIN = {
     "caption_scenes": 32,
     "caption_steps": 3,
     "caption_batch": 8,
+    "language_scenes": 32,
+    "language_steps": 3,
+    "language_batch": 8,
     "eval_scenes": 8,
     "device": "cpu",
 }
@@ -233,6 +236,7 @@ def test_base_is_cached_reused_by_fingerprint_and_refused_when_changed(world, mo
         "col",
     }
     assert math.isfinite(meta["metrics"]["caption_loss"])
+    assert set(meta["metrics"]["language_accuracy"]) <= {*IMAGE_FAMILIES, TEXT_FAMILY}
     files = {p.name for p in (tmp_path / "ws" / "models" / "tiny-llava").iterdir()}
     assert files == {"model", "tokenizer", "meta.json"}
     assert list((tmp_path / "ws" / "models" / "tiny-llava" / "model").glob("*.safetensors"))

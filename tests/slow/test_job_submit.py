@@ -16,12 +16,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from engine.workspace import read_parquet_dir
+from tests.engine.test_llava import TINY, TINY_TRAIN
+from tests.jobs.test_progress_job import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -75,6 +79,7 @@ def ray_head():
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            f"--metrics-export-port={metrics}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
@@ -84,19 +89,15 @@ def ray_head():
         timeout=180,
     )
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        yield f"http://127.0.0.1:{dash}", env, metrics
     finally:
         stop_cluster(temp_dir)
 
 
-def test_ray_job_submit_world_then_ingest(ray_head, tmp_path):
-    address, env = ray_head
-    ws = tmp_path / "ws"
-    entrypoint = (
-        f"python -m jobs.world --out {ws} --size 300 --set test_size=50 && "
-        f"vlselect ingest --workspace {ws}"
-    )
-    deadline = time.time() + 300
+def submit(address: str, env: dict, entrypoint: str, timeout: float, *extra: str):
+    """``ray job submit`` (it follows the job's logs to the end); retried while the head's
+    job agent is still starting. Returns the finished process (stdout + stderr: the logs)."""
+    deadline = time.time() + timeout
     for attempt in range(30):
         proc = subprocess.run(
             [
@@ -108,7 +109,8 @@ def test_ray_job_submit_world_then_ingest(ray_head, tmp_path):
                 "--working-dir",
                 str(ROOT),
                 "--submission-id",
-                f"vlselect-test-{os.getpid()}-{attempt}",
+                f"vlselect-test-{os.getpid()}-{time.time_ns()}-{attempt}",
+                *extra,
                 "--",
                 "bash",
                 "-c",
@@ -122,15 +124,64 @@ def test_ray_job_submit_world_then_ingest(ray_head, tmp_path):
         )
         logs = proc.stdout + proc.stderr
         if "No available agent" not in logs:  # the head's job agent starts a few seconds late
-            break
+            return proc, logs
         time.sleep(2)
-    assert proc.returncode == 0, logs[-4000:]
-    assert "succeeded" in logs, logs[-4000:]
-    summaries = [
+    return proc, logs
+
+
+def summaries_of(logs: str) -> list[dict]:
+    return [
         json.loads(line.split(" ", 1)[1])
         for line in logs.splitlines()
         if line.startswith("vlselect-summary ")
     ]
+
+
+def test_ray_job_submit_world_then_ingest(ray_head, tmp_path):
+    address, env, _ = ray_head
+    ws = tmp_path / "ws"
+    entrypoint = (
+        f"python -m jobs.world --out {ws} --size 300 --set test_size=50 && "
+        f"vlselect ingest --workspace {ws}"
+    )
+    proc, logs = submit(address, env, entrypoint, 300)
+    assert proc.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs, logs[-4000:]
+    summaries = summaries_of(logs)
     assert [s["stage"] for s in summaries] == ["world", "ingest"]
     assert summaries[1]["records_in"] == summaries[1]["accepted"] == 300
     assert read_parquet_dir(str(ws / "pool")).num_rows == 300
+
+
+def test_ray_job_submit_the_demo_with_a_runtime_env(ray_head, tmp_path):
+    """The demo (no LLM stages; the tiny base and PROGRESS recipe) submitted with a
+    runtime environment: JSON logs followed to the end, every artifact written, and the
+    stages' counters on the head's Prometheus endpoint."""
+    address, env, metrics_port = ray_head
+    ws, config = tmp_path / "ws", tmp_path / "demo.yaml"
+    stages = {"base": {"model": TINY, "train": TINY_TRAIN}, "progress": TINY_RUN}
+    config.write_text(yaml.safe_dump(
+        {"demo": {"size": 300, "targeted": False, "stages": stages}}
+    ))  # fmt: skip
+    runtime_env = json.dumps({"env_vars": {"VLSELECT_LOG_FORMAT": "json"}})
+    proc, logs = submit(
+        address, env, f"vlselect demo --workspace {ws} --config {config}", 900,
+        "--runtime-env-json", runtime_env,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "succeeded" in logs, logs[-4000:]
+    stages_run = [s["stage"] for s in summaries_of(logs)]
+    assert stages_run[-1] == "demo" and {"base", "progress", "cluster", "index"} <= set(stages_run)
+    logged = [json.loads(x) for x in logs.splitlines() if x.startswith('{"ts"')]
+    assert logged and all({"level", "logger", "msg"} <= set(r) for r in logged)
+    report = json.loads((ws / "report" / "summary.json").read_text())
+    assert report["progress"]["spent"] == report["progress"]["budget"] == 60
+    assert (ws / "report" / "index.html").stat().st_size > 10_000
+    assert (ws / "progress" / "demo" / "ids.txt").read_text().count("\n") == 60
+    seen = ""
+    for _ in range(30):  # the metrics agent exports every few seconds
+        seen = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        if "vlselect_stage_rows" in seen and "vlselect_progress_budget_spent" in seen:
+            break
+        time.sleep(2)
+    assert "vlselect_stage_rows" in seen and 'stage="ingest"' in seen, seen[-2000:]
+    assert "vlselect_progress_budget_spent" in seen
