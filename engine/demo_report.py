@@ -28,8 +28,8 @@ from engine.workspace import Workspace, read_parquet_dir
 _FILLER = frozenset(
     re.findall(
         r"\w+",
-        """a an the is are there of in on to what which how
-    many image object objects than or and it its this that located written""",
+        """a an the is are there of in on to what which how many image object objects than
+        or and it its this that located written from does do have has at holds""",
     )
 )
 

@@ -32,7 +32,8 @@ META_FILE = "meta.json"
 
 @dataclass(frozen=True)
 class Workspace:
-    """A workspace root on a pyarrow filesystem; ``uri`` is what the user gave."""
+    """A workspace root on a pyarrow filesystem; ``uri`` is what the user gave (a local
+    path made absolute), the form to hand to Ray workers."""
 
     uri: str
     fs: pafs.FileSystem
@@ -49,7 +50,9 @@ class Workspace:
             except (pa.ArrowInvalid, OSError) as err:
                 raise InputError(f"workspace URI {uri!r} is not usable: {err}") from None
         else:
+            # absolute, because Ray workers (Ray Train's above all) run in other directories
             fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+            uri = root
         return cls(uri=uri, fs=fs, root=root.rstrip("/"))
 
     def path(self, *parts: str) -> str:

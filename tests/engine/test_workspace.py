@@ -45,3 +45,13 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
         raise RuntimeError("disk full")
     assert ws.read_json(path) == {"round": 1}
     assert [p.name for p in (tmp_path / "ws").iterdir()] == ["state.json"]
+
+
+def test_a_relative_local_workspace_is_absolute_for_workers(tmp_path, monkeypatch):
+    """Ray Train's workers run in their own directories: a relative path would name
+    another place there (the demo's default ws/demo did)."""
+    monkeypatch.chdir(tmp_path)
+    ws = Workspace.open("ws/demo")
+    assert ws.uri == ws.root == str(tmp_path / "ws" / "demo")
+    uri = f"file://{tmp_path}/ws"  # a URI is kept as given: it is absolute already
+    assert Workspace.open(uri).uri == uri
