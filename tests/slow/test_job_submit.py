@@ -8,6 +8,7 @@ stop`` would stop every Ray on the machine, the test session's included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -47,8 +48,15 @@ def stop_cluster(temp_dir: str) -> None:
                 procs.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    # the raylet's agents retitle themselves (ray::DashboardAgent) and lose the temp dir
+    # from their command line; left alive they hold the next head's agent port
+    for proc in list(procs):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs += proc.children(recursive=True)
+    procs = list({p.pid: p for p in procs}.values())
     for proc in procs:
-        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=15)
     for proc in alive:
         proc.kill()
