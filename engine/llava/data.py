@@ -57,6 +57,7 @@ def collate(
     with_answers: bool = True,
     padding_side: str = "right",
     blank_images: bool = False,
+    pixels: bool = True,
 ) -> dict[str, Any]:
     """A padded batch of B examples, on CPU.
 
@@ -67,7 +68,9 @@ def collate(
             per example that has an image, in batch order; None when none has;
         has_image: bool (B,).
     ``padding_side`` 'left' for generation. ``blank_images`` keeps the image tokens but
-    feeds black pixels: the text-only prior of the same model.
+    feeds black pixels: the text-only prior of the same model. ``pixels`` False leaves
+    pixel_values None but keeps the image tokens (their inputs come from elsewhere:
+    ``engine.llava.language``'s scene cells).
 
     Raises:
         ValueError: a prompt longer than max_length (name the example), or an answer missing.
@@ -107,7 +110,9 @@ def collate(
     batch: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": attention,
-        "pixel_values": pixel_values(decode_images(imgs, image_size)) if imgs else None,
+        "pixel_values": (
+            pixel_values(decode_images(imgs, image_size)) if imgs and pixels else None
+        ),
         "has_image": torch.tensor(has_image, dtype=torch.bool),
     }
     if with_answers:

@@ -95,29 +95,30 @@ def scene_forward(model, tokenizer, batch, scenes: Sequence[Sequence[SceneObject
     return model(inputs_embeds=embeds, **inputs)
 
 
-def _caption(objects: Sequence[SceneObject], style: str, grid: int, rng) -> str:
+def caption_of(objects: Sequence[SceneObject], style: str, grid: int, rng) -> str:
+    """A scene's caption in ``style``: 'rows' (row by row), else its objects in an order
+    ``rng`` draws (a numpy Generator)."""
     if style == "rows":
         return scene_caption(list(objects), grid)
     return object_caption(list(objects), rng.permutation(len(objects)).tolist())
 
 
 def _examples(
-    model, texts: SceneTexts, idx, caption_style: str | None, rng, captions: int = 0
+    texts: SceneTexts, idx, caption_style: str | None, rng, captions: int = 0
 ) -> tuple[list, list]:
     """Chat examples for ``idx``, the first ``captions`` of them captions of their scene
     (in ``caption_style``) rather than their question, and the scenes of those with one."""
-    size = model.config.vision_config.image_size
-    placeholder = np.zeros((size, size, 3), np.uint8)
+    placeholder = np.zeros((1, 1, 3), np.uint8)  # never decoded: collate(pixels=False)
     examples, scenes = [], []
     for k, i in enumerate(idx):
         objects = texts.objects[i]
         has_image = bool(objects)
         if k < captions and has_image:
             q = CAPTION_PROMPTS[caption_style]
-            a = _caption(objects, caption_style, texts.grid, rng)
+            a = caption_of(objects, caption_style, texts.grid, rng)
         else:
             q, a = texts.questions[i], texts.answers[i]
-        # a black image: collate only needs to know the example has one
+        # collate only needs to know the example has an image
         examples.append({"image": placeholder if has_image else None, "question": q, "answer": a})
         if has_image:
             scenes.append(objects)
@@ -160,11 +161,11 @@ def pretrain_language(
     model.train()
     for step in range(steps):
         idx = rng.integers(0, len(texts), batch)
-        examples, scenes = _examples(model, texts, idx, caption_style, rng, captions)
+        examples, scenes = _examples(texts, idx, caption_style, rng, captions)
         out = scene_forward(
             model,
             tokenizer,
-            collate_for(model, tokenizer, examples, max_length),
+            collate_for(model, tokenizer, examples, max_length, pixels=False),
             scenes,
             texts.grid,
         )
@@ -186,8 +187,8 @@ def language_accuracy(model, tokenizer, texts: SceneTexts, max_length: int) -> d
     with torch.no_grad():
         for start in range(0, len(texts), 128):
             idx = range(start, min(start + 128, len(texts)))
-            examples, scenes = _examples(model, texts, idx, None, None)
-            batch = collate_for(model, tokenizer, examples, max_length)
+            examples, scenes = _examples(texts, idx, None, None)
+            batch = collate_for(model, tokenizer, examples, max_length, pixels=False)
             logits = scene_forward(model, tokenizer, batch, scenes, texts.grid).logits
             labels = batch["labels"]
             for row, i in enumerate(idx):

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import InputError
-from engine.llava.language import SceneTexts
+from engine.llava.language import SceneTexts, caption_of
 from engine.llava.tokenizer import CAPTION_PROMPTS
-from engine.world.answers import object_caption, scene_caption
 from engine.world.config import IMAGE_FAMILIES, WorldConfig
 from engine.world.generate import generate_sample, split_distribution
 from engine.world.render import COLOUR_NAMES, SHAPES, SIZES
@@ -120,11 +119,8 @@ def generate_scenes(
             labels["size"][i, cell] = _SIZE[o.size]
             if o.digit is not None:
                 labels["glyph"][i, cell] = int(o.digit)
-        if caption_style == "rows":
-            captions.append(scene_caption(sample.objects, g))
-        else:
-            order = np.random.default_rng([seed, start + i]).permutation(len(sample.objects))
-            captions.append(object_caption(sample.objects, order.tolist()))
+        order_rng = np.random.default_rng([seed, start + i])
+        captions.append(caption_of(sample.objects, caption_style, g, order_rng))
     return Scenes(images, labels, captions, g, CAPTION_PROMPTS[caption_style])
 
 

@@ -13,10 +13,8 @@ from engine.llava import (
     IGNORE,
     BaseTrainConfig,
     FinetuneConfig,
-    LlavaModelConfig,
     build_llava,
     build_or_load_base,
-    build_world_tokenizer,
     collate_for,
     format_example,
     generate_answers,
@@ -33,7 +31,7 @@ from engine.llava import (
 from engine.llava.scenes import generate_scenes
 from engine.llava.tokenizer import CAPTION_PROMPTS, IMAGE, world_corpus
 from engine.workspace import Workspace
-from engine.world.config import IMAGE_FAMILIES, TEXT_FAMILY, WorldConfig
+from engine.world.config import IMAGE_FAMILIES, TEXT_FAMILY
 from engine.world.generate import generate_sample
 
 TINY = {
@@ -54,21 +52,6 @@ TINY_TRAIN = {
     "eval_scenes": 8,
     "device": "cpu",
 }
-
-
-@pytest.fixture(scope="module")
-def world():
-    return WorldConfig()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world):
-    return build_world_tokenizer(world)
-
-
-@pytest.fixture(scope="module")
-def model_cfg():
-    return LlavaModelConfig.model_validate(TINY)
 
 
 def examples(world, n, split="test"):

@@ -24,26 +24,9 @@ from engine.world.render import SceneObject
 from tests.engine.test_llava import TINY_TRAIN
 
 
-@pytest.fixture(scope="module")
-def world():
-    from engine.world.config import WorldConfig
-
-    return WorldConfig()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world):
-    from engine.llava import build_world_tokenizer
-
-    return build_world_tokenizer(world)
-
-
 @pytest.fixture
-def model(tokenizer):
-    from engine.llava import LlavaModelConfig
-    from tests.engine.test_llava import TINY
-
-    return build_llava(LlavaModelConfig.model_validate(TINY), tokenizer)
+def model(tokenizer, model_cfg):
+    return build_llava(model_cfg, tokenizer)
 
 
 def obj(row, col, shape="circle", colour="red", size="large", digit=None):
