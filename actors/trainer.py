@@ -28,7 +28,6 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,27 +49,11 @@ from engine.llava import (
     sample_losses,
     train_step,
 )
-from engine.llava.train import DeepSpeedStepper, cosine_lambda
+from engine.llava.train import DeepSpeedStepper, cosine_lambda, deepspeed_config
 from engine.workspace import Workspace
 
 CHECKPOINT_TAG = "state"
 ROUND_META = "round.json"
-
-
-def deepspeed_config(micro_batch: int, accumulation: int, zero_stage: int, clip: float) -> dict:
-    """The DeepSpeed config the engine runs with (the optimiser and schedule are ours)."""
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if zero_stage == 3:
-        # Gathered 16-bit weights on save, so the LoRA adapter is written whole.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": clip,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
 
 
 def round_steps(rows: int, epochs: float, global_batch: int) -> int:

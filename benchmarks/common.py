@@ -7,8 +7,10 @@ import json
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from engine.quality import markdown_table
@@ -61,3 +63,24 @@ def report(name: str, rows: list[dict], header: list[str], out: str, **extra) ->
     doc = {"benchmark": name, "machine": machine(), **extra, "rows": rows}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def timings(search, queries: np.ndarray, batch: int, stream) -> dict:
+    """p50/p99 of one request at a time, and queries/s of ``stream`` over all queries."""
+    for i in range(0, min(len(queries), 4 * batch), batch):  # warm-up
+        search(queries[i : i + batch])
+    latencies = []
+    for i in range(0, len(queries), batch):
+        start = time.perf_counter()
+        search(queries[i : i + batch])
+        latencies.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    answer = stream(queries)
+    seconds = time.perf_counter() - start
+    return {
+        "qps": round(len(queries) / seconds, 1),
+        "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
+        "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2),
+        "requests": len(latencies),
+        "answer": answer,
+    }

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.retrieval import RetrievalService, ServiceConfig  # noqa: E402
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import report, timings  # noqa: E402
 from engine.knn import build_index, set_search_params  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
 from jobs.cli import main as cli  # noqa: E402
@@ -71,27 +71,6 @@ def recall(got: np.ndarray, truth: np.ndarray) -> float:
     return float(
         np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(got, truth, strict=True)])
     )
-
-
-def timings(search, queries: np.ndarray, batch: int, stream) -> dict:
-    """p50/p99 of one request at a time, and queries/s of ``stream`` over all queries."""
-    for i in range(0, min(len(queries), 4 * batch), batch):  # warm-up
-        search(queries[i : i + batch])
-    latencies = []
-    for i in range(0, len(queries), batch):
-        start = time.perf_counter()
-        search(queries[i : i + batch])
-        latencies.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    answer = stream(queries)
-    seconds = time.perf_counter() - start
-    return {
-        "qps": round(len(queries) / seconds, 1),
-        "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
-        "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2),
-        "requests": len(latencies),
-        "answer": answer,
-    }
 
 
 def reference(x, ids, queries, factory, params, batch) -> dict:

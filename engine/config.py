@@ -31,6 +31,7 @@ STAGES = (
     "target",
     "progress",
     "demo",
+    "bench",
 )
 
 

@@ -34,6 +34,7 @@ STAGE_MODULES = {
     "base": "jobs.base",
     "progress": "jobs.progress",
     "demo": "jobs.demo",
+    "bench": "jobs.bench",
 }
 DESCRIPTIONS = {
     "world": "generate the shapes world (the embedded default pool) into a workspace",
@@ -47,6 +48,7 @@ DESCRIPTIONS = {
     "base": "build (or reuse) the tiny LLaVA's base, cached in <ws>/models/<name>",
     "progress": "PROGRESS: a LoRA fine-tune (Ray Train, DeepSpeed) that selects its own data online",
     "demo": "the whole pipeline on the embedded default",
+    "bench": "the throughput suite: every stage at pool sizes from --sizes, beside its reference",
 }
 
 
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             *ws_flags,
             dest="workspace",
-            required=stage != "demo",
+            required=stage not in ("demo", "bench"),
             default=None,
             help="workspace directory or URI",
         )

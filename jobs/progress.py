@@ -299,7 +299,7 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
         )
     plan = round_rows(budget, warmup, round_size)
     total_steps = sum(round_steps(n, cfg.finetune.epochs, cfg.finetune.batch_size) for n in plan)
-    result = _train(
+    result, train_rounds = _train(
         cfg, ws, run_dir, actor_name, int(clusters["k"]), sizes["accumulation"], total_steps
     )
     status = ray.get(coordinator.status.remote())
@@ -319,6 +319,7 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
         "total_steps": total_steps,
         "warmup_seconds": round(warm_seconds, 2),
         "final_metrics": result,
+        "train_rounds": train_rounds,
         "seconds": round(timer.seconds, 2),
         "outputs": outputs,
         "fingerprint": made_of,
@@ -331,7 +332,9 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     return summary
 
 
-def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps) -> dict:
+def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps):
+    """Fit the TorchTrainer; the last round's metrics and every round's (from the
+    checkpoints Ray Train keeps: all of them, so a resumed run lists its earlier rounds)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -380,7 +383,9 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps) -> dict:
         raise RuntimeError(
             f"training failed: {result.error}; run again to resume"
         ) from result.error
-    return dict(result.metrics or {})
+    rounds = sorted((m for _, m in result.best_checkpoints or []), key=lambda m: m["round"])
+    keys = ("round", "rows", "steps", "train_loss", "score", "train_seconds", "seconds")
+    return dict(result.metrics or {}), [{k: m.get(k) for k in keys} for m in rounds]
 
 
 def _stop_actor(name: str) -> None:

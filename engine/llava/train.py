@@ -17,6 +17,22 @@ from typing import Any, Protocol
 from engine.llava.data import model_inputs
 
 
+def deepspeed_config(micro_batch: int, accumulation: int, zero_stage: int, clip: float) -> dict:
+    """The DeepSpeed config the engine runs with (the optimiser and schedule are ours)."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        # Gathered 16-bit weights on save, so the LoRA adapter is written whole.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
 class Stepper(Protocol):
     """What ``train_step`` needs of a trainer: the model to call, backward, step."""
 

@@ -113,6 +113,9 @@ def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys, 
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["final_metrics"]["round"] == 4
     assert np.isfinite(meta["final_metrics"]["train_loss"])
+    rounds = meta["train_rounds"]  # every round's training, from Ray Train's checkpoints
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    assert sum(r["rows"] for r in rounds) == 60 and all(r["train_seconds"] > 0 for r in rounds)
 
 
 def test_bad_budgets_are_refused(tiny_ws, capsys):

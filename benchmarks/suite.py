@@ -1,0 +1,491 @@
+"""The throughput suite behind ``vlselect bench``: every stage at one pool size, each figure
+beside a reference measured in the same run.
+
+One ``SizeRun`` builds a workspace of N rows with the real jobs (``vlselect world``,
+``ingest``, ``embed``, ``cluster``, ``index``; ``base`` and ``progress`` where training is
+measured) and times each against the plainest way to do the same work on this machine:
+
+=============  ==========================================  ===========================================
+stage          ours                                        reference (same run, same cores)
+=============  ==========================================  ===========================================
+world          ``vlselect world`` (Ray tasks, Parquet)     ``generate_rows`` in one process
+ingest         ``vlselect ingest`` (validate, normalise)   read the Parquet + PIL decode, one process
+embed:<space>  ``vlselect embed`` (Ray Data, actor pool)   read, preprocess, encode in one process
+skills         ``vlselect skills --limit`` (the LLM pool)  ``model.generate`` over the same questions
+cluster        ``vlselect cluster`` (dino+text)            load features, ``faiss.Kmeans`` + assign
+retrieval      ``vlselect index`` + ``RetrievalService``   one in-process faiss index, same factory
+coordinator    ``CoordinatorState`` rounds (Δk, draw,      a uniform draw of the round's rows from
+               ledger, checkpoint)                         a mask, nothing else
+train          ``vlselect progress`` (Ray Train,           ``finetune`` in one process (torch
+               DeepSpeed ZeRO-2, 2 workers)                stepper), same rows, epochs, batch
+e2e            the jobs above, summed                      the references, as time for N rows
+=============  ==========================================  ===========================================
+
+``ratio`` is always ours over the reference as speed: above 1 ours is faster, below 1
+it pays for what the reference skips (validation, checkpoints, fault tolerance,
+distribution). References that would take long at large N run on the first
+``reference_rows`` rows and are reported as rates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from benchmarks.common import PeakRSS
+
+ROUND_SIZE = 7_500  # PROGRESS's round at 665K rows (DESIGN.md)
+
+
+@dataclass
+class Figure:
+    """One measured figure and its reference. ``higher_is_better`` orients ``ratio``."""
+
+    stage: str
+    n: int
+    metric: str
+    unit: str
+    value: float
+    reference: str
+    reference_value: float
+    higher_is_better: bool = True
+    seconds: float | None = None
+    peak_driver_mib: float | None = None
+    peak_total_mib: float | None = None
+    note: str = ""
+    ratio: float = field(init=False)
+
+    def __post_init__(self):
+        v, r = float(self.value), float(self.reference_value)
+        if v <= 0 or r <= 0:
+            self.ratio = float("nan")
+        else:
+            self.ratio = round(v / r if self.higher_is_better else r / v, 3)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Options:
+    """What the suite measures and with what settings (the fields of ``BenchConfig``)."""
+
+    stages: list[str]
+    reference_rows: int = 20_000
+    queries: int = 2_000
+    query_batch: int = 32
+    shards: int = 2
+    factory: str = "auto"
+    nprobe: int = 16
+    skills_limit: int = 24
+    train_budget: int = 512
+    seed: int = 0
+
+
+def _cli(argv: list[str]) -> None:
+    from jobs.cli import main as cli
+
+    code = cli(argv)
+    if code != 0:
+        raise RuntimeError(f"`vlselect {' '.join(argv)}` exited with {code}")
+
+
+def _timed(argv: list[str]) -> tuple[float, PeakRSS]:
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        _cli(argv)
+        seconds = time.perf_counter() - start
+    return seconds, mem
+
+
+def _mib(mem: PeakRSS) -> dict:
+    return {
+        "peak_driver_mib": round(mem.driver / 2**20, 1),
+        "peak_total_mib": round(mem.total / 2**20, 1),
+    }
+
+
+def _rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 2) if seconds > 0 else 0.0
+
+
+class SizeRun:
+    """The suite at one pool size, in the local folder ``root`` (made afresh)."""
+
+    def __init__(self, root: Path, n: int, opts: Options):
+        self.root, self.n, self.opts = root, n, opts
+        self.ws = root / "ws"
+        self.figures: list[Figure] = []
+        self.job_seconds: dict[str, float] = {}
+        self.reference_seconds: dict[str, float] = {}
+
+    def _add(self, fig: Figure, *, e2e: str | None = None) -> None:
+        """Keep ``fig``; with ``e2e``, its job and reference time count to end-to-end."""
+        self.figures.append(fig)
+        if e2e and fig.seconds is not None:
+            self.job_seconds[e2e] = fig.seconds
+            self.reference_seconds[e2e] = self.n / fig.reference_value
+
+    def run(self) -> list[Figure]:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        steps = {
+            "world": self.world,
+            "ingest": self.ingest,
+            "embed": self.embed,
+            "skills": self.skills,
+            "cluster": self.cluster,
+            "retrieval": self.retrieval,
+            "coordinator": self.coordinator,
+            "train": self.train,
+        }
+        needs = {"ingest": ["world"], "embed": ["world", "ingest"]}
+        for later in ("skills", "cluster", "retrieval", "train"):
+            needs[later] = ["world", "ingest", "embed"]
+        wanted = set(self.opts.stages)
+        for stage in self.opts.stages:
+            wanted.update(needs.get(stage, []))
+        for stage, step in steps.items():
+            if stage in wanted:
+                step()
+        if self.job_seconds:
+            ours, ref = sum(self.job_seconds.values()), sum(self.reference_seconds.values())
+            self.figures.append(
+                Figure(
+                    "e2e", self.n, "pipeline time", "s", round(ours, 1),
+                    "the references' time for N rows", round(ref, 1), higher_is_better=False,
+                    seconds=round(ours, 1), note=" + ".join(self.job_seconds),
+                )
+            )  # fmt: skip
+        return self.figures
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def world(self) -> None:
+        from engine.workspace import Workspace
+        from engine.world.config import WorldConfig
+        from engine.world.generate import generate_rows
+
+        argv = ["world", "--out", str(self.ws), "--size", str(self.n), "--seed", "0"]
+        seconds, mem = _timed([*argv, "--set", "test_size=0", "--set", "benchmarks=[]"])
+        cfg = WorldConfig(**Workspace.open(str(self.ws)).read_config()["world"])
+        m = min(self.n, max(200, self.opts.reference_rows // 10))  # the slowest reference
+        start = time.perf_counter()
+        generate_rows(cfg, "pool", 0, m)
+        bare = _rate(m, time.perf_counter() - start)
+        self._add(
+            Figure(
+                "world", self.n, "rows/s", "rows/s", _rate(self.n, seconds),
+                "generate_rows, 1 process, nothing written", bare,
+                seconds=round(seconds, 2), **_mib(mem),
+            ),
+            e2e="world",
+        )  # fmt: skip
+
+    def ingest(self) -> None:
+        from benchmarks.ingest import bare_loop
+
+        seconds, mem = _timed(["ingest", "--workspace", str(self.ws)])
+        bare = bare_loop(self.ws / "world" / "source", min(self.n, self.opts.reference_rows))
+        self._add(
+            Figure(
+                "ingest", self.n, "rows/s", "rows/s", _rate(self.n, seconds),
+                "read + PIL decode, 1 process", bare["rows_per_s"],
+                seconds=round(seconds, 2), **_mib(mem),
+            ),
+            e2e="ingest",
+        )  # fmt: skip
+
+    def embed(self) -> None:
+        for space in ("dino", "text"):
+            seconds, mem = _timed(["embed", "--workspace", str(self.ws), "--spaces", space])
+            m, bare_seconds = self._bare_embed(space, min(self.n, self.opts.reference_rows))
+            self._add(
+                Figure(
+                    f"embed:{space}", self.n, "rows/s", "rows/s", _rate(self.n, seconds),
+                    "read, preprocess, encode in 1 process", _rate(m, bare_seconds),
+                    seconds=round(seconds, 2), **_mib(mem),
+                ),
+                e2e=f"embed:{space}",
+            )  # fmt: skip
+
+    def _bare_embed(self, space: str, limit: int) -> tuple[int, float]:
+        """The reference loop over the first ``limit`` pool rows: (rows, seconds)."""
+        from engine.config import build_config
+        from engine.encoders import load_encoder, preprocess_images
+        from engine.text import instruction_text
+        from engine.workspace import Workspace
+        from jobs import embed
+
+        cfg = build_config(embed.STAGE, embed.CONFIG, Workspace.open(str(self.ws)).read_config())
+        space_cfg = getattr(cfg, space)
+        start = time.perf_counter()
+        encoder = load_encoder(space_cfg.encoder)
+        column = "image" if space in embed.IMAGE_SPACES else "conversations"
+        n = 0
+        for file in sorted((self.ws / "pool").glob("*.parquet")):
+            for batch in pq.ParquetFile(file).iter_batches(space_cfg.batch_size, columns=[column]):
+                values = batch.column(0).to_pylist()[: limit - n]
+                if column == "image":
+                    encoder(preprocess_images(values, encoder.prep)[0])
+                else:
+                    encoder([instruction_text(c) for c in values])
+                n += len(values)
+                if n >= limit:
+                    return n, time.perf_counter() - start
+        return n, time.perf_counter() - start
+
+    def skills(self) -> None:
+        from benchmarks.skills_throughput import measure
+        from engine.text import instruction_text
+        from engine.workspace import read_parquet_dir
+
+        limit = min(self.n, self.opts.skills_limit)
+        args = ["--backend", "transformers", "--limit", str(limit), "--set", "max_new_tokens=24"]
+        with PeakRSS() as mem:
+            meta = measure(self.ws, "transformers", args)
+        table = read_parquet_dir(str(self.ws / "pool"), columns=["conversations"]).slice(0, limit)
+        questions = sorted({instruction_text(c) for c in table.column(0).to_pylist()})
+        bare_seconds = _bare_generate(questions, max_new_tokens=24)
+        self._add(
+            Figure(
+                "skills", self.n, "unique questions/s", "q/s",
+                _rate(meta["unique_questions"], meta["seconds"]),
+                "model.generate, batch 8, 1 process", _rate(len(questions), bare_seconds),
+                seconds=meta["seconds"], **_mib(mem),
+                note=f"first {limit} rows, {meta['unique_questions']} unique questions",
+            )
+        )  # fmt: skip
+
+    def cluster(self) -> None:
+        k = int(np.clip(self.n // 50, 10, 1000))
+        argv = ["cluster", "--workspace", str(self.ws), "--name", "bench", "--k", str(k)]
+        seconds, mem = _timed([*argv, "--spaces", "dino,text", "--seed", str(self.opts.seed)])
+        meta = json.loads((self.ws / "clusters" / "bench" / "meta.json").read_text())
+        bare = _bare_kmeans(self.ws, k, meta, self.opts.seed)
+        self._add(
+            Figure(
+                "cluster", self.n, "k-means time", "s", round(seconds, 2),
+                "load features + faiss.Kmeans + assign", round(bare, 3),
+                higher_is_better=False, seconds=round(seconds, 2), **_mib(mem),
+                note=f"K={k}, {len(meta['objective'])} iterations",
+            ),
+        )  # fmt: skip
+        self.job_seconds["cluster"], self.reference_seconds["cluster"] = seconds, bare
+
+    def retrieval(self) -> None:
+        from actors.retrieval import RetrievalService, ServiceConfig
+        from benchmarks.common import timings
+        from engine.knn import build_index, set_search_params
+        from engine.vectors import from_arrow
+        from engine.workspace import Workspace, read_parquet_dir
+
+        o = self.opts
+        factory = o.factory if o.factory != "auto" else _auto_factory(self.n, o.shards)
+        table = read_parquet_dir(str(self.ws / "embeddings" / "dino"), columns=["vector"])
+        x = from_arrow(table.column("vector"))
+        rng = np.random.default_rng(o.seed)
+        queries = x[rng.choice(len(x), size=min(o.queries, len(x)), replace=False)]
+        argv = ["index", "--workspace", str(self.ws), "--space", "dino", "--shards", str(o.shards)]
+        seconds, mem = _timed([*argv, "--factory", factory])
+        cfg = ServiceConfig(batch_size=o.query_batch, max_in_flight=4, nprobe=o.nprobe)
+        with (
+            PeakRSS() as serve_mem,
+            RetrievalService.start(Workspace.open(str(self.ws)), "dino", cfg) as svc,
+        ):
+            ours = timings(
+                lambda b: svc.search(b, 10), queries, o.query_batch,
+                lambda q: svc.search(q, 10)[0],
+            )  # fmt: skip
+        start = time.perf_counter()
+        index = build_index(x, factory)
+        built = time.perf_counter() - start
+        set_search_params(index, o.nprobe, None)
+        ref = timings(
+            lambda b: index.search(b, 10), queries, o.query_batch,
+            lambda q: np.concatenate(
+                [index.search(q[i : i + o.query_batch], 10)[1]
+                 for i in range(0, len(q), o.query_batch)]
+            ),
+        )  # fmt: skip
+        note = f"{factory}, {o.shards} shards, batches of {o.query_batch}"
+        common = {"reference": "one in-process faiss index", "note": note}
+        mems = {
+            "peak_driver_mib": round(serve_mem.driver / 2**20, 1),
+            "peak_total_mib": round(max(mem.total, serve_mem.total) / 2**20, 1),
+        }
+        self.figures += [
+            Figure("retrieval", self.n, "build time", "s", round(seconds, 2),
+                   reference_value=round(built, 4), higher_is_better=False,
+                   seconds=round(seconds, 2), **common, **_mib(mem)),
+            Figure("retrieval", self.n, "queries/s", "q/s", ours["qps"],
+                   reference_value=ref["qps"], **common, **mems),
+            Figure("retrieval", self.n, "p50 latency", "ms", ours["p50_ms"],
+                   reference_value=ref["p50_ms"], higher_is_better=False, **common),
+            Figure("retrieval", self.n, "p99 latency", "ms", ours["p99_ms"],
+                   reference_value=ref["p99_ms"], higher_is_better=False, **common),
+        ]  # fmt: skip
+        self.job_seconds["index"], self.reference_seconds["index"] = seconds, built
+
+    def coordinator(self) -> None:
+        from benchmarks.progress_round import run as coordinator_rounds
+
+        k = int(np.clip(self.n // 50, 10, 5000))
+        ours = coordinator_rounds(self.n, k, self.opts.seed)
+        bare_ms = _bare_rounds(self.n, ours["rounds"], self.opts.seed)
+        self.figures.append(
+            Figure(
+                "coordinator", self.n, "round latency", "ms", ours["round_mean_ms"],
+                "uniform draw from a mask", bare_ms, higher_is_better=False,
+                note=f"K={k}, {ours['rounds']} rounds of up to {ROUND_SIZE} picks, "
+                f"checkpoint {ours['checkpoint_mb']} MB",
+            )
+        )  # fmt: skip
+
+    def train(self) -> None:
+        budget = min(self.opts.train_budget, self.n // 2)
+        base = [*("--set", "train.vision_steps=20", "--set", "train.language_steps=20")]
+        base += ["--set", "train.caption_steps=20"]
+        _cli(["base", "--workspace", str(self.ws), *base])
+        recipe = {"batch_size": 64, "epochs": 2}
+        argv = ["progress", "--workspace", str(self.ws), "--name", "bench"]
+        argv += ["--budget", str(budget), "--metric", "loss"]
+        for key, value in {
+            "warmup": budget // 2, "round_size": budget // 4, "eval_per_cluster": 8,
+            "micro_batch": 16, "finetune.batch_size": recipe["batch_size"],
+            "finetune.epochs": recipe["epochs"],
+        }.items():  # fmt: skip
+            argv += ["--set", f"{key}={value}"]
+        seconds, mem = _timed(argv)
+        run = self.ws / "progress" / "bench"
+        trained = json.loads((run / "meta.json").read_text())["train_rounds"]
+        steps = sum(r["steps"] for r in trained)
+        train_s = sum(r["train_seconds"] for r in trained)
+        ids = (run / "ids.txt").read_text().split()
+        bare_steps, bare_s, tokens_per_row = _bare_train(self.ws, ids, recipe)
+        rows_per_step = recipe["batch_size"]
+        note = f"{budget} rows, {steps} steps of {rows_per_step}, ZeRO-2, 2 workers"
+        common = {"reference": "finetune, 1 process, torch stepper", "note": note}
+        self.figures += [
+            Figure("train", self.n, "step time", "ms", round(1000 * train_s / steps, 1),
+                   reference_value=round(1000 * bare_s / bare_steps, 1),
+                   higher_is_better=False, seconds=round(seconds, 2), **common, **_mib(mem)),
+            Figure("train", self.n, "tokens/s", "tok/s",
+                   round(steps * rows_per_step * tokens_per_row / train_s, 1),
+                   reference_value=round(bare_steps * rows_per_step * tokens_per_row / bare_s, 1),
+                   **common),
+        ]  # fmt: skip
+
+
+# -- references -------------------------------------------------------------------------------
+
+
+def _auto_factory(n: int, shards: int) -> str:
+    """Exact search below 50k rows per shard, IVF (nlist ~ 4 sqrt(rows)) above."""
+    from engine.knn import suggest_nlist
+
+    rows = n // shards
+    return "Flat" if rows < 50_000 else f"IVF{suggest_nlist(rows)},Flat"
+
+
+def _bare_generate(questions: list[str], max_new_tokens: int, batch: int = 8) -> float:
+    """Seconds for plain ``model.generate`` (greedy, no prefix cache) over ``questions``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.llm import resolve_transformers_model
+    from engine.devices import resolve_device
+    from engine.skills import build_messages
+
+    path, gguf = resolve_transformers_model(None, None)
+    extra = {"gguf_file": gguf} if gguf else {}
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    device, dtype = resolve_device("auto", "auto", "bfloat16")  # as the skills actor
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
+    prompts = [
+        tokenizer.apply_chat_template(build_messages(q), tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            inputs = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
+            inputs = inputs.to(device)
+            model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+    return time.perf_counter() - start
+
+
+def _bare_kmeans(ws: Path, k: int, meta: dict, seed: int) -> float:
+    """Seconds to load dino+text from the workspace, fit faiss.Kmeans on a sample of the
+    job's size with its iterations, and assign every row."""
+    import faiss
+    import pyarrow.fs as pafs
+
+    from engine.features import shard_features
+    from engine.kmeans import CentroidIndex, sample_positions
+
+    start = time.perf_counter()
+    dims = {s: json.loads((ws / "embeddings" / s / "meta.json").read_text())["dim"]
+            for s in ("dino", "text")}  # fmt: skip
+    parts = []
+    for f in sorted((ws / "embeddings" / "dino").glob("*.parquet")):
+        files = {s: str(ws / "embeddings" / s / f.name) for s in dims}
+        parts.append(shard_features(pafs.LocalFileSystem(), files, dims, dict.fromkeys(dims, 1.0)))
+    x = np.concatenate([p.features for p in parts])
+    sample = np.ascontiguousarray(x[sample_positions(len(x), meta["sample_rows"], seed)])
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=len(meta["objective"]), seed=seed, spherical=True)
+    kmeans.train(sample)
+    CentroidIndex(kmeans.centroids).assign(x)
+    return time.perf_counter() - start
+
+
+def _bare_rounds(pool: int, rounds: int, seed: int) -> float:
+    """Mean ms of the least a round must do: draw its rows uniformly from those not taken."""
+    rng = np.random.default_rng(seed)
+    taken = np.zeros(pool, bool)
+    taken[rng.choice(pool, size=int(0.09 * pool), replace=False)] = True
+    budget, spent, times = pool // 5, int(0.09 * pool), []
+    for _ in range(max(rounds, 1)):
+        start = time.perf_counter()
+        free = np.flatnonzero(~taken)
+        pick = rng.choice(free, size=min(ROUND_SIZE, budget - spent, len(free)), replace=False)
+        taken[pick] = True
+        times.append(time.perf_counter() - start)
+        spent += len(pick)
+    return round(1000 * float(np.mean(times)), 4)
+
+
+def _bare_train(ws: Path, ids: list[str], recipe: dict[str, Any]) -> tuple[int, float, float]:
+    """(steps, seconds, tokens per row) of ``finetune`` in this process on the rows ``ids``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from engine.llava import FinetuneConfig, load_base
+    from engine.llava.data import collate_for
+    from engine.llava.finetune import finetune
+    from engine.workspace import Workspace, read_parquet_dir
+    from jobs.progress import paper_recipe
+
+    base = load_base(Workspace.open(str(ws)))
+    table = read_parquet_dir(str(ws / "pool"), columns=["id", "image", "question", "answer"])
+    examples = table.filter(
+        pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string()))
+    ).to_pylist()
+    cfg: FinetuneConfig = paper_recipe().model_copy(update=recipe)
+    batch = collate_for(base.model, base.tokenizer, examples[:256], base.max_length)
+    tokens_per_row = float(batch["attention_mask"].sum()) / min(len(examples), 256)
+    start = time.perf_counter()
+    _, losses = finetune(base.model, base.tokenizer, examples, cfg, base.max_length, log_every=0)
+    return len(losses), time.perf_counter() - start, tokens_per_row
