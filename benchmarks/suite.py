@@ -34,14 +34,19 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.common import PeakRSS
-
-ROUND_SIZE = 7_500  # PROGRESS's round at 665K rows (DESIGN.md)
+from benchmarks.references import (
+    ROUND_SIZE,
+    auto_factory,
+    bare_generate,
+    bare_kmeans,
+    bare_rounds,
+    bare_train,
+)
 
 
 @dataclass
@@ -253,7 +258,7 @@ class SizeRun:
             meta = measure(self.ws, "transformers", args)
         table = read_parquet_dir(str(self.ws / "pool"), columns=["conversations"]).slice(0, limit)
         questions = sorted({instruction_text(c) for c in table.column(0).to_pylist()})
-        bare_seconds = _bare_generate(questions, max_new_tokens=24)
+        bare_seconds = bare_generate(questions, max_new_tokens=24)
         self._add(
             Figure(
                 "skills", self.n, "unique questions/s", "q/s",
@@ -269,7 +274,7 @@ class SizeRun:
         argv = ["cluster", "--workspace", str(self.ws), "--name", "bench", "--k", str(k)]
         seconds, mem = _timed([*argv, "--spaces", "dino,text", "--seed", str(self.opts.seed)])
         meta = json.loads((self.ws / "clusters" / "bench" / "meta.json").read_text())
-        bare = _bare_kmeans(self.ws, k, meta, self.opts.seed)
+        bare = bare_kmeans(self.ws, k, meta, self.opts.seed)
         self._add(
             Figure(
                 "cluster", self.n, "k-means time", "s", round(seconds, 2),
@@ -288,7 +293,7 @@ class SizeRun:
         from engine.workspace import Workspace, read_parquet_dir
 
         o = self.opts
-        factory = o.factory if o.factory != "auto" else _auto_factory(self.n, o.shards)
+        factory = o.factory if o.factory != "auto" else auto_factory(self.n, o.shards)
         table = read_parquet_dir(str(self.ws / "embeddings" / "dino"), columns=["vector"])
         x = from_arrow(table.column("vector"))
         rng = np.random.default_rng(o.seed)
@@ -339,7 +344,7 @@ class SizeRun:
 
         k = int(np.clip(self.n // 50, 10, 5000))
         ours = coordinator_rounds(self.n, k, self.opts.seed)
-        bare_ms = _bare_rounds(self.n, ours["rounds"], self.opts.seed)
+        bare_ms = bare_rounds(self.n, ours["rounds"], self.opts.seed)
         self.figures.append(
             Figure(
                 "coordinator", self.n, "round latency", "ms", ours["round_mean_ms"],
@@ -369,7 +374,7 @@ class SizeRun:
         steps = sum(r["steps"] for r in trained)
         train_s = sum(r["train_seconds"] for r in trained)
         ids = (run / "ids.txt").read_text().split()
-        bare_steps, bare_s, tokens_per_row = _bare_train(self.ws, ids, recipe)
+        bare_steps, bare_s, tokens_per_row = bare_train(self.ws, ids, recipe)
         rows_per_step = recipe["batch_size"]
         note = f"{budget} rows, {steps} steps of {rows_per_step}, ZeRO-2, 2 workers"
         common = {"reference": "finetune, 1 process, torch stepper", "note": note}
@@ -382,110 +387,3 @@ class SizeRun:
                    reference_value=round(bare_steps * rows_per_step * tokens_per_row / bare_s, 1),
                    **common),
         ]  # fmt: skip
-
-
-# -- references -------------------------------------------------------------------------------
-
-
-def _auto_factory(n: int, shards: int) -> str:
-    """Exact search below 50k rows per shard, IVF (nlist ~ 4 sqrt(rows)) above."""
-    from engine.knn import suggest_nlist
-
-    rows = n // shards
-    return "Flat" if rows < 50_000 else f"IVF{suggest_nlist(rows)},Flat"
-
-
-def _bare_generate(questions: list[str], max_new_tokens: int, batch: int = 8) -> float:
-    """Seconds for plain ``model.generate`` (greedy, no prefix cache) over ``questions``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from actors.llm import resolve_transformers_model
-    from engine.devices import resolve_device
-    from engine.skills import build_messages
-
-    path, gguf = resolve_transformers_model(None, None)
-    extra = {"gguf_file": gguf} if gguf else {}
-    start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    tokenizer.padding_side = "left"
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    device, dtype = resolve_device("auto", "auto", "bfloat16")  # as the skills actor
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
-    prompts = [
-        tokenizer.apply_chat_template(build_messages(q), tokenize=False, add_generation_prompt=True)
-        for q in questions
-    ]
-    with torch.inference_mode():
-        for i in range(0, len(prompts), batch):
-            inputs = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
-            inputs = inputs.to(device)
-            model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
-    return time.perf_counter() - start
-
-
-def _bare_kmeans(ws: Path, k: int, meta: dict, seed: int) -> float:
-    """Seconds to load dino+text from the workspace, fit faiss.Kmeans on a sample of the
-    job's size with its iterations, and assign every row."""
-    import faiss
-    import pyarrow.fs as pafs
-
-    from engine.features import shard_features
-    from engine.kmeans import CentroidIndex, sample_positions
-
-    start = time.perf_counter()
-    dims = {s: json.loads((ws / "embeddings" / s / "meta.json").read_text())["dim"]
-            for s in ("dino", "text")}  # fmt: skip
-    parts = []
-    for f in sorted((ws / "embeddings" / "dino").glob("*.parquet")):
-        files = {s: str(ws / "embeddings" / s / f.name) for s in dims}
-        parts.append(shard_features(pafs.LocalFileSystem(), files, dims, dict.fromkeys(dims, 1.0)))
-    x = np.concatenate([p.features for p in parts])
-    sample = np.ascontiguousarray(x[sample_positions(len(x), meta["sample_rows"], seed)])
-    kmeans = faiss.Kmeans(x.shape[1], k, niter=len(meta["objective"]), seed=seed, spherical=True)
-    kmeans.train(sample)
-    CentroidIndex(kmeans.centroids).assign(x)
-    return time.perf_counter() - start
-
-
-def _bare_rounds(pool: int, rounds: int, seed: int) -> float:
-    """Mean ms of the least a round must do: draw its rows uniformly from those not taken."""
-    rng = np.random.default_rng(seed)
-    taken = np.zeros(pool, bool)
-    taken[rng.choice(pool, size=int(0.09 * pool), replace=False)] = True
-    budget, spent, times = pool // 5, int(0.09 * pool), []
-    for _ in range(max(rounds, 1)):
-        start = time.perf_counter()
-        free = np.flatnonzero(~taken)
-        pick = rng.choice(free, size=min(ROUND_SIZE, budget - spent, len(free)), replace=False)
-        taken[pick] = True
-        times.append(time.perf_counter() - start)
-        spent += len(pick)
-    return round(1000 * float(np.mean(times)), 4)
-
-
-def _bare_train(ws: Path, ids: list[str], recipe: dict[str, Any]) -> tuple[int, float, float]:
-    """(steps, seconds, tokens per row) of ``finetune`` in this process on the rows ``ids``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from engine.llava import FinetuneConfig, load_base
-    from engine.llava.data import collate_for
-    from engine.llava.finetune import finetune
-    from engine.workspace import Workspace, read_parquet_dir
-    from jobs.progress import paper_recipe
-
-    base = load_base(Workspace.open(str(ws)))
-    table = read_parquet_dir(str(ws / "pool"), columns=["id", "image", "question", "answer"])
-    examples = table.filter(
-        pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string()))
-    ).to_pylist()
-    cfg: FinetuneConfig = paper_recipe().model_copy(update=recipe)
-    batch = collate_for(base.model, base.tokenizer, examples[:256], base.max_length)
-    tokens_per_row = float(batch["attention_mask"].sum()) / min(len(examples), 256)
-    start = time.perf_counter()
-    _, losses = finetune(base.model, base.tokenizer, examples, cfg, base.max_length, log_every=0)
-    return len(losses), time.perf_counter() - start, tokens_per_row

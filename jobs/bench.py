@@ -77,7 +77,7 @@ class BenchConfig(BaseModel):
     shards: int = Field(2, ge=1, description="Index shards (shard actors) of the dino index.")
     factory: str = Field(
         "auto", description="FAISS factory of the index; auto: Flat below 50k rows a shard, "
-        "else IVF<4 sqrt(rows)>,Flat."
+        "else IVF<suggest_nlist(rows a shard)>,Flat (1,024 lists at 50k)."
     )  # fmt: skip
     nprobe: int = Field(16, ge=1, description="IVF lists searched per query.")
     skills_limit: int = Field(

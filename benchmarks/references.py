@@ -1,0 +1,116 @@
+"""The one-process references ``vlselect bench`` measures each stage against (suite.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROUND_SIZE = 7_500  # PROGRESS's round at 665K rows (DESIGN.md)
+
+
+def auto_factory(n: int, shards: int) -> str:
+    """Exact search below 50k rows per shard, above it IVF with ``suggest_nlist`` lists."""
+    from engine.knn import suggest_nlist
+
+    rows = n // shards
+    return "Flat" if rows < 50_000 else f"IVF{suggest_nlist(rows)},Flat"
+
+
+def bare_generate(questions: list[str], max_new_tokens: int, batch: int = 8) -> float:
+    """Seconds for plain ``model.generate`` (greedy, no prefix cache) over ``questions``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.llm import resolve_transformers_model
+    from engine.devices import resolve_device
+    from engine.skills import build_messages
+
+    path, gguf = resolve_transformers_model(None, None)
+    extra = {"gguf_file": gguf} if gguf else {}
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    device, dtype = resolve_device("auto", "auto", "bfloat16")  # as the skills actor
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
+    prompts = [
+        tokenizer.apply_chat_template(build_messages(q), tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            inputs = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
+            inputs = inputs.to(device)
+            model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+    return time.perf_counter() - start
+
+
+def bare_kmeans(ws: Path, k: int, meta: dict, seed: int) -> float:
+    """Seconds to load dino+text from the workspace, fit faiss.Kmeans on a sample of the
+    job's size with its iterations, and assign every row."""
+    import faiss
+    import pyarrow.fs as pafs
+
+    from engine.features import shard_features
+    from engine.kmeans import CentroidIndex, sample_positions
+
+    start = time.perf_counter()
+    dims = {s: json.loads((ws / "embeddings" / s / "meta.json").read_text())["dim"]
+            for s in ("dino", "text")}  # fmt: skip
+    parts = []
+    for f in sorted((ws / "embeddings" / "dino").glob("*.parquet")):
+        files = {s: str(ws / "embeddings" / s / f.name) for s in dims}
+        parts.append(shard_features(pafs.LocalFileSystem(), files, dims, dict.fromkeys(dims, 1.0)))
+    x = np.concatenate([p.features for p in parts])
+    sample = np.ascontiguousarray(x[sample_positions(len(x), meta["sample_rows"], seed)])
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=len(meta["objective"]), seed=seed, spherical=True)
+    kmeans.train(sample)
+    CentroidIndex(kmeans.centroids).assign(x)
+    return time.perf_counter() - start
+
+
+def bare_rounds(pool: int, rounds: int, seed: int) -> float:
+    """Mean ms of the least a round must do: draw its rows uniformly from those not taken."""
+    rng = np.random.default_rng(seed)
+    taken = np.zeros(pool, bool)
+    taken[rng.choice(pool, size=int(0.09 * pool), replace=False)] = True
+    budget, spent, times = pool // 5, int(0.09 * pool), []
+    for _ in range(max(rounds, 1)):
+        start = time.perf_counter()
+        free = np.flatnonzero(~taken)
+        pick = rng.choice(free, size=min(ROUND_SIZE, budget - spent, len(free)), replace=False)
+        taken[pick] = True
+        times.append(time.perf_counter() - start)
+        spent += len(pick)
+    return round(1000 * float(np.mean(times)), 4)
+
+
+def bare_train(ws: Path, ids: list[str], recipe: dict[str, Any]) -> tuple[int, float, float]:
+    """(steps, seconds, tokens per row) of ``finetune`` in this process on the rows ``ids``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from engine.llava import FinetuneConfig, load_base
+    from engine.llava.data import collate_for
+    from engine.llava.finetune import finetune
+    from engine.workspace import Workspace, read_parquet_dir
+    from jobs.progress import paper_recipe
+
+    base = load_base(Workspace.open(str(ws)))
+    table = read_parquet_dir(str(ws / "pool"), columns=["id", "image", "question", "answer"])
+    examples = table.filter(
+        pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string()))
+    ).to_pylist()
+    cfg: FinetuneConfig = paper_recipe().model_copy(update=recipe)
+    batch = collate_for(base.model, base.tokenizer, examples[:256], base.max_length)
+    tokens_per_row = float(batch["attention_mask"].sum()) / min(len(examples), 256)
+    start = time.perf_counter()
+    _, losses = finetune(base.model, base.tokenizer, examples, cfg, base.max_length, log_every=0)
+    return len(losses), time.perf_counter() - start, tokens_per_row
