@@ -25,14 +25,16 @@ def seconds_for_n(fig: dict) -> float | None:
     """What a figure costs as time for its N rows (rates inverted); None for latencies."""
     if fig["unit"] == "s":
         return fig["value"]
-    if fig["unit"] in ("rows/s", "q/s") and fig["metric"] != "queries/s" and fig["value"] > 0:
+    if fig["unit"] == "rows/s" and fig["value"] > 0:
         return fig["n"] / fig["value"]
-    return None
+    return None  # latencies, and rates of a fixed workload (queries, tokens, questions)
 
 
 def growth(figures: list[dict]) -> list[dict]:
-    """Per stage and metric: the value at each N and the log-log slope from the smallest
-    to the largest N (1.0: linear in the pool; 0: flat)."""
+    """Per stage and metric: the value at each N and the log-log slope of its cost from
+    the smallest to the largest N: time for the pool (rows/s inverted, times as they are;
+    1.0 linear in the pool, 0 flat), or time per item for the rates of a fixed workload
+    (queries/s, tokens/s: 0 when the pool's size does not slow them)."""
     by_key: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for f in figures:
         by_key[(f["stage"], f["metric"])][f["n"]] = f["value"]
@@ -42,8 +44,12 @@ def growth(figures: list[dict]) -> list[dict]:
         row = {"stage": stage, "metric": metric, "values": {str(n): values[n] for n in sizes}}
         lo, hi = sizes[0], sizes[-1]
         if hi > lo and values[lo] > 0 and values[hi] > 0:
-            time_like = metric not in ("rows/s", "queries/s", "tokens/s", "unique questions/s")
-            a, b = (values[lo], values[hi]) if time_like else (lo / values[lo], hi / values[hi])
+            if metric == "rows/s":
+                a, b = lo / values[lo], hi / values[hi]
+            elif metric.endswith("/s"):
+                a, b = 1 / values[lo], 1 / values[hi]
+            else:
+                a, b = values[lo], values[hi]
             row["exponent"] = round(math.log(b / a) / math.log(hi / lo), 2)
         out.append(row)
     return out
@@ -115,8 +121,9 @@ def write_report(out: Path, doc: dict) -> str:
         "peak MiB: the driver and every Ray process it started, at the job's peak.",
         markdown_table(FIGURE_HEADER, rows),
         "## Growth with pool size",
-        "exponent: the log-log slope of the cost from the smallest to the largest N "
-        "(time for N rows; 1 is linear in the pool, 0 flat).",
+        "exponent: the log-log slope of the cost from the smallest to the largest N: time "
+        "for the pool for rows/s and times (1 is linear in the pool, 0 flat), time per "
+        "item for queries/s and latencies (0: the pool's size does not slow them).",
         markdown_table(["stage", "metric", *(f"N={n:,}" for n in sizes), "exponent"], grow),
     ]
     if has_plot:

@@ -172,3 +172,11 @@ def main(cfg: BenchConfig, ws: Workspace) -> dict:
         {"figures": len(figures), "seconds": round(timer.seconds, 1)},
     )
     return doc
+
+
+if __name__ == "__main__":
+    import sys
+
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main([STAGE, *sys.argv[1:]]))

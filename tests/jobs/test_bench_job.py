@@ -11,6 +11,7 @@ import yaml
 
 from benchmarks.suite import Figure
 from benchmarks.suite_report import growth, seconds_for_n
+from engine.workspace import Workspace
 from jobs.bench import BenchConfig
 from jobs.cli import main
 
@@ -72,7 +73,10 @@ def test_growth_exponent_is_the_log_log_slope():
     assert linear[0]["exponent"] == 1.0
     flat = growth([fig(1000, 5.0, "round latency", "ms"), fig(100_000, 5.0, "round latency", "ms")])
     assert flat[0]["exponent"] == 0.0
+    qps = growth([fig(1000, 1000.0, "queries/s", "q/s"), fig(100_000, 100.0, "queries/s", "q/s")])
+    assert qps[0]["exponent"] == 0.5  # each query 10x slower over a 100x pool
     assert seconds_for_n(fig(1000, 100.0)) == 10.0
+    assert seconds_for_n(fig(1000, 2.0, "queries/s", "q/s")) is None
     assert seconds_for_n(fig(1000, 3.0, "p50 latency", "ms")) is None
 
 
@@ -84,6 +88,13 @@ def test_config_refuses_tiny_sizes_and_unknown_stages():
     assert BenchConfig(sizes=[100_000, 10_000, 10_000]).sizes == [10_000, 100_000]
 
 
-def test_remote_workspace_is_refused(capsys):
-    assert main(["bench", "--workspace", "s3://bucket/bench", "--sizes", "1000"]) == 2
-    assert "local or mounted workspace path" in capsys.readouterr().err
+def test_remote_workspace_is_refused(tmp_path):
+    import pyarrow.fs as pafs
+
+    from engine.errors import InputError
+    from jobs.bench import main as bench_main
+
+    remote = Workspace(uri="s3://bucket/bench", fs=pafs.LocalFileSystem(), root=str(tmp_path))
+    with pytest.raises(InputError, match="local or mounted workspace path"):
+        bench_main(BenchConfig(sizes=[1000]), remote)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
