@@ -7,7 +7,7 @@
 The defaults (every method; the untargeted ones at 10/20/30%, PROGRESS at 20%, targeted
 ``concept`` and ``skill``, whence ``auto``; 3 seeds; pool 2,000) fit the issue's 90 minutes
 on 2 cores from an empty workspace, the base's 30 included. The larger setting adds
-``--progress-budgets 0.1,0.2,0.3 --target-modes concept,skill,sum,max,split`` (about 45
+``--progress-budgets 0.1,0.2,0.3 --target-modes concept,skill,sum,max,split`` (about 40
 minutes more) and ``--pool 20000`` (hours).
 
 1. Prepares the workspace with the real stages, each skipped when already done:

@@ -61,8 +61,8 @@ class BenchConfig(BaseModel):
     )
     stages: list[Stage] = Field(
         default_factory=lambda: list(ALL_STAGES),
-        description="Stages to measure (the jobs a stage needs run anyway, unmeasured "
-        "ones included in e2e).",
+        description="Stages to measure; the jobs they need (world, ingest, embed) run "
+        "and are measured too.",
     )
     once: list[Stage] = Field(
         default_factory=lambda: ["skills", "train"],
@@ -111,7 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict:
     out: dict = {}
     if args.sizes:
-        out["sizes"] = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
+        try:
+            out["sizes"] = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
+        except ValueError:
+            raise InputError(
+                f"--sizes takes comma-separated row counts (10000,100000), got {args.sizes!r}"
+            ) from None
     if args.stages:
         out["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
     if args.keep is not None:

@@ -98,3 +98,8 @@ def test_remote_workspace_is_refused(tmp_path):
     with pytest.raises(InputError, match="local or mounted workspace path"):
         bench_main(BenchConfig(sizes=[1000]), remote)
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_bad_sizes_flag_is_a_clear_error(capsys):
+    assert main(["bench", "--workspace", "/tmp/unused-bench", "--sizes", "10k"]) == 2
+    assert "--sizes takes comma-separated row counts" in capsys.readouterr().err
