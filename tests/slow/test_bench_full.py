@@ -12,7 +12,8 @@ import yaml
 
 from jobs.cli import main
 
-pytestmark = pytest.mark.slow
+# About 6 minutes on an idle 2-core machine: two worlds, SmolLM2 twice, a base and PROGRESS.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def test_bench_every_stage_at_two_sizes(ray_session, tmp_path):
