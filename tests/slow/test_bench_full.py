@@ -12,7 +12,7 @@ import yaml
 
 from jobs.cli import main
 
-# About 6 minutes on an idle 2-core machine: two worlds, SmolLM2 twice, a base and PROGRESS.
+# Two worlds, SmolLM2 twice, a base and PROGRESS: longer than the default 600 s on a loaded machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
