@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-ROUND_SIZE = 7_500  # PROGRESS's round at 665K rows (DESIGN.md)
+from benchmarks.progress_round import ROUND
 
 
 def auto_factory(n: int, shards: int) -> str:
@@ -85,7 +85,7 @@ def bare_rounds(pool: int, rounds: int, seed: int) -> float:
     for _ in range(max(rounds, 1)):
         start = time.perf_counter()
         free = np.flatnonzero(~taken)
-        pick = rng.choice(free, size=min(ROUND_SIZE, budget - spent, len(free)), replace=False)
+        pick = rng.choice(free, size=min(ROUND, budget - spent, len(free)), replace=False)
         taken[pick] = True
         times.append(time.perf_counter() - start)
         spent += len(pick)

@@ -34,19 +34,23 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.common import PeakRSS
+from benchmarks.progress_round import ROUND
 from benchmarks.references import (
-    ROUND_SIZE,
     auto_factory,
     bare_generate,
     bare_kmeans,
     bare_rounds,
     bare_train,
 )
+
+if TYPE_CHECKING:
+    from jobs.bench import BenchConfig
 
 
 @dataclass
@@ -72,26 +76,11 @@ class Figure:
         if v <= 0 or r <= 0:
             self.ratio = float("nan")
         else:
-            self.ratio = round(v / r if self.higher_is_better else r / v, 3)
+            # 3 significant digits: a 0.003 ratio must not round to 0
+            self.ratio = float(f"{(v / r if self.higher_is_better else r / v):.3g}")
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Options:
-    """What the suite measures and with what settings (the fields of ``BenchConfig``)."""
-
-    stages: list[str]
-    reference_rows: int = 20_000
-    queries: int = 2_000
-    query_batch: int = 32
-    shards: int = 2
-    factory: str = "auto"
-    nprobe: int = 16
-    skills_limit: int = 24
-    train_budget: int = 512
-    seed: int = 0
 
 
 def _cli(argv: list[str]) -> None:
@@ -122,9 +111,10 @@ def _rate(n: int, seconds: float) -> float:
 
 
 class SizeRun:
-    """The suite at one pool size, in the local folder ``root`` (made afresh)."""
+    """The suite at one pool size, in the local folder ``root`` (made afresh): the
+    stages and settings of ``opts`` (``vlselect bench``'s config)."""
 
-    def __init__(self, root: Path, n: int, opts: Options):
+    def __init__(self, root: Path, n: int, opts: BenchConfig):
         self.root, self.n, self.opts = root, n, opts
         self.ws = root / "ws"
         self.figures: list[Figure] = []
@@ -349,7 +339,7 @@ class SizeRun:
             Figure(
                 "coordinator", self.n, "round latency", "ms", ours["round_mean_ms"],
                 "uniform draw from a mask", bare_ms, higher_is_better=False,
-                note=f"K={k}, {ours['rounds']} rounds of up to {ROUND_SIZE} picks, "
+                note=f"K={k}, {ours['rounds']} rounds of up to {ROUND} picks, "
                 f"checkpoint {ours['checkpoint_mb']} MB",
             )
         )  # fmt: skip

@@ -128,7 +128,7 @@ def main(cfg: BenchConfig, ws: Workspace) -> dict:
     """Measure every stage at every size; see the module docstring. Returns the report's
     document."""
     from benchmarks.common import machine
-    from benchmarks.suite import Options, SizeRun
+    from benchmarks.suite import SizeRun
     from benchmarks.suite_report import write_report
 
     if "://" in ws.uri:
@@ -139,12 +139,11 @@ def main(cfg: BenchConfig, ws: Workspace) -> dict:
     timer = Timer()
     connect()
     root = Path(ws.root)
-    options = dict(cfg.model_dump(exclude={"sizes", "stages", "once", "keep"}))
     figures = []
     for i, n in enumerate(cfg.sizes):
         stages = [s for s in cfg.stages if i == 0 or s not in cfg.once]
         log.info("bench: N=%d, stages %s", n, ",".join(stages))
-        run = SizeRun(root / f"n{n}", n, Options(stages=stages, **options))
+        run = SizeRun(root / f"n{n}", n, cfg.model_copy(update={"stages": stages}))
         figures += [f.as_dict() for f in run.run()]
         if not cfg.keep:
             shutil.rmtree(run.root, ignore_errors=True)
