@@ -46,8 +46,13 @@ def summary_of(out: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_ws(ray_session, tmp_path_factory) -> Path:
-    """A 300-row world, ingested, with synthetic dino/text spaces and a tiny base."""
+def tiny_ws(ray_session, tmp_path_factory) -> tuple[Path, Path]:
+    return build_tiny_ws(tmp_path_factory)
+
+
+def build_tiny_ws(tmp_path_factory) -> tuple[Path, Path]:
+    """A 300-row world, ingested, with synthetic dino/text spaces and a tiny base; and the
+    run's config file."""
     ws = tmp_path_factory.mktemp("progress") / "ws"
     assert main(["world", "--out", str(ws), "--size", str(POOL)]) == 0
     assert main(["ingest", "--workspace", str(ws)]) == 0

@@ -1,0 +1,61 @@
+"""A Ray Train worker SIGKILLed mid-round: Ray Train (``FailureConfig``) restarts the
+worker group from the last round's checkpoint and the run completes with the same
+budget accounting: every round once, no row selected or revealed twice, spent = budget."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from tests.faults.chaos import ray_worker_pids, sigkill, wait_for
+from tests.jobs.test_progress_job import build_tiny_ws, summary_of
+
+# Ray Train's worker actors; their process title carries the class name.
+TRAIN_WORKER = "RayTrainWorker"
+
+
+@pytest.fixture(scope="module")
+def progress_ws(ray_session, tmp_path_factory):
+    return build_tiny_ws(tmp_path_factory)
+
+
+def test_a_killed_train_worker_resumes_from_the_last_checkpoint(progress_ws, capsys):
+    ws, config = progress_ws
+    run_dir = ws / "progress" / "worker-kill"
+    seen = {}
+
+    def crash_a_worker():
+        # Round 2's rows are revealed: the workers are now training on them.
+        wait_for((run_dir / "rounds" / "round-0002.parquet").exists, 900, "round 2")
+        victims = wait_for(lambda: ray_worker_pids(TRAIN_WORKER), 60, "a train worker")
+        sigkill(victims[:1])
+        seen["killed"] = victims[:1]
+
+    chaos = threading.Thread(target=crash_a_worker, daemon=True)
+    chaos.start()
+    args = ["--config", str(config), "--name", "worker-kill", "--set", "max_failures=2"]
+    code = main(["progress", "--workspace", str(ws), *args])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    chaos.join(timeout=60)
+    assert seen.get("killed"), "no Ray Train worker was found to kill"
+
+    summary = summary_of(out)
+    assert summary["spent"] == summary["budget"] == 60 and summary["revealed"] == 60
+    # The restarted workers began from a checkpoint, not from the base.
+    assert summary["final_metrics"]["started_at_round"] >= 1
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    assert [r["spent"] for r in rounds] == [27, 37, 47, 57, 60]
+    files = sorted((run_dir / "rounds").glob("round-*.parquet"))
+    ids = [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 60  # nothing selected or revealed twice
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "complete"
+    trained = meta["train_rounds"]
+    assert [r["round"] for r in trained] == [0, 1, 2, 3, 4]
+    assert sum(r["rows"] for r in trained) == 60  # each revealed row trained in one round
