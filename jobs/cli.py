@@ -5,14 +5,19 @@ and ``--address``. Configuration layers, later wins: the stage's defaults, the
 workspace's ``vlselect.yaml``, ``--config``, ``--set``, then the stage's own flags.
 
 Exit codes: 0 success, 2 bad input or config (one message, nothing written),
-1 a failure during the run, 130 interrupted.
+1 a failure during the run, 130 interrupted. A workspace that is full or read-only
+(ENOSPC, EDQUOT, EROFS, EFBIG) is a failure during the run, told in one message
+without a traceback: stages write under temporary names and rename when complete,
+so what the failed run left is never taken for finished, and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import re
 import sys
 import traceback
 from types import ModuleType
@@ -50,6 +55,34 @@ DESCRIPTIONS = {
     "demo": "the whole pipeline on the embedded default",
     "bench": "the throughput suite: every stage at pool sizes from --sizes, beside its reference",
 }
+
+
+STORAGE_ERRORS = {
+    errno.ENOSPC: "its disk is full",
+    errno.EDQUOT: "its disk quota is used up",
+    errno.EROFS: "its filesystem is read-only",
+    errno.EFBIG: "a file grew past the size limit of this process or filesystem",
+}
+
+
+def storage_error(err: BaseException) -> tuple[int, str] | None:
+    """``(errno, detail)`` if ``err``, or an error it wraps, is a full or read-only disk.
+
+    Ray re-raises a task's error as ``RayTaskError`` with the original as ``cause``, and
+    Ray Data wraps a UDF's error once more, keeping only its text; so the errno is looked
+    for in the exception chain first, then in the text (``OSError: [Errno 28] ...``).
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRORS:
+            return cause.errno, cause.strerror or str(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+    for found in re.finditer(r"(?:OS|IO)Error: \[Errno (\d+)\][^\n]*", str(err)):
+        if int(found.group(1)) in STORAGE_ERRORS:
+            return int(found.group(1)), found.group(0)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlselect {args.stage}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+        disk = storage_error(err)
+        if disk is not None:
+            code, detail = disk
+            where = args.workspace or module.DEFAULT_WORKSPACE
+            print(
+                f"vlselect {args.stage}: failed: the workspace {where} could not be written: "
+                f"{STORAGE_ERRORS[code]} ({detail}). Nothing unfinished was kept as finished "
+                "(every artifact is written under a temporary name and renamed when complete). "
+                "Free space, or make it writable, or point --workspace at another disk; then "
+                "run the same command again: finished shards are kept.",
+                file=sys.stderr,
+            )
+            return 1
         traceback.print_exc()
         print(f"vlselect {args.stage}: failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -111,3 +111,24 @@ def test_stage_counts_go_out_as_ray_metrics(ray_session):
                                     "seconds": 1.5, "flag": True})  # fmt: skip
     export_stage_metrics("ingest", {"records_in": 0, "seconds": 0.1})  # zero: nothing added
     assert isinstance(_metrics["rows"], Counter) and set(_metrics) == {"rows", "seconds", "runs"}
+
+
+def test_a_full_or_read_only_disk_is_found_however_deep_ray_wrapped_it():
+    import errno
+
+    from jobs.cli import storage_error
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert storage_error(full) == (errno.ENOSPC, "No space left on device")
+    try:  # raised inside another error's handling, as a stage's clean-up would
+        try:
+            raise full
+        except OSError as inner:
+            raise RuntimeError("shard 3 failed") from inner
+    except RuntimeError as outer:
+        assert storage_error(outer)[0] == errno.ENOSPC
+    # Ray Data's UserCodeException keeps only the text of the task's traceback.
+    wrapped = RuntimeError("UDF failed\n  ...\nOSError: [Errno 30] Read-only file system: 'x'")
+    assert storage_error(wrapped) == (errno.EROFS, "OSError: [Errno 30] Read-only file system: 'x'")
+    assert storage_error(OSError(errno.ENOENT, "No such file")) is None
+    assert storage_error(RuntimeError("OSError: [Errno 2] No such file")) is None

@@ -1,0 +1,129 @@
+"""The workspace's disk full or read-only during a write: the stage fails with one clear
+message (exit 1, no traceback), nothing half-written is left looking finished, and the
+same command completes once there is room again, keeping what had finished.
+
+The workspace sits on its own small tmpfs, so ENOSPC and EROFS are the kernel's own.
+Mounting needs CAP_SYS_ADMIN (root in the project's containers); elsewhere these skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from engine.workspace import read_parquet_dir
+from jobs.cli import main
+
+ROWS = 2000
+
+
+class Tmpfs:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def mount(self, *options: str) -> None:
+        opts = ",".join(options)
+        cmd = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(self.path)]
+        if self.mounted():
+            cmd = ["mount", "-o", f"remount,{opts}", str(self.path)]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def mounted(self) -> bool:
+        return os.path.ismount(self.path)
+
+    def free(self) -> int:
+        return shutil.disk_usage(self.path).free
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    fs = Tmpfs(tmp_path / "disk")
+    fs.path.mkdir()
+    try:
+        fs.mount("size=64m")
+    except (subprocess.CalledProcessError, FileNotFoundError) as err:
+        pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {err}")
+    yield fs
+    subprocess.run(["umount", "-l", str(fs.path)], check=False)
+
+
+def workspace(small_world: Path, root: Path) -> Path:
+    ws = root / "ws"
+    ws.mkdir()
+    config = yaml.safe_load((small_world / "vlselect.yaml").read_text())
+    config["ingest"]["source"] = str(small_world / "world" / "source")
+    (ws / "vlselect.yaml").write_text(yaml.safe_dump(config))
+    return ws
+
+
+def files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def failed_for_disk(capsys, what: str) -> None:
+    err = capsys.readouterr().err
+    assert what in err and "run the same command again" in err, err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_ingest_onto_a_full_disk_fails_clearly_and_leaves_no_pool(small_world, tmpfs, capsys):
+    ws = workspace(small_world, tmpfs.path)
+    tmpfs.mount("size=256k")  # the pool needs more than this
+    assert main(["ingest", "--workspace", str(ws)]) == 1
+    failed_for_disk(capsys, "its disk is full")
+    assert not (ws / "pool").exists() and not (ws / "rejects").exists()
+    assert list(files(ws)) == ["vlselect.yaml"]  # no temporary left behind either
+
+    tmpfs.mount("size=64m")
+    assert main(["ingest", "--workspace", str(ws)]) == 0
+    meta = json.loads((ws / "pool" / "meta.json").read_text())
+    assert meta["accepted"] + meta["rejected"] == ROWS
+
+
+def test_embed_that_fills_the_disk_keeps_only_finished_shards(small_world, tmpfs, capsys):
+    ws = workspace(small_world, tmpfs.path)
+    assert main(["ingest", "--workspace", str(ws), "--chunk-size", "100"]) == 0
+    # Leave room for a few of the space's 20 shards (about 30 KB each), not all of them.
+    ballast = tmpfs.path / "ballast"
+    ballast.write_bytes(b"\0" * (tmpfs.free() - 160 * 1024))
+    clip = ws / "embeddings" / "clip"
+    args = ["embed", "--workspace", str(ws), "--spaces", "clip"]
+    assert main(args) == 1
+    failed_for_disk(capsys, "its disk is full")
+    meta = json.loads((clip / "meta.json").read_text())
+    assert meta["status"] != "complete"
+    finished = sorted(clip.glob("part-*.parquet"))
+    assert len(finished) < 20
+    for shard in finished:  # what looks finished is finished: the whole input shard
+        pool_shard = ws / "pool" / shard.name
+        ids = pq.read_table(shard, columns=["id"]).column("id").to_pylist()
+        assert ids == pq.read_table(pool_shard, columns=["id"]).column("id").to_pylist()
+
+    ballast.unlink()
+    assert main(args) == 0
+    meta = json.loads((clip / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["resumed"] == 100 * len(finished)
+    ids = read_parquet_dir(str(clip), columns=["id"]).column("id").to_pylist()
+    assert ids == read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+
+
+def test_a_read_only_workspace_fails_clearly_and_changes_nothing(small_world, tmpfs, capsys):
+    ws = workspace(small_world, tmpfs.path)
+    assert main(["ingest", "--workspace", str(ws), "--chunk-size", "500"]) == 0
+    before = files(ws)
+    tmpfs.mount("ro")
+    assert main(["embed", "--workspace", str(ws), "--spaces", "clip"]) == 1
+    failed_for_disk(capsys, "its filesystem is read-only")
+    assert files(ws) == before
+
+    tmpfs.mount("rw")
+    assert main(["embed", "--workspace", str(ws), "--spaces", "clip"]) == 0
+    meta = json.loads((ws / "embeddings" / "clip" / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["vectors"] == ROWS
