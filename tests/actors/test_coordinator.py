@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors.coordinator import BASELINE, round_file, start_coordinator
+from actors.coordinator import start_coordinator
 from engine.coordinator import ProgressSettings
 from engine.pool import POOL_SCHEMA
 from engine.resources import Resources
@@ -85,47 +84,6 @@ def report(ray, actor, round_index):
 def round_rows(ws, run_dir) -> list[pa.Table]:
     files = ws.list_files(run_dir, "rounds", suffix=".parquet")
     return [pq.read_table(f) for f in files]
-
-
-def test_rounds_are_revealed_once_and_survive_a_killed_coordinator(ray_session, tmp_path):
-    ray = ray_session
-    ws, clusters_dir, pool_dir = write_pool_and_clusters(tmp_path / "ws")
-    actor = start(ws, clusters_dir, pool_dir, "run-a")
-    warm = [f"p{i:04d}" for i in range(0, N, 8)]  # 30 rows
-    out = ray.get(actor.warmup.remote(warm))
-    assert out["rows"] == 30 and out["spent"] == 30 and out["revealed"] == 30
-    report(ray, actor, BASELINE)
-    report(ray, actor, 0)
-    first = ray.get(actor.next_round.remote(1))
-    assert first["rows"] == 20 and first["spent"] == 50
-    report(ray, actor, 1)
-    ray.kill(actor, no_restart=False)  # Ray restarts it; it restores from the checkpoint
-    second = ray.get(actor.next_round.remote(2))
-    assert second["spent"] == 70 and second["rounds"] == 3
-    assert ray.get(actor.next_round.remote(2))["spent"] == 70  # a retried call spends nothing
-    report(ray, actor, 2)
-    # The driver goes away too: a new actor of the same name restores the same ledger.
-    ray.kill(actor, no_restart=True)
-    actor = start(ws, clusters_dir, pool_dir, "run-a")
-    assert ray.get(actor.status.remote())["spent"] == 70
-    third = ray.get(actor.next_round.remote(3))
-    assert third["spent"] == 90
-    report(ray, actor, 3)
-    last = ray.get(actor.next_round.remote(4))
-    assert last["rows"] == 10 and last["spent"] == 100 and last["finished"]
-
-    run_dir = ws.path("progress", "run-a")
-    tables = round_rows(ws, run_dir)
-    ids = [i for t in tables for i in t.column("id").to_pylist()]
-    assert len(ids) == len(set(ids)) == 100  # nothing revealed twice, budget exact
-    answers = {r["id"]: r["answer"] for t in tables for r in t.to_pylist()}
-    assert all(answers[i] == str(int(i[1:]) + 1) for i in ids)
-    lines = [json.loads(x) for x in Path(run_dir, "rounds.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines] == [0, 1, 2, 3, 4]
-    assert [x["spent"] for x in lines] == [30, 50, 70, 90, 100]
-    assert lines[2]["delta"] and lines[2]["probabilities"]
-    assert round_file(run_dir, 4).endswith("round-0004.parquet")
-    ray.kill(actor, no_restart=True)
 
 
 def test_settings_changed_under_a_run_are_refused(ray_session, tmp_path):

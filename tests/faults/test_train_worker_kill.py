@@ -8,19 +8,13 @@ import json
 import threading
 
 import pyarrow.parquet as pq
-import pytest
 
 from jobs.cli import main
 from tests.faults.chaos import ray_worker_pids, sigkill, wait_for
-from tests.jobs.test_progress_job import build_tiny_ws, summary_of
+from tests.jobs.test_progress_job import summary_of
 
 # Ray Train's worker actors; their process title carries the class name.
 TRAIN_WORKER = "RayTrainWorker"
-
-
-@pytest.fixture(scope="module")
-def progress_ws(ray_session, tmp_path_factory):
-    return build_tiny_ws(tmp_path_factory)
 
 
 def test_a_killed_train_worker_resumes_from_the_last_checkpoint(progress_ws, capsys):
