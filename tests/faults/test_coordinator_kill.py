@@ -23,7 +23,9 @@ def pid_of(ray, actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
 
 
-def test_rounds_are_revealed_once_and_survive_a_killed_coordinator(ray_session, tmp_path):
+def test_rounds_are_revealed_once_and_survive_a_killed_coordinator(
+    ray_session, tmp_path, fault_report
+):
     ray = ray_session
     ws, clusters_dir, pool_dir = write_pool_and_clusters(tmp_path / "ws")
     actor = start(ws, clusters_dir, pool_dir, "run-a")
@@ -62,9 +64,18 @@ def test_rounds_are_revealed_once_and_survive_a_killed_coordinator(ray_session, 
     assert lines[2]["delta"] and lines[2]["probabilities"]
     assert round_file(run_dir, 4).endswith("round-0004.parquet")
     ray.kill(actor, no_restart=True)
+    fault_report(
+        injected="SIGKILL of the coordinator actor, then its driver gone and a new actor",
+        outcome="ledger restored from the checkpoint both times, a retried call spent "
+        "nothing: 100 of 100 spent, 100 distinct rows revealed",
+        lost=0,
+        budget=100,
+    )
 
 
-def test_a_progress_run_survives_its_coordinator_killed_mid_run(ray_session, progress_ws, capsys):
+def test_a_progress_run_survives_its_coordinator_killed_mid_run(
+    ray_session, progress_ws, capsys, fault_report
+):
     ws, config = progress_ws
     run_dir = ws / "progress" / "coordinator-kill"
     seen = {}
@@ -94,3 +105,10 @@ def test_a_progress_run_survives_its_coordinator_killed_mid_run(ray_session, pro
     assert len(files) == 5
     ids = [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
     assert len(ids) == len(set(ids)) == 60  # nothing selected or revealed twice
+    fault_report(
+        injected="SIGKILL of the coordinator during a vlselect progress run (after round 1)",
+        outcome="restarted by Ray, ledger restored: rounds 0-4 once, 60 of 60 spent, "
+        "60 distinct rows revealed",
+        lost=0,
+        budget=60,
+    )

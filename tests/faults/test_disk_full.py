@@ -73,7 +73,9 @@ def failed_for_disk(capsys, what: str) -> None:
     assert "Traceback" not in err
 
 
-def test_ingest_onto_a_full_disk_fails_clearly_and_leaves_no_pool(small_world, tmpfs, capsys):
+def test_ingest_onto_a_full_disk_fails_clearly_and_leaves_no_pool(
+    small_world, tmpfs, capsys, fault_report
+):
     ws = workspace(small_world, tmpfs.path)
     tmpfs.mount("size=256k")  # the pool needs more than this
     assert main(["ingest", "--workspace", str(ws)]) == 1
@@ -85,9 +87,17 @@ def test_ingest_onto_a_full_disk_fails_clearly_and_leaves_no_pool(small_world, t
     assert main(["ingest", "--workspace", str(ws)]) == 0
     meta = json.loads((ws / "pool" / "meta.json").read_text())
     assert meta["accepted"] + meta["rejected"] == ROWS
+    fault_report(
+        injected="ingest onto a 256 KiB disk (ENOSPC)",
+        outcome="exit 1, one message; no pool, no temporary left; after room: "
+        f"{meta['accepted']} + {meta['rejected']} = {ROWS} rows",
+        lost=ROWS - meta["accepted"] - meta["rejected"],
+    )
 
 
-def test_embed_that_fills_the_disk_keeps_only_finished_shards(small_world, tmpfs, capsys):
+def test_embed_that_fills_the_disk_keeps_only_finished_shards(
+    small_world, tmpfs, capsys, fault_report
+):
     ws = workspace(small_world, tmpfs.path)
     assert main(["ingest", "--workspace", str(ws), "--chunk-size", "100"]) == 0
     # Leave room for a few of the space's 20 shards (about 30 KB each), not all of them.
@@ -111,10 +121,19 @@ def test_embed_that_fills_the_disk_keeps_only_finished_shards(small_world, tmpfs
     meta = json.loads((clip / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["resumed"] == 100 * len(finished)
     ids = read_parquet_dir(str(clip), columns=["id"]).column("id").to_pylist()
-    assert ids == read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    pool = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    assert ids == pool
+    fault_report(
+        injected="embed fills the disk mid-run (ENOSPC)",
+        outcome=f"exit 1, one message; {len(finished)} whole shards kept, none partial; after "
+        f"room: resumed {meta['resumed']}, embedded {meta['embedded']}, {len(ids)} ids once",
+        lost=len(set(pool) - set(ids)),
+    )
 
 
-def test_a_read_only_workspace_fails_clearly_and_changes_nothing(small_world, tmpfs, capsys):
+def test_a_read_only_workspace_fails_clearly_and_changes_nothing(
+    small_world, tmpfs, capsys, fault_report
+):
     ws = workspace(small_world, tmpfs.path)
     assert main(["ingest", "--workspace", str(ws), "--chunk-size", "500"]) == 0
     before = files(ws)
@@ -127,3 +146,8 @@ def test_a_read_only_workspace_fails_clearly_and_changes_nothing(small_world, tm
     assert main(["embed", "--workspace", str(ws), "--spaces", "clip"]) == 0
     meta = json.loads((ws / "embeddings" / "clip" / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["vectors"] == ROWS
+    fault_report(
+        injected="embed into a read-only workspace (EROFS)",
+        outcome=f"exit 1, one message, {len(before)} files unchanged; after rw: {ROWS} vectors",
+        lost=ROWS - meta["vectors"],
+    )

@@ -27,7 +27,7 @@ def pool_ws(small_world, tmp_path):
     return ws
 
 
-def test_a_killed_encoder_actor_costs_a_retry_not_a_row(pool_ws):
+def test_a_killed_encoder_actor_costs_a_retry_not_a_row(pool_ws, fault_report):
     clip = pool_ws / "embeddings" / "clip"
     seen = {}
 
@@ -61,3 +61,11 @@ def test_a_killed_encoder_actor_costs_a_retry_not_a_row(pool_ws):
     pool = read_parquet_dir(str(pool_ws / "pool"), columns=["id"]).column("id").to_pylist()
     assert ids == pool  # each pool id once, none twice, none missing, in pool order
     assert not (clip / "_parts").exists()
+    fault_report(
+        injected=f"SIGKILL of the encoder actor mid-embed ({seen['finished_at_kill']} of "
+        f"{SHARDS} shards finished)",
+        outcome=f"restarted by Ray Data, batches retried: {len(ids)}/{len(pool)} ids embedded "
+        "once, in pool order",
+        lost=len(set(pool) - set(ids)),
+        rows=len(pool),
+    )

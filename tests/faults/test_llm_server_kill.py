@@ -41,7 +41,7 @@ def skills(ws, server: FakeOpenAIProcess) -> dict:
     return json.loads((ws / "skills" / "meta.json").read_text())
 
 
-def test_server_killed_and_restarted_mid_run_loses_no_row(pool_ws, tmp_path):
+def test_server_killed_and_restarted_mid_run_loses_no_row(pool_ws, tmp_path, fault_report):
     cache = pool_ws / "cache" / "skills"
     first = FakeOpenAIProcess(str(tmp_path / "served-1.jsonl"), delay_s=0.05)
     events = {}
@@ -80,3 +80,12 @@ def test_server_killed_and_restarted_mid_run_loses_no_row(pool_ws, tmp_path):
     assert again["cached"] == meta["generated_ok"]
     # Exactly the failed questions are asked again, each once; no success is regenerated.
     assert len(asked) == len(set(asked)) == meta["unique_questions"] - meta["generated_ok"]
+    fault_report(
+        injected=f"SIGKILL of the LLM server mid-skills, restarted on its port {DOWN_S:g} s later",
+        outcome=f"{len(failed)} rows recorded failed ('connection failed'), "
+        f"{len(after_restart)} questions answered after the restart in the same run; the "
+        f"rerun asked the {len(asked)} failed questions once each: {again['ok']}/2000 ok",
+        lost=2000 - again["ok"] - again["failed"],
+        rows=2000,
+        failed_recorded=len(failed),
+    )

@@ -76,7 +76,7 @@ def test_latency_percentiles_are_present_and_ordered(result):
     assert s["queries_per_s"] > 0
 
 
-def test_memory_stays_flat_after_warm_up(result):
+def test_memory_stays_flat_after_warm_up(result, fault_report):
     names = {m["process"] for m in result["memory"]}
     clients = {f"client {c}" for c in range(LOAD.clients)}
     assert {"shard 0", "shard 1", "raylet"} | clients <= names
@@ -84,6 +84,15 @@ def test_memory_stays_flat_after_warm_up(result):
         assert m["samples"] >= 0.5 * LOAD.seconds / 0.5, m  # sampled through the whole run
         assert m["growth_mib"] <= GROWTH_BOUND_MIB, m
     assert failures(result) == []
+    s = result["summary"]
+    fault_report(
+        injected=f"load: {LOAD.clients} client processes x {LOAD.seconds:g} s of back-to-back "
+        f"requests at {LOAD.shards} shards",
+        outcome=f"{s['requests']} requests, {s['errors']} errors, {s['mismatched']} wrong "
+        f"answers; p50/p99 {s['p50_ms']:.0f}/{s['p99_ms']:.0f} ms; largest growth after "
+        f"warm-up {max(m['growth_mib'] for m in result['memory']):.1f} MiB",
+        lost=s["errors"],
+    )
 
 
 def test_failures_names_each_broken_guarantee(result):
