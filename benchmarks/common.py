@@ -47,6 +47,23 @@ class PeakRSS:
         self._thread.join()
 
 
+def timed_cli(argv: list[str]) -> tuple[float, PeakRSS]:
+    """Run ``vlselect argv`` in this process: its wall seconds and peak memory.
+
+    Raises:
+        RuntimeError: the command exited non-zero (its own message is above).
+    """
+    from jobs.cli import main as cli
+
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        code = cli(argv)
+        seconds = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"`vlselect {' '.join(argv)}` exited with {code}")
+    return seconds, mem
+
+
 def machine() -> dict:
     return {
         "cpus": os.cpu_count(),

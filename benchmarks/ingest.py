@@ -29,17 +29,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import PeakRSS, report  # noqa: E402
-from jobs.cli import main as cli  # noqa: E402
+from benchmarks.common import report, timed_cli  # noqa: E402
 
 
 def timed(label: str, n: int, argv: list[str]) -> dict:
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        code = cli(argv)
-        seconds = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"{label} failed with exit code {code}: {argv}")
+    seconds, mem = timed_cli(argv)
     return {
         "stage": label,
         "n": n,

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks.common import PeakRSS
+from benchmarks.common import PeakRSS, timed_cli
 from benchmarks.progress_round import ROUND
 from benchmarks.references import (
     auto_factory,
@@ -81,22 +81,6 @@ class Figure:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _cli(argv: list[str]) -> None:
-    from jobs.cli import main as cli
-
-    code = cli(argv)
-    if code != 0:
-        raise RuntimeError(f"`vlselect {' '.join(argv)}` exited with {code}")
-
-
-def _timed(argv: list[str]) -> tuple[float, PeakRSS]:
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        _cli(argv)
-        seconds = time.perf_counter() - start
-    return seconds, mem
 
 
 def _mib(mem: PeakRSS) -> dict:
@@ -169,7 +153,7 @@ class SizeRun:
         from engine.world.generate import generate_rows
 
         argv = ["world", "--out", str(self.ws), "--size", str(self.n), "--seed", "0"]
-        seconds, mem = _timed([*argv, "--set", "test_size=0", "--set", "benchmarks=[]"])
+        seconds, mem = timed_cli([*argv, "--set", "test_size=0", "--set", "benchmarks=[]"])
         cfg = WorldConfig(**Workspace.open(str(self.ws)).read_config()["world"])
         m = min(self.n, max(200, self.opts.reference_rows // 10))  # the slowest reference
         start = time.perf_counter()
@@ -187,7 +171,7 @@ class SizeRun:
     def ingest(self) -> None:
         from benchmarks.ingest import bare_loop
 
-        seconds, mem = _timed(["ingest", "--workspace", str(self.ws)])
+        seconds, mem = timed_cli(["ingest", "--workspace", str(self.ws)])
         bare = bare_loop(self.ws / "world" / "source", min(self.n, self.opts.reference_rows))
         self._add(
             Figure(
@@ -200,7 +184,7 @@ class SizeRun:
 
     def embed(self) -> None:
         for space in ("dino", "text"):
-            seconds, mem = _timed(["embed", "--workspace", str(self.ws), "--spaces", space])
+            seconds, mem = timed_cli(["embed", "--workspace", str(self.ws), "--spaces", space])
             m, bare_seconds = self._bare_embed(space, min(self.n, self.opts.reference_rows))
             self._add(
                 Figure(
@@ -262,7 +246,7 @@ class SizeRun:
     def cluster(self) -> None:
         k = int(np.clip(self.n // 50, 10, 1000))
         argv = ["cluster", "--workspace", str(self.ws), "--name", "bench", "--k", str(k)]
-        seconds, mem = _timed([*argv, "--spaces", "dino,text", "--seed", str(self.opts.seed)])
+        seconds, mem = timed_cli([*argv, "--spaces", "dino,text", "--seed", str(self.opts.seed)])
         meta = json.loads((self.ws / "clusters" / "bench" / "meta.json").read_text())
         bare = bare_kmeans(self.ws, k, meta, self.opts.seed)
         self._add(
@@ -289,7 +273,7 @@ class SizeRun:
         rng = np.random.default_rng(o.seed)
         queries = x[rng.choice(len(x), size=min(o.queries, len(x)), replace=False)]
         argv = ["index", "--workspace", str(self.ws), "--space", "dino", "--shards", str(o.shards)]
-        seconds, mem = _timed([*argv, "--factory", factory])
+        seconds, mem = timed_cli([*argv, "--factory", factory])
         cfg = ServiceConfig(batch_size=o.query_batch, max_in_flight=4, nprobe=o.nprobe)
         with (
             PeakRSS() as serve_mem,
@@ -348,7 +332,7 @@ class SizeRun:
         budget = min(self.opts.train_budget, self.n // 2)
         base = [*("--set", "train.vision_steps=20", "--set", "train.language_steps=20")]
         base += ["--set", "train.caption_steps=20"]
-        _cli(["base", "--workspace", str(self.ws), *base])
+        timed_cli(["base", "--workspace", str(self.ws), *base])
         recipe = {"batch_size": 64, "epochs": 2}
         argv = ["progress", "--workspace", str(self.ws), "--name", "bench"]
         argv += ["--budget", str(budget), "--metric", "loss"]
@@ -358,7 +342,7 @@ class SizeRun:
             "finetune.epochs": recipe["epochs"],
         }.items():  # fmt: skip
             argv += ["--set", f"{key}={value}"]
-        seconds, mem = _timed(argv)
+        seconds, mem = timed_cli(argv)
         run = self.ws / "progress" / "bench"
         trained = json.loads((run / "meta.json").read_text())["train_rounds"]
         steps = sum(r["steps"] for r in trained)
