@@ -123,7 +123,7 @@ def compare(ws: Path, rows: int, k: int, niter: int, seed: int, sklearn: bool) -
     load_seconds = time.perf_counter() - start
     positions = sample_positions(len(x), sample_size(len(x), k, 256), seed)
     sample = np.ascontiguousarray(x[positions])
-    job_centroids = np.load(ws / "clusters" / "bench" / "centroids.npy")
+    job_centroids = np.load(ws / "clusters" / "bench" / "centroids.npy", allow_pickle=False)
     out = [
         {
             "case": f"{rows // 1000}k x {x.shape[1]}, K={k}",

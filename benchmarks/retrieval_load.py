@@ -116,9 +116,9 @@ def run_client(c: int, spec: dict, barrier, out: str) -> None:
 
     faiss.omp_set_num_threads(1)  # the clients' own checks must not crowd out the shards
     work, load = Path(spec["workdir"]), Load(**spec["load"])
-    x = np.load(work / "vectors.npy")
-    ids = np.load(work / "ids.npy").astype(object)
-    queries = np.load(work / "queries.npy")[c :: load.clients]
+    x = np.load(work / "vectors.npy", allow_pickle=False)
+    ids = np.load(work / "ids.npy", allow_pickle=False).astype(object)
+    queries = np.load(work / "queries.npy", allow_pickle=False)[c :: load.clients]
     exact = faiss.IndexFlatIP(load.dim)
     exact.add(x)
     del x

@@ -39,11 +39,18 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping of stage sections; refuse anything else with the reason."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"config file not found: {path} (pass an existing YAML file to --config)")
+        found = "a directory" if path.is_dir() else "nothing"
+        raise InputError(
+            f"config file not found: {path} holds {found} (pass an existing YAML file to --config)"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise InputError(f"config file {path} is not valid YAML: {err}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"config file {path} is not UTF-8 text ({err}); save it as UTF-8 YAML"
+        ) from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise InputError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -76,20 +83,32 @@ def parse_set_overrides(items: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--set expects KEY=VALUE (dotted keys allowed); got {item!r}")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise InputError(
+                f"--set expects KEY=VALUE with a dotted KEY such as openai.timeout_s (no empty "
+                f"parts); got {item!r}"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise InputError(f"--set {item!r}: value is not valid YAML: {err}") from None
+        except (yaml.YAMLError, RecursionError) as err:
+            raise InputError(
+                f"--set {item!r}: value is not valid YAML: {_yaml_problem(err)}"
+            ) from None
         node = result
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InputError(f"--set {item!r} conflicts with another --set for {part!r}")
         node[parts[-1]] = value
     return result
+
+
+def _yaml_problem(err: Exception) -> str:
+    # PyYAML composes nested collections recursively: thousands of '[' exhaust the stack.
+    if isinstance(err, RecursionError):
+        return "it nests too deeply"
+    return str(err)
 
 
 def describe_validation_error(stage: str, model: type[BaseModel], err: ValidationError) -> str:

@@ -30,6 +30,10 @@ from engine.pool import (
 
 SourceFormat = Literal["json", "jsonl", "parquet"]
 MALFORMED = object()  # stands in for a JSONL line that does not parse
+# LLaVA records nest three levels (record, turns, turn). A deeper one is refused before
+# pickling it to a Ray task or rendering it for the rejects file, both of which recurse.
+MAX_DEPTH = 64
+BOM = b"\xef\xbb\xbf"  # what Windows tools put before UTF-8 JSON
 
 
 @dataclass
@@ -65,13 +69,19 @@ def detect_format(path: str) -> SourceFormat:
     if lower.endswith(".parquet"):
         return "parquet"
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if lower.endswith((".jsonl", ".ndjson")):
+        head = f.read(4096).removeprefix(BOM).lstrip()
+    if lower.endswith((".jsonl", ".ndjson")) or head.startswith(b"{"):
+        first_line = head.split(b"\n", 1)[0].strip()
+        if first_line in (b"{", b"["):
+            # Pretty-printed JSON read line by line would reject every line on its own.
+            raise InputError(
+                f"{path} is read as JSONL (one record per line), but its first line is a lone "
+                f"{first_line.decode()!r}: it looks like pretty-printed JSON; write one record "
+                "per line (jq -c '.[]' FILE > FILE.jsonl) or give a JSON array of records as .json"
+            )
         return "jsonl"
     if head.startswith(b"["):
         return "json"
-    if head.startswith(b"{"):
-        return "jsonl"
     if lower.endswith(".json"):
         shown = head[:40].decode("utf-8", "replace")
         raise InputError(
@@ -114,13 +124,21 @@ def _iter_json_array(path: str) -> Iterator[RawItem]:
     index = 0
     try:
         with open(path, "rb") as f:
+            if f.read(len(BOM)) != BOM:
+                f.seek(0)
             for index, record in enumerate(ijson.items(f, "item", use_float=True)):  # noqa: B007
-                yield RawItem(index, record)
+                yield _checked_depth(RawItem(index, record))
     except ijson.JSONError as err:
         raise InputError(
             f"{path} is not a well-formed JSON array (after record {index}): "
             f"{' '.join(str(err).split())}; "
             "fix or re-export the file, or convert it to JSONL to reject bad lines one by one"
+        ) from None
+    except UnicodeDecodeError as err:  # ijson cannot go on past it, so the file is refused
+        raise InputError(
+            f"{path} holds text that is not Unicode after record {index} ({err}): bytes that "
+            "are not UTF-8, or a \\u escape of a lone surrogate (\\uD800-\\uDFFF); fix them, "
+            "or convert the file to JSONL, where only the records holding them are rejected"
         ) from None
 
 
@@ -131,11 +149,35 @@ def _iter_jsonl(path: str) -> Iterator[RawItem]:
             if not line.strip():
                 continue
             try:
-                yield RawItem(index, json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                item = _checked_depth(RawItem(index, json.loads(line)))
+            # ValueError: an integer of more than 4,300 digits; RecursionError: deep nesting.
+            except (ValueError, RecursionError) as err:
                 text = line[:200].decode("utf-8", "replace")
-                yield RawItem(index, text, error=f"line is not valid JSON: {err}")
+                item = RawItem(index, text, error=f"line is not valid JSON: {err}")
+            yield item
             index += 1
+
+
+def _checked_depth(item: RawItem) -> RawItem:
+    """``item``, or an error item in its place when its record nests deeper than MAX_DEPTH."""
+    level, depth = [item.record], 0
+    while level:  # breadth first, one level at a time: about 5 us for a LLaVA record
+        depth += 1
+        if depth > MAX_DEPTH:
+            return RawItem(
+                item.index,
+                f"<a record nested more than {MAX_DEPTH} levels deep>",
+                error=f"record is nested more than {MAX_DEPTH} levels deep (a LLaVA record "
+                "nests 3: record, turns, turn)",
+            )
+        level = [
+            child
+            for value in level
+            if type(value) in (dict, list)
+            for child in (value.values() if type(value) is dict else value)
+            if type(child) in (dict, list)
+        ]
+    return item
 
 
 def _iter_parquet(path: str, batch_rows: int) -> Iterator[RawItem]:

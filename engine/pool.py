@@ -12,6 +12,7 @@ import binascii
 import io
 import json
 import os
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
+
+from engine.errors import InputError
 
 IMAGE_TOKEN = "<image>"
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -79,7 +82,13 @@ class ImagePolicy:
         if self.root is None:
             return
         if "://" in self.root and not self.root.startswith("file://"):
-            self._fs, path = pafs.FileSystem.from_uri(self.root)
+            try:
+                self._fs, path = pafs.FileSystem.from_uri(self.root)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise InputError(
+                    f"image root {self.root!r} is not a usable directory or URI ({err}); pass "
+                    "--images with a local directory or a pyarrow-filesystem URI (s3://, gs://, ...)"
+                ) from None
             self._root_path = path.rstrip("/")
         else:
             local = self.root.removeprefix("file://")
@@ -92,6 +101,8 @@ class ImagePolicy:
                 "image_escapes_root",
                 f"image {ref!r} is a path but no image root was given (pass --images DIR)",
             )
+        if "\x00" in ref:  # os and pyarrow raise ValueError for it: no file has such a name
+            raise Rejected("image_not_found", f"image path {ref!r} holds a NUL byte")
         path = self._resolve(ref)
         try:
             with self._fs.open_input_stream(path) as f:
@@ -99,7 +110,11 @@ class ImagePolicy:
         except FileNotFoundError:
             raise Rejected("image_not_found", f"image file not found: {ref!r}") from None
         except (IsADirectoryError, OSError) as err:
-            if self._fs.get_file_info(path).type == pafs.FileType.NotFound:
+            try:
+                missing = self._fs.get_file_info(path).type == pafs.FileType.NotFound
+            except OSError:  # a name too long to stat, say
+                missing = False
+            if missing:
                 raise Rejected("image_not_found", f"image file not found: {ref!r}") from None
             raise Rejected("image_unreadable", f"image {ref!r} cannot be read: {err}") from None
 
@@ -121,7 +136,10 @@ class ImagePolicy:
         # Remote root: a full URI must sit under the root; a relative path may not climb out.
         relative = ref
         if "://" in ref:
-            _, ref_path = pafs.FileSystem.from_uri(ref)
+            try:
+                _, ref_path = pafs.FileSystem.from_uri(ref)
+            except (pa.ArrowInvalid, OSError):
+                ref_path = ""  # an unknown scheme cannot be under the root
             if not ref_path.startswith(root + "/"):
                 raise Rejected(
                     "image_escapes_root", f"image URI {ref!r} is outside the image root {self.root}"
@@ -159,12 +177,13 @@ def normalize_record(
 
 
 def make_reject(record: Any, record_index: int, source: str, code: str, reason: str) -> dict:
+    sample_id = record_id(record)
     return {
         "record_index": record_index,
-        "id": record_id(record),
+        "id": None if sample_id is None else _storable(sample_id),
         "source": source,
         "reason_code": code,
-        "reason": reason,
+        "reason": _storable(reason),
         "raw": raw_snippet(record),
     }
 
@@ -179,9 +198,28 @@ def raw_snippet(record: Any, limit: int = 1000) -> str:
 
     try:
         text = json.dumps(record, default=_default, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(record)
+    except (TypeError, ValueError, RecursionError):
+        text = reprlib.repr(record)
+    text = _storable(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _storable(text: str) -> str:
+    """``text`` with lone surrogates escaped: Arrow stores only valid UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unicode(text: str, what: str) -> str:
+    """``text``, or a reject when it holds a lone surrogate (a stray ``\\ud800`` JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected(
+            "invalid_unicode",
+            f"{what} holds a lone UTF-16 surrogate, which is not text ({reprlib.repr(text)}); "
+            "fix the \\uD800-\\uDFFF escapes in the source",
+        ) from None
+    return text
 
 
 def _normalize(record: Any, record_index: int, source: str, policy: ImagePolicy) -> dict:
@@ -244,7 +282,7 @@ def _check_id(record: dict) -> str:
         raise Rejected("bad_id_type", f"'id' is a {type(value).__name__}; expected a string")
     if isinstance(value, str) and not value.strip():
         raise Rejected("missing_id", "'id' is an empty string")
-    return str(value)
+    return _unicode(value, "'id'") if isinstance(value, str) else str(value)
 
 
 def _check_conversations(value: Any) -> list[dict]:
@@ -285,7 +323,7 @@ def _check_conversations(value: Any) -> list[dict]:
             raise Rejected(
                 "bad_conversations", f"turn {i} is from {role!r}; turns must alternate human, gpt"
             )
-        turns.append({"from": expected, "value": text})
+        turns.append({"from": expected, "value": _unicode(text, f"turn {i} 'value'")})
     if len(turns) % 2:
         raise Rejected("bad_conversations", "the last human turn has no answer turn after it")
     if not turns[1]["value"].strip():
@@ -296,7 +334,15 @@ def _check_conversations(value: Any) -> list[dict]:
 def _image_bytes(value: Any, policy: ImagePolicy) -> tuple[bytes, str | None]:
     if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes", "path"}
         if value.get("bytes"):
-            return bytes(value["bytes"]), None
+            data = value["bytes"]
+            # bytes(n) of an int would allocate n zero bytes: a huge count is a memory bomb.
+            if not isinstance(data, (bytes, bytearray)):
+                raise Rejected(
+                    "bad_image_type",
+                    f"'image' object's 'bytes' is a {type(data).__name__}; expected encoded "
+                    "image bytes (a path or a data: URI carries an image in JSON)",
+                )
+            return bytes(data), None
         value = value.get("path")
         if not isinstance(value, str) or not value:
             raise Rejected("bad_image_type", "'image' object has neither 'bytes' nor 'path'")
@@ -312,6 +358,7 @@ def _image_bytes(value: Any, policy: ImagePolicy) -> tuple[bytes, str | None]:
         )
     if not value.strip():
         raise Rejected("bad_image_type", "'image' is an empty string")
+    _unicode(value, "'image'")
     if value.startswith("data:"):
         _, _, payload = value.partition(",")
         try:

@@ -10,7 +10,7 @@ image root, a URI, a ``data:`` URI, inline bytes, or a ``{bytes, path}`` object.
 without an id gets ``<benchmark>-<record index>``.
 
 Reject codes: ``malformed_json``, ``not_an_object``, ``duplicate_id``, ``missing_image``,
-``missing_question``, ``bad_conversations``, and the pool's image codes
+``missing_question``, ``bad_conversations``, ``invalid_unicode``, and the pool's image codes
 (``bad_image_type``, ``multi_image``, ``image_escapes_root``, ``image_not_found``,
 ``image_unreadable``).
 """
@@ -27,7 +27,16 @@ import pyarrow.parquet as pq
 
 from engine.errors import InputError
 from engine.ingest import detect_format, iter_records
-from engine.pool import ImagePolicy, Rejected, _check_image, _image_bytes, raw_snippet, record_id
+from engine.pool import (
+    ImagePolicy,
+    Rejected,
+    _check_image,
+    _image_bytes,
+    _storable,
+    _unicode,
+    raw_snippet,
+    record_id,
+)
 from engine.text import instruction_text
 
 QUESTION_KEYS = ("question", "text", "prompt")
@@ -118,6 +127,11 @@ def read_benchmark(
         InputError: the file is missing, empty, or not readable as a whole (named).
     """
     name = name or benchmark_name(path)
+    if "://" in path or not os.path.exists(path):  # detect_format's words are ingest's
+        raise InputError(
+            f"benchmark file not found: {path} (pass --benchmark a local LLaVA JSON, JSONL or "
+            "Parquet file; copy one behind a URI to local disk first)"
+        )
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise InputError(f"benchmark file {path} is empty: it holds no records")
     fmt = detect_format(path)
@@ -133,20 +147,22 @@ def read_benchmark(
                 raise Rejected("malformed_json", item.error)
             if not isinstance(record, dict):
                 raise Rejected("not_an_object", f"record is a {type(record).__name__}")
-            sample_id = record_id(record) or f"{name}-{item.index}"
+            sample_id = _unicode(record_id(record) or f"{name}-{item.index}", "'id'")
             if sample_id in seen:
                 raise Rejected(
                     "duplicate_id", f"id {sample_id!r} first seen at record {seen[sample_id]}"
                 )
-            question = _question(record)
+            question = _unicode(_question(record), "the question")
             if record.get("image") is None:
                 raise Rejected("missing_image", "record names no image")
             data, ref = _image_bytes(record["image"], policy)
             _check_image(data, "decode", ref or "inline image")
         except Rejected as rej:
+            sample_id = record_id(record)
             out.rejects.append(
-                {"record_index": item.index, "id": record_id(record), "reason_code": rej.code,
-                 "reason": rej.reason, "raw": raw_snippet(record, 300)}
+                {"record_index": item.index, "reason_code": rej.code, "reason": rej.reason,
+                 "id": None if sample_id is None else _storable(sample_id),
+                 "raw": raw_snippet(record, 300)}
             )  # fmt: skip
             continue
         seen[sample_id] = item.index

@@ -53,6 +53,11 @@ class Workspace:
             # absolute, because Ray workers (Ray Train's above all) run in other directories
             fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
             uri = root
+            if os.path.exists(root) and not os.path.isdir(root):
+                raise InputError(
+                    f"workspace {root} is a file, not a directory: pass --workspace a directory "
+                    "(a new one is created)"
+                )
         return cls(uri=uri, fs=fs, root=root.rstrip("/"))
 
     def path(self, *parts: str) -> str:
@@ -158,9 +163,20 @@ class Workspace:
         if not self.exists(CONFIG_FILE):
             return {}
         with self.fs.open_input_stream(self.path(CONFIG_FILE)) as f:
-            data = yaml.safe_load(f.read()) or {}
+            text = f.read()
+        try:
+            data = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, RecursionError) as err:
+            problem = "it nests too deeply" if isinstance(err, RecursionError) else err
+            raise InputError(
+                f"{self.path(CONFIG_FILE)} (the workspace's config) is not valid YAML: {problem}; "
+                "fix the YAML"
+            ) from None
         if not isinstance(data, dict):
-            raise InputError(f"{self.path(CONFIG_FILE)} must hold a mapping of stage sections")
+            raise InputError(
+                f"{self.path(CONFIG_FILE)} must hold a mapping of stage sections; found a "
+                f"{type(data).__name__}"
+            )
         return data
 
     def write_config(self, sections: dict[str, Any]) -> None:

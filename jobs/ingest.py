@@ -37,7 +37,6 @@ from engine.ingest import (
     detect_format,
     iter_records,
     normalize_chunk,
-    peek_first,
     source_files,
 )
 from engine.pool import ImagePolicy
@@ -154,7 +153,11 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
     timer = Timer()
     source, images = resolve_paths(cfg, ws)
     fmt = detect_format(source)
-    peek_first(source, fmt)
+    if next(iter_records(source, fmt, batch_rows=1), None) is None:
+        raise InputError(
+            f"source {source} holds no records: pass --source a LLaVA JSON array, JSONL or "
+            "Parquet file with at least one record"
+        )
     if images and "://" not in images and not os.path.isdir(images):
         raise InputError(f"image root not found: {images} (pass --images DIR)")
     if ws.exists("pool") and not cfg.overwrite:
@@ -164,6 +167,7 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
         )
     source_name = cfg.source_name or os.path.basename(source.rstrip("/"))
     policy_args = {"root": images, "check": cfg.image_check, "inline": cfg.inline_images}
+    ImagePolicy(**policy_args)  # an unusable image root URI is refused here, not in every task
     connect()
     max_in_flight = cfg.max_in_flight or 2 * cluster_cpus()
     staging = ws.staging_dir(STAGE)

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections import Counter
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -94,15 +96,22 @@ def model_id(cfg: SkillsConfig) -> str:
     return cfg.model
 
 
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
 def api_key(cfg: SkillsConfig) -> Secret | None:
     name = cfg.openai.api_key_env
     if not name:
         return None
     value = os.environ.get(name)
     if not value:
+        # A key pasted here by mistake must not reach the terminal or a CI log: only a
+        # conventional upper-case variable name is shown.
+        shown = f"${name}" if ENV_NAME.fullmatch(name) else "a variable (name not shown)"
         raise InputError(
-            f"skills.openai.api_key_env names ${name}, which is not set: export it before "
-            "running (the key is read from the environment only)"
+            f"skills.openai.api_key_env names {shown}, which is not set: export it before "
+            "running (the key is read from the environment only; api_key_env holds the "
+            "variable's NAME, such as OPENAI_API_KEY, never the key)"
         )
     return Secret(value)
 
@@ -117,6 +126,20 @@ def check_input(cfg: SkillsConfig, ws: Workspace) -> None:
             "the openai backend needs the server's URL: pass --base-url http://HOST:PORT/v1 "
             "(or set skills.openai.base_url)"
         )
+    if cfg.backend == "openai":
+        try:
+            parts = urlsplit(cfg.openai.base_url)
+        except ValueError as err:
+            raise InputError(
+                f"skills.openai.base_url is not a URL ({err}): pass --base-url http://HOST:PORT/v1"
+            ) from None
+        if parts.username or parts.password:
+            # meta.json and the logs carry the URL, so it must not carry a key; not shown.
+            raise InputError(
+                "skills.openai.base_url carries credentials (user:password@host): drop them, "
+                "export the key as an environment variable and name it in "
+                "skills.openai.api_key_env"
+            )
 
 
 def _add_keys(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
