@@ -8,10 +8,12 @@ Mounting needs CAP_SYS_ADMIN (root in the project's containers); elsewhere these
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,6 +22,7 @@ import yaml
 
 from engine.workspace import read_parquet_dir
 from jobs.cli import main
+from tests.faults.chaos import wait_for
 
 ROWS = 2000
 
@@ -100,17 +103,26 @@ def test_embed_that_fills_the_disk_keeps_only_finished_shards(
 ):
     ws = workspace(small_world, tmpfs.path)
     assert main(["ingest", "--workspace", str(ws), "--chunk-size", "100"]) == 0
-    # Leave room for a few of the space's 20 shards (about 30 KB each), not all of them.
-    ballast = tmpfs.path / "ballast"
-    ballast.write_bytes(b"\0" * (tmpfs.free() - 160 * 1024))
     clip = ws / "embeddings" / "clip"
     args = ["embed", "--workspace", str(ws), "--spaces", "clip"]
+    ballast = tmpfs.path / "ballast"
+
+    def fill_the_disk():
+        # Once the first shard is finished, take every byte left: the run is mid-way.
+        wait_for(lambda: list(clip.glob("part-*.parquet")), 300, "the first finished shard")
+        with contextlib.suppress(OSError), open(ballast, "wb") as f:
+            f.write(b"\0" * tmpfs.free())
+            f.write(b"\0" * 2**20)  # what the free count did not show (tmpfs pages)
+
+    filler = threading.Thread(target=fill_the_disk, daemon=True)
+    filler.start()
     assert main(args) == 1
+    filler.join(timeout=60)
     failed_for_disk(capsys, "its disk is full")
     meta = json.loads((clip / "meta.json").read_text())
     assert meta["status"] != "complete"
     finished = sorted(clip.glob("part-*.parquet"))
-    assert len(finished) < 20
+    assert 0 < len(finished) < 20, "the disk must fill between the first and the last shard"
     for shard in finished:  # what looks finished is finished: the whole input shard
         pool_shard = ws / "pool" / shard.name
         ids = pq.read_table(shard, columns=["id"]).column("id").to_pylist()

@@ -82,7 +82,8 @@ def test_server_killed_and_restarted_mid_run_loses_no_row(pool_ws, tmp_path, fau
     assert len(asked) == len(set(asked)) == meta["unique_questions"] - meta["generated_ok"]
     fault_report(
         injected=f"SIGKILL of the LLM server mid-skills, restarted on its port {DOWN_S:g} s later",
-        outcome=f"{len(failed)} rows recorded failed ('connection failed'), "
+        outcome=f"{len(failed)} rows ({len(asked)} questions) recorded failed "
+        "('connection failed'), "
         f"{len(after_restart)} questions answered after the restart in the same run; the "
         f"rerun asked the {len(asked)} failed questions once each: {again['ok']}/2000 ok",
         lost=2000 - again["ok"] - again["failed"],
