@@ -447,18 +447,31 @@ def _run(ds, ws, out_dir, space, pending, expected, stats) -> None:
     finishing = []
     for shard in [s for s in source if expected[s] == 0]:
         finishing.append(_finish.remote(ws.fs, out_dir, shard, source[shard], space))
-    with tqdm(total=sum(expected[s] for s in source), unit="row", desc=f"embed {space}") as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for shard, n, blank, broken in zip(
-                batch["shard"], batch["rows"], batch["no_image"], batch["undecodable"], strict=True
-            ):
-                tally[shard] += int(n)
-                stats["no_image"] += int(blank)
-                if broken:
-                    stats["undecodable_ids"].extend(broken.split(","))
-                bar.update(int(n))
-                if tally[shard] == expected[shard]:
-                    finishing.append(_finish.remote(ws.fs, out_dir, shard, source[shard], space))
+    try:
+        with tqdm(total=sum(expected[s] for s in source), unit="row", desc=f"embed {space}") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for shard, n, blank, broken in zip(
+                    batch["shard"],
+                    batch["rows"],
+                    batch["no_image"],
+                    batch["undecodable"],
+                    strict=True,
+                ):
+                    tally[shard] += int(n)
+                    stats["no_image"] += int(blank)
+                    if broken:
+                        stats["undecodable_ids"].extend(broken.split(","))
+                    bar.update(int(n))
+                    if tally[shard] == expected[shard]:
+                        finishing.append(
+                            _finish.remote(ws.fs, out_dir, shard, source[shard], space)
+                        )
+    except Exception:
+        # The shards already complete are finished before the error goes up: a failed run
+        # leaves nothing writing into the workspace after the command has returned.
+        if finishing:
+            ray.wait(finishing, num_returns=len(finishing), timeout=120)
+        raise
     ray.get(finishing)
     over = {s: (tally[s], expected[s]) for s in source if tally[s] != expected[s]}
     if over:
