@@ -58,9 +58,9 @@ DESCRIPTIONS = {
 
 
 STORAGE_ERRORS = {
-    errno.ENOSPC: "its disk is full",
-    errno.EDQUOT: "its disk quota is used up",
-    errno.EROFS: "its filesystem is read-only",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the filesystem is read-only",
     errno.EFBIG: "a file grew past the size limit of this process or filesystem",
 }
 
@@ -158,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             code, detail = disk
             where = args.workspace or module.DEFAULT_WORKSPACE
             print(
-                f"vlselect {args.stage}: failed: the workspace {where} could not be written: "
-                f"{STORAGE_ERRORS[code]} ({detail}). Nothing unfinished was kept as finished "
-                "(every artifact is written under a temporary name and renamed when complete). "
-                "Free space, or make it writable, or point --workspace at another disk; then "
-                "run the same command again: finished shards are kept.",
+                f"vlselect {args.stage}: failed: a write failed: {STORAGE_ERRORS[code]} "
+                f"({detail}). Free space or make the disk writable (the workspace is {where}; "
+                "Ray's temporary files are under RAY_TMPDIR, else /tmp), then run the same "
+                "command again: finished shards are kept, and nothing the failed run left "
+                "unfinished is taken for finished (artifacts are written under temporary "
+                "names and renamed when complete).",
                 file=sys.stderr,
             )
             return 1
