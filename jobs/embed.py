@@ -447,9 +447,10 @@ def _run(ds, ws, out_dir, space, pending, expected, stats) -> None:
     finishing = []
     for shard in [s for s in source if expected[s] == 0]:
         finishing.append(_finish.remote(ws.fs, out_dir, shard, source[shard], space))
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     try:
         with tqdm(total=sum(expected[s] for s in source), unit="row", desc=f"embed {space}") as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in batches:
                 for shard, n, blank, broken in zip(
                     batch["shard"],
                     batch["rows"],
@@ -466,12 +467,14 @@ def _run(ds, ws, out_dir, space, pending, expected, stats) -> None:
                         finishing.append(
                             _finish.remote(ws.fs, out_dir, shard, source[shard], space)
                         )
-    except Exception:
-        # The shards already complete are finished before the error goes up: a failed run
-        # leaves nothing writing into the workspace after the command has returned.
+    finally:
+        # Every finishing task ends before the command does, whether the run failed in the
+        # pipeline or in another finishing task: nothing writes into the workspace after
+        # the command has returned. The pipeline stops first: its actors hold the CPUs the
+        # finishing tasks wait for.
+        batches.close()
         if finishing:
             ray.wait(finishing, num_returns=len(finishing), timeout=120)
-        raise
     ray.get(finishing)
     over = {s: (tally[s], expected[s]) for s in source if tally[s] != expected[s]}
     if over:
