@@ -69,7 +69,9 @@ def test_server_killed_and_restarted_mid_run_loses_no_row(pool_ws, tmp_path, fau
     assert meta["ok"] + meta["failed"] == meta["samples"] == 2000
     failed = [r for r in rows if r["status"] == "failed"]
     assert failed, "no request met the dead server: the kill was not mid-run"
-    assert {r["reason"].split(":")[0] for r in failed} == {"connection failed"}
+    # A reply cut off by the kill reads as a broken response rather than a refused connection.
+    reasons = {r["reason"].split(":")[0] for r in failed}
+    assert "connection failed" in reasons and reasons <= {"connection failed", "request failed"}
     assert after_restart, "no question was answered after the restart: the run gave up"
     assert meta["generated_ok"] > events["served_before_kill"] - 4  # 4 may die in flight
 
