@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from engine.workspace import read_parquet_dir
 from jobs.cli import main
 from tests.faults.chaos import wait_for
+from tests.world_workspace import world_workspace
 
 ROWS = 2000
 
@@ -57,15 +57,6 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(fs.path)], check=False)
 
 
-def workspace(small_world: Path, root: Path) -> Path:
-    ws = root / "ws"
-    ws.mkdir()
-    config = yaml.safe_load((small_world / "vlselect.yaml").read_text())
-    config["ingest"]["source"] = str(small_world / "world" / "source")
-    (ws / "vlselect.yaml").write_text(yaml.safe_dump(config))
-    return ws
-
-
 def files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
@@ -81,7 +72,7 @@ def failed_for_disk(capsys, what: str) -> None:
 def test_ingest_onto_a_full_disk_fails_clearly_and_leaves_no_pool(
     small_world, tmpfs, capsys, fault_report
 ):
-    ws = workspace(small_world, tmpfs.path)
+    ws = world_workspace(small_world, tmpfs.path / "ws")
     tmpfs.mount("size=256k")  # the pool needs more than this
     assert main(["ingest", "--workspace", str(ws)]) == 1
     failed_for_disk(capsys, "the disk is full")
@@ -103,7 +94,7 @@ def test_ingest_onto_a_full_disk_fails_clearly_and_leaves_no_pool(
 def test_embed_that_fills_the_disk_keeps_only_finished_shards(
     small_world, tmpfs, capsys, fault_report
 ):
-    ws = workspace(small_world, tmpfs.path)
+    ws = world_workspace(small_world, tmpfs.path / "ws")
     assert main(["ingest", "--workspace", str(ws), "--chunk-size", "100"]) == 0
     clip = ws / "embeddings" / "clip"
     args = ["embed", "--workspace", str(ws), "--spaces", "clip"]
@@ -148,7 +139,7 @@ def test_embed_that_fills_the_disk_keeps_only_finished_shards(
 def test_a_read_only_workspace_fails_clearly_and_changes_nothing(
     small_world, tmpfs, capsys, fault_report
 ):
-    ws = workspace(small_world, tmpfs.path)
+    ws = world_workspace(small_world, tmpfs.path / "ws")
     assert main(["ingest", "--workspace", str(ws), "--chunk-size", "500"]) == 0
     before = files(ws)
     tmpfs.mount("ro")

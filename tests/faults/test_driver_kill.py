@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from engine.workspace import read_parquet_dir
-from jobs.cli import main
 from tests.fake_openai import FakeOpenAIProcess
 from tests.faults.chaos import wait_for
 from tests.slow.test_job_submit import stop_cluster
+from tests.world_workspace import ingested
 
 pytestmark = pytest.mark.slow
 
@@ -78,15 +77,6 @@ def settled(server: FakeOpenAIProcess, quiet_s: float = 2.0) -> list[str]:
 
 def pool_ids(ws: Path) -> list[str]:
     return read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
-
-
-def ingested(small_world: Path, ws: Path, chunk_size: int) -> Path:
-    ws.mkdir()
-    config = yaml.safe_load((small_world / "vlselect.yaml").read_text())
-    config["ingest"]["source"] = str(small_world / "world" / "source")
-    (ws / "vlselect.yaml").write_text(yaml.safe_dump(config))
-    assert main(["ingest", "--workspace", str(ws), "--chunk-size", str(chunk_size)]) == 0
-    return ws
 
 
 def test_killed_embed_resumes_without_duplicates(small_world, tmp_path, fault_report):

@@ -7,24 +7,18 @@ import json
 import threading
 
 import pytest
-import yaml
 
 from engine.workspace import read_parquet_dir
 from jobs.cli import main
 from tests.faults.chaos import ray_worker_pids, sigkill, wait_for
+from tests.world_workspace import ingested
 
 SHARDS = 20
 
 
 @pytest.fixture
 def pool_ws(small_world, tmp_path):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    config = yaml.safe_load((small_world / "vlselect.yaml").read_text())
-    config["ingest"]["source"] = str(small_world / "world" / "source")
-    (ws / "vlselect.yaml").write_text(yaml.safe_dump(config))
-    assert main(["ingest", "--workspace", str(ws), "--chunk-size", str(2000 // SHARDS)]) == 0
-    return ws
+    return ingested(small_world, tmp_path / "ws", 2000 // SHARDS)
 
 
 def test_a_killed_encoder_actor_costs_a_retry_not_a_row(pool_ws, fault_report):

@@ -13,6 +13,7 @@ import yaml
 from engine.vectors import from_arrow
 from engine.workspace import read_parquet_dir
 from jobs.cli import main
+from tests.world_workspace import ingested
 
 SHARD_ROWS = 500
 
@@ -20,12 +21,7 @@ SHARD_ROWS = 500
 @pytest.fixture(scope="module")
 def pool_ws(small_world, tmp_path_factory) -> Path:
     """The 2,000-sample world ingested in shards of 500 rows, with the world's embed config."""
-    ws = tmp_path_factory.mktemp("embed") / "ws"
-    ws.mkdir()
-    config = yaml.safe_load((small_world / "vlselect.yaml").read_text())
-    config["ingest"]["source"] = str(small_world / "world" / "source")
-    (ws / "vlselect.yaml").write_text(yaml.safe_dump(config))
-    assert main(["ingest", "--workspace", str(ws), "--chunk-size", str(SHARD_ROWS)]) == 0
+    ws = ingested(small_world, tmp_path_factory.mktemp("embed") / "ws", SHARD_ROWS)
     assert main(["embed", "--workspace", str(ws), "--spaces", "clip,dino,text"]) == 0
     return ws
 
