@@ -1,8 +1,10 @@
-# The two set-up commands of the README: `make demo` and `make test` (each installs first).
+# The two set-up commands of the README: `make demo` and `make test` (each installs first,
+# from constraints/cpu.lock). `make lock` refreshes the locks; `make test-latest` runs the
+# fast suite on the newest versions the ranges allow (docs/dependencies.md).
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-all lint
+.PHONY: install demo test test-all test-latest lint lock
 install:
 	bash scripts/install.sh
 
@@ -15,5 +17,11 @@ test: install
 test-all: install
 	pytest -q -m "not gpu"
 
+test-latest: install
+	bash scripts/test_latest.sh
+
 lint: install
 	ruff check . && ruff format --check .
+
+lock: install
+	bash scripts/lock.sh

@@ -36,6 +36,15 @@ log = logging.getLogger("vlselect.llm")
 PACKAGED_SMOLLM2 = "packaged:smollm2"
 
 
+def _cache_key() -> str:
+    """The name of a model's KV cache, in its outputs and in ``generate()``'s arguments:
+    ``past_key_values`` until transformers 5.24 renamed it ``cache`` (and deprecated the
+    old name), so the prefix cache works on either side of the lock's next move."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class Secret(str):
     """A string (an API key) whose repr never shows it, in tracebacks or Ray's task args."""
 
@@ -155,7 +164,7 @@ class TransformersSkillWriter:
             return None, None
         prefix = self.torch.tensor([ids], device=self.device)
         with self.torch.inference_mode():
-            cache = self.model(prefix, use_cache=True).past_key_values
+            cache = getattr(self.model(prefix, use_cache=True), _cache_key())
         return prefix, cache
 
     def _generate(self, prompts: list[str], attempt: int) -> list[tuple[str, int, int]]:
@@ -176,7 +185,7 @@ class TransformersSkillWriter:
             enc["attention_mask"] = torch.cat([ones, enc["attention_mask"]], 1)
             cache = copy.deepcopy(self.prefix_cache)
             cache.batch_repeat_interleave(n)
-            enc["past_key_values"] = cache
+            enc[_cache_key()] = cache
         with torch.inference_mode():
             out = self.model.generate(
                 **enc,

@@ -24,6 +24,7 @@ from types import ModuleType
 
 from engine.config import build_config, load_yaml_file, parse_set_overrides
 from engine.errors import InputError
+from engine.warning_filters import install as install_warning_filters
 from engine.workspace import Workspace
 from jobs.runtime import configure_logging, set_address
 
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("VLSELECT_LOG_FORMAT", "text"),
             help="json: one JSON object per log line, for a log pipeline (or VLSELECT_LOG_FORMAT)",
         )
+        p.add_argument(
+            "--worker-logs",
+            action="store_true",
+            help="forward every Ray worker's stdout/stderr to this terminal (or "
+            "VLSELECT_WORKER_LOGS=1); by default they stay in Ray's logs and the dashboard",
+        )
         module.add_arguments(p)
     return parser
 
@@ -138,13 +145,14 @@ def resolve_config(module: ModuleType, args: argparse.Namespace, ws: Workspace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_warning_filters()  # before the stages import their libraries
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     module = importlib.import_module(STAGE_MODULES[args.stage])
     try:
         ws = Workspace.open(args.workspace or module.DEFAULT_WORKSPACE)
         cfg = resolve_config(module, args, ws)
-        set_address(args.address)
+        set_address(args.address, worker_logs=args.worker_logs)
         module.main(cfg, ws)
     except InputError as err:
         print(f"vlselect {args.stage}: error: {err}", file=sys.stderr)

@@ -48,7 +48,7 @@ from engine.llava.cache import base_fingerprint, read_base_meta
 from engine.targeted import MODES
 from engine.workspace import Workspace
 from jobs import base, cluster, embed, index, ingest, progress, skills, target, world
-from jobs.runtime import Timer, print_summary
+from jobs.runtime import Timer, print_summary, worker_log_dir
 
 STAGE = "demo"
 DEFAULT_WORKSPACE = "ws/demo"
@@ -335,6 +335,7 @@ def _print(ws: Workspace, s: dict) -> None:
     rows.append(("total time", f"{s['seconds']} s"))
     rows += [(name, where) for name, where in _artifacts(ws, s)]
     rows.append(("report", s["report"]))
+    rows.append(("Ray worker logs", worker_log_dir() or "the Ray dashboard"))
     print_summary(STAGE, rows, extra={"seconds": s["seconds"], "workspace": ws.root,
                                       "report": s["report"]})  # fmt: skip
 

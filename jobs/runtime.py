@@ -15,12 +15,29 @@ log = logging.getLogger("vlselect")
 
 
 _address: str | None = None
+_worker_logs = False
+
+# Every worker process of a job runs this first: the same warning filters as the driver.
+WORKER_SETUP_HOOK = "engine.warning_filters.install"
+WORKER_LOGS_ENV = "VLSELECT_WORKER_LOGS"
 
 
-def set_address(address: str | None) -> None:
-    """Remember the CLI's ``--address`` for the stage's first ``connect()``."""
-    global _address
+def set_address(address: str | None, worker_logs: bool = False) -> None:
+    """Remember the CLI's ``--address`` and ``--worker-logs`` for the stage's first ``connect()``."""
+    global _address, _worker_logs
     _address = address
+    _worker_logs = worker_logs
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """The runtime environment ``connect()`` asks for: the warning filters' setup hook, unless
+    the submitted job's own runtime environment names a hook (Ray refuses to merge two)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    injected = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    if (injected.get("runtime_env") or {}).get("worker_process_setup_hook"):
+        return {}
+    return {"worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
 def connect(address: str | None = None) -> None:
@@ -29,11 +46,29 @@ def connect(address: str | None = None) -> None:
 
     Inside ``ray job submit`` the supervisor sets ``RAY_ADDRESS``, so the job joins
     the cluster it was submitted to. A no-op when Ray is already initialised.
+
+    Workers' stdout and stderr stay in Ray's logs (``ray logs``, the dashboard; locally
+    under :func:`worker_log_dir`) rather than on this terminal, which shows the progress
+    bars and summaries; ``--worker-logs`` (or ``VLSELECT_WORKER_LOGS=1``) forwards them here.
     """
     if ray.is_initialized():
         return
     address = address or _address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    forward = _worker_logs or os.environ.get(WORKER_LOGS_ENV) == "1"
+    ray.init(
+        address=address,
+        log_to_driver=forward,
+        configure_logging=False,
+        runtime_env=worker_runtime_env(),
+    )
+
+
+def worker_log_dir() -> str | None:
+    """Where this node's Ray workers write their logs (None before ``connect()``)."""
+    if not ray.is_initialized():
+        return None
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return node.get_logs_dir_path() if node is not None else None
 
 
 def cluster_cpus() -> int:

@@ -8,6 +8,9 @@ import pytest
 from hypothesis import settings
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Deprecations raised from our code are errors: pyproject.toml's filterwarnings in this
+# process, engine/warning_filters.py in Ray's workers (which inherit this environment).
+os.environ["VLSELECT_STRICT_WARNINGS"] = "1"
 
 # Property tests check behaviour, not time: on a shared 2-core CI machine one example
 # can pass hypothesis's 200 ms deadline only because of the load beside it.
@@ -20,7 +23,15 @@ def ray_session():
     """A local Ray started once for the whole session (jobs see it and do not start another)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from jobs.runtime import worker_runtime_env
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env=worker_runtime_env(),
+    )
     yield ray
     ray.shutdown()
 

@@ -28,6 +28,7 @@ from engine.llava import (
     torch_stepper,
     train_step,
 )
+from engine.llava.model import image_tokens_of
 from engine.llava.scenes import generate_scenes
 from engine.llava.tokenizer import CAPTION_PROMPTS, IMAGE, world_corpus
 from engine.workspace import Workspace
@@ -145,9 +146,17 @@ def test_forward_loss_is_finite_with_one_image_token_per_patch(world, tokenizer,
     batch = collate_for(
         model, tokenizer, [*examples(world, 2), text_only_example()], model_cfg.max_length
     )
-    out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")})
+    # One placeholder per patch (16 for a 64-px image of 16-px patches), none for text only;
+    # the forward itself refuses a count that differs from the projected image features.
+    placeholders = (batch["input_ids"] == model.config.image_token_index).sum(1).tolist()
+    assert placeholders == [16, 16, 0] and image_tokens_of(model) == 16
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+    out = model(**inputs)
     assert math.isfinite(float(out.loss.detach()))
-    assert out.image_hidden_states.shape == (2 * 16, model_cfg.text.hidden_size)
+    short = inputs["input_ids"].clone()  # one placeholder fewer than the image's features
+    short[0, short[0].tolist().index(model.config.image_token_index)] = tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="image tokens do not match"):
+        model(**{**inputs, "input_ids": short})
     per = per_sample_loss(model, batch)
     assert per.shape == (3,) and bool(np.isfinite(per.numpy()).all())
 
