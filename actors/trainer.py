@@ -221,6 +221,19 @@ class RoundTrainer:
             ray.get(self.coordinator.report.remote(t, scores.tolist(), evaluated.tolist()))
         return float(np.mean([v for _, v in everything])) if everything else float("nan")
 
+    def tell(self, m: dict) -> None:
+        """Rank 0's line per round to the driver's terminal (its ``progress`` queue)."""
+        if self.rank != 0:
+            return
+        line = (
+            f"round {m['round']}: {m['rows']} rows, {m['steps']} steps, loss "
+            f"{m['train_loss']:.4f}, score {m['score']:.4f}; {m['spent']}/{m['budget']} spent "
+            f"({m['seconds']} s)"
+        )
+        print(line, flush=True)
+        if self.c.get("progress") is not None:
+            self.c["progress"].put_nowait(line)
+
     def checkpoint(self, metrics: dict) -> None:
         """Save the engine (every rank its shard) and report it with ``metrics``."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -257,5 +270,6 @@ def train_loop_per_worker(config: dict) -> None:
         if metrics is None:
             break
         trainer.checkpoint(metrics)
+        trainer.tell(metrics)
         t += 1
     trainer.save_adapter()

@@ -38,8 +38,11 @@ class TransformersBackend(BaseModel):
     max_actors: int = Field(1, ge=1, description="Actor pool's maximum size (one model each).")
     resources: Resources = Field(
         # Fractional CPUs: a whole CPU per actor on a 2-core node starves the read tasks.
-        default_factory=lambda: Resources(num_cpus=0.5),
-        description="Resources of one model actor (num_gpus=1 on GPU nodes).",
+        # Memory: the packaged SmolLM2 actor holds 1.2-1.3 GiB (Ray Data's memory detector,
+        # measured); declared, so that Ray places it where that much is free.
+        default_factory=lambda: Resources(num_cpus=0.5, memory_gb=2.0),
+        description="Resources of one model actor (num_gpus=1 on GPU nodes; memory_gb about "
+        "the actor's resident size with the model loaded: 2 for the packaged SmolLM2).",
     )
 
 

@@ -5,7 +5,8 @@ names it as Ray's ``worker_process_setup_hook``, so every worker of the job runs
 
 1. **Known harmless third-party warnings are filtered by name** (:data:`KNOWN_HARMLESS`):
    each entry names the category, the message, the module that raises it, and why it is
-   harmless here. Every other warning still shows.
+   harmless here; log records the same way (:data:`KNOWN_HARMLESS_LOGS`: the logger and the
+   message). Every other warning still shows.
 2. **Strict mode** (``VLSELECT_STRICT_WARNINGS=1``, which the test suite sets): a
    ``DeprecationWarning``, ``PendingDeprecationWarning`` or ``FutureWarning`` attributed to
    one of vlselect's own modules (:data:`OWN_MODULES`) is raised as an error, so a call that
@@ -18,6 +19,7 @@ Plain Python; no Ray.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -52,16 +54,86 @@ class Harmless:
         )
 
 
-KNOWN_HARMLESS: tuple[Harmless, ...] = ()
+KNOWN_HARMLESS: tuple[Harmless, ...] = (
+    Harmless(
+        DeprecationWarning,
+        r"(Support for class-based `config` is deprecated|Pydantic V1 style `@root_validator`)",
+        r"ray\.llm\.",
+        "Ray 2.60's own Ray Data LLM models still use pydantic v1 idioms, at import of "
+        "ray.data.llm; nothing of ours calls them, and Ray, not we, must migrate them.",
+        "Support for class-based `config` is deprecated, use ConfigDict instead.",
+        "ray.llm._internal.batch.stages.base",
+    ),
+    Harmless(
+        DeprecationWarning,
+        r"`(use_push_based_shuffle|use_polars|use_arrow_tensor_v2)` is deprecated",
+        r"ray\.data\.context$",
+        "Ray Data warns of its own deprecated DataContext fields whenever it copies a "
+        "context (Ray Train's dataset setup does); vlselect sets none of them.",
+        "`use_polars` is deprecated, please configure `use_polars_sort`  instead.",
+        "ray.data.context",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class HarmlessLog:
+    """A third-party log record shown to no one: ``logger`` is the name of the logger that
+    logs it (a filter on a logger sees only its own records; a handler's filter matches
+    children too), ``message`` a regex matched at the start of the record's text."""
+
+    logger: str
+    message: str
+    why: str
+    example: str
+
+    def matches(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        return (name == self.logger or name.startswith(self.logger + ".")) and (
+            re.match(self.message, record.getMessage()) is not None
+        )
+
+
+KNOWN_HARMLESS_LOGS: tuple[HarmlessLog, ...] = (
+    HarmlessLog(
+        "ray._private.authentication.authentication_token_setup",
+        r"Token authentication is enabled for this Ray cluster",
+        "Said at every start of a local Ray, whose token Ray made itself; how to run a "
+        "cluster with token authentication is in the README.",
+        "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to "
+        "opt out.",
+    ),
+    HarmlessLog(
+        "ray.data",
+        r"Truncating long operator name",
+        "Ray Data shortens a fused operator's name in its progress bar; the bar still shows.",
+        "Truncating long operator name to 100 characters. To disable this behavior, set ...",
+    ),
+)
+
+
+class HarmlessLogFilter(logging.Filter):
+    """Drops the records :data:`KNOWN_HARMLESS_LOGS` names. :func:`install` puts it on each
+    entry's logger; a handler that sees records of many loggers can take it too (Ray Data's
+    console handler does, in ``jobs/ray_data_logging.yaml``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(entry.matches(record) for entry in KNOWN_HARMLESS_LOGS)
 
 
 def install(strict: bool | None = None) -> None:
     """Apply :data:`KNOWN_HARMLESS` and, when ``strict`` (default: ``VLSELECT_STRICT_WARNINGS``
     is ``1``), turn deprecations attributed to :data:`OWN_MODULES` into errors.
 
+    Each :data:`KNOWN_HARMLESS_LOGS` logger gets a :class:`HarmlessLogFilter`.
+
     Idempotent: ``warnings.filterwarnings`` drops an identical filter before adding it again.
     Strict filters go in last, so they win over a harmless entry whose module regex is broad.
     """
+    for entry in KNOWN_HARMLESS_LOGS:
+        logger = logging.getLogger(entry.logger)
+        if not any(isinstance(f, HarmlessLogFilter) for f in logger.filters):
+            logger.addFilter(HarmlessLogFilter())
     for entry in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", entry.message, entry.category, entry.module)
     if strict is None:

@@ -42,7 +42,7 @@ from engine.llava.scenes import base_world, check_grid
 from engine.resources import Resources
 from engine.workspace import Workspace
 from engine.world.config import WorldConfig
-from jobs.runtime import Timer, connect, print_summary
+from jobs.runtime import Timer, WorkerProgress, connect, print_summary, tell
 
 STAGE = "base"
 DEFAULT_WORKSPACE = None
@@ -99,8 +99,9 @@ def workspace_world(ws: Workspace) -> WorldConfig:
 
 
 @ray.remote
-def _build(ws_uri: str, world_json: str, cfg_json: str) -> dict:
-    """Train (or reuse) the base inside a Ray task; returns its meta."""
+def _build(ws_uri: str, world_json: str, cfg_json: str, progress=None) -> dict:
+    """Train (or reuse) the base inside a Ray task; returns its meta. Its progress lines go
+    to the driver's ``progress`` queue (``WorkerProgress``) and to the task's log."""
     cfg = BaseJobConfig.model_validate_json(cfg_json)
     base, built = build_or_load_base(
         Workspace.open(ws_uri),
@@ -109,6 +110,7 @@ def _build(ws_uri: str, world_json: str, cfg_json: str) -> dict:
         cfg.train,
         name=cfg.name,
         overwrite=cfg.overwrite,
+        log=lambda line: tell(progress, line),
     )
     return {**base.meta, "built": built}
 
@@ -132,7 +134,10 @@ def main(cfg: BaseJobConfig, ws: Workspace) -> dict:
     else:
         connect()
         task = _build.options(**ray_options(cfg.resources))
-        meta = ray.get(task.remote(ws.uri, world.model_dump_json(), cfg.model_dump_json()))
+        with WorkerProgress(STAGE) as progress:
+            meta = ray.get(
+                task.remote(ws.uri, world.model_dump_json(), cfg.model_dump_json(), progress.queue)
+            )
         built = meta.pop("built")
     metrics = meta["metrics"]
     vision = metrics["vision_patch_accuracy"]

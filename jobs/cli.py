@@ -26,7 +26,7 @@ from engine.config import build_config, load_yaml_file, parse_set_overrides
 from engine.errors import InputError
 from engine.warning_filters import install as install_warning_filters
 from engine.workspace import Workspace
-from jobs.runtime import configure_logging, set_address
+from jobs.runtime import configure_logging, quiet_ray_data_console, set_address
 
 STAGE_MODULES = {
     "world": "jobs.world",
@@ -146,6 +146,7 @@ def resolve_config(module: ModuleType, args: argparse.Namespace, ws: Workspace):
 
 def main(argv: list[str] | None = None) -> int:
     install_warning_filters()  # before the stages import their libraries
+    quiet_ray_data_console()
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     module = importlib.import_module(STAGE_MODULES[args.stage])

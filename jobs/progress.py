@@ -58,7 +58,7 @@ from engine.resources import Resources
 from engine.workspace import META_FILE, Workspace
 from jobs import cluster
 from jobs.progress_warmup import select_warmup_ids
-from jobs.runtime import Timer, connect, print_summary
+from jobs.runtime import Timer, WorkerProgress, connect, print_summary
 
 STAGE = "progress"
 DEFAULT_WORKSPACE = None
@@ -344,6 +344,7 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps):
     if cfg.worker.memory_gb:
         resources["memory"] = int(cfg.worker.memory_gb * 1024**3)
     env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    progress = WorkerProgress(STAGE)  # a line per round on this terminal
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -365,6 +366,7 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps):
             "eval_batch": cfg.eval_batch,
             "max_new_tokens": cfg.max_new_tokens,
             "use_gpu": cfg.use_gpu,
+            "progress": progress.queue,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
@@ -378,7 +380,8 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps):
             worker_runtime_env={"env_vars": env},
         ),
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(
             f"training failed: {result.error}; run again to resume"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,6 +28,15 @@ def set_address(address: str | None, worker_logs: bool = False) -> None:
     global _address, _worker_logs
     _address = address
     _worker_logs = worker_logs
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console shows warnings and its progress bars, not an INFO line per dataset
+    (``jobs/ray_data_logging.yaml``; ``ray-data.log`` keeps them). Takes effect where
+    ``ray.data`` is first imported, so the CLI calls it first; a ``RAY_DATA_LOGGING_CONFIG``
+    of your own wins."""
+    config = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", config)
 
 
 def worker_runtime_env() -> dict[str, Any]:
@@ -61,6 +71,56 @@ def connect(address: str | None = None) -> None:
         configure_logging=False,
         runtime_env=worker_runtime_env(),
     )
+
+
+class WorkerProgress:
+    """Progress lines from Ray tasks and actors to this terminal, while their whole output
+    stays in Ray's logs: the driver makes a queue (``ray.util.queue.Queue``, an actor of no
+    CPU), the workers ``put`` one line per step worth telling (:func:`tell`), and a thread here
+    prints each as ``stage: line`` until the block ends.
+
+        with WorkerProgress("base") as progress:
+            ray.get(task.remote(..., progress=progress.queue))
+    """
+
+    def __init__(self, stage: str) -> None:
+        from ray.util.queue import Queue
+
+        self.stage = stage
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True, name=f"{stage}-progress")
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                line = self.queue.get(timeout=0.5)
+            except Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - the queue's actor died with the job: stop telling
+                return
+            print(f"  {self.stage}: {line}", flush=True)
+
+    def __enter__(self) -> WorkerProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.queue.shutdown()
+
+
+def tell(progress: Any, line: str) -> None:
+    """A worker's progress line: to the driver's :class:`WorkerProgress` queue (``progress``;
+    None when the caller has none) and to this worker's own log."""
+    print(line, flush=True)
+    if progress is not None:
+        progress.put_nowait(line)
 
 
 def worker_log_dir() -> str | None:

@@ -107,3 +107,48 @@ def test_ray_workers_run_the_same_rule(ray_session):
         ray.get(task.remote("FutureWarning", "actors.llm"))
     assert ray.get(task.remote("FutureWarning", "transformers.x")) == "warned 1"
     assert ray.get(task.remote("UserWarning", "actors.llm")) == "warned 1"
+
+
+def test_every_known_harmless_log_entry_says_why_and_drops_only_its_records():
+    import logging
+
+    drop = warning_filters.HarmlessLogFilter()
+    for entry in warning_filters.KNOWN_HARMLESS_LOGS:
+        assert len(entry.why) > 20, entry
+        record = logging.LogRecord(
+            entry.logger, logging.WARNING, "x.py", 1, entry.example, None, None
+        )
+        assert not drop.filter(record), entry
+        other = logging.LogRecord(entry.logger, logging.WARNING, "x.py", 1, "disk full", None, None)
+        assert drop.filter(other), entry
+        ours = logging.LogRecord(
+            "vlselect.x", logging.WARNING, "x.py", 1, entry.example, None, None
+        )
+        assert drop.filter(ours), entry
+
+
+def test_ray_data_console_shows_warnings_but_not_info_lines_and_its_file_keeps_all():
+    code = """
+        import logging
+        from jobs.runtime import quiet_ray_data_console
+        from engine.warning_filters import install
+        install()
+        quiet_ray_data_console()
+        import ray.data  # configures its logging from RAY_DATA_LOGGING_CONFIG
+        log = logging.getLogger("ray.data._internal.execution.streaming_executor")
+        log.info("Execution plan of Dataset x")
+        log.warning("a real warning")
+        logging.getLogger("ray.data._internal.progress.utils").warning(
+            "Truncating long operator name to 100 characters.")
+        logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
+            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+        handlers = logging.getLogger("ray.data").handlers
+        print("handlers", sorted(type(h).__name__ for h in handlers))
+    """
+    done = _in_fresh_python(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = done.stdout + done.stderr
+    assert "a real warning" in console
+    for hidden in ("Execution plan", "Truncating long operator name", "Token authentication"):
+        assert hidden not in console, console
+    assert "handlers ['PlainRayHandler', 'SessionFileHandler']" in done.stdout

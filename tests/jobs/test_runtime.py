@@ -73,3 +73,26 @@ def test_the_setup_hook_yields_to_a_submitted_jobs_own(monkeypatch):
     assert worker_runtime_env() == {}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"pip": ["x"]}}))
     assert worker_runtime_env() == {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+
+
+def _steps(progress, n: int) -> int:
+    from jobs.runtime import tell
+
+    for i in range(n):
+        tell(progress, f"step {i + 1}/{n}")
+    return n
+
+
+def test_worker_progress_brings_a_tasks_lines_to_this_terminal(ray_session, capsys):
+    from jobs.runtime import WorkerProgress
+
+    task = ray_session.remote(num_cpus=0.1)(_steps)
+    with WorkerProgress("base") as progress:
+        assert ray_session.get(task.remote(progress.queue, 3)) == 3
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "step" in line] == [
+        "  base: step 1/3",
+        "  base: step 2/3",
+        "  base: step 3/3",
+    ]
+    assert ray_session.get(task.remote(None, 2)) == 2  # no queue: the worker's log only
