@@ -27,7 +27,8 @@ rm -rf "$VENV"
 python3 -m venv "$VENV"
 unlisted='/is ignored: it is neither a file nor a directory/d'
 "$VENV/bin/python" -m pip install -q --no-deps -r "$OUT/cpu-latest.txt" 2>&1 | sed "$unlisted"
-"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | sed "$unlisted"
+PYTHONWARNINGS="ignore:Editable installation" \
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | sed "$unlisted"
 
 start=$(date +%s)
 VLSELECT_UNLOCKED=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.log"
