@@ -73,11 +73,15 @@ def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys, 
     args = ["--config", str(config), "--name", name, "--set", f"zero_stage={zero_stage}"]
     code = main(["progress", "--workspace", str(ws), *args])
     assert code == 0, capsys.readouterr().err[-3000:]
-    summary = summary_of(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    summary = summary_of(out)
     assert summary["spent"] == summary["budget"] == 60 and summary["revealed"] == 60
 
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    # rank 0's line per trained round reaches this terminal (worker output does not)
+    told = [x.split(":")[1].strip() for x in out.splitlines() if x.startswith("  progress: round")]
+    assert told == [f"round {r['round']}" for r in rounds], out[-2000:]
     assert rounds[0]["kind"] == "warmup" and rounds[0]["picks"] == 27
     assert [r["picks"] for r in rounds[1:]] == [10, 10, 10, 3]
     assert [r["spent"] for r in rounds] == [27, 37, 47, 57, 60]
