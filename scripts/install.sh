@@ -3,8 +3,8 @@
 #   1. every distribution at the exact version and hash of constraints/cpu.lock
 #      (constraints/gpu.lock with GPU=1), with --no-deps: the lock is the whole set;
 #   2. the project itself, editable, with no build isolation (its build backend is locked too).
-# Re-run after the lock changes and it brings the venv to the new lock; a venv that has
-# packages the lock does not name is rebuilt (tests/test_lock.py compares the two).
+# Re-run after the lock changes and it brings the venv to the new lock: packages the lock
+# does not name are uninstalled (tests/test_lock.py compares the venv with its lock).
 # Refresh the lock with `make lock` (scripts/lock.sh), never by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
