@@ -38,6 +38,7 @@ import ray
 import ray.train
 
 from actors.coordinator import get_coordinator, round_file
+from actors.progress import tell
 from engine.coordinator import BASELINE
 from engine.llava import (
     FinetuneConfig,
@@ -230,9 +231,7 @@ class RoundTrainer:
             f"{m['train_loss']:.4f}, score {m['score']:.4f}; {m['spent']}/{m['budget']} spent "
             f"({m['seconds']} s)"
         )
-        print(line, flush=True)
-        if self.c.get("progress") is not None:
-            self.c["progress"].put_nowait(line)
+        tell(self.c.get("progress"), line)
 
     def checkpoint(self, metrics: dict) -> None:
         """Save the engine (every rank its shard) and report it with ``metrics``."""

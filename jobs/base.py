@@ -29,6 +29,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.adapter import ray_options
+from actors.progress import tell
 from engine.errors import InputError
 from engine.llava.cache import (
     DEFAULT_NAME,
@@ -42,7 +43,7 @@ from engine.llava.scenes import base_world, check_grid
 from engine.resources import Resources
 from engine.workspace import Workspace
 from engine.world.config import WorldConfig
-from jobs.runtime import Timer, WorkerProgress, connect, print_summary, tell
+from jobs.runtime import Timer, WorkerProgress, connect, print_summary
 
 STAGE = "base"
 DEFAULT_WORKSPACE = None

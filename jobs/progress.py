@@ -344,43 +344,42 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps):
     if cfg.worker.memory_gb:
         resources["memory"] = int(cfg.worker.memory_gb * 1024**3)
     env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
-    progress = WorkerProgress(STAGE)  # a line per round on this terminal
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "workspace": ws.uri,
-            "run_dir": run_dir,
-            "coordinator": actor_name,
-            "base": cfg.base,
-            "finetune": cfg.finetune.model_dump(mode="json"),
-            "seed": cfg.seed,
-            "metric": cfg.metric,
-            "k": k,
-            "epochs": cfg.finetune.epochs,
-            "global_batch": cfg.finetune.batch_size,
-            "micro_batch": cfg.micro_batch,
-            "accumulation": accumulation,
-            "zero_stage": cfg.zero_stage,
-            "total_steps": total_steps,
-            "torch_threads": cfg.torch_threads,
-            "eval_batch": cfg.eval_batch,
-            "max_new_tokens": cfg.max_new_tokens,
-            "use_gpu": cfg.use_gpu,
-            "progress": progress.queue,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name="train",
-            storage_path=run_dir,
-            storage_filesystem=ws.fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": env},
-        ),
-    )
-    with progress:
+    with WorkerProgress(STAGE) as progress:  # a line per round on this terminal
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "workspace": ws.uri,
+                "run_dir": run_dir,
+                "coordinator": actor_name,
+                "base": cfg.base,
+                "finetune": cfg.finetune.model_dump(mode="json"),
+                "seed": cfg.seed,
+                "metric": cfg.metric,
+                "k": k,
+                "epochs": cfg.finetune.epochs,
+                "global_batch": cfg.finetune.batch_size,
+                "micro_batch": cfg.micro_batch,
+                "accumulation": accumulation,
+                "zero_stage": cfg.zero_stage,
+                "total_steps": total_steps,
+                "torch_threads": cfg.torch_threads,
+                "eval_batch": cfg.eval_batch,
+                "max_new_tokens": cfg.max_new_tokens,
+                "use_gpu": cfg.use_gpu,
+                "progress": progress.queue,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            ),
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name="train",
+                storage_path=run_dir,
+                storage_filesystem=ws.fs,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                worker_runtime_env={"env_vars": env},
+            ),
+        )
         result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(

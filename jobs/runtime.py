@@ -76,7 +76,7 @@ def connect(address: str | None = None) -> None:
 class WorkerProgress:
     """Progress lines from Ray tasks and actors to this terminal, while their whole output
     stays in Ray's logs: the driver makes a queue (``ray.util.queue.Queue``, an actor of no
-    CPU), the workers ``put`` one line per step worth telling (:func:`tell`), and a thread here
+    CPU), the workers ``put`` one line per step worth telling (``actors.progress.tell``), and a thread here
     prints each as ``stage: line`` until the block ends.
 
         with WorkerProgress("base") as progress:
@@ -113,14 +113,6 @@ class WorkerProgress:
         self._stop.set()
         self._thread.join(timeout=10)
         self.queue.shutdown()
-
-
-def tell(progress: Any, line: str) -> None:
-    """A worker's progress line: to the driver's :class:`WorkerProgress` queue (``progress``;
-    None when the caller has none) and to this worker's own log."""
-    print(line, flush=True)
-    if progress is not None:
-        progress.put_nowait(line)
 
 
 def worker_log_dir() -> str | None:

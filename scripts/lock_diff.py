@@ -88,20 +88,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--moved needs two files: OLD NEW")
         print("\n".join(moved(read_lock(args.lock), read_lock(args.other))))
         return 0
-    diff = differences(read_lock(args.lock), installed())
+    lock, env = read_lock(args.lock), installed()
+    diff = differences(lock, env)
     if args.extra_only:
         print(" ".join(diff["extra"]))
         return 0
     if not any(diff.values()):
-        print(
-            f"lock_diff: the environment equals {args.lock} ({len(read_lock(args.lock))} packages)"
-        )
+        print(f"lock_diff: the environment equals {args.lock} ({len(lock)} packages)")
         return 0
     print(f"lock_diff: the environment differs from {args.lock}:", file=sys.stderr)
     for name in diff["missing"]:
-        print(f"  missing     {name}=={read_lock(args.lock)[name]}", file=sys.stderr)
+        print(f"  missing     {name}=={lock[name]}", file=sys.stderr)
     for name in diff["extra"]:
-        print(f"  not locked  {name}=={installed()[name]}", file=sys.stderr)
+        print(f"  not locked  {name}=={env[name]}", file=sys.stderr)
     for name, want, have in diff["mismatched"]:
         print(f"  version     {name}: locked {want}, installed {have}", file=sys.stderr)
     print("  Fix: bash scripts/install.sh (or rm -rf .venv && make install).", file=sys.stderr)

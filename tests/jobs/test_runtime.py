@@ -76,7 +76,7 @@ def test_the_setup_hook_yields_to_a_submitted_jobs_own(monkeypatch):
 
 
 def _steps(progress, n: int) -> int:
-    from jobs.runtime import tell
+    from actors.progress import tell
 
     for i in range(n):
         tell(progress, f"step {i + 1}/{n}")
