@@ -1,6 +1,6 @@
-"""Reading what ``vlselect embed`` wrote: ``<ws>/embeddings/<space>/`` shards and their meta.
+"""Reading what ``vlselect embed`` committed: ``<ws>/embeddings/<space>/`` shards and their meta.
 
-A space is usable when its ``meta.json`` says ``complete``; its shards are Parquet
+A space is usable once committed (engine.commit); its shards are Parquet
 files of (id string, vector list<float32>) and its vectors are L2-normalised.
 Stages that read vectors (cluster, index, target) open spaces through here, so a
 missing, unfinished or malformed space is refused the same way everywhere.
@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engine.artifacts import EmbeddingSpace, SpaceMeta
 from engine.errors import InputError
 from engine.shards import stem
 from engine.vectors import from_arrow
@@ -25,50 +26,39 @@ SPACES = ("clip", "dino", "text", "skill")
 
 @dataclass(frozen=True)
 class EmbeddedSpace:
-    """One finished space: its shard files (sorted), vector length, row count and meta."""
+    """One committed space: its shard files (sorted), vector length, row count and meta."""
 
     space: str
     dir: str
     files: tuple[str, ...]
     dim: int
     rows: int
-    meta: dict
+    meta: SpaceMeta
+    fingerprint: str  # what the vectors were made from: downstream stages key on it
 
     @property
     def stems(self) -> tuple[str, ...]:
         return tuple(stem(f) for f in self.files)
 
-    @property
-    def fingerprint(self) -> object:
-        """What the vectors were made from (inputs and encoder): downstream stages key on it."""
-        return self.meta.get("fingerprint")
-
 
 def open_space(ws: Workspace, space: str) -> EmbeddedSpace:
-    """Check that ``space`` is embedded and finished; return its shards and shape.
+    """Check that ``space`` is embedded and committed; return its shards and shape.
 
     Raises:
         InputError: an unknown space name, a space never embedded, one whose run did not
-            finish, or shards whose row count differs from meta.json; each names the fix.
+            finish, or shards whose row count differs from the meta; each names the fix.
     """
     if space not in SPACES:
         raise InputError(f"unknown space {space!r}; the spaces are {', '.join(SPACES)}")
-    run = f"vlselect embed --workspace {ws.uri} --spaces {space}"
-    meta = ws.finished_meta(
-        "embeddings",
-        space,
-        missing=f"space {space!r} is not embedded",
-        unfinished=f"space {space!r} did not finish embedding",
-        command=run,
-    )
-    files = tuple(ws.list_files("embeddings", space, suffix=".parquet"))
+    found = EmbeddingSpace.open(ws, space)
+    files = tuple(found.files(suffix=".parquet"))
     rows = sum(pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in files)
-    if rows != meta.get("vectors"):
+    if rows != found.meta.vectors:
         raise InputError(
-            f"space {space!r}: meta.json counts {meta.get('vectors')} vectors but its "
-            f"{len(files)} shards hold {rows}; run `{run} --overwrite`"
+            f"space {space!r}: its meta counts {found.meta.vectors} vectors but its "
+            f"{len(files)} shards hold {rows}; run `{EmbeddingSpace.command(ws, space)} --overwrite`"
         )
-    return EmbeddedSpace(space, ws.path("embeddings", space), files, int(meta["dim"]), rows, meta)
+    return EmbeddedSpace(space, found.dir, files, found.meta.dim, rows, found.meta, found.fingerprint)
 
 
 def read_vectors(

@@ -7,8 +7,8 @@ and Parquet (a file or a directory of files, read batch by batch).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 import ijson
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.errors import InputError
+from engine.workspace import Location
 from engine.pool import (
     POOL_SCHEMA,
     REJECT_SCHEMA,
@@ -50,26 +52,25 @@ class RawItem:
     duplicate_of: int | None = None
 
 
-def detect_format(path: str) -> SourceFormat:
+def detect_format(source: str | Location) -> SourceFormat:
     """Guess the source format from its name and first bytes; InputError if it is none of them."""
-    if "://" in path:
+    src = Location.of(source)
+    kind = src.kind()
+    if kind == pafs.FileType.NotFound:
         raise InputError(
-            f"source {path!r} is a URI: ingest reads a local file or directory; copy it to local "
-            "disk first (image references inside it may still be URIs)"
+            f"source not found: {src.uri} (pass --source with a LLaVA JSON, JSONL or Parquet "
+            "path or URI)"
         )
-    if not os.path.exists(path):
-        raise InputError(
-            f"source not found: {path} (pass --source with a LLaVA JSON, JSONL or Parquet path)"
-        )
-    if os.path.isdir(path):
-        if not source_files(path):
-            raise InputError(f"source directory {path} holds no .parquet files")
+    if kind == pafs.FileType.Directory:
+        if not source_files(src):
+            raise InputError(f"source directory {src.uri} holds no .parquet files")
         return "parquet"
-    lower = path.lower()
+    lower = src.path.lower()
     if lower.endswith(".parquet"):
         return "parquet"
-    with open(path, "rb") as f:
+    with src.open() as f:
         head = f.read(4096).removeprefix(BOM).lstrip()
+    path = src.uri
     if lower.endswith((".jsonl", ".ndjson")) or head.startswith(b"{"):
         first_line = head.split(b"\n", 1)[0].strip()
         if first_line in (b"{", b"["):
@@ -91,60 +92,66 @@ def detect_format(path: str) -> SourceFormat:
     raise InputError(f"cannot tell the format of {path}: name it .json, .jsonl or .parquet")
 
 
-def source_files(path: str) -> list[str]:
-    """The files a source consists of: itself, or the sorted ``*.parquet`` files of a directory."""
-    if os.path.isdir(path):
-        return sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".parquet"))
-    return [path]
+def source_files(source: str | Location) -> list[Location]:
+    """The files a source consists of: itself, or the sorted ``*.parquet`` files of a folder."""
+    src = Location.of(source)
+    if src.is_dir():
+        return [Location(src.uri_of(p), src.fs, p) for p in src.files(".parquet")]
+    return [src]
 
 
-def count_records(path: str, fmt: SourceFormat) -> int | None:
+def count_records(source: str | Location, fmt: SourceFormat) -> int | None:
     """Rows in a Parquet source from its footers (free); None for JSON, which must be parsed."""
     if fmt != "parquet":
         return None
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in source_files(path))
+    return sum(
+        pq.ParquetFile(f.path, filesystem=f.fs).metadata.num_rows for f in source_files(source)
+    )
 
 
-def iter_records(path: str, fmt: SourceFormat, batch_rows: int = 2048) -> Iterator[RawItem]:
+def iter_records(
+    source: str | Location, fmt: SourceFormat, batch_rows: int = 2048
+) -> Iterator[RawItem]:
     """Yield every record of the source in order, numbered from 0.
 
     Raises:
         InputError: the file as a whole is not what its format says (a truncated JSON
             array, a JSON object where an array was expected, an unreadable Parquet file).
     """
+    src = Location.of(source)
     if fmt == "json":
-        yield from _iter_json_array(path)
+        yield from _iter_json_array(src)
     elif fmt == "jsonl":
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(src)
     else:
-        yield from _iter_parquet(path, batch_rows)
+        yield from _iter_parquet(src, batch_rows)
 
 
-def _iter_json_array(path: str) -> Iterator[RawItem]:
+def _iter_json_array(src: Location) -> Iterator[RawItem]:
     index = 0
     try:
-        with open(path, "rb") as f:
+        with src.open() as f:
             if f.read(len(BOM)) != BOM:
                 f.seek(0)
             for index, record in enumerate(ijson.items(f, "item", use_float=True)):  # noqa: B007
                 yield _checked_depth(RawItem(index, record))
     except ijson.JSONError as err:
         raise InputError(
-            f"{path} is not a well-formed JSON array (after record {index}): "
+            f"{src.uri} is not a well-formed JSON array (after record {index}): "
             f"{' '.join(str(err).split())}; "
             "fix or re-export the file, or convert it to JSONL to reject bad lines one by one"
         ) from None
     except UnicodeDecodeError as err:  # ijson cannot go on past it, so the file is refused
         raise InputError(
-            f"{path} holds text that is not Unicode after record {index} ({err}): bytes that "
+            f"{src.uri} holds text that is not Unicode after record {index} ({err}): bytes that "
             "are not UTF-8, or a \\u escape of a lone surrogate (\\uD800-\\uDFFF); fix them, "
             "or convert the file to JSONL, where only the records holding them are rejected"
         ) from None
 
 
-def _iter_jsonl(path: str) -> Iterator[RawItem]:
+def _iter_jsonl(src: Location) -> Iterator[RawItem]:
     index = 0
-    with open(path, "rb") as f:
+    with src.open() as raw, io.BufferedReader(raw) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -180,22 +187,22 @@ def _checked_depth(item: RawItem) -> RawItem:
     return item
 
 
-def _iter_parquet(path: str, batch_rows: int) -> Iterator[RawItem]:
+def _iter_parquet(src: Location, batch_rows: int) -> Iterator[RawItem]:
     index = 0
-    for file in source_files(path):
+    for file in source_files(src):
         try:
-            reader = pq.ParquetFile(file)
+            reader = pq.ParquetFile(file.path, filesystem=file.fs)
         except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(f"{file} is not a readable Parquet file: {err}") from None
+            raise InputError(f"{file.uri} is not a readable Parquet file: {err}") from None
         for batch in reader.iter_batches(batch_size=batch_rows):
             for record in batch.to_pylist():
                 yield RawItem(index, record)
                 index += 1
 
 
-def peek_first(path: str, fmt: SourceFormat) -> Any:
+def peek_first(source: str | Location, fmt: SourceFormat) -> Any:
     """The first record, read to fail fast on a file that is wrong as a whole."""
-    for item in iter_records(path, fmt, batch_rows=1):
+    for item in iter_records(source, fmt, batch_rows=1):
         return item.record
     return None
 

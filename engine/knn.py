@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from engine.artifacts import Index, IndexMeta
 from engine.embeddings import SPACES
 from engine.errors import InputError
 from engine.workspace import Workspace
@@ -331,7 +332,7 @@ def shard_name(shard: int) -> str:
 
 @dataclass(frozen=True)
 class IndexInfo:
-    """A finished ``<ws>/index/<space>/``: its shards' files, shape and meta."""
+    """A committed ``<ws>/index/<space>/``: its shards' files, shape and meta."""
 
     space: str
     dir: str
@@ -339,7 +340,8 @@ class IndexInfo:
     rows: int
     shards: int
     factory: str
-    meta: dict
+    meta: IndexMeta
+    fingerprint: str
 
     def index_file(self, shard: int) -> str:
         return f"{self.dir}/{shard_name(shard)}.faiss"
@@ -347,13 +349,9 @@ class IndexInfo:
     def ids_file(self, shard: int) -> str:
         return f"{self.dir}/{shard_name(shard)}.ids.parquet"
 
-    @property
-    def fingerprint(self) -> object:
-        return self.meta.get("fingerprint")
-
 
 def open_index(ws: Workspace, space: str) -> IndexInfo:
-    """Check that ``vlselect index`` finished for ``space``; return its layout.
+    """Check that ``vlselect index`` committed ``space``; return its layout.
 
     Raises:
         InputError: an unknown space, no index for it, or one whose build did not finish
@@ -361,20 +359,8 @@ def open_index(ws: Workspace, space: str) -> IndexInfo:
     """
     if space not in SPACES:
         raise InputError(f"unknown space {space!r}; the spaces are {', '.join(SPACES)}")
-    build = f"vlselect index --workspace {ws.uri} --space {space} --shards N"
-    meta = ws.finished_meta(
-        "index",
-        space,
-        missing=f"no index for space {space!r}",
-        unfinished=f"the index of space {space!r} did not finish building",
-        command=build,
-    )
+    found = Index.open(ws, space)
+    meta = found.meta
     return IndexInfo(
-        space=space,
-        dir=ws.path("index", space),
-        dim=int(meta["dim"]),
-        rows=int(meta["rows"]),
-        shards=int(meta["shards"]),
-        factory=str(meta["factory"]),
-        meta=meta,
+        space, found.dir, meta.dim, meta.rows, meta.shards, meta.factory, meta, found.fingerprint
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,78 @@ from engine.errors import InputError
 
 CONFIG_FILE = "vlselect.yaml"
 META_FILE = "meta.json"
+
+
+def uri_for(base_uri: str, path: str) -> str:
+    """``path`` on the filesystem of ``base_uri`` as a URI any process can open: the path
+    itself on local disk, else with ``base_uri``'s scheme, credentials and query options."""
+    if "://" not in base_uri:
+        return path
+    parsed = urllib.parse.urlsplit(base_uri)
+    query = f"?{parsed.query}" if parsed.query else ""
+    user = parsed.netloc.rpartition("@")[0]
+    return f"{parsed.scheme}://{user + '@' if user else ''}{path}{query}"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder named by a local path or any pyarrow-filesystem URI (``s3://``,
+    ``gs://``, ``hdfs://``, with their query options): the URI as given, its filesystem,
+    and the path on it. Sources, image roots, benchmark and query files are Locations."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+
+    @classmethod
+    def of(cls, uri: str | Location) -> Location:
+        """Resolve ``uri`` without reading it; a local path is made absolute.
+
+        Raises:
+            InputError: a URI that names no filesystem pyarrow can open.
+        """
+        if isinstance(uri, Location):
+            return uri
+        if "://" not in uri:
+            path = os.path.abspath(uri)
+            return cls(path, pafs.LocalFileSystem(), path)
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(f"URI {uri!r} is not usable: {err}") from None
+        return cls(uri, fs, path.rstrip("/"))
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+    def uri_of(self, path: str) -> str:
+        return uri_for(self.uri, path)
+
+    def kind(self) -> pafs.FileType:
+        return self.fs.get_file_info(self.path).type
+
+    def exists(self) -> bool:
+        return self.kind() != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self.kind() == pafs.FileType.Directory
+
+    def files(self, suffix: str = "") -> list[str]:
+        """Sorted paths of the files directly in this folder ending with ``suffix``
+        (hidden and ``_``-prefixed ones skipped, as pyarrow datasets do)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and i.path.endswith(suffix)
+            and not i.base_name.startswith((".", "_"))
+        )
+
+    def open(self):
+        """A binary input stream of the file (seekable: ijson and Parquet read it)."""
+        return self.fs.open_input_file(self.path)
 
 
 @dataclass(frozen=True)
@@ -63,6 +136,10 @@ class Workspace:
     def path(self, *parts: str) -> str:
         return str(PurePosixPath(self.root, *parts))
 
+    def uri_of(self, path: str) -> str:
+        """An absolute ``path`` of this workspace's filesystem as a URI (see :func:`uri_for`)."""
+        return uri_for(self.uri, path)
+
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
@@ -85,7 +162,7 @@ class Workspace:
 
     def parquet_rows(self, path: str) -> int:
         """Rows in the ``*.parquet`` files directly under the absolute ``path``, from their footers."""
-        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         return sum(
             pq.ParquetFile(i.path, filesystem=self.fs).metadata.num_rows
             for i in infos

@@ -1,17 +1,18 @@
-"""``vlselect ingest``: a LLaVA JSON / JSONL / Parquet source -> ``<ws>/pool`` and ``<ws>/rejects``.
+"""``vlselect ingest``: a LLaVA JSON / JSONL / Parquet source (path or URI) -> ``<ws>/pool``.
 
 What it does:
     1. checks the source, its format, the image root and the workspace in the driver;
+       a pool committed from the same source and config is kept as it is;
     2. streams records (ijson for a JSON array: never loaded whole), marks duplicate ids;
     3. normalises chunks in parallel Ray tasks (image read and decode check), each
-       writing one pool shard and one rejects shard into a staging directory;
-    4. checks rows in = accepted + rejected, moves the staging directories into place,
-       writes ``meta.json`` and prints a summary with per-reason counts.
+       writing one pool shard and one rejects shard into the pool's new attempt;
+    4. checks rows in = accepted + rejected, commits the pool (its rows and its
+       ``rejects/``) and prints a summary with per-reason counts.
 
 Raises:
     InputError: the source, image root, workspace or config is wrong as a whole
         (exit 2; nothing is written to the workspace).
-    RuntimeError: the counts do not add up (exit 1; nothing is promoted).
+    RuntimeError: the counts do not add up (exit 1; nothing is committed).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from actors.adapter import ray_options
+from engine.artifacts import REJECTS, Pool, PoolMeta
+from engine.commit import fingerprint, operational
 from engine.errors import InputError
 from engine.ingest import (
     DuplicateTracker,
@@ -41,7 +44,7 @@ from engine.ingest import (
 )
 from engine.pool import ImagePolicy
 from engine.resources import Resources
-from engine.workspace import META_FILE, Workspace, write_table_atomic
+from engine.workspace import Location, Workspace, write_table_atomic
 from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_summary
 
 STAGE = "ingest"
@@ -75,11 +78,11 @@ class IngestConfig(BaseModel):
         description="Store image bytes in the pool (self-contained); False keeps references only.",
     )
     chunk_size: int = Field(4096, ge=1, description="Records per Ray task and per pool shard.")
-    max_in_flight: int = Field(
+    max_in_flight: int = operational(
         0, ge=0, description="Chunks submitted but not finished; 0 means twice the cluster's CPUs."
     )
-    overwrite: bool = Field(False, description="Replace an existing pool in the workspace.")
-    resources: Resources = Field(
+    overwrite: bool = operational(False, description="Replace an existing pool in the workspace.")
+    resources: Resources = operational(
         default_factory=Resources, description="Resources of one normalisation task."
     )
 
@@ -111,14 +114,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 @ray.remote
 def _normalize_and_write(
-    items: list[RawItem], index: int, source_name: str, policy_args: dict, staging: str, fs
+    items: list[RawItem], index: int, source_name: str, policy_args: dict, out_dir: str, fs
 ) -> dict:
     pool, rejects = normalize_chunk(items, source_name, ImagePolicy(**policy_args))
     name = f"part-{index:06d}.parquet"
     if pool.num_rows:
-        write_table_atomic(fs, f"{staging}/pool/{name}", pool)
+        write_table_atomic(fs, f"{out_dir}/{name}", pool)
     if rejects.num_rows:
-        write_table_atomic(fs, f"{staging}/rejects/{name}", rejects)
+        write_table_atomic(fs, f"{out_dir}/{REJECTS}/{name}", rejects)
     return {
         "records": len(items),
         "accepted": pool.num_rows,
@@ -128,8 +131,8 @@ def _normalize_and_write(
     }
 
 
-def resolve_paths(cfg: IngestConfig, ws: Workspace) -> tuple[str, str | None]:
-    """Absolute source path and image root; relative paths are relative to the workspace."""
+def resolve_paths(cfg: IngestConfig, ws: Workspace) -> tuple[Location, str | None]:
+    """The source and the image root as URIs; relative paths are relative to the workspace."""
     if not cfg.source:
         raise InputError(
             "no source to ingest: pass --source FILE (LLaVA JSON, JSONL or Parquet), or run "
@@ -137,15 +140,28 @@ def resolve_paths(cfg: IngestConfig, ws: Workspace) -> tuple[str, str | None]:
         )
 
     def absolute(path: str) -> str:
-        return path if "://" in path or os.path.isabs(path) else ws.path(path)
+        return path if "://" in path or os.path.isabs(path) else ws.uri_of(ws.path(path))
 
-    source = absolute(cfg.source)
-    images = (
-        absolute(cfg.images)
-        if cfg.images
-        else (source if os.path.isdir(source) else os.path.dirname(source))
-    )
+    source = Location.of(absolute(cfg.source))
+    if cfg.images:
+        images = absolute(cfg.images)
+    else:
+        images = source.uri_of(source.path if source.is_dir() else os.path.dirname(source.path))
     return source, images
+
+
+def source_fingerprint(source: Location) -> dict:
+    """Size, mtime and a hash of the first MiB of each file: cheap, and changes when the file does."""
+    digest = hashlib.sha256()
+    size = n = 0
+    for file in source_files(source):
+        info = file.fs.get_file_info(file.path)
+        size += info.size or 0
+        n += 1
+        digest.update(f"{file.name}:{info.size}:{info.mtime_ns}".encode())
+        with file.open() as f:
+            digest.update(f.read(1 << 20))
+    return {"path": source.uri, "files": n, "bytes": size, "sha256_head": digest.hexdigest()}
 
 
 def main(cfg: IngestConfig, ws: Workspace) -> dict:
@@ -155,113 +171,108 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
     fmt = detect_format(source)
     if next(iter_records(source, fmt, batch_rows=1), None) is None:
         raise InputError(
-            f"source {source} holds no records: pass --source a LLaVA JSON array, JSONL or "
+            f"source {source.uri} holds no records: pass --source a LLaVA JSON array, JSONL or "
             "Parquet file with at least one record"
         )
     if images and "://" not in images and not os.path.isdir(images):
         raise InputError(f"image root not found: {images} (pass --images DIR)")
-    if ws.exists("pool") and not cfg.overwrite:
+    made_of = fingerprint(source=source_fingerprint(source), config=cfg)
+    plan = Pool.begin(ws, None, made_of, overwrite=cfg.overwrite)
+    if plan.action == "current":
+        pool = Pool.committed(ws, None, plan.manifest)
+        _print(pool, reused=True, examples=[])
+        return _summary(pool)
+    if plan.manifest is not None and not cfg.overwrite:
         raise InputError(
-            f"{ws.path('pool')} already holds a pool: pass --overwrite to replace it, "
-            "or use another --workspace"
+            f"{Pool.folder(ws)} already holds a pool of another source or config: pass "
+            "--overwrite to replace it, or use another --workspace"
         )
-    source_name = cfg.source_name or os.path.basename(source.rstrip("/"))
+    attempt = plan.attempt
+    source_name = cfg.source_name or source.name
     policy_args = {"root": images, "check": cfg.image_check, "inline": cfg.inline_images}
     ImagePolicy(**policy_args)  # an unusable image root URI is refused here, not in every task
     connect()
     max_in_flight = cfg.max_in_flight or 2 * cluster_cpus()
-    staging = ws.staging_dir(STAGE)
-    for sub in ("pool", "rejects"):
-        ws.fs.create_dir(f"{staging}/{sub}")
     task = _normalize_and_write.options(**ray_options(cfg.resources))
     totals: Counter = Counter()
     reasons: Counter = Counter()
     examples: list[dict] = []
-    try:
-        dedup = DuplicateTracker()
-        read = Counter()
+    dedup = DuplicateTracker()
+    read = Counter()
 
-        def marked():
-            for item in iter_records(source, fmt):
-                dedup.mark(item)
-                read["records"] += 1
-                yield item
+    def marked():
+        for item in iter_records(source, fmt):
+            dedup.mark(item)
+            read["records"] += 1
+            yield item
 
-        chunks = enumerate(chunked(marked(), cfg.chunk_size))
-        with tqdm(
-            total=count_records(source, fmt), unit="rec", desc="ingest", mininterval=1.0
-        ) as bar:
-            for result in bounded_submit(
-                lambda ic: task.remote(ic[1], ic[0], source_name, policy_args, staging, ws.fs),
-                chunks,
-                max_in_flight,
-            ):
-                totals.update({k: result[k] for k in ("records", "accepted", "rejected")})
-                reasons.update(result["reasons"])
-                examples.extend(result["examples"][: max(0, 20 - len(examples))])
-                bar.update(result["records"])
-        # Three independent counts must agree: records the driver read, rows the tasks
-        # reported, rows in the files on disk (from their footers).
-        on_disk = ws.parquet_rows(f"{staging}/pool") + ws.parquet_rows(f"{staging}/rejects")
-        if not read["records"] == totals["accepted"] + totals["rejected"] == on_disk:
-            raise RuntimeError(
-                f"ingest lost rows: read {read['records']}, tasks reported {dict(totals)}, "
-                f"files hold {on_disk}; nothing was promoted"
-            )
-        pool_dir = ws.promote(f"{staging}/pool", "pool")
-        rejects_dir = ws.promote(f"{staging}/rejects", "rejects")
-    finally:
-        ws.discard(staging)
-    summary = {
-        "source": source,
-        "format": fmt,
-        "image_root": images,
-        "records_in": totals["records"],
-        "accepted": totals["accepted"],
-        "rejected": totals["rejected"],
-        "rejected_by_reason": dict(sorted(reasons.items())),
-        "seconds": round(timer.seconds, 2),
-        "pool": pool_dir,
-        "rejects": rejects_dir,
+    chunks = enumerate(chunked(marked(), cfg.chunk_size))
+    with tqdm(total=count_records(source, fmt), unit="rec", desc="ingest", mininterval=1.0) as bar:
+        for result in bounded_submit(
+            lambda ic: task.remote(ic[1], ic[0], source_name, policy_args, attempt.dir, ws.fs),
+            chunks,
+            max_in_flight,
+        ):
+            totals.update({k: result[k] for k in ("records", "accepted", "rejected")})
+            reasons.update(result["reasons"])
+            examples.extend(result["examples"][: max(0, 20 - len(examples))])
+            bar.update(result["records"])
+    # Three independent counts must agree: records the driver read, rows the tasks
+    # reported, rows in the files on disk (from their footers).
+    on_disk = ws.parquet_rows(attempt.dir) + ws.parquet_rows(attempt.path(REJECTS))
+    if not read["records"] == totals["accepted"] + totals["rejected"] == on_disk:
+        raise RuntimeError(
+            f"ingest lost rows: read {read['records']}, tasks reported {dict(totals)}, "
+            f"files hold {on_disk}; nothing was committed"
+        )
+    meta = PoolMeta(
+        source=source.uri,
+        format=fmt,
+        image_root=images,
+        records_in=totals["records"],
+        accepted=totals["accepted"],
+        rejected=totals["rejected"],
+        rejected_by_reason=dict(sorted(reasons.items())),
+        source_fingerprint=source_fingerprint(source),
+        seconds=round(timer.seconds, 2),
+        config=cfg.model_dump(mode="json"),
+    )
+    pool = Pool.committed(ws, None, attempt.commit(meta))
+    _print(pool, reused=False, examples=examples)
+    return _summary(pool)
+
+
+def _summary(pool: Pool) -> dict:
+    m = pool.meta
+    return {
+        "source": m.source,
+        "format": m.format,
+        "image_root": m.image_root,
+        "records_in": m.records_in,
+        "accepted": m.accepted,
+        "rejected": m.rejected,
+        "rejected_by_reason": m.rejected_by_reason,
+        "seconds": m.seconds,
+        "pool": pool.dir,
+        "rejects": pool.path(REJECTS),
     }
-    meta = {
-        "stage": STAGE,
-        "config": cfg.model_dump(),
-        "source_fingerprint": fingerprint(source),
-        **summary,
-    }
-    ws.write_json(f"{pool_dir}/{META_FILE}", meta)
-    ws.write_json(f"{rejects_dir}/{META_FILE}", meta)
+
+
+def _print(pool: Pool, reused: bool, examples: list[dict]) -> None:
+    m = pool.meta
+    rate = f" ({m.records_in / max(m.seconds, 1e-9):.0f} rec/s)"
     rows = [
-        ("records in", summary["records_in"]),
-        ("accepted", summary["accepted"]),
-        ("rejected", summary["rejected"]),
-        *[(f"  {code}", n) for code, n in summary["rejected_by_reason"].items()],
-        (
-            "time",
-            f"{summary['seconds']} s ({summary['records_in'] / max(timer.seconds, 1e-9):.0f} rec/s)",
-        ),
-        ("pool", pool_dir),
-        ("rejects", rejects_dir),
+        ("records in", m.records_in),
+        ("accepted", m.accepted),
+        ("rejected", m.rejected),
+        *[(f"  {code}", n) for code, n in m.rejected_by_reason.items()],
+        ("time", "current, nothing recomputed" if reused else f"{m.seconds} s{rate}"),
+        ("pool", pool.dir),
+        ("rejects", pool.path(REJECTS)),
     ]
-    print_summary(STAGE, rows, extra=summary)
+    print_summary(STAGE, rows, extra=_summary(pool))
     for ex in sorted(examples, key=lambda e: e["record_index"]):
         print(f"  rejected record {ex['record_index']} (id {ex['id']!r}): {ex['reason']}")
-    return summary
-
-
-def fingerprint(path: str) -> dict:
-    """Size, mtime and a hash of the first MiB of each file: cheap, and changes when the file does."""
-    files = source_files(path)
-    digest = hashlib.sha256()
-    size = 0
-    for file in files:
-        stat = os.stat(file)
-        size += stat.st_size
-        digest.update(f"{os.path.basename(file)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(1 << 20))
-    return {"path": path, "files": len(files), "bytes": size, "sha256_head": digest.hexdigest()}
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ What it does:
        another config (unless ``--overwrite``), and resumes one made with this config;
     2. generates every shard of every split in parallel Ray tasks, skipping shards
        already written (a shard is done when its ground-truth part exists, written last);
-    3. writes ``<ws>/world/source/`` (the pool as LLaVA records, images inline as PNG
-       bytes in Parquet), ``<ws>/benchmarks/<name>.parquet`` (held-out sets and the
-       in-distribution ``test``), ``<ws>/world/truth/<split>/`` (the ground truth:
-       skill, concept, answer, scene; evaluation reads it, selection never does),
-       ``<ws>/world/meta.json`` and ``<ws>/vlselect.yaml``;
-    4. optionally exports the pool as one LLaVA JSON file plus PNG files (``--llava-json``).
+    3. writes, in the world artifact (engine.artifacts.World), ``source/`` (the pool as
+       LLaVA records, images inline as PNG bytes in Parquet), ``benchmarks/<name>.parquet``
+       (held-out sets and the in-distribution ``test``), ``truth/<split>/`` (the ground
+       truth: skill, concept, answer, scene; evaluation reads it, selection never does),
+       optionally ``llava/`` (the pool as one LLaVA JSON file plus PNGs, ``--llava-json``);
+    4. commits it and records the source's URI in ``<ws>/vlselect.yaml``.
 
 Raises:
     InputError: bad config, or a workspace holding a different world (exit 2).
@@ -19,7 +19,6 @@ Raises:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 
@@ -30,9 +29,11 @@ from pydantic import Field
 from tqdm import tqdm
 
 from actors.adapter import ray_options
+from engine.artifacts import World, WorldMeta
+from engine.commit import SCRATCH, Attempt, fingerprint, operational
 from engine.errors import InputError
 from engine.resources import Resources
-from engine.workspace import META_FILE, Workspace, atomic_output, write_table_atomic
+from engine.workspace import Workspace, atomic_output, write_table_atomic
 from engine.world.config import WorldConfig
 from engine.world.generate import POOL, ShardSpec, generate_rows, plan_shards, world_manifest
 from jobs.embed import EMBEDDED_DEFAULT
@@ -41,19 +42,20 @@ from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_sum
 STAGE = "world"
 DEFAULT_WORKSPACE = None
 LLAVA_JSON_MAX = 200_000  # one PNG file per sample past this is what Parquet is for
+SOURCE, BENCHMARKS, TRUTH, LLAVA_JSON = "source", "benchmarks", "truth", "llava/pool.json"
 
 
 class WorldJobConfig(WorldConfig):
     """``vlselect world``: the world's own fields plus how this run writes them."""
 
-    overwrite: bool = Field(
+    overwrite: bool = operational(
         False, description="Delete a world made with another config and start over."
     )
     llava_json: bool = Field(
         False,
         description=f"Also export the pool as world/llava/pool.json + PNG files (<= {LLAVA_JSON_MAX} samples).",
     )
-    resources: Resources = Field(
+    resources: Resources = operational(
         default_factory=Resources, description="Resources of one shard-generation task."
     )
 
@@ -77,12 +79,6 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def config_fingerprint(world: WorldConfig) -> str:
-    """Hash of everything that changes the bytes (shard_size only changes the file layout)."""
-    fields = world.model_dump(mode="json", exclude={"shard_size"})
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _part(shard: ShardSpec) -> str:
     return f"part-{shard.shard_index:05d}.parquet"
 
@@ -100,25 +96,34 @@ def main(cfg: WorldJobConfig, ws: Workspace) -> dict:
     """Generate (or finish generating) the world; see the module docstring."""
     timer = Timer()
     world = cfg.world()
-    fingerprint = config_fingerprint(world)
     if cfg.llava_json and world.size > LLAVA_JSON_MAX:
         raise InputError(
             f"--llava-json writes one PNG per sample; size {world.size} > {LLAVA_JSON_MAX}: "
             "use the Parquet source (world/source) for large pools"
         )
-    _claim_workspace(ws, world, fingerprint, cfg.overwrite)
+    plan = World.begin(ws, None, fingerprint(world=cfg), overwrite=cfg.overwrite)
+    if plan.action == "current":
+        done = World.committed(ws, None, plan.manifest)
+        _write_workspace_config(ws, world, done)
+        return _print(done, 0, reused=True)
+    if plan.manifest is not None and not cfg.overwrite:
+        raise InputError(
+            f"{World.folder(ws)} holds a world made with another config (fingerprint "
+            f"{plan.manifest.fingerprint[:16]}, this one {plan.attempt.fingerprint[:16]}): pass "
+            "--overwrite to replace it, or use another --out"
+        )
+    attempt = plan.attempt
     connect()
-
     shards = plan_shards(world)
     parts_dir = {
-        s: ws.path("world", "source") if s == POOL else ws.path("world", "parts", s)
+        s: attempt.path(SOURCE) if s == POOL else attempt.path(SCRATCH, "parts", s)
         for s in {sh.split for sh in shards}
     }
     todo = [
         sh
         for sh in shards
-        if not (sh.split != POOL and ws.exists("benchmarks", f"{sh.split}.parquet"))
-        and not ws.exists("world", "truth", sh.split, _part(sh))
+        if not (sh.split != POOL and attempt.exists(BENCHMARKS, f"{sh.split}.parquet"))
+        and not attempt.exists(TRUTH, sh.split, _part(sh))
     ]
     skipped = len(shards) - len(todo)
     task = _generate_shard.options(**ray_options(cfg.resources))
@@ -128,122 +133,101 @@ def main(cfg: WorldJobConfig, ws: Workspace) -> dict:
     ) as bar:
         for result in bounded_submit(
             lambda sh: task.remote(
-                world_json, sh, parts_dir[sh.split], ws.path("world", "truth", sh.split), ws.fs
+                world_json, sh, parts_dir[sh.split], attempt.path(TRUTH, sh.split), ws.fs
             ),
             todo,
             max_in_flight=2 * cluster_cpus(),
         ):
             bar.update(result["rows"])
 
-    benchmarks = _merge_eval_splits(ws, world)
-    llava = _export_llava_json(ws) if cfg.llava_json else None
-    manifest = world_manifest(world)
-    summary = {
-        "pool_size": world.size,
-        "seed": world.seed,
-        "splits": manifest["splits"],
-        "shards": len(shards),
-        "shards_skipped": skipped,
-        "seconds": round(timer.seconds, 2),
-        "source": ws.path("world", "source"),
-        "benchmarks": benchmarks,
-        "truth": ws.path("world", "truth"),
-        "llava_json": llava,
-    }
-    ws.write_json(
-        ws.path("world", META_FILE),
-        {
-            "stage": STAGE,
-            "status": "complete",
-            "fingerprint": fingerprint,
-            "manifest": manifest,
-            **summary,
-        },
+    benchmarks = _merge_eval_splits(ws, attempt, world)
+    if cfg.llava_json:
+        _export_llava_json(ws, attempt)
+    meta = WorldMeta(
+        world=world.model_dump(mode="json"),
+        pool_size=world.size,
+        seed=world.seed,
+        splits=world_manifest(world)["splits"],
+        shards=len(shards),
+        benchmarks=benchmarks,
+        llava_json=cfg.llava_json,
+        seconds=round(timer.seconds, 2),
     )
-    _write_workspace_config(ws, world)
+    done = World.committed(ws, None, attempt.commit(meta))
+    _write_workspace_config(ws, world, done)
+    return _print(done, skipped, reused=False)
+
+
+def _print(world: World, skipped: int, reused: bool) -> dict:
+    m = world.meta
+    summary = {
+        "pool_size": m.pool_size,
+        "seed": m.seed,
+        "splits": m.splits,
+        "shards": m.shards,
+        "shards_skipped": m.shards if reused else skipped,
+        "seconds": m.seconds,
+        "source": world.uri(SOURCE),
+        "benchmarks": {b: world.uri(BENCHMARKS, f"{b}.parquet") for b in m.benchmarks},
+        "truth": world.uri(TRUTH),
+        "llava_json": world.uri(LLAVA_JSON) if m.llava_json else None,
+    }
     print_summary(
         STAGE,
         [
-            ("pool samples", world.size),
-            ("splits", ", ".join(f"{k}={v}" for k, v in manifest["splits"].items())),
-            ("shards", f"{len(shards)} ({skipped} already done)"),
-            ("time", f"{summary['seconds']} s"),
+            ("pool samples", m.pool_size),
+            ("splits", ", ".join(f"{k}={v}" for k, v in m.splits.items())),
+            ("shards", f"{m.shards} ({summary['shards_skipped']} already done)"),
+            ("time", "current, nothing recomputed" if reused else f"{m.seconds} s"),
             ("pool source", summary["source"]),
-            ("benchmarks", ws.path("benchmarks")),
+            ("benchmarks", world.uri(BENCHMARKS)),
             ("ground truth", summary["truth"] + "  (evaluation only; selection never reads it)"),
-            *([("llava json", llava)] if llava else []),
-            ("next", f"vlselect ingest --workspace {ws.uri}"),
+            *([("llava json", summary["llava_json"])] if m.llava_json else []),
+            ("next", f"vlselect ingest --workspace {world.ws.uri}"),
         ],
         extra=summary,
     )
     return summary
 
 
-def _claim_workspace(ws: Workspace, world: WorldConfig, fingerprint: str, overwrite: bool) -> None:
-    meta_path = ws.path("world", META_FILE)
-    if ws.exists("world", META_FILE):
-        previous = ws.read_json(meta_path).get("fingerprint")
-        if previous == fingerprint:
-            return  # the same world: resume, skipping finished shards
-        if not overwrite:
-            raise InputError(
-                f"{ws.path('world')} holds a world made with another config (fingerprint "
-                f"{previous}, this one {fingerprint}): pass --overwrite to replace it, "
-                "or use another --out"
-            )
-    if overwrite:
-        for part in ("world", "benchmarks"):
-            ws.remove(part)
-    elif ws.exists("world") or ws.exists("benchmarks"):
-        raise InputError(
-            f"{ws.path('world')} exists without a readable meta.json: pass --overwrite to replace it"
-        )
-    ws.write_json(meta_path, {"stage": STAGE, "status": "running", "fingerprint": fingerprint})
-
-
-def _merge_eval_splits(ws: Workspace, world: WorldConfig) -> dict[str, str]:
+def _merge_eval_splits(ws: Workspace, attempt: Attempt, world: WorldConfig) -> list[str]:
     """One Parquet file per held-out split (they are small), from its generated parts."""
-    out = {}
+    out = []
     for split in ["test", *(b.name for b in world.benchmarks)]:
-        target = ws.path("benchmarks", f"{split}.parquet")
-        if not ws.exists("benchmarks", f"{split}.parquet"):
-            parts = ws.list_files("world", "parts", split, suffix=".parquet")
+        if not attempt.exists(BENCHMARKS, f"{split}.parquet"):
+            parts = ws.list_files(attempt.path(SCRATCH, "parts", split), suffix=".parquet")
             if not parts:
                 continue  # an empty split (test_size 0)
             table = pa.concat_tables(pq.read_table(p, filesystem=ws.fs) for p in parts)
-            ws.write_table(target, table)
-            ws.remove("world", "parts", split)
-        out[split] = target
-    ws.remove("world", "parts")
+            ws.write_table(attempt.path(BENCHMARKS, f"{split}.parquet"), table)
+        out.append(split)
     return out
 
 
-def _export_llava_json(ws: Workspace) -> str:
-    """world/llava/pool.json (one JSON array, written incrementally) and images/<id>.png."""
-    out_dir = ws.makedirs("world", "llava", "images")
-    json_path = ws.path("world", "llava", "pool.json")
-    with atomic_output(ws.fs, json_path) as tmp, ws.fs.open_output_stream(tmp) as f:
+def _export_llava_json(ws: Workspace, attempt: Attempt) -> None:
+    """llava/pool.json (one JSON array, written incrementally) and llava/images/<id>.png."""
+    out_dir = attempt.makedirs("llava", "images")
+    with atomic_output(ws.fs, attempt.path(LLAVA_JSON)) as tmp, ws.fs.open_output_stream(tmp) as f:
         f.write(b"[\n")
         first = True
-        for part in ws.list_files("world", "source", suffix=".parquet"):
+        for part in ws.list_files(attempt.path(SOURCE), suffix=".parquet"):
             for row in pq.read_table(part, filesystem=ws.fs).to_pylist():
                 record = {"id": row["id"], "conversations": row["conversations"]}
                 if row["image"] is not None:
                     record["image"] = f"images/{row['id']}.png"
-                    with ws.fs.open_output_stream(f"{out_dir}/{row['id']}.png") as img:
-                        img.write(row["image"])
+                    ws.write_bytes(f"{out_dir}/{row['id']}.png", row["image"])
                 f.write((b"" if first else b",\n") + json.dumps(record).encode())
                 first = False
         f.write(b"\n]\n")
-    return json_path
 
 
-def _write_workspace_config(ws: Workspace, world: WorldConfig) -> None:
-    """Record the embedded default's config so every later stage runs on it as written."""
+def _write_workspace_config(ws: Workspace, world: WorldConfig, done: World) -> None:
+    """Record the embedded default's config so every later stage runs on it as written;
+    the source as a URI with the workspace's scheme and options, which any node opens."""
     sections = ws.read_config()
     sections["world"] = world.model_dump(mode="json")
     ingest = sections.setdefault("ingest", {})
-    ingest.setdefault("source", "world/source")
+    ingest["source"] = done.uri(SOURCE)
     sections.setdefault("embed", EMBEDDED_DEFAULT)
     sections.setdefault("progress", TINY_PROGRESS)
     ws.write_config(sections)
