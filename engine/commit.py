@@ -45,7 +45,6 @@ ATTEMPTS = "_attempts"
 ATTEMPT_FILE = "_attempt.json"
 STATE_FILE = "_state.json"
 SCRATCH = "_scratch"  # an attempt's work in progress, never committed
-_PRIVATE = (ATTEMPT_FILE, STATE_FILE)
 
 
 # -- what changes the output ------------------------------------------------------------------
@@ -165,16 +164,16 @@ class Attempt:
         self.ws.write_json(self.path(STATE_FILE), dict(state))
 
     def committed_files(self) -> dict[str, int]:
-        """Every file of the attempt but its bookkeeping, scratch and temporaries, with sizes."""
+        """Every file of the attempt with its size, but those whose path has a part starting
+        with ``_`` (bookkeeping, scratch) or ``.`` (temporaries of atomic writes)."""
         selector = pafs.FileSelector(self.dir, recursive=True, allow_not_found=True)
         files = {}
         for info in self.ws.fs.get_file_info(selector):
             if info.type != pafs.FileType.File:
                 continue
             rel = info.path[len(self.dir) + 1 :]
-            parts = rel.split("/")
-            if rel in _PRIVATE or parts[0] == SCRATCH or any(p.startswith(".") for p in parts):
-                continue
+            if any(p.startswith(("_", ".")) for p in rel.split("/")):
+                continue  # bookkeeping, scratch (engine.shards' _parts) and temporaries
             files[rel] = int(info.size or 0)
         return dict(sorted(files.items()))
 

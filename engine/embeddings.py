@@ -58,7 +58,9 @@ def open_space(ws: Workspace, space: str) -> EmbeddedSpace:
             f"space {space!r}: its meta counts {found.meta.vectors} vectors but its "
             f"{len(files)} shards hold {rows}; run `{EmbeddingSpace.command(ws, space)} --overwrite`"
         )
-    return EmbeddedSpace(space, found.dir, files, found.meta.dim, rows, found.meta, found.fingerprint)
+    return EmbeddedSpace(
+        space, found.dir, files, found.meta.dim, rows, found.meta, found.fingerprint
+    )
 
 
 def read_vectors(

@@ -20,7 +20,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.errors import InputError
-from engine.workspace import Location
 from engine.pool import (
     POOL_SCHEMA,
     REJECT_SCHEMA,
@@ -29,6 +28,7 @@ from engine.pool import (
     normalize_record,
     record_id,
 )
+from engine.workspace import Location
 
 SourceFormat = Literal["json", "jsonl", "parquet"]
 MALFORMED = object()  # stands in for a JSONL line that does not parse

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.commit import operational
 from engine.resources import Resources
 
 
@@ -21,22 +22,26 @@ class TransformersBackend(BaseModel):
     gguf_file: str | None = Field(
         None, description="GGUF file name inside the model folder (transformers' gguf_file=)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Literal["auto", "cpu", "cuda"] = operational(
         "auto", description="Where the model runs; 'auto' takes CUDA when the actor sees a GPU."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights' dtype; 'auto' is float32 on CPU and bfloat16 on CUDA."
     )
-    generate_batch_size: int = Field(8, ge=1, description="Prompts per generate() call.")
-    torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0: torch's default.")
-    prefix_cache: bool = Field(
+    generate_batch_size: int = operational(8, ge=1, description="Prompts per generate() call.")
+    torch_threads: int = operational(
+        0, ge=0, description="torch threads per actor; 0: torch's default."
+    )
+    prefix_cache: bool = operational(
         True,
         description="Compute the few-shot prefix's KV cache once and reuse it for every "
         "question (same greedy answers, about ten times less prefill).",
     )
-    min_actors: int = Field(1, ge=1, description="Actor pool's minimum size.")
-    max_actors: int = Field(1, ge=1, description="Actor pool's maximum size (one model each).")
-    resources: Resources = Field(
+    min_actors: int = operational(1, ge=1, description="Actor pool's minimum size.")
+    max_actors: int = operational(
+        1, ge=1, description="Actor pool's maximum size (one model each)."
+    )
+    resources: Resources = operational(
         # Fractional CPUs: a whole CPU per actor on a 2-core node starves the read tasks.
         # Memory: the packaged SmolLM2 actor holds 1.2-1.3 GiB (Ray Data's memory detector,
         # measured); declared, so that Ray places it where that much is free.
@@ -59,21 +64,21 @@ class OpenAIBackend(BaseModel):
         description="Name of the environment variable holding the API key (the key itself is "
         "never read from config, logged or written); None sends no key.",
     )
-    actors: int = Field(1, ge=1, description="Client actors.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight per actor (threads).")
-    max_requests_per_s: float | None = Field(
+    actors: int = operational(1, ge=1, description="Client actors.")
+    concurrency: int = operational(8, ge=1, description="Requests in flight per actor (threads).")
+    max_requests_per_s: float | None = operational(
         None, gt=0, description="Rate limit over all actors; None: unlimited."
     )
-    timeout_s: float = Field(60.0, gt=0, description="Timeout of one request.")
-    backoff_s: float = Field(0.5, ge=0, description="First retry's wait; doubles each retry.")
-    backoff_max_s: float = Field(10.0, ge=0, description="Longest wait between retries.")
-    breaker_after: int = Field(
+    timeout_s: float = operational(60.0, gt=0, description="Timeout of one request.")
+    backoff_s: float = operational(0.5, ge=0, description="First retry's wait; doubles each retry.")
+    backoff_max_s: float = operational(10.0, ge=0, description="Longest wait between retries.")
+    breaker_after: int = operational(
         8, ge=1, description="Consecutive connection failures after which rows get one try each."
     )
     extra_body: dict = Field(
         default_factory=dict, description="Extra JSON fields of each request (server-specific)."
     )
-    resources: Resources = Field(
+    resources: Resources = operational(
         default_factory=lambda: Resources(num_cpus=0.25),
         description="Resources of one client actor (it mostly waits on the network).",
     )
@@ -88,13 +93,15 @@ class VLLMBackend(BaseModel):
         default_factory=lambda: {"max_model_len": 4096, "enable_prefix_caching": True},
         description="vLLM engine arguments (tensor_parallel_size, gpu_memory_utilization, ...).",
     )
-    concurrency: int = Field(1, ge=1, description="vLLM engine replicas (one per GPU at TP=1).")
-    batch_size: int = Field(64, ge=1, description="Rows per batch sent to an engine.")
-    accelerator_type: str | None = Field(
+    concurrency: int = operational(
+        1, ge=1, description="vLLM engine replicas (one per GPU at TP=1)."
+    )
+    batch_size: int = operational(64, ge=1, description="Rows per batch sent to an engine.")
+    accelerator_type: str | None = operational(
         None, description="Ray accelerator type to pin engines to, e.g. 'L4', 'A100'."
     )
-    max_concurrent_batches: int = Field(8, ge=1, description="Batches in flight per engine.")
-    map_cpus: float = Field(0.25, gt=0, description="CPUs of the pre/postprocess map tasks.")
+    max_concurrent_batches: int = operational(8, ge=1, description="Batches in flight per engine.")
+    map_cpus: float = operational(0.25, gt=0, description="CPUs of the pre/postprocess map tasks.")
 
 
 class SkillsConfig(BaseModel):
@@ -119,12 +126,14 @@ class SkillsConfig(BaseModel):
         0.7, ge=0, description="Sampling temperature of retries (the first try is greedy)."
     )
     limit: int | None = Field(None, ge=1, description="Only the first N pool samples (trials).")
-    batch_size: int = Field(32, ge=1, description="Unique questions per Ray Data batch.")
-    cache_flush_rows: int = Field(
+    batch_size: int = operational(32, ge=1, description="Unique questions per Ray Data batch.")
+    cache_flush_rows: int = operational(
         256, ge=1, description="Successes buffered before a cache shard is written."
     )
-    shard_rows: int = Field(200_000, ge=1, description="Rows per output shard of <ws>/skills.")
-    embed: bool = Field(
+    shard_rows: int = operational(
+        200_000, ge=1, description="Rows per output shard of <ws>/skills."
+    )
+    embed: bool = operational(
         True,
         description="Embed the descriptions into the skill space when done (the embed stage's "
         "'skill' space, configured in its section); False leaves it to `vlselect embed "

@@ -3,16 +3,17 @@
 What it does, for each space in ``--spaces``:
     1. checks in the driver that the input exists (``<ws>/pool``, or ``<ws>/skills`` for
        the skill space) and that the encoder's weights can be had here;
-    2. compares the fingerprint of the inputs and the encoder with ``meta.json``: the
-       same keeps the shards already finished (resume), a change starts the space over;
+    2. fingerprints the input artifact and the encoder (engine.commit): a space committed
+       with it is kept, an unfinished attempt with it resumes (finished shards kept), a
+       change starts a new attempt while the committed space stays readable;
     3. streams the unfinished shards through Ray Data: read Parquet -> decode and
        preprocess in CPU tasks -> an encoder actor pool (``ActorPoolStrategy``; GPUs,
        dtype, batch size, pool size from the config) -> parts written as they come;
     4. finishes each shard once all its rows are in (ids checked against the input),
-       then writes ``<ws>/embeddings/<space>/meta.json`` and prints a summary.
+       then commits the space (engine.artifacts.EmbeddingSpace) and prints a summary.
 
-Output: ``<ws>/embeddings/<space>/part-*.parquet`` (id, vector list<float32>,
-L2-normalised), one file per pool shard, in pool order.
+Output: ``<ws>/embeddings/<space>/``, one ``part-*.parquet`` (id, vector list<float32>,
+L2-normalised) per pool shard, in pool order.
 
 Raises:
     InputError: no pool or skills, an unknown space, weights that cannot be had (exit 2).
@@ -22,8 +23,6 @@ Raises:
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
 from typing import Any, Literal
@@ -38,6 +37,8 @@ from tqdm import tqdm
 
 from actors.adapter import ray_data_options
 from actors.encoder import EmbedActor
+from engine.artifacts import EmbeddingSpace, Pool, Skills, SpaceMeta
+from engine.commit import fingerprint, operational
 from engine.encoders import (
     EncoderSpec,
     ImagePreprocess,
@@ -52,7 +53,7 @@ from engine.resources import Resources
 from engine.shards import PARTS_DIR, finish_shard, finished_shards, stem, write_part
 from engine.text import instruction_text
 from engine.vectors import to_arrow
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "embed"
@@ -68,12 +69,12 @@ class SpaceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     encoder: EncoderSpec = Field(description="The model that embeds this space.")
-    batch_size: int = Field(64, ge=1, description="Rows per encoder call.")
-    min_actors: int = Field(1, ge=1, description="Smallest size of the encoder actor pool.")
-    max_actors: int = Field(
+    batch_size: int = operational(64, ge=1, description="Rows per encoder call.")
+    min_actors: int = operational(1, ge=1, description="Smallest size of the encoder actor pool.")
+    max_actors: int = operational(
         1, ge=1, description="Largest size of the pool (Ray Data scales between the two)."
     )
-    actor: Resources = Field(
+    actor: Resources = operational(
         default_factory=lambda: Resources(num_cpus=0.5),
         description="Resources of one encoder actor: num_gpus=1 on GPU nodes; fractional "
         "num_cpus so that the decode tasks keep CPUs (on 2 cores 1 CPU per actor starves them).",
@@ -112,14 +113,14 @@ class EmbedConfig(BaseModel):
         ),
         description="Skill space: MiniLM of the skills stage's descriptions (<ws>/skills).",
     )
-    preprocess_batch_size: int = Field(
+    preprocess_batch_size: int = operational(
         256, ge=1, description="Rows per decode-and-resize task batch."
     )
-    preprocess: Resources = Field(
+    preprocess: Resources = operational(
         default_factory=lambda: Resources(num_cpus=1.0),
         description="Resources of one decode-and-resize task.",
     )
-    overwrite: bool = Field(False, description="Start every space over, even if current.")
+    overwrite: bool = operational(False, description="Start every space over, even if current.")
 
 
 CONFIG = EmbedConfig
@@ -225,25 +226,9 @@ def _expected_ids(fs, source_file: str, space: str) -> pa.ChunkedArray:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def source_dir(space: str) -> str:
-    return "skills" if space == "skill" else "pool"
-
-
-def input_fingerprint(ws: Workspace, space: str) -> str:
-    """A digest of the input shards' names and Parquet footers (rows, sizes, statistics).
-
-    Footers change when the data does and not when a stage merely re-runs and rewrites
-    the same rows, so an unchanged input keeps its vectors. Cheap: no data is read.
-    """
-    digest = hashlib.sha256()
-    for f in ws.list_files(source_dir(space), suffix=".parquet"):
-        footer = pq.ParquetFile(f, filesystem=ws.fs).metadata.to_dict()
-        for group in footer.get("row_groups", []):
-            for column in group.get("columns", []):
-                column.pop("file_offset", None)
-        digest.update(stem(f).encode())
-        digest.update(json.dumps(footer, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+def upstream(ws: Workspace, space: str) -> Pool | Skills:
+    """The artifact a space embeds: the skills for ``skill``, else the pool."""
+    return Skills.open(ws) if space == "skill" else Pool.open(ws)
 
 
 def expected_rows(ws: Workspace, space: str, files: list[str]) -> dict[str, int]:
@@ -253,19 +238,18 @@ def expected_rows(ws: Workspace, space: str, files: list[str]) -> dict[str, int]
     return {stem(f): pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in files}
 
 
-def check_inputs(cfg: EmbedConfig, ws: Workspace) -> dict[str, list[str]]:
+def check_inputs(cfg: EmbedConfig, ws: Workspace) -> dict[str, tuple[Pool | Skills, list[str]]]:
     """Input files per space, checked before Ray starts. Raises InputError with the fix."""
     if not cfg.spaces:
         raise InputError("no spaces to embed: pass --spaces clip,dino,text[,skill]")
     inputs = {}
     for space in dict.fromkeys(cfg.spaces):
-        folder = source_dir(space)
-        files = ws.list_files(folder, suffix=".parquet")
+        source = upstream(ws, space)
+        files = source.files(suffix=".parquet")
         if not files:
-            fix = "vlselect skills" if space == "skill" else "vlselect ingest"
             raise InputError(
-                f"space {space!r} needs {ws.path(folder)} and it holds no Parquet files: "
-                f"run `{fix} --workspace {ws.uri}` first"
+                f"space {space!r} needs rows and {source.dir} holds no Parquet files: "
+                f"run `{source.command(ws, None)} --overwrite`"
             )
         need = (
             {"id", "status", "skill_text"} if space == "skill" else {"id", "image", "conversations"}
@@ -277,7 +261,7 @@ def check_inputs(cfg: EmbedConfig, ws: Workspace) -> dict[str, list[str]]:
                 f"reads (it has {sorted(have)}); re-run the stage that wrote it"
             )
         check_available(getattr(cfg, space).encoder)
-        inputs[space] = files
+        inputs[space] = (source, files)
     return inputs
 
 
@@ -286,7 +270,7 @@ def main(cfg: EmbedConfig, ws: Workspace) -> dict:
     timer = Timer()
     inputs = check_inputs(cfg, ws)
     connect()
-    results = [embed_space(cfg, ws, space, files) for space, files in inputs.items()]
+    results = [embed_space(cfg, ws, space, *found) for space, found in inputs.items()]
     rows: list[tuple[str, Any]] = []
     for r in results:
         weights = f", {r['weights']} weights" if r["weights"] == "random" else ""
@@ -301,45 +285,38 @@ def main(cfg: EmbedConfig, ws: Workspace) -> dict:
             rows.append(
                 ("", f"{r['no_image']} text-only, {r['undecodable']} undecodable: black image")
             )
-    rows += [("time", f"{timer.seconds:.1f} s"), ("embeddings", ws.path("embeddings"))]
+    rows += [("time", f"{timer.seconds:.1f} s")]
+    rows += [(f"  {r['space']}", r["path"]) for r in results]
     summary = {"spaces": results, "seconds": round(timer.seconds, 2)}
     print_summary(STAGE, rows, extra=summary)
     return summary
 
 
-def embed_space(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str]) -> dict:
+def embed_space(
+    cfg: EmbedConfig, ws: Workspace, space: str, source: Pool | Skills, files: list[str]
+) -> dict:
     """Embed one space, resuming its finished shards when its fingerprint is unchanged."""
     timer = Timer()
     space_cfg: SpaceConfig = getattr(cfg, space)
     spec = space_cfg.encoder
-    out_dir = ws.path("embeddings", space)
-    # Through JSON, as meta.json holds it (tuples come back as lists).
-    fingerprint = json.loads(
-        json.dumps({"input": input_fingerprint(ws, space), "encoder": spec.fingerprint()})
-    )
-    meta_path = f"{out_dir}/{META_FILE}"
-    old = ws.read_json(meta_path) if ws.exists("embeddings", space, META_FILE) else None
-    if cfg.overwrite or (old is not None and old.get("fingerprint") != fingerprint):
-        log.warning(
-            "%s: %s; starting the space over",
-            space,
-            "overwrite" if cfg.overwrite else "inputs or encoder changed since the last run",
-        )
-        ws.remove("embeddings", space)
-    elif old is None and ws.exists("embeddings", space):
-        ws.remove("embeddings", space)  # no meta: not ours to trust
-    ws.makedirs("embeddings", space)
-    ws.remove("embeddings", space, PARTS_DIR)  # parts of unfinished shards: recomputed
+    made_of = fingerprint(input=source.fingerprint, encoder=spec.fingerprint())
+    plan = EmbeddingSpace.begin(ws, space, made_of, overwrite=cfg.overwrite)
+    if plan.action == "current":
+        done = EmbeddingSpace.committed(ws, space, plan.manifest)
+        return _result(done, embedded=0, resumed=done.meta.vectors, seconds=timer.seconds)
+    attempt = plan.attempt
+    out_dir = attempt.dir
+    attempt.remove(PARTS_DIR)  # parts of unfinished shards: recomputed
     expected = expected_rows(ws, space, files)
-    done = finished_shards(ws.fs, out_dir) & set(expected)
-    pending = [f for f in files if stem(f) not in done]
-    ws.write_json(
-        meta_path, {"stage": STAGE, "space": space, "status": "running", "fingerprint": fingerprint}
-    )
+    done_shards = finished_shards(ws.fs, out_dir) & set(expected)
+    if done_shards:
+        log.info("%s: resuming, %d of %d shards kept", space, len(done_shards), len(expected))
+    pending = [f for f in files if stem(f) not in done_shards]
     stats = {"no_image": 0, "undecodable_ids": []}
+    image_root = source.meta.image_root if isinstance(source, Pool) else None
     if pending:
         _run(
-            _pipeline(cfg, ws, space, pending, out_dir),
+            _pipeline(cfg, ws, space, pending, out_dir, image_root),
             ws,
             out_dir,
             space,
@@ -349,36 +326,39 @@ def embed_space(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str]) -
         )
     if len(finished_shards(ws.fs, out_dir) & set(expected)) != len(expected):
         raise RuntimeError(f"{space}: not every shard finished; run again to resume")
-    ws.remove("embeddings", space, PARTS_DIR)
     vectors = sum(expected.values())
-    dim = _dim(ws, out_dir, files) if vectors else 0
-    result = {
-        "space": space,
-        "model": spec.model,
-        "weights": "random" if spec.random_weights else "pretrained",
-        "source": weights_source(spec),
-        "dim": dim,
-        "vectors": vectors,
-        "shards": len(expected),
-        "embedded": sum(expected[stem(f)] for f in pending),
-        "resumed": sum(expected[s] for s in done),
-        "no_image": stats["no_image"],
-        "undecodable": len(stats["undecodable_ids"]),
-        "undecodable_examples": stats["undecodable_ids"][:20],
-        "seconds": round(timer.seconds, 2),
-        "path": out_dir,
-    }
-    ws.write_json(
-        meta_path,
-        {
-            "stage": STAGE,
-            "status": "complete",
-            "fingerprint": fingerprint,
-            "config": space_cfg.model_dump(mode="json"),
-            **result,
-        },
+    meta = SpaceMeta(
+        space=space,
+        model=spec.model,
+        weights="random" if spec.random_weights else "pretrained",
+        source=weights_source(spec),
+        dim=_dim(ws, out_dir, files) if vectors else 0,
+        vectors=vectors,
+        shards=len(expected),
+        no_image=stats["no_image"],
+        undecodable=len(stats["undecodable_ids"]),
+        undecodable_examples=stats["undecodable_ids"][:20],
+        seconds=round(timer.seconds, 2),
+        config=space_cfg.model_dump(mode="json"),
     )
-    return result
+    done = EmbeddingSpace.committed(ws, space, attempt.commit(meta))
+    return _result(
+        done,
+        embedded=sum(expected[stem(f)] for f in pending),
+        resumed=sum(expected[s] for s in done_shards),
+        seconds=timer.seconds,
+    )
+
+
+def _result(done: EmbeddingSpace, embedded: int, resumed: int, seconds: float) -> dict:
+    m = done.meta
+    return {
+        **m.model_dump(exclude={"config", "seconds"}),
+        "embedded": embedded,
+        "resumed": resumed,
+        "seconds": round(seconds, 2),
+        "path": done.dir,
+    }
 
 
 def _dim(ws: Workspace, out_dir: str, files: list[str]) -> int:
@@ -390,7 +370,9 @@ def _dim(ws: Workspace, out_dir: str, files: list[str]) -> int:
     return 0
 
 
-def _pipeline(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str], out_dir: str):
+def _pipeline(
+    cfg: EmbedConfig, ws: Workspace, space: str, files: list[str], out_dir: str, image_root
+):
     space_cfg: SpaceConfig = getattr(cfg, space)
     pre = ray_data_options(cfg.preprocess)
     if space in IMAGE_SPACES:
@@ -409,7 +391,6 @@ def _pipeline(cfg: EmbedConfig, ws: Workspace, space: str, files: list[str], out
         **pre,
     )
     if space in IMAGE_SPACES:
-        image_root = ws.read_json(ws.path("pool", META_FILE)).get("image_root")
         prep = preprocess_for(space_cfg.encoder).__dict__
         ds = ds.map_batches(
             _prepare_images,

@@ -11,7 +11,7 @@ What it does:
     4. generates the rest through the backend (``transformers`` | ``openai`` | ``vllm``);
        every row ends "ok" or "failed" with its reason after ``max_attempts`` tries;
     5. writes one row per pool id to ``<ws>/skills/`` (id, skills, skill_text, raw,
-       status, reason, prompt_version, model) and ``meta.json``, staged then promoted,
+       status, reason, prompt_version, model), committed (engine.artifacts.Skills),
        and prints counts: ok / failed / cached / generated, samples/s, tokens/s.
 
 A re-run regenerates nothing that succeeded; it retries only what failed or was
@@ -21,7 +21,7 @@ does the same on its own; it resumes, so an unchanged skills table is not re-emb
 
 Raises:
     InputError: no pool, or a backend config that cannot work (exit 2, nothing written).
-    RuntimeError: a pool id got no row, i.e. rows were lost (exit 1, nothing promoted).
+    RuntimeError: a pool id got no row, i.e. rows were lost (exit 1, nothing committed).
 """
 
 from __future__ import annotations
@@ -47,13 +47,15 @@ from actors.llm import (
     resolve_transformers_model,
 )
 from actors.vllm import generate_vllm, vllm_processor_config
+from engine.artifacts import Pool, Skills, SkillsMeta
+from engine.commit import fingerprint
 from engine.config import build_config
 from engine.errors import InputError
 from engine.skills import PROMPT_VERSION, RESULT_SCHEMA, cache_key
 from engine.skills_config import SkillsConfig
-from engine.skills_store import CACHE_DIR, CacheWriter, assemble, pool_fingerprint, read_cache
+from engine.skills_store import CACHE_DIR, CacheWriter, assemble, read_cache
 from engine.text import instruction_text
-from engine.workspace import META_FILE, Workspace, write_table_atomic
+from engine.workspace import Workspace, write_table_atomic
 from jobs import embed
 from jobs.runtime import Timer, connect, print_summary
 
@@ -72,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
-    out = {k: getattr(args, k) for k in ("backend", "model", "limit") if getattr(args, k, None)}
+    keys = ("backend", "model", "limit")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "base_url", None):
         out["openai"] = {"base_url": args.base_url}
     return out
@@ -116,11 +119,8 @@ def api_key(cfg: SkillsConfig) -> Secret | None:
     return Secret(value)
 
 
-def check_input(cfg: SkillsConfig, ws: Workspace) -> None:
-    if not ws.list_files("pool", suffix=".parquet"):
-        raise InputError(
-            f"no pool in {ws.path('pool')}: run `vlselect ingest --workspace {ws.uri}` first"
-        )
+def check_input(cfg: SkillsConfig, ws: Workspace) -> Pool:
+    pool = Pool.open(ws)
     if cfg.backend == "openai" and not cfg.openai.base_url:
         raise InputError(
             "the openai backend needs the server's URL: pass --base-url http://HOST:PORT/v1 "
@@ -140,6 +140,7 @@ def check_input(cfg: SkillsConfig, ws: Workspace) -> None:
                 "export the key as an environment variable and name it in "
                 "skills.openai.api_key_env"
             )
+    return pool
 
 
 def _add_keys(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
@@ -148,7 +149,7 @@ def _add_keys(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
     return pa.table({"id": batch.column("id"), "key": keys, "question": questions})
 
 
-def read_keys(cfg: SkillsConfig, ws: Workspace, model: str) -> tuple[pa.Table, dict[str, str]]:
+def read_keys(cfg: SkillsConfig, pool: Pool, model: str) -> tuple[pa.Table, dict[str, str]]:
     """``(id, key)`` of every pool sample in pool order, and each unique key's question."""
     # Pool order in, pool order out, and --limit takes the *first* N: this cheap pass
     # preserves order (a dataset keeps the context it was created with).
@@ -156,9 +157,9 @@ def read_keys(cfg: SkillsConfig, ws: Workspace, model: str) -> tuple[pa.Table, d
     preserve = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ds = ray.data.read_parquet(
-            ws.list_files("pool", suffix=".parquet"), filesystem=ws.fs
-        ).select_columns(["id", "conversations"])
+        ds = ray.data.read_parquet(pool.shards, filesystem=pool.ws.fs).select_columns(
+            ["id", "conversations"]
+        )
         if cfg.limit:
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(
@@ -239,12 +240,20 @@ def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
 def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     """Run the skills stage; see the module docstring. Returns the summary dict."""
     timer = Timer()
-    check_input(cfg, ws)
+    pool = check_input(cfg, ws)
     model = model_id(cfg)
     if cfg.backend == "openai":
         api_key(cfg)  # refuse a missing key variable before Ray starts
+    made_of = fingerprint(pool=pool.fingerprint, model=model, prompt=PROMPT_VERSION, config=cfg)
+    plan = Skills.begin(ws, None, made_of)
+    if plan.action == "current" and Skills.committed(ws, None, plan.manifest).meta.failed:
+        plan = Skills.begin(ws, None, made_of, overwrite=True)  # retry what failed
+    if plan.action == "current":
+        done = Skills.committed(ws, None, plan.manifest)
+        print_summary(STAGE, [("skills", f"current, nothing asked again ({done.dir})")])
+        return _then_embed(cfg, ws, done.meta.summary, done.meta.ok)
     connect()
-    ids, questions = read_keys(cfg, ws, model)
+    ids, questions = read_keys(cfg, pool, model)
     cached_keys = set(read_cache(ws, set(questions)).column("key").to_pylist())
     todo = [k for k in questions if k not in cached_keys]
     pending = pa.table(
@@ -271,19 +280,16 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     failed_table = pa.concat_tables(failures)
     cached = read_cache(ws, set(questions))
     table = assemble(ids, cached, failed_table, model)
-    staging = ws.staging_dir(STAGE)
-    try:
-        for i, start in enumerate(range(0, max(table.num_rows, 1), cfg.shard_rows)):
-            write_table_atomic(
-                ws.fs, f"{staging}/part-{i:05d}.parquet", table.slice(start, cfg.shard_rows)
-            )
-        if ws.parquet_rows(staging) != ids.num_rows:
-            raise RuntimeError(
-                f"skills wrote {ws.parquet_rows(staging)} rows for {ids.num_rows} ids; nothing was promoted"
-            )
-        out_dir = ws.promote(staging, STAGE)
-    finally:
-        ws.discard(staging)
+    attempt = plan.attempt
+    for i, start in enumerate(range(0, max(table.num_rows, 1), cfg.shard_rows)):
+        write_table_atomic(
+            ws.fs, attempt.path(f"part-{i:05d}.parquet"), table.slice(start, cfg.shard_rows)
+        )
+    if ws.parquet_rows(attempt.dir) != ids.num_rows:
+        raise RuntimeError(
+            f"skills wrote {ws.parquet_rows(attempt.dir)} rows for {ids.num_rows} ids; "
+            "nothing was committed"
+        )
     status = Counter(table.column("status").to_pylist())
     seconds = timer.seconds
     summary = {
@@ -306,17 +312,21 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         "samples_per_s": round(ids.num_rows / max(seconds, 1e-9), 2),
         "generated_per_s": round(len(todo) / max(gen_seconds, 1e-9), 2) if todo else None,
         "tokens_per_s": round(tokens["completion"] / max(gen_seconds, 1e-9), 1) if todo else None,
-        "skills": out_dir,
-    }
-    meta = {
-        "stage": STAGE,
-        # The key's variable *name* is config; the key itself is never read into it.
-        "config": cfg.model_dump(mode="json"),
-        "pool_fingerprint": pool_fingerprint(ws),
         "cache": ws.path(*CACHE_DIR),
-        **summary,
     }
-    ws.write_json(f"{out_dir}/{META_FILE}", meta)
+    meta = SkillsMeta(
+        backend=cfg.backend,
+        model=model,
+        prompt_version=PROMPT_VERSION,
+        samples=ids.num_rows,
+        ok=status["ok"],
+        failed=status["failed"],
+        pool=pool.fingerprint,
+        summary=summary,
+        config=cfg.model_dump(mode="json"),
+    )
+    out_dir = Skills.committed(ws, None, attempt.commit(meta)).dir
+    summary["skills"] = out_dir
     rows = [
         ("backend / model", f"{cfg.backend} / {model}"),
         ("prompt", PROMPT_VERSION),
@@ -337,11 +347,15 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     print_summary(STAGE, rows, extra=summary)
     for row in table.filter(pc.equal(table.column("status"), "failed")).slice(0, 5).to_pylist():
         print(f"  failed {row['id']!r}: {row['reason']}")
-    if cfg.embed and status["ok"]:
+    return _then_embed(cfg, ws, summary, status["ok"])
+
+
+def _then_embed(cfg: SkillsConfig, ws: Workspace, summary: dict, ok: int) -> dict:
+    if cfg.embed and ok:
         embed_cfg = build_config(
             embed.STAGE, embed.CONFIG, ws.read_config(), {"embed": {"spaces": ["skill"]}}
         )
-        summary["embed"] = embed.main(embed_cfg, ws)["spaces"][0]
+        summary = {**summary, "embed": embed.main(embed_cfg, ws)["spaces"][0]}
     return summary
 
 
