@@ -19,12 +19,12 @@ What it does:
        the run is started again with the same inputs and config);
     6. handles clusters smaller than ``min_cluster_size``: ``keep`` reports them,
        ``merge`` drops their centroids and assigns their rows again to the others;
-    7. writes ``meta.json`` (K, sizes, objective per iteration, small clusters and what
-       was done with them) and prints a summary.
+    7. commits the clustering (engine.artifacts.Clustering: K, sizes, objective per
+       iteration, small clusters and what was done with them) and prints a summary.
 
 Output ``<ws>/clusters/<name>/``: ``assignments/<shard>.parquet`` (id, cluster int32,
 similarity float32: the cosine to its centroid), ``centroids.npy`` float32 (K, D),
-``excluded/<shard>.parquet`` (id, reason) when rows were left out, ``meta.json``.
+``excluded/<shard>.parquet`` (id, reason) when rows were left out.
 
 Raises:
     InputError: a space not embedded or unfinished, spaces sharded differently, K larger
@@ -34,7 +34,6 @@ Raises:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any, Literal
@@ -53,6 +52,8 @@ from actors.kmeans import (
     save_centroids,
     write_shard_assignments,
 )
+from engine.artifacts import Clustering, ClusteringMeta
+from engine.commit import fingerprint, operational
 from engine.embeddings import SPACES, EmbeddedSpace, open_space
 from engine.errors import InputError
 from engine.kmeans import (
@@ -67,7 +68,7 @@ from engine.kmeans import (
     train_spherical,
 )
 from engine.resources import Resources
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_summary
 
 STAGE = "cluster"
@@ -80,7 +81,7 @@ class ClusterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(
+    name: str | None = operational(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Name of the clustering: output goes to <ws>/clusters/<name>/.",
@@ -115,24 +116,26 @@ class ClusterConfig(BaseModel):
         description="Cap on the fit's sample whatever K, which bounds the fit's memory "
         "(500k x 1408-d float32 = 2.8 GB); None: K x max_points_per_centroid only.",
     )
-    gpu: bool = Field(False, description="Fit and assign on GPUs (faiss-gpu; give num_gpus).")
-    fit: Resources = Field(
+    gpu: bool = operational(False, description="Fit and assign on GPUs (faiss-gpu; give num_gpus).")
+    fit: Resources = operational(
         default_factory=lambda: Resources(num_cpus=1),
         description="Resources of the fitting task (num_gpus=1 with gpu=true).",
     )
-    fit_threads: int = Field(
+    fit_threads: int = operational(
         0,
         ge=0,
         description="faiss threads of the fit; 0 takes every core of the node it runs on "
         "(nothing else of the stage runs while it fits).",
     )
-    read: Resources = Field(
+    read: Resources = operational(
         default_factory=lambda: Resources(num_cpus=0.5),
         description="Resources of one shard-reading task of the sampling pass.",
     )
-    min_actors: int = Field(1, ge=1, description="Smallest size of the assignment actor pool.")
-    max_actors: int = Field(2, ge=1, description="Largest size of the assignment actor pool.")
-    actor: Resources = Field(
+    min_actors: int = operational(
+        1, ge=1, description="Smallest size of the assignment actor pool."
+    )
+    max_actors: int = operational(2, ge=1, description="Largest size of the assignment actor pool.")
+    actor: Resources = operational(
         default_factory=lambda: Resources(num_cpus=0.5),
         description="Resources of one assignment actor (its faiss threads = max(1, num_cpus)).",
     )
@@ -149,7 +152,7 @@ class ClusterConfig(BaseModel):
         description="keep: report small clusters; merge: drop their centroids and assign "
         "their rows to the nearest remaining centroid.",
     )
-    overwrite: bool = Field(False, description="Start over even if a current result exists.")
+    overwrite: bool = operational(False, description="Start over even if a current result exists.")
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -213,41 +216,23 @@ def check_inputs(cfg: ClusterConfig, ws: Workspace) -> list[EmbeddedSpace]:
     return spaces
 
 
-def fingerprint(cfg: ClusterConfig, spaces: list[EmbeddedSpace]) -> dict:
-    # Where and how fast it runs does not change the result; everything else does.
-    how = {"name", "gpu", "fit", "fit_threads", "read", "min_actors", "max_actors", "actor"}
-    return json.loads(
-        json.dumps(
-            {
-                "inputs": {s.space: s.fingerprint for s in spaces},
-                "config": cfg.model_dump(mode="json", exclude=how | {"overwrite"}),
-            }
-        )
-    )
-
-
 def main(cfg: ClusterConfig, ws: Workspace) -> dict:
-    """Cluster the pool; see the module docstring. Returns the summary written to meta.json."""
+    """Cluster the pool; see the module docstring. Returns the clustering's figures."""
     timer = Timer()
     spaces = check_inputs(cfg, ws)
-    out_dir = ws.path("clusters", cfg.name)
-    meta_path = f"{out_dir}/{META_FILE}"
-    key = fingerprint(cfg, spaces)
-    old = ws.read_json(meta_path) if ws.exists("clusters", cfg.name, META_FILE) else None
-    if old and old.get("fingerprint") == key and not cfg.overwrite:
-        if old.get("status") == "complete":
-            _print(old, ws, reused=True)
-            return old
-    else:
-        ws.remove("clusters", cfg.name)
-        old = None
-    ws.makedirs("clusters", cfg.name)
+    made_of = fingerprint(inputs={s.space: s.fingerprint for s in spaces}, config=cfg)
+    plan = Clustering.begin(ws, cfg.name, made_of, overwrite=cfg.overwrite)
+    if plan.action == "current":
+        done = Clustering.committed(ws, cfg.name, plan.manifest)
+        _print(done, reused=True)
+        return _figures(done)
+    attempt = plan.attempt
+    out_dir = attempt.dir
     connect()
-    state = dict(old) if old and old.get("status") == "assigning" else {}
+    state = attempt.read_state()  # the fit of an interrupted attempt: not fitted again
     if not state:
         state = _fit(cfg, ws, spaces, out_dir)
-        state.update(status="assigning", fingerprint=key, name=cfg.name)
-        ws.write_json(meta_path, state)
+        attempt.write_state(state)
     assign_timer = Timer()
     while True:
         _assign(cfg, ws, spaces, out_dir)
@@ -263,19 +248,31 @@ def main(cfg: ClusterConfig, ws: Workspace) -> dict:
             {"dropped": small.tolist(), "rows_moved": int(sizes[small].sum())}
         ]
         state["k"] = len(keep)
-        ws.remove("clusters", cfg.name, "assignments")
-        ws.write_json(meta_path, state)
+        attempt.remove("assignments")
+        attempt.write_state(state)
         log.warning("%d small clusters merged into their neighbours; assigning again", len(small))
     state["assign_seconds"] = round(assign_timer.seconds, 2)
     state.update(
-        describe_assignments(ws, out_dir, sizes, small, cfg.min_cluster_size, cfg.small_clusters),
-        status="complete",
+        describe_assignments(ws, out_dir, sizes, small, cfg.min_cluster_size, cfg.small_clusters)
     )
     state["seconds"] = round(timer.seconds, 2)
-    state["config"] = cfg.model_dump(mode="json")
-    ws.write_json(meta_path, state)
-    _print(state, ws, reused=False)
-    return state
+    meta = ClusteringMeta(
+        name=cfg.name,
+        k=int(state["k"]),
+        spaces=list(state["spaces"]),
+        weights=state["weights"],
+        rows_assigned=int(state["rows_assigned"]),
+        summary={k: v for k, v in state.items() if k not in ClusteringMeta.model_fields},
+        config=cfg.model_dump(mode="json"),
+    )
+    done = Clustering.committed(ws, cfg.name, attempt.commit(meta))
+    _print(done, reused=False)
+    return _figures(done)
+
+
+def _figures(done: Clustering) -> dict:
+    m = done.meta
+    return {**m.summary, **m.model_dump(exclude={"summary"}), "path": done.dir}
 
 
 def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir: str) -> dict:
@@ -431,10 +428,11 @@ def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_
             bar.update()
 
 
-_NOT_IN_SUMMARY = ("sizes", "iterations", "objective", "objective_runs", "config", "fingerprint")
+_NOT_IN_SUMMARY = ("sizes", "iterations", "objective", "objective_runs", "config")
 
 
-def _print(meta: dict, ws: Workspace, reused: bool) -> None:
+def _print(done: Clustering, reused: bool) -> None:
+    meta = _figures(done)
     objective = meta.get("objective") or [0.0]
     small = meta["small_clusters"]
     merged = sum(len(m["dropped"]) for m in meta.get("merged", []))
@@ -451,7 +449,7 @@ def _print(meta: dict, ws: Workspace, reused: bool) -> None:
                   f"{len(small['small'])} below {small['min_cluster_size']} "
                   f"({small['policy']}{f', {merged} merged' if merged else ''})"),
         ("time", "current, nothing recomputed" if reused else f"{meta['seconds']} s"),
-        ("clusters", ws.path("clusters", meta["name"])),
+        ("clusters", done.dir),
     ]  # fmt: skip
     print_summary(STAGE, rows, extra={k: v for k, v in meta.items() if k not in _NOT_IN_SUMMARY})
 

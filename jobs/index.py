@@ -1,32 +1,32 @@
 """``vlselect index``: one FAISS index per shard of an embedded space, built in parallel.
 
 What it does:
-    1. checks in the driver, before Ray starts, that the space is embedded and finished
-       (``<ws>/embeddings/<space>/meta.json`` complete), that 1 <= shards <= rows, and that
+    1. checks in the driver, before Ray starts, that the space is embedded and committed,
+       that 1 <= shards <= rows, and that
        the factory string parses and each shard has the rows its training needs;
     2. splits the space's N rows (in embedding-file order) into ``--shards`` contiguous,
        balanced ranges and compares the fingerprint (the embeddings' fingerprint, the
-       factory, the shard count, the bad-row policy, faiss's version) with ``meta.json``:
-       the same keeps the shards already finished (resume), a change or ``--overwrite``
-       rebuilds every shard;
+       factory, the shard count, the bad-row policy, faiss's version; engine.commit):
+       a committed index with it is kept, an unfinished attempt with it resumes (its
+       finished shards kept), a change or ``--overwrite`` builds a new attempt;
     3. builds each unfinished shard in a Ray task (resources from ``task``): reads only
        the embedding files that hold its range, refuses NaN, inf or all-zero vectors (or
-       leaves them out with ``on_bad_rows: exclude``, counted in ``meta.json``), trains
+       leaves them out with ``on_bad_rows: exclude``, counted in the meta), trains
        where the factory needs it, adds the vectors (label i = the shard's i-th id), and
        writes ``shard-XXXX.ids.parquet`` then ``shard-XXXX.faiss`` (atomically: the
        ``.faiss`` file marks the shard finished);
-    4. writes ``meta.json`` (status, dim, rows per shard, factory, metric, seconds) and
-       prints a summary.
+    4. commits the index (engine.artifacts.Index: dim, rows per shard, factory, metric,
+       seconds) and prints a summary.
 
 Output: ``<ws>/index/<space>/shard-XXXX.faiss`` (``faiss.serialize_index``, inner product:
 the vectors are L2-normalised, so scores are cosine similarities) and
-``shard-XXXX.ids.parquet`` (id string, in label order), ``meta.json``.
+``shard-XXXX.ids.parquet`` (id string, in label order).
 
 Raises:
     InputError: no finished embeddings for the space, an unknown space, shards < 1 or
         more than the rows, a factory that does not parse or that a shard's rows cannot
         train, bad vectors (named with their count) when ``on_bad_rows`` is ``error``
-        (exit 2; what this run wrote is removed).
+        (exit 2; what this run wrote is discarded).
     RuntimeError / a Ray task error: a build failed (exit 1; finished shards are kept
         and a re-run resumes).
 """
@@ -34,7 +34,6 @@ Raises:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any, Literal
@@ -48,11 +47,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from actors.adapter import ray_options
+from engine.artifacts import Index, IndexMeta
+from engine.commit import Attempt, fingerprint, operational
 from engine.embeddings import EmbeddedSpace, open_space, read_vectors, unusable_rows
 from engine.errors import InputError
 from engine.knn import build_index, check_trainable, file_slices, shard_name, shard_ranges
 from engine.resources import Resources
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "index"
@@ -77,20 +78,20 @@ class IndexConfig(BaseModel):
         description="NaN, inf or all-zero vectors: 'error' refuses the space (exit 2), "
         "'exclude' leaves those rows out of the index and counts them in meta.json.",
     )
-    gpu: bool = Field(
+    gpu: bool = operational(
         False,
         description="Train and add on the task's GPU (needs faiss-gpu and task.num_gpus); "
         "the index is stored for the CPU either way.",
     )
-    threads: int = Field(
+    threads: int = operational(
         0, ge=0, description="faiss threads per build task; 0: Ray's, floor(task.num_cpus)."
     )
-    task: Resources = Field(
+    task: Resources = operational(
         default_factory=lambda: Resources(num_cpus=1.0),
         description="Resources of one shard's build task (num_gpus with gpu: true; "
         "memory_gb about 2-3x the shard's vectors).",
     )
-    overwrite: bool = Field(False, description="Rebuild every shard, even if current.")
+    overwrite: bool = operational(False, description="Rebuild every shard, even if current.")
 
 
 CONFIG = IndexConfig
@@ -152,7 +153,7 @@ def build_shard(
     except InputError as err:
         return {"shard": shard, "problem": f"shard {shard}: {err}"}
     name = shard_name(shard)
-    out_dir = ws.path("index", cfg["space"])
+    out_dir = cfg["out_dir"]
     ws.write_table(f"{out_dir}/{name}.ids.parquet", pa.table({"id": ids}))
     ws.write_bytes(f"{out_dir}/{name}.faiss", memoryview(faiss.serialize_index(index)))
     return {"shard": shard, "rows": len(ids), "excluded": n_bad, "seconds": timer.seconds}
@@ -180,25 +181,10 @@ def check_inputs(cfg: IndexConfig, ws: Workspace) -> EmbeddedSpace:
     return space
 
 
-def fingerprint(cfg: IndexConfig, space: EmbeddedSpace) -> object:
-    """What the shards are made from; through JSON, as meta.json holds it."""
-    made_of = {
-        "embeddings": space.fingerprint,
-        "vectors": space.rows,
-        "dim": space.dim,
-        "factory": cfg.factory,
-        "shards": cfg.shards,
-        "on_bad_rows": cfg.on_bad_rows,
-        "faiss": faiss.__version__,
-    }
-    return json.loads(json.dumps(made_of, default=str))
-
-
 def main(cfg: IndexConfig, ws: Workspace) -> dict:
     """Build ``<ws>/index/<space>``; see the module docstring. Returns the summary."""
     timer = Timer()
     space = check_inputs(cfg, ws)
-    connect()
     result = build(cfg, ws, space)
     per_shard = result["rows_per_shard"]
     rows = [
@@ -215,64 +201,59 @@ def main(cfg: IndexConfig, ws: Workspace) -> dict:
 
 
 def build(cfg: IndexConfig, ws: Workspace, space: EmbeddedSpace) -> dict:
-    """Build the unfinished shards, resuming when the fingerprint is unchanged."""
+    """Build the unfinished shards, resuming an attempt of the same fingerprint."""
     timer = Timer()
     name = space.space
-    out_dir = ws.path("index", name)
-    meta_path = f"{out_dir}/{META_FILE}"
-    made_of = fingerprint(cfg, space)
-    old = ws.read_json(meta_path) if ws.exists("index", name, META_FILE) else None
-    if cfg.overwrite or (old is not None and old.get("fingerprint") != made_of):
-        log.warning(
-            "%s: %s; rebuilding every shard",
-            name,
-            "overwrite" if cfg.overwrite else "embeddings or index config changed",
-        )
-        ws.remove("index", name)
-        old = None
-    elif old is None and ws.exists("index", name):
-        ws.remove("index", name)  # no meta: not ours to trust
-    ws.makedirs("index", name)
-    done = {s for s in range(cfg.shards) if ws.exists("index", name, f"{shard_name(s)}.faiss")}
-    pending = [s for s in range(cfg.shards) if s not in done]
+    made_of = fingerprint(embeddings=space.fingerprint, config=cfg, faiss=faiss.__version__)
+    plan = Index.begin(ws, name, made_of, overwrite=cfg.overwrite)
+    if plan.action == "current":
+        done = Index.committed(ws, name, plan.manifest)
+        return _result(done, built=0, kept=done.meta.shards, seconds={})
+    attempt = plan.attempt
+    if plan.action == "start" and plan.manifest is not None:
+        log.warning("%s: %s; rebuilding every shard", name,
+                    "overwrite" if cfg.overwrite else "embeddings or index config changed")  # fmt: skip
+    done_shards = {s for s in range(cfg.shards) if attempt.exists(f"{shard_name(s)}.faiss")}
+    pending = [s for s in range(cfg.shards) if s not in done_shards]
     ranges = shard_ranges(space.rows, cfg.shards)
-    ws.write_json(
-        meta_path, {"stage": STAGE, "space": name, "status": "running", "fingerprint": made_of}
-    )
-    results = _run(cfg, ws, space, pending, ranges)
-    _refuse_problems(cfg, ws, name, results, old)
-    built = {r["shard"]: r for r in results}
+    connect()
+    results = _run(cfg, ws, space, pending, ranges, attempt.dir)
+    _refuse_problems(ws, name, results, attempt)
     per_shard, excluded = [], []
     for s, (start, stop) in enumerate(ranges):
-        rows = pq.ParquetFile(f"{out_dir}/{shard_name(s)}.ids.parquet", filesystem=ws.fs)
+        rows = pq.ParquetFile(attempt.path(f"{shard_name(s)}.ids.parquet"), filesystem=ws.fs)
         per_shard.append(rows.metadata.num_rows)
         excluded.append(stop - start - per_shard[-1])
-    result = {
-        "space": name,
-        "factory": cfg.factory,
-        "metric": "inner_product",
-        "dim": space.dim,
-        "vectors": space.rows,
-        "rows": sum(per_shard),
-        "shards": cfg.shards,
-        "rows_per_shard": per_shard,
-        "excluded": sum(excluded),
-        "excluded_per_shard": excluded,
-        "built": len(pending),
-        "kept": len(done),
-        "build_seconds_per_shard": {s: round(r["seconds"], 2) for s, r in built.items()},
-        "seconds": round(timer.seconds, 2),
-        "path": out_dir,
-    }
-    config = cfg.model_dump(mode="json", exclude={"overwrite"})
-    ws.write_json(
-        meta_path,
-        {"stage": STAGE, "status": "complete", "fingerprint": made_of, "config": config, **result},
+    meta = IndexMeta(
+        space=name,
+        factory=cfg.factory,
+        metric="inner_product",
+        dim=space.dim,
+        vectors=space.rows,
+        rows=sum(per_shard),
+        shards=cfg.shards,
+        rows_per_shard=per_shard,
+        excluded=sum(excluded),
+        excluded_per_shard=excluded,
+        seconds=round(timer.seconds, 2),
+        config=cfg.model_dump(mode="json"),
     )
-    return result
+    done = Index.committed(ws, name, attempt.commit(meta))
+    seconds = {r["shard"]: round(r["seconds"], 2) for r in results}
+    return _result(done, built=len(pending), kept=len(done_shards), seconds=seconds)
 
 
-def _run(cfg, ws, space, pending, ranges) -> list[dict]:
+def _result(done: Index, built: int, kept: int, seconds: dict) -> dict:
+    return {
+        **done.meta.model_dump(exclude={"config"}),
+        "built": built,
+        "kept": kept,
+        "build_seconds_per_shard": seconds,
+        "path": done.dir,
+    }
+
+
+def _run(cfg, ws, space, pending, ranges, out_dir: str) -> list[dict]:
     rows_per_file = [pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in space.files]
     task_cfg = {
         "space": space.space,
@@ -280,6 +261,7 @@ def _run(cfg, ws, space, pending, ranges) -> list[dict]:
         "on_bad_rows": cfg.on_bad_rows,
         "gpu": cfg.gpu,
         "threads": cfg.threads,
+        "out_dir": out_dir,
     }
     opts = ray_options(cfg.task)
     refs = []
@@ -297,20 +279,14 @@ def _run(cfg, ws, space, pending, ranges) -> list[dict]:
     return results
 
 
-def _refuse_problems(cfg, ws, name, results, old) -> None:
-    """Bad input found by the tasks: remove what this run wrote, then one InputError."""
+def _refuse_problems(ws: Workspace, name: str, results: list[dict], attempt: Attempt) -> None:
+    """Bad input found by the tasks: discard this attempt (a committed index stays as it
+    was), then one InputError."""
     bad = [r for r in results if r.get("bad")]
     problems = [r["problem"] for r in results if r.get("problem")]
     if not bad and not problems:
         return
-    for r in results:
-        if "rows" in r:
-            ws.remove("index", name, f"{shard_name(r['shard'])}.faiss")
-            ws.remove("index", name, f"{shard_name(r['shard'])}.ids.parquet")
-    if old is not None:
-        ws.write_json(ws.path("index", name, META_FILE), old)
-    else:
-        ws.remove("index", name)
+    ws.discard(attempt.dir)
     if problems:
         raise InputError(f"space {name!r}: " + "; ".join(sorted(set(problems))))
     count = sum(r["bad"] for r in bad)
