@@ -27,15 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import ray
 from ray.util.metrics import Counter, Gauge
 
 from actors.adapter import NAMESPACE, ray_options
+from engine.artifacts import Clustering, Pool
 from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings
 from engine.progress import PoolClusters
 from engine.resources import Resources
-from engine.workspace import META_FILE, Workspace, read_parquet_dir
+from engine.workspace import Workspace
 
 log = logging.getLogger("vlselect.progress")
 STATE_FILE = "coordinator/state.npz"
@@ -45,10 +45,13 @@ def round_file(run_dir: str, round_index: int) -> str:
     return f"{run_dir}/rounds/round-{round_index:04d}.parquet"
 
 
-def load_pool_clusters(ws: Workspace, clusters_dir: str) -> tuple[pa.Array, PoolClusters]:
+def load_pool_clusters(
+    ws: Workspace, assignments: list[str], k: int
+) -> tuple[pa.Array, PoolClusters]:
     """The clustered pool: ids string (n,) and their labels, in assignment-file order."""
-    table = read_parquet_dir(f"{clusters_dir}/assignments", ws.fs, columns=["id", "cluster"])
-    k = int(ws.read_json(f"{clusters_dir}/{META_FILE}")["k"])
+    table = pads.dataset(assignments, filesystem=ws.fs, format="parquet").to_table(
+        columns=["id", "cluster"]
+    )
     labels = table.column("cluster").to_numpy()
     return table.column("id").combine_chunks(), PoolClusters.from_labels(labels, k)
 
@@ -58,10 +61,15 @@ class Coordinator:
     method is idempotent by round number, so Ray may retry calls in flight."""
 
     def __init__(
-        self, ws: Workspace, run_dir: str, clusters_dir: str, pool_dir: str, settings: dict
+        self,
+        ws: Workspace,
+        run_dir: str,
+        clustering: dict,
+        pool_files: list[str],
+        settings: dict,
     ):
-        self.ws, self.run_dir, self.pool_dir = ws, run_dir, pool_dir
-        self.ids, clusters = load_pool_clusters(ws, clusters_dir)
+        self.ws, self.run_dir, self.pool_files = ws, run_dir, pool_files
+        self.ids, clusters = load_pool_clusters(ws, clustering["assignments"], clustering["k"])
         wanted = ProgressSettings(**settings)
         path = f"{run_dir}/{STATE_FILE}"
         if ws.fs.get_file_info(path).type.name != "NotFound":
@@ -155,16 +163,11 @@ class Coordinator:
 
     def _reveal(self, path: str, ids: pa.Array, labels: np.ndarray) -> None:
         """Read the selected rows' records (answers included) from the pool: the oracle."""
-        files = [
-            i.path
-            for i in self.ws.fs.get_file_info(pafs.FileSelector(self.pool_dir))
-            if i.path.endswith(".parquet")
-        ]
-        dataset = pads.dataset(files, filesystem=self.ws.fs, format="parquet")
+        dataset = pads.dataset(self.pool_files, filesystem=self.ws.fs, format="parquet")
         table = dataset.to_table(filter=pc.field("id").isin(ids))
         if table.num_rows != len(ids):
             raise RuntimeError(
-                f"the pool at {self.pool_dir} holds {table.num_rows} of the {len(ids)} rows "
+                f"the pool holds {table.num_rows} of the {len(ids)} rows "
                 "selected: the pool changed after clustering; run `vlselect cluster` again"
             )
         order = pc.index_in(ids, value_set=table.column("id"))
@@ -195,8 +198,8 @@ class Coordinator:
 def start_coordinator(
     ws: Workspace,
     run_dir: str,
-    clusters_dir: str,
-    pool_dir: str,
+    clustering: Clustering,
+    pool: Pool,
     settings: ProgressSettings,
     name: str,
     resources: Resources,
@@ -214,7 +217,13 @@ def start_coordinator(
     return (
         ray.remote(Coordinator)
         .options(name=name, namespace=NAMESPACE, get_if_exists=True, **options)
-        .remote(ws, run_dir, clusters_dir, pool_dir, settings.model_dump())
+        .remote(
+            ws,
+            run_dir,
+            {"assignments": clustering.assignments, "k": clustering.meta.k},
+            pool.shards,
+            settings.model_dump(),
+        )
     )
 
 

@@ -54,11 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality_report import summarize, targeted_summary, write_report  # noqa: E402
 from benchmarks.tiny_llava import world_examples  # noqa: E402
+from engine.artifacts import Pool, ProgressRun, Selection, World  # noqa: E402
 from engine.llava import FinetuneConfig, load_base  # noqa: E402
 from engine.llava.evaluate import sample_losses  # noqa: E402
 from engine.llava.finetune import accuracy_by_group, finetune  # noqa: E402
 from engine.quality import random_selection, score_selection  # noqa: E402
-from engine.workspace import Workspace, read_parquet_dir  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
 from engine.world.config import WorldConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ class Bench:
 
     def __init__(self, ws: Workspace, world: WorldConfig, recipe: FinetuneConfig):
         self.ws, self.recipe = ws, recipe
-        table = read_parquet_dir(ws.path("pool"), columns=["id", "image", "question", "answer"])
+        table = Pool.open(ws).read_table(["id", "image", "question", "answer"])
         self.pool = table.to_pylist()
         self.ids = [r["id"] for r in self.pool]
         self.position = {i: p for p, i in enumerate(self.ids)}
@@ -130,7 +131,7 @@ class Bench:
         self.made_of = {
             "recipe": recipe.model_dump(mode="json"),
             "pool": pool_hash,
-            "base": self.base.meta["fingerprint"],
+            "base": self.base.fingerprint,
         }
 
     def train(self, positions: np.ndarray, seed: int, desc: str, blank: bool = False):
@@ -223,7 +224,7 @@ def progress_ids(bench: Bench, metric: str, budget: float, seed: int) -> list[st
             "--metric", metric, "--set", f"seed={seed}"]  # fmt: skip
     if cli(argv) != 0:
         raise SystemExit(f"`vlselect {' '.join(argv)}` failed")
-    return Path(ws.path("progress", name, "ids.txt")).read_text().split()
+    return ws.read_bytes(ProgressRun.open(ws, name).path("ids.txt")).decode().split()
 
 
 def targeted_ids(ws: Workspace, world: WorldConfig, mode: str, budget: float):
@@ -235,14 +236,14 @@ def targeted_ids(ws: Workspace, world: WorldConfig, mode: str, budget: float):
     argv = ["target", "--workspace", ws.root, "--budget", str(budget), "--name", name,
             "--mode", mode]  # fmt: skip
     for b in world.benchmarks:
-        argv += ["--benchmark", ws.path("benchmarks", f"{b.name}.parquet")]
+        argv += ["--benchmark", World.open(ws).benchmark(b.name)]
     if cli(argv) != 0:
         raise SystemExit(f"`vlselect {' '.join(argv)}` failed")
     ids, predictions = {}, {}
     for b in world.benchmarks:
-        folder = Path(ws.path("selections", name, b.name))
-        ids[b.name] = (folder / "ids.txt").read_text().split()
-        predictions[b.name] = json.loads((folder / "report.json").read_text())["prediction"]
+        folder = Selection.open(ws, name).benchmark_dir(b.name)
+        ids[b.name] = ws.read_bytes(f"{folder}/ids.txt").decode().split()
+        predictions[b.name] = ws.read_json(f"{folder}/report.json")["prediction"]
     return ids, predictions
 
 

@@ -97,14 +97,15 @@ def bare_train(ws: Path, ids: list[str], recipe: dict[str, Any]) -> tuple[int, f
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from engine.artifacts import Pool
     from engine.llava import FinetuneConfig, load_base
     from engine.llava.data import collate_for
     from engine.llava.finetune import finetune
-    from engine.workspace import Workspace, read_parquet_dir
+    from engine.workspace import Workspace
     from jobs.progress import paper_recipe
 
     base = load_base(Workspace.open(str(ws)))
-    table = read_parquet_dir(str(ws / "pool"), columns=["id", "image", "question", "answer"])
+    table = Pool.open(Workspace.open(str(ws))).read_table(["id", "image", "question", "answer"])
     examples = table.filter(
         pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string()))
     ).to_pylist()

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report  # noqa: E402
+from engine.artifacts import Pool  # noqa: E402
 from engine.text import instruction_text  # noqa: E402
-from engine.workspace import read_parquet_dir  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
 from jobs.cli import main as cli  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def prepare(ws: Path, size: int) -> None:
 
 
 def dedup(ws: Path) -> dict:
-    conv = read_parquet_dir(str(ws / "pool"), columns=["conversations"]).column("conversations")
+    conv = Pool.open(Workspace.open(str(ws))).read_table(["conversations"]).column("conversations")
     questions = [instruction_text(c) for c in conv.to_pylist()]
     return {
         "samples": len(questions),

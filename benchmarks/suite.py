@@ -223,14 +223,17 @@ class SizeRun:
 
     def skills(self) -> None:
         from benchmarks.skills_throughput import measure
+        from engine.artifacts import Pool
         from engine.text import instruction_text
-        from engine.workspace import read_parquet_dir
+        from engine.workspace import Workspace
 
         limit = min(self.n, self.opts.skills_limit)
         args = ["--backend", "transformers", "--limit", str(limit), "--set", "max_new_tokens=24"]
         with PeakRSS() as mem:
             meta = measure(self.ws, "transformers", args)
-        table = read_parquet_dir(str(self.ws / "pool"), columns=["conversations"]).slice(0, limit)
+        table = (
+            Pool.open(Workspace.open(str(self.ws))).read_table(["conversations"]).slice(0, limit)
+        )
         questions = sorted({instruction_text(c) for c in table.column(0).to_pylist()})
         bare_seconds = bare_generate(questions, max_new_tokens=24)
         self._add(
@@ -262,13 +265,14 @@ class SizeRun:
     def retrieval(self) -> None:
         from actors.retrieval import RetrievalService, ServiceConfig
         from benchmarks.common import timings
+        from engine.artifacts import EmbeddingSpace
         from engine.knn import build_index, set_search_params
         from engine.vectors import from_arrow
-        from engine.workspace import Workspace, read_parquet_dir
+        from engine.workspace import Workspace
 
         o = self.opts
         factory = o.factory if o.factory != "auto" else auto_factory(self.n, o.shards)
-        table = read_parquet_dir(str(self.ws / "embeddings" / "dino"), columns=["vector"])
+        table = EmbeddingSpace.open(Workspace.open(str(self.ws)), "dino").read_table(["vector"])
         x = from_arrow(table.column("vector"))
         rng = np.random.default_rng(o.seed)
         queries = x[rng.choice(len(x), size=min(o.queries, len(x)), replace=False)]

@@ -113,7 +113,7 @@ def main() -> None:
         }
         for g in groups
     ]
-    metrics = base.meta["metrics"]
+    metrics = base.meta.metrics
     report(
         "tiny_llava",
         rows,
@@ -123,8 +123,8 @@ def main() -> None:
             "built_now": built,
             "seconds": base_seconds,
             "metrics": metrics,
-            "fingerprint": base.meta["fingerprint"],
-            "parameters": base.meta["parameters"],
+            "fingerprint": base.fingerprint,
+            "parameters": base.meta.parameters,
         },
         finetune=cfg.model_dump(mode="json"),
         runs=runs,

@@ -28,6 +28,8 @@ from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Generic, TypeVar
 
+import pyarrow as pa
+import pyarrow.dataset as pads
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import commit
@@ -139,14 +141,20 @@ class Artifact(Generic[MetaT]):
             if rel.startswith(prefix) and "/" not in rel[len(prefix) :] and rel.endswith(suffix)
         ]
 
+    def read_table(self, columns: list[str] | None = None, under: str = "") -> pa.Table:
+        """The committed ``*.parquet`` files directly in ``under`` as one table."""
+        files = self.files(under, ".parquet")
+        return pads.dataset(files, filesystem=self.ws.fs, format="parquet").to_table(
+            columns=columns
+        )
+
     # -- writing -------------------------------------------------------------------------
 
     @classmethod
-    def begin(
-        cls, ws: Workspace, name: str | None, fingerprint: str, *, overwrite: bool = False
-    ) -> Begin:
-        """Reuse, resume or start this artifact (see :func:`engine.commit.begin`)."""
-        return commit.begin(ws, cls.folder(ws, name), cls.KIND, fingerprint, overwrite=overwrite)
+    def begin(cls, ws: Workspace, name: str | None = None, **how: Any) -> Begin:
+        """Reuse, resume or start this artifact: :func:`engine.commit.begin` with ``how``
+        (``inputs``, ``config``, ``overwrite`` and what else the output depends on)."""
+        return commit.begin(ws, cls.folder(ws, name), cls.KIND, **how)
 
     @classmethod
     def committed(cls: type[Self], ws: Workspace, name: str | None, manifest: Manifest) -> Self:
@@ -248,7 +256,6 @@ class SkillsMeta(Meta):
     samples: int
     ok: int
     failed: int
-    pool: str = Field(description="the pool's fingerprint the skills were described for")
     summary: dict[str, Any]
     config: dict[str, Any]
 
@@ -360,6 +367,7 @@ class ProgressRun(Artifact[ProgressMeta]):
 
 class BaseModelMeta(Meta):
     name: str
+    recipe: str = Field(description="fingerprint of the world, model and training recipe")
     version: int
     created: str
     config: dict[str, Any]

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
+from engine.errors import InputError
 from engine.workspace import Workspace
 
 MANIFEST = "_manifest.json"
@@ -90,7 +91,11 @@ def _output_value(value: Any) -> Any:
 
 def fingerprint(**parts: Any) -> str:
     """sha256 (hex) of ``parts`` as canonical JSON: config dicts, upstream fingerprints, versions."""
-    data = {k: output_config(v) if isinstance(v, BaseModel) else v for k, v in parts.items()}
+    data = {
+        k: output_config(v) if isinstance(v, BaseModel) else v
+        for k, v in parts.items()
+        if v is not None
+    }
     text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -104,6 +109,7 @@ class Manifest(BaseModel):
     kind: str = Field(description="the artifact's kind (pool, embeddings, clustering, ...)")
     attempt: str = Field(description="the committed attempt's folder under _attempts/")
     fingerprint: str = Field(description="sha256 of the inputs and output-changing config")
+    inputs: dict[str, str] = Field(description="the upstream artifacts' fingerprints, by role")
     files: dict[str, int] = Field(
         description="every committed file, relative to the attempt, with its size in bytes"
     )
@@ -114,6 +120,7 @@ class Manifest(BaseModel):
 class AttemptRecord(BaseModel):
     kind: str
     fingerprint: str
+    inputs: dict[str, str]
     started_at: str
 
 
@@ -133,6 +140,7 @@ class Attempt:
     id: str
     kind: str
     fingerprint: str
+    inputs: dict[str, str]
     resumed: bool
 
     @property
@@ -184,6 +192,7 @@ class Attempt:
             kind=self.kind,
             attempt=self.id,
             fingerprint=self.fingerprint,
+            inputs=self.inputs,
             files=self.committed_files(),
             meta=meta.model_dump(mode="json"),
             committed_at=_now(),
@@ -212,7 +221,14 @@ def read_manifest(ws: Workspace, artifact: str) -> Manifest | None:
     path = f"{artifact}/{MANIFEST}"
     if ws.fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    return Manifest.model_validate(ws.read_json(path))
+    try:
+        return Manifest.model_validate(ws.read_json(path))
+    except ValueError as err:  # ValidationError and JSONDecodeError are both ValueErrors
+        problem = " ".join(str(err).split())[:300]
+        raise InputError(
+            f"{path} is not a manifest this version of vlselect reads ({problem}): run the "
+            "stage that wrote it again with --overwrite"
+        ) from None
 
 
 def attempt_ids(ws: Workspace, artifact: str) -> list[str]:
@@ -222,30 +238,44 @@ def attempt_ids(ws: Workspace, artifact: str) -> list[str]:
 
 
 def begin(
-    ws: Workspace, artifact: str, kind: str, fingerprint: str, *, overwrite: bool = False
+    ws: Workspace,
+    artifact: str,
+    kind: str,
+    *,
+    inputs: Mapping[str, str] | None = None,
+    config: BaseModel | None = None,
+    overwrite: bool = False,
+    **extra: Any,
 ) -> Begin:
-    """Decide how a run of ``kind`` with ``fingerprint`` writes the artifact folder ``artifact``.
+    """Decide how a run of ``kind`` writes the artifact folder ``artifact``.
+
+    Its fingerprint is :func:`fingerprint` of ``inputs`` (upstream fingerprints by role),
+    ``config`` (its output-changing fields) and ``extra`` (anything else the output
+    depends on: a source's digest, a library's version).
 
     - ``current``: the committed manifest has this fingerprint (and no ``overwrite``).
     - ``resume``: an uncommitted attempt has it; its finished parts are kept.
     - ``start``: a new attempt; uncommitted attempts of other fingerprints are deleted,
       the committed artifact stays readable until this one commits.
     """
+    inputs = dict(inputs or {})
+    made_of = fingerprint(inputs=inputs, config=config, **extra)
     manifest = read_manifest(ws, artifact)
-    if manifest is not None and manifest.fingerprint == fingerprint and not overwrite:
+    if manifest is not None and manifest.fingerprint == made_of and not overwrite:
         return Begin("current", manifest, None)
     committed = manifest.attempt if manifest is not None else None
     for aid in reversed(attempt_ids(ws, artifact)):  # newest first
         if aid == committed:
             continue
         record = _attempt_record(ws, artifact, aid)
-        if not overwrite and record is not None and record.fingerprint == fingerprint:
-            attempt = Attempt(ws, artifact, aid, kind, fingerprint, resumed=True)
+        if not overwrite and record is not None and record.fingerprint == made_of:
+            attempt = Attempt(ws, artifact, aid, kind, made_of, inputs, resumed=True)
             return Begin("resume", manifest, attempt)
         ws.discard(f"{artifact}/{ATTEMPTS}/{aid}")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    attempt = Attempt(ws, artifact, f"{stamp}-{uuid.uuid4().hex[:8]}", kind, fingerprint, False)
-    record = AttemptRecord(kind=kind, fingerprint=fingerprint, started_at=_now())
+    aid = f"{stamp}-{uuid.uuid4().hex[:8]}"
+    attempt = Attempt(ws, artifact, aid, kind, made_of, inputs, resumed=False)
+    record = AttemptRecord(kind=kind, fingerprint=made_of, inputs=inputs, started_at=_now())
     ws.write_json(attempt.path(ATTEMPT_FILE), record.model_dump())
     return Begin("start", manifest, attempt)
 

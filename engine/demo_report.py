@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.artifacts import Clustering, Pool
 from engine.text import strip_answer_format
-from engine.workspace import Workspace, read_parquet_dir
+from engine.workspace import Workspace
 
 # Words every question of the shapes world shares; they say nothing about a cluster.
 _FILLER = frozenset(
@@ -120,14 +121,13 @@ def cluster_questions(
     """Sizes, int64 (K,), of ``clustering``'s clusters and the questions (at most
     ``per_cluster`` each, answer-format instructions stripped) of its ``count`` largest,
     largest first."""
-    k = int(ws.read_json(ws.path("clusters", clustering, "meta.json"))["k"])
-    assigned = read_parquet_dir(
-        ws.path("clusters", clustering, "assignments"), columns=["id", "cluster"]
-    )
+    found = Clustering.open(ws, clustering)
+    k = found.meta.k
+    assigned = found.read_table(["id", "cluster"], under="assignments")
     sizes = np.bincount(assigned.column("cluster").to_numpy(), minlength=k).astype(np.int64)
     largest = np.argsort(-sizes, kind="stable")[:count].tolist()
     chosen = assigned.filter(pc.is_in(assigned.column("cluster"), pa.array(largest, pa.int32())))
-    pool = read_parquet_dir(ws.path("pool"), columns=["id", "question"])
+    pool = Pool.open(ws).read_table(["id", "question"])
     joined = chosen.join(pool, "id")
     questions: dict[int, list[str]] = {c: [] for c in largest}
     cols = (joined.column("cluster").to_pylist(), joined.column("question").to_pylist())

@@ -342,6 +342,7 @@ class IndexInfo:
     factory: str
     meta: IndexMeta
     fingerprint: str
+    built_from: str | None  # the fingerprint of the embeddings it was built from
 
     def index_file(self, shard: int) -> str:
         return f"{self.dir}/{shard_name(shard)}.faiss"
@@ -362,5 +363,13 @@ def open_index(ws: Workspace, space: str) -> IndexInfo:
     found = Index.open(ws, space)
     meta = found.meta
     return IndexInfo(
-        space, found.dir, meta.dim, meta.rows, meta.shards, meta.factory, meta, found.fingerprint
+        space,
+        found.dir,
+        meta.dim,
+        meta.rows,
+        meta.shards,
+        meta.factory,
+        meta,
+        found.fingerprint,
+        found.manifest.inputs.get("embeddings"),
     )

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.errors import InputError
@@ -38,6 +41,7 @@ from engine.pool import (
     record_id,
 )
 from engine.text import instruction_text
+from engine.workspace import Location
 
 QUESTION_KEYS = ("question", "text", "prompt")
 
@@ -83,6 +87,8 @@ class Benchmark:
 
 def benchmark_name(path: str) -> str:
     """The name a benchmark file goes by: its file name without extension."""
+    if "://" in path:
+        path = urllib.parse.urlsplit(path).path  # without a URI's query options
     base = os.path.basename(path.rstrip("/"))
     for ext in (".parquet", ".jsonl", ".ndjson", ".json"):
         if base.lower().endswith(ext):
@@ -127,19 +133,21 @@ def read_benchmark(
         InputError: the file is missing, empty, or not readable as a whole (named).
     """
     name = name or benchmark_name(path)
-    if "://" in path or not os.path.exists(path):  # detect_format's words are ingest's
+    where = Location.of(path)
+    info = where.fs.get_file_info(where.path)
+    if info.type == pafs.FileType.NotFound:  # detect_format's words are ingest's
         raise InputError(
-            f"benchmark file not found: {path} (pass --benchmark a local LLaVA JSON, JSONL or "
-            "Parquet file; copy one behind a URI to local disk first)"
+            f"benchmark file not found: {path} (pass --benchmark a LLaVA JSON, JSONL or "
+            "Parquet file: a local path or a URI such as s3://bucket/bench.json)"
         )
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if info.type == pafs.FileType.File and info.size == 0:
         raise InputError(f"benchmark file {path} is empty: it holds no records")
-    fmt = detect_format(path)
-    root = image_root or os.path.dirname(os.path.abspath(path))
+    fmt = detect_format(where)
+    root = image_root or where.uri_of(PurePosixPath(where.path).parent.as_posix())
     policy = ImagePolicy(root=root, check="decode")
     out = Benchmark(name=name, path=path)
     seen: dict[str, int] = {}
-    for item in iter_records(path, fmt):
+    for item in iter_records(where, fmt):
         out.records += 1
         record = item.record
         try:

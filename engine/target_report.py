@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engine.artifacts import Clustering
 from engine.crossrank import CrossRanks, Decision
 from engine.pool import llava_record
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 
 TOP_CLUSTERS = 20
 
@@ -56,27 +57,25 @@ def pool_records(ws: Workspace, pool_file: str, wanted: dict[str, set[str]], out
     return out
 
 
-def clusterings(ws: Workspace) -> dict[str, dict]:
-    """Finished clusterings of the workspace: name -> {spaces, k, dir}."""
+def clusterings(ws: Workspace) -> dict[str, Clustering]:
+    """Committed clusterings of the workspace, by name."""
+    parent = ws.path(*Clustering.FOLDER)
+    infos = ws.fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
     found = {}
-    if not ws.is_dir("clusters"):
-        return found
-    for info in ws.fs.get_file_info(pafs.FileSelector(ws.path("clusters"), recursive=False)):
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if not ws.exists("clusters", name, META_FILE):
-            continue
-        meta = ws.read_json(ws.path("clusters", name, META_FILE))
-        if meta.get("status") == "complete":
-            found[name] = {"spaces": meta.get("spaces"), "k": meta.get("k"), "dir": info.path}
+    for info in infos:
+        if info.type == pafs.FileType.Directory:
+            done = Clustering.find(ws, info.base_name)
+            if done is not None:
+                found[info.base_name] = done
     return found
 
 
-def cluster_counts(ws: Workspace, found: dict[str, dict], selections: dict[str, list[str]]):
+def cluster_counts(ws: Workspace, found: dict[str, Clustering], selections: dict[str, list[str]]):
     """Per selection and clustering: rows per cluster (the largest ``TOP_CLUSTERS``), the
     clusters touched, and how evenly (normalised entropy, 1.0 = spread over every cluster)."""
     out: dict[str, dict] = {key: {} for key in selections}
-    for name, info in found.items():
-        files = ws.list_files("clusters", name, "assignments", suffix=".parquet")
+    for name, clustering in found.items():
+        files = clustering.assignments
         if not files:
             continue
         table = pa.concat_tables(
@@ -87,10 +86,10 @@ def cluster_counts(ws: Workspace, found: dict[str, dict], selections: dict[str, 
             counts = Counter(label[i] for i in ids if i in label)
             n = sum(counts.values())
             p = np.array(list(counts.values()), float) / max(n, 1)
-            k = info.get("k") or len(counts)
+            k = clustering.meta.k or len(counts)
             entropy = float(-(p * np.log(p)).sum() / np.log(k)) if k > 1 and n else 0.0
             out[key][name] = {
-                "spaces": info["spaces"],
+                "spaces": clustering.meta.spaces,
                 "k": k,
                 "rows_with_cluster": n,
                 "clusters_touched": len(counts),

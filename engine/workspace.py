@@ -1,11 +1,11 @@
 """The workspace: one directory (local path or pyarrow-filesystem URI) through which stages hand over.
 
 Writes are atomic at file level: a file is written under a hidden temporary name
-(``.<name>.tmp-<hex>`` beside it) and renamed into place, so a reader never takes a
-half-written artifact for a finished one. The leading dot matters: a writer killed
-mid-write leaves its temporary behind, and pyarrow datasets and Ray Data skip
-hidden files where a ``*.parquet*``-style listing would not. Directories of shards
-are staged under ``<ws>/.staging/`` and moved into place when complete.
+(``.<name>.tmp-<hex>`` beside it) and renamed into place (a copy of one object on an
+object store), so a reader never takes a half-written file for a finished one. The
+leading dot matters: a writer killed mid-write leaves its temporary behind, and
+pyarrow datasets and Ray Data skip hidden files where a ``*.parquet*``-style listing
+would not. Whole artifacts are committed by engine.commit: no directory is renamed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import yaml
 from engine.errors import InputError
 
 CONFIG_FILE = "vlselect.yaml"
-META_FILE = "meta.json"
 
 
 def uri_for(base_uri: str, path: str) -> str:
@@ -180,18 +179,6 @@ class Workspace:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(path)
 
-    def staging_dir(self, label: str) -> str:
-        """A fresh directory under ``<ws>/.staging`` for one run's outputs before they go live."""
-        return self.makedirs(".staging", f"{label}-{uuid.uuid4().hex[:12]}")
-
-    def promote(self, staged: str, *parts: str) -> str:
-        """Move a finished staging directory to ``parts``, replacing what was there."""
-        target = self.path(*parts)
-        self.remove(*parts)
-        self.fs.create_dir(str(PurePosixPath(target).parent), recursive=True)
-        self.fs.move(staged, target)
-        return target
-
     # -- atomic file writes -------------------------------------------------------------
 
     def write_bytes(self, path: str, data: bytes) -> None:
@@ -212,26 +199,6 @@ class Workspace:
 
     def write_table(self, path: str, table: pa.Table) -> None:
         write_table_atomic(self.fs, path, table)
-
-    def finished_meta(
-        self, *parts: str, missing: str, unfinished: str, command: str
-    ) -> dict[str, Any]:
-        """The ``meta.json`` under ``parts`` of a stage run that finished.
-
-        Raises:
-            InputError: no meta.json there (message starts with ``missing``), or one whose
-                status is not 'complete' (starts with ``unfinished``); both name ``command``.
-        """
-        if not self.exists(*parts, META_FILE):
-            raise InputError(
-                f"{missing}: {self.path(*parts)} holds no {META_FILE}; run `{command}` first"
-            )
-        meta = self.read_json(self.path(*parts, META_FILE))
-        if meta.get("status") != "complete":
-            raise InputError(
-                f"{unfinished} (status {meta.get('status')!r}); run `{command}` again to resume it"
-            )
-        return meta
 
     # -- the workspace's own config -----------------------------------------------------
 

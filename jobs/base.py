@@ -34,9 +34,8 @@ from engine.errors import InputError
 from engine.llava.cache import (
     DEFAULT_NAME,
     base_fingerprint,
-    base_path,
     build_or_load_base,
-    read_base_meta,
+    find_base,
 )
 from engine.llava.config import BaseTrainConfig, LlavaModelConfig
 from engine.llava.scenes import base_world, check_grid
@@ -113,7 +112,7 @@ def _build(ws_uri: str, world_json: str, cfg_json: str, progress=None) -> dict:
         overwrite=cfg.overwrite,
         log=lambda line: tell(progress, line),
     )
-    return {**base.meta, "built": built}
+    return {"path": base.path, "built": built}
 
 
 def main(cfg: BaseJobConfig, ws: Workspace) -> dict:
@@ -123,27 +122,27 @@ def main(cfg: BaseJobConfig, ws: Workspace) -> dict:
     check_grid(world, cfg.model.vision.image_size, cfg.model.vision.patch_size)
     base_world(world, cfg.train.seed)  # refuses a base seed equal to the pool's
     fp = base_fingerprint(world, cfg.model, cfg.train)
-    meta = read_base_meta(ws, cfg.name)
-    if meta is not None and meta.get("fingerprint") != fp and not cfg.overwrite:
+    found = find_base(ws, cfg.name)
+    if found is not None and found.meta.recipe != fp and not cfg.overwrite:
         raise InputError(
-            f"{base_path(ws, cfg.name)} holds a base built with another config (fingerprint "
-            f"{meta.get('fingerprint')}, this one {fp}): pass --overwrite to replace it, or "
+            f"{found.dir} holds a base built with another config (fingerprint "
+            f"{found.meta.recipe}, this one {fp}): pass --overwrite to replace it, or "
             "give another --name"
         )
-    if meta is not None and meta.get("fingerprint") == fp and not cfg.overwrite:
-        built = False  # nothing to train: no task, no Ray
-    else:
+    built = False  # when current: nothing to train, no task, no Ray
+    if found is None or found.meta.recipe != fp or cfg.overwrite:
         connect()
         task = _build.options(**ray_options(cfg.resources))
         with WorkerProgress(STAGE) as progress:
-            meta = ray.get(
+            built = ray.get(
                 task.remote(ws.uri, world.model_dump_json(), cfg.model_dump_json(), progress.queue)
-            )
-        built = meta.pop("built")
-    metrics = meta["metrics"]
+            )["built"]
+        found = find_base(ws, cfg.name)
+    meta = found.meta
+    metrics = meta.metrics
     vision = metrics["vision_patch_accuracy"]
     summary = {
-        "path": base_path(ws, cfg.name),
+        "path": found.dir,
         "built": built,
         "fingerprint": fp,
         "vision_patch_accuracy": vision,
@@ -151,13 +150,13 @@ def main(cfg: BaseJobConfig, ws: Workspace) -> dict:
         "caption_token_accuracy": metrics["caption_token_accuracy"],
         "train_seconds": metrics["seconds"],
         "seconds": round(timer.seconds, 2),
-        "parameters": meta["parameters"],
+        "parameters": meta.parameters,
     }
     print_summary(
         STAGE,
         [
             ("base", f"{summary['path']} ({'built' if built else 'reused: fingerprint ' + fp})"),
-            ("parameters", f"{meta['parameters']:,} (vocab {meta['vocab_size']})"),
+            ("parameters", f"{meta.parameters:,} (vocab {meta.vocab_size})"),
             ("tower patch accuracy", ", ".join(f"{k} {v:.3f}" for k, v in vision.items())),
             ("caption loss", f"{metrics['caption_loss']:.4f} per token (held-out scenes)"),
             ("caption token acc.", f"{metrics['caption_token_accuracy']:.3f}"),

@@ -53,7 +53,7 @@ from actors.kmeans import (
     write_shard_assignments,
 )
 from engine.artifacts import Clustering, ClusteringMeta
-from engine.commit import fingerprint, operational
+from engine.commit import operational
 from engine.embeddings import SPACES, EmbeddedSpace, open_space
 from engine.errors import InputError
 from engine.kmeans import (
@@ -220,8 +220,8 @@ def main(cfg: ClusterConfig, ws: Workspace) -> dict:
     """Cluster the pool; see the module docstring. Returns the clustering's figures."""
     timer = Timer()
     spaces = check_inputs(cfg, ws)
-    made_of = fingerprint(inputs={s.space: s.fingerprint for s in spaces}, config=cfg)
-    plan = Clustering.begin(ws, cfg.name, made_of, overwrite=cfg.overwrite)
+    inputs = {s.space: s.fingerprint for s in spaces}
+    plan = Clustering.begin(ws, cfg.name, inputs=inputs, config=cfg, overwrite=cfg.overwrite)
     if plan.action == "current":
         done = Clustering.committed(ws, cfg.name, plan.manifest)
         _print(done, reused=True)

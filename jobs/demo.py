@@ -44,7 +44,7 @@ from engine.demo_report import (
     cluster_words_png,
     render_html,
 )
-from engine.llava.cache import base_fingerprint, read_base_meta
+from engine.llava.cache import base_fingerprint, find_base
 from engine.targeted import MODES
 from engine.workspace import Workspace
 from jobs import base, cluster, embed, index, ingest, progress, skills, target, world
@@ -165,12 +165,10 @@ def main(cfg: DemoConfig, ws: Workspace) -> dict:
 def _base_is_stale(ws: Workspace, cfg: base.BaseJobConfig) -> bool:
     """True when the cached base was built for another world or recipe (the demo's world
     is regenerated, so a new size or seed must rebuild it rather than be refused)."""
-    meta = read_base_meta(ws, cfg.name)
-    if meta is None:
+    found = find_base(ws, cfg.name)
+    if found is None:
         return False
-    return meta.get("fingerprint") != base_fingerprint(
-        base.workspace_world(ws), cfg.model, cfg.train
-    )
+    return found.meta.recipe != base_fingerprint(base.workspace_world(ws), cfg.model, cfg.train)
 
 
 def _stage_rows(s: dict) -> list[list[str]]:

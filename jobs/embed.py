@@ -38,7 +38,7 @@ from tqdm import tqdm
 from actors.adapter import ray_data_options
 from actors.encoder import EmbedActor
 from engine.artifacts import EmbeddingSpace, Pool, Skills, SpaceMeta
-from engine.commit import fingerprint, operational
+from engine.commit import operational
 from engine.encoders import (
     EncoderSpec,
     ImagePreprocess,
@@ -299,8 +299,13 @@ def embed_space(
     timer = Timer()
     space_cfg: SpaceConfig = getattr(cfg, space)
     spec = space_cfg.encoder
-    made_of = fingerprint(input=source.fingerprint, encoder=spec.fingerprint())
-    plan = EmbeddingSpace.begin(ws, space, made_of, overwrite=cfg.overwrite)
+    plan = EmbeddingSpace.begin(
+        ws,
+        space,
+        inputs={source.KIND: source.fingerprint},
+        encoder=spec.fingerprint(),
+        overwrite=cfg.overwrite,
+    )
     if plan.action == "current":
         done = EmbeddingSpace.committed(ws, space, plan.manifest)
         return _result(done, embedded=0, resumed=done.meta.vectors, seconds=timer.seconds)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from actors.adapter import ray_options
 from engine.artifacts import Index, IndexMeta
-from engine.commit import Attempt, fingerprint, operational
+from engine.commit import Attempt, operational
 from engine.embeddings import EmbeddedSpace, open_space, read_vectors, unusable_rows
 from engine.errors import InputError
 from engine.knn import build_index, check_trainable, file_slices, shard_name, shard_ranges
@@ -204,8 +204,14 @@ def build(cfg: IndexConfig, ws: Workspace, space: EmbeddedSpace) -> dict:
     """Build the unfinished shards, resuming an attempt of the same fingerprint."""
     timer = Timer()
     name = space.space
-    made_of = fingerprint(embeddings=space.fingerprint, config=cfg, faiss=faiss.__version__)
-    plan = Index.begin(ws, name, made_of, overwrite=cfg.overwrite)
+    plan = Index.begin(
+        ws,
+        name,
+        inputs={"embeddings": space.fingerprint},
+        config=cfg,
+        faiss=faiss.__version__,
+        overwrite=cfg.overwrite,
+    )
     if plan.action == "current":
         done = Index.committed(ws, name, plan.manifest)
         return _result(done, built=0, kept=done.meta.shards, seconds={})

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from actors.adapter import ray_options
 from engine.artifacts import REJECTS, Pool, PoolMeta
-from engine.commit import fingerprint, operational
+from engine.commit import operational
 from engine.errors import InputError
 from engine.ingest import (
     DuplicateTracker,
@@ -176,8 +176,7 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
         )
     if images and "://" not in images and not os.path.isdir(images):
         raise InputError(f"image root not found: {images} (pass --images DIR)")
-    made_of = fingerprint(source=source_fingerprint(source), config=cfg)
-    plan = Pool.begin(ws, None, made_of, overwrite=cfg.overwrite)
+    plan = Pool.begin(ws, source=source_fingerprint(source), config=cfg, overwrite=cfg.overwrite)
     if plan.action == "current":
         pool = Pool.committed(ws, None, plan.manifest)
         _print(pool, reused=True, examples=[])

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 from typing import Any, Literal
@@ -48,14 +47,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.coordinator import get_coordinator, start_coordinator
 from actors.trainer import round_steps, train_loop_per_worker
+from engine.artifacts import BaseModelArtifact, Clustering, Pool, ProgressMeta, ProgressRun
+from engine.commit import operational
 from engine.config import build_config
 from engine.coordinator import ProgressSettings
 from engine.errors import InputError
-from engine.llava import DEFAULT_NAME, FinetuneConfig, LoraConfig, read_base_meta
+from engine.llava import DEFAULT_NAME, FinetuneConfig, LoraConfig
 from engine.progress import round_rows, rows_of
 from engine.progress_report import write_outputs
 from engine.resources import Resources
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 from jobs import cluster
 from jobs.progress_warmup import select_warmup_ids
 from jobs.runtime import Timer, WorkerProgress, connect, print_summary
@@ -82,7 +83,7 @@ class ProgressConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, description="Run name: <ws>/progress/<name>/.")
+    name: str | None = operational(None, description="Run name: <ws>/progress/<name>/.")
     budget: float = Field(
         0.2, gt=0, description="Rows to reveal, warm-up included: a fraction (<= 1) or a count."
     )
@@ -119,23 +120,23 @@ class ProgressConfig(BaseModel):
         description="LoRA and optimiser recipe; batch_size is the global batch, epochs "
         "the passes over each round's rows.",
     )
-    num_workers: int = Field(2, ge=1, description="Ray Train workers.")
-    use_gpu: bool = Field(False, description="One GPU per worker, NCCL (else CPU and gloo).")
-    worker: Resources = Field(
+    num_workers: int = operational(2, ge=1, description="Ray Train workers.")
+    use_gpu: bool = operational(False, description="One GPU per worker, NCCL (else CPU and gloo).")
+    worker: Resources = operational(
         default_factory=lambda: Resources(num_cpus=1), description="Resources of one worker."
     )
     micro_batch: int = Field(16, ge=1, description="Samples per worker per forward pass.")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (2 saves LoRA safely).")
-    torch_threads: int = Field(1, ge=0, description="torch threads per worker (0: torch's).")
-    eval_batch: int = Field(64, ge=1, description="Samples per scoring batch.")
-    max_failures: int = Field(3, ge=-1, description="Worker failures survived (-1: any).")
-    coordinator: Resources = Field(
+    torch_threads: int = operational(1, ge=0, description="torch threads per worker (0: torch's).")
+    eval_batch: int = operational(64, ge=1, description="Samples per scoring batch.")
+    max_failures: int = operational(3, ge=-1, description="Worker failures survived (-1: any).")
+    coordinator: Resources = operational(
         default_factory=lambda: Resources(num_cpus=0, max_retries=-1),
         description="The coordinator actor (restarted by Ray when it dies).",
     )
-    detached: bool = Field(False, description="Keep the coordinator alive after the driver.")
+    detached: bool = operational(False, description="Keep the coordinator alive after the driver.")
     seed: int = Field(0, ge=0, description="Seed of the warm-up, every round and the training.")
-    overwrite: bool = Field(False, description="Replace a run of this name.")
+    overwrite: bool = operational(False, description="Replace a run of this name.")
 
 
 CONFIG = ProgressConfig
@@ -161,20 +162,15 @@ def check_inputs(cfg: ProgressConfig, ws: Workspace) -> dict[str, Any]:
     """Everything the run needs, checked before Ray starts; the resolved sizes."""
     if not cfg.name:
         raise InputError("no run name: pass --name NAME (output: <ws>/progress/NAME/)")
-    if not ws.exists("pool"):
-        raise InputError(f"no pool at {ws.path('pool')}: run `vlselect ingest` first")
-    if read_base_meta(ws, cfg.base) is None:
-        raise InputError(
-            f"no base model at {ws.path('models', cfg.base)}: run `vlselect base --workspace "
-            f"{ws.uri}` first"
-        )
+    pool = Pool.open(ws)
+    BaseModelArtifact.open(ws, cfg.base)
     accumulation, left = divmod(cfg.finetune.batch_size, cfg.micro_batch * cfg.num_workers)
     if left or accumulation < 1:
         raise InputError(
             f"global batch {cfg.finetune.batch_size} is not a multiple of micro_batch "
             f"{cfg.micro_batch} x {cfg.num_workers} workers: change one of them"
         )
-    return {"accumulation": accumulation, **resolve_sizes(cfg, ws.parquet_rows(ws.path("pool")))}
+    return {"accumulation": accumulation, **resolve_sizes(cfg, pool.rows)}
 
 
 def resolve_sizes(cfg: ProgressConfig, pool: int) -> dict[str, int]:
@@ -199,15 +195,13 @@ def resolve_sizes(cfg: ProgressConfig, pool: int) -> dict[str, int]:
 
 def ensure_clustering(
     cfg: ProgressConfig, ws: Workspace, name: str, k_rule: tuple[int, int, int]
-) -> dict:
-    """The clustering ``name``'s meta, clustering the pool first when it is missing."""
-    if ws.exists("clusters", name, META_FILE):
-        meta = ws.read_json(ws.path("clusters", name, META_FILE))
-        if meta.get("status") == "complete":
-            return meta
+) -> Clustering:
+    """The clustering ``name``, clustering the pool first when it is missing."""
+    found = Clustering.find(ws, name)
+    if found is not None:
+        return found
     per_cluster, low, high = k_rule
-    rows = ws.parquet_rows(ws.path("pool"))
-    k = min(high, max(low, rows // per_cluster))
+    k = min(high, max(low, Pool.open(ws).rows // per_cluster))
     log.info("clustering %s missing: running vlselect cluster --name %s --k %d", name, name, k)
     sections = ws.read_config()
     cluster_cfg = build_config(
@@ -216,22 +210,8 @@ def ensure_clustering(
         sections,
         {"cluster": {"name": name, "spaces": cfg.spaces, "k": k, "seed": cfg.seed}},
     )
-    return cluster.main(cluster_cfg, ws)
-
-
-def fingerprint(cfg: ProgressConfig, clusters: dict, warm: dict, base: dict) -> dict:
-    how = {"name", "num_workers", "use_gpu", "worker", "torch_threads", "eval_batch"}
-    how |= {"max_failures", "coordinator", "detached", "overwrite"}
-    return json.loads(
-        json.dumps(
-            {
-                "config": cfg.model_dump(mode="json", exclude=how),
-                "clusters": clusters.get("fingerprint"),
-                "warmup_clusters": warm.get("fingerprint"),
-                "base": base.get("fingerprint"),
-            }
-        )
-    )
+    cluster.main(cluster_cfg, ws)
+    return Clustering.open(ws, name)
 
 
 def main(cfg: ProgressConfig, ws: Workspace) -> dict:
@@ -241,27 +221,28 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     connect()
     clusters = ensure_clustering(cfg, ws, cfg.clusters, (50, 10, 1000))
     warm = ensure_clustering(cfg, ws, cfg.warmup_clusters, (10, 10, 5000))
-    base = read_base_meta(ws, cfg.base)
+    base = BaseModelArtifact.open(ws, cfg.base)
+    pool = Pool.open(ws)
     # Rows the clustering left out (bad vectors) are not selectable: sizes from its count.
-    sizes.update(resolve_sizes(cfg, int(clusters["rows_assigned"])))
-    pool, budget, warmup = sizes["pool"], sizes["budget"], sizes["warmup"]
-    round_size = sizes["round_size"]
-    run_dir = ws.path("progress", cfg.name)
-    made_of = fingerprint(cfg, clusters, warm, base)
-    meta_path = f"{run_dir}/{META_FILE}"
-    old = ws.read_json(meta_path) if ws.exists("progress", cfg.name, META_FILE) else None
-    if old is not None and old.get("fingerprint") != made_of and not cfg.overwrite:
-        raise InputError(
-            f"{run_dir} holds a run of another config: pass --overwrite to replace it or "
-            "choose another --name"
-        )
+    sizes.update(resolve_sizes(cfg, clusters.meta.rows_assigned))
+    budget, warmup, round_size = sizes["budget"], sizes["warmup"], sizes["round_size"]
+    inputs = {"clusters": clusters.fingerprint, "warmup clusters": warm.fingerprint,
+              "base": base.fingerprint, "pool": pool.fingerprint}  # fmt: skip
+    committed = ProgressRun.find(ws, cfg.name)
     actor_name = f"vlselect-progress-{cfg.name}"
     if cfg.overwrite:
         _stop_actor(actor_name)
-        ws.remove("progress", cfg.name)
-    ws.makedirs("progress", cfg.name)
-    ws.write_json(meta_path, {"stage": STAGE, "status": "running", "fingerprint": made_of})
-
+    plan = ProgressRun.begin(ws, cfg.name, inputs=inputs, config=cfg, overwrite=cfg.overwrite)
+    if plan.action == "current":
+        _print(committed.meta.summary, committed.dir)
+        return committed.meta.summary
+    if committed is not None and not cfg.overwrite:
+        raise InputError(
+            f"{ProgressRun.folder(ws, cfg.name)} holds a run of another config or inputs: pass "
+            "--overwrite to replace it or choose another --name"
+        )
+    attempt = plan.attempt
+    run_dir = attempt.dir
     settings = ProgressSettings(
         budget=budget,
         round_size=round_size,
@@ -273,14 +254,7 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
         seed=cfg.seed,
     )
     coordinator = start_coordinator(
-        ws,
-        run_dir,
-        ws.path("clusters", cfg.clusters),
-        ws.path("pool"),
-        settings,
-        actor_name,
-        cfg.coordinator,
-        detached=cfg.detached,
+        ws, run_dir, clusters, pool, settings, actor_name, cfg.coordinator, detached=cfg.detached
     )
     status = ray.get(coordinator.status.remote())
     warm_seconds = 0.0
@@ -297,35 +271,43 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
             status["spent"],
             budget,
         )
-    plan = round_rows(budget, warmup, round_size)
-    total_steps = sum(round_steps(n, cfg.finetune.epochs, cfg.finetune.batch_size) for n in plan)
+    plan_rows = round_rows(budget, warmup, round_size)
+    total_steps = sum(
+        round_steps(n, cfg.finetune.epochs, cfg.finetune.batch_size) for n in plan_rows
+    )
     result, train_rounds = _train(
-        cfg, ws, run_dir, actor_name, int(clusters["k"]), sizes["accumulation"], total_steps
+        cfg, ws, run_dir, actor_name, clusters.meta.k, sizes["accumulation"], total_steps
     )
     status = ray.get(coordinator.status.remote())
     outputs = write_outputs(ws, run_dir, ray.get(coordinator.rounds_jsonl.remote()))
     summary = {
-        "stage": STAGE,
-        "status": "complete",
         "name": cfg.name,
-        "pool": pool,
+        "pool": sizes["pool"],
         "budget": budget,
         "spent": status["spent"],
         "revealed": status["revealed"],
         "rounds": status["rounds"],
-        "round_rows": plan,
-        "k": int(clusters["k"]),
-        "warmup_k": int(warm["k"]),
+        "round_rows": plan_rows,
+        "k": clusters.meta.k,
+        "warmup_k": warm.meta.k,
         "total_steps": total_steps,
         "warmup_seconds": round(warm_seconds, 2),
         "final_metrics": result,
         "train_rounds": train_rounds,
         "seconds": round(timer.seconds, 2),
         "outputs": outputs,
-        "fingerprint": made_of,
-        "config": cfg.model_dump(mode="json"),
     }
-    ws.write_json(meta_path, summary)
+    meta = ProgressMeta(
+        name=cfg.name,
+        pool=sizes["pool"],
+        budget=budget,
+        spent=status["spent"],
+        rounds=status["rounds"],
+        k=clusters.meta.k,
+        summary=summary,
+        config=cfg.model_dump(mode="json"),
+    )
+    attempt.commit(meta)
     if not cfg.detached:
         _stop_actor(actor_name)
     _print(summary, run_dir)

@@ -15,8 +15,10 @@ import ray
 from actors.adapter import ray_data_options
 from actors.kmeans import load_centroids
 from actors.warmup import order_cluster, shard_cluster_features
+from engine.artifacts import Clustering
 from engine.embeddings import open_space
 from engine.resources import Resources
+from engine.shards import stem
 from engine.warmup import cluster_quotas, warmup_scores
 from engine.workspace import Workspace
 from jobs.runtime import cluster_cpus
@@ -24,14 +26,11 @@ from jobs.runtime import cluster_cpus
 
 def select_warmup_ids(cfg, ws: Workspace, total: int) -> list[str]:
     """``total`` pool ids chosen by COINCIDE's selector over ``cfg.warmup_clusters``."""
-    clusters_dir = ws.path("clusters", cfg.warmup_clusters)
-    meta = ws.read_json(f"{clusters_dir}/meta.json")
-    spaces = [open_space(ws, s) for s in meta["spaces"]]
-    weights = meta["weights"]
-    stems = [
-        f.rsplit("/", 1)[1].removesuffix(".parquet")
-        for f in ws.list_files(clusters_dir, "assignments", suffix=".parquet")
-    ]
+    clustering = Clustering.open(ws, cfg.warmup_clusters)
+    meta = clustering.meta
+    spaces = [open_space(ws, s) for s in meta.spaces]
+    weights = meta.weights
+    stems = [stem(f) for f in clustering.assignments]
     ds = ray.data.from_items([{"stem": s} for s in stems], override_num_blocks=len(stems))
     ds = ds.map_batches(
         shard_cluster_features,
@@ -41,13 +40,13 @@ def select_warmup_ids(cfg, ws: Workspace, total: int) -> list[str]:
             "space_dirs": {s.space: s.dir for s in spaces},
             "dims": {s.space: s.dim for s in spaces},
             "weights": {s.space: float(weights[s.space]) for s in spaces},
-            "assignments_dir": f"{clusters_dir}/assignments",
+            "assignments_dir": clustering.path("assignments"),
         },
         **ray_data_options(Resources(num_cpus=0.5)),
     )
     # Ray Data's default of 200 shuffle partitions costs seconds of task overhead on a
     # small pool; a few per CPU keeps every core busy at any size.
-    partitions = max(1, min(int(meta["k"]), 4 * cluster_cpus()))
+    partitions = max(1, min(meta.k, 4 * cluster_cpus()))
     groups = ds.groupby("cluster", num_partitions=partitions).map_groups(
         order_cluster,
         batch_format="numpy",
@@ -59,7 +58,7 @@ def select_warmup_ids(cfg, ws: Workspace, total: int) -> list[str]:
         },
     )
     rows = groups.take_all()
-    centroids = load_centroids(ws, f"{clusters_dir}/centroids.npy")
+    centroids = load_centroids(ws, clustering.path("centroids.npy"))
     k = centroids.shape[0]
     sizes, density = np.zeros(k, np.int64), np.zeros(k)
     orders: dict[int, list[str]] = {}

@@ -26,6 +26,7 @@ Raises:
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -38,11 +39,12 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from actors.retrieval import RetrievalService, ServiceConfig
+from engine.artifacts import EmbeddingSpace
 from engine.embeddings import unusable_rows
 from engine.errors import InputError
 from engine.knn import IndexInfo, open_index
 from engine.vectors import l2_normalize
-from engine.workspace import META_FILE, Workspace, atomic_output
+from engine.workspace import Location, Workspace, atomic_output
 from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "search"
@@ -85,11 +87,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def load_queries(path: str, info: IndexInfo) -> np.ndarray:
-    """The queries file as float32 (q, d), unnormalised. Raises InputError with the fix."""
-    if not os.path.isfile(path):
+    """The queries file (a path or URI) as float32 (q, d), unnormalised. Raises InputError."""
+    where = Location.of(path)
+    if where.kind() != pafs.FileType.File:
         raise InputError(f"queries file not found: {path} (pass a .npy file to --queries)")
+    with where.open() as f:
+        data = io.BytesIO(f.read())
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(data, allow_pickle=False)
     except ValueError as err:
         raise InputError(
             f"{path} cannot be read as a numeric .npy array ({err}); save the queries with "
@@ -137,17 +142,15 @@ def check_inputs(cfg: SearchConfig, ws: Workspace) -> tuple[IndexInfo, np.ndarra
         raise InputError("no output: pass --out FILE.parquet")
     info = open_index(ws, cfg.space)
     queries = load_queries(cfg.queries, info)
-    embedded = ws.path("embeddings", cfg.space, META_FILE)
-    if ws.exists("embeddings", cfg.space, META_FILE):
-        current = ws.read_json(embedded).get("fingerprint")
-        if current != (info.fingerprint or {}).get("embeddings"):
-            log.warning(
-                "the index of %s was built from older embeddings; rebuild it with "
-                "`vlselect index --workspace %s --space %s`",
-                cfg.space,
-                ws.uri,
-                cfg.space,
-            )
+    embedded = EmbeddingSpace.find(ws, cfg.space)
+    if embedded is not None and embedded.fingerprint != info.built_from:
+        log.warning(
+            "the index of %s was built from older embeddings; rebuild it with "
+            "`vlselect index --workspace %s --space %s`",
+            cfg.space,
+            ws.uri,
+            cfg.space,
+        )
     return info, l2_normalize(queries)
 
 

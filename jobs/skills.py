@@ -48,7 +48,6 @@ from actors.llm import (
 )
 from actors.vllm import generate_vllm, vllm_processor_config
 from engine.artifacts import Pool, Skills, SkillsMeta
-from engine.commit import fingerprint
 from engine.config import build_config
 from engine.errors import InputError
 from engine.skills import PROMPT_VERSION, RESULT_SCHEMA, cache_key
@@ -244,10 +243,10 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     model = model_id(cfg)
     if cfg.backend == "openai":
         api_key(cfg)  # refuse a missing key variable before Ray starts
-    made_of = fingerprint(pool=pool.fingerprint, model=model, prompt=PROMPT_VERSION, config=cfg)
-    plan = Skills.begin(ws, None, made_of)
+    how = {"inputs": {"pool": pool.fingerprint}, "config": cfg, "model": model}
+    plan = Skills.begin(ws, prompt=PROMPT_VERSION, **how)
     if plan.action == "current" and Skills.committed(ws, None, plan.manifest).meta.failed:
-        plan = Skills.begin(ws, None, made_of, overwrite=True)  # retry what failed
+        plan = Skills.begin(ws, prompt=PROMPT_VERSION, overwrite=True, **how)  # retry failures
     if plan.action == "current":
         done = Skills.committed(ws, None, plan.manifest)
         print_summary(STAGE, [("skills", f"current, nothing asked again ({done.dir})")])
@@ -321,7 +320,6 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         samples=ids.num_rows,
         ok=status["ok"],
         failed=status["failed"],
-        pool=pool.fingerprint,
         summary=summary,
         config=cfg.model_dump(mode="json"),
     )

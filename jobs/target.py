@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import os
@@ -46,9 +45,12 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.retrieval import RetrievalService, ServiceConfig
+from engine.artifacts import EmbeddingSpace, Pool, Selection, SelectionMeta, Skills
+from engine.commit import operational
 from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self
 from engine.embeddings import EmbeddedSpace, open_space
 from engine.errors import InputError
+from engine.ingest import source_files
 from engine.knn import IndexInfo, open_index
 from engine.progress import rows_of
 from engine.target_input import Benchmark, read_benchmark, reference_sample, require_usable
@@ -61,7 +63,7 @@ from engine.target_report import (
     write_selection,
 )
 from engine.targeted import MODES, select
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 from jobs import target_embed as te
 from jobs.runtime import Timer, connect, print_summary
 
@@ -76,7 +78,7 @@ class TargetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(
+    name: str | None = operational(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Selection name: output goes to <ws>/selections/<name>/.",
     )  # fmt: skip
@@ -114,12 +116,12 @@ class TargetConfig(BaseModel):
     split_share: float = Field(
         0.5, gt=0, lt=1, description="split mode: the concept space's share of the budget."
     )
-    service: ServiceConfig = Field(
+    service: ServiceConfig = operational(
         default_factory=lambda: ServiceConfig(shard={"num_cpus": 0.25, "max_retries": -1}),
         description="The retrieval services' shard actors and batching (both spaces).",
     )
-    preprocess_cpus: float = Field(0.5, gt=0, description="CPUs of a decode-and-resize task.")
-    overwrite: bool = Field(False, description="Replace an existing selection of this name.")
+    preprocess_cpus: float = operational(0.5, gt=0, description="CPUs of a decode-and-resize task.")
+    overwrite: bool = operational(False, description="Replace an existing selection of this name.")
 
 
 CONFIG = TargetConfig
@@ -153,25 +155,23 @@ class Plan:
     spaces: dict[str, EmbeddedSpace]
     indexes: dict[str, IndexInfo]
     benchmarks: list[Benchmark]
-    fingerprint: dict
-    out: str
+    inputs: dict[str, str]  # upstream fingerprints by role
+    digests: dict[str, str]  # each benchmark file's sha256
+    pool_files: list[str]
 
 
 def _file_digest(path: str) -> str:
     digest = hashlib.sha256()
-    files = (
-        sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
-    )
-    for f in files:
-        with open(f, "rb") as fh:
+    for f in source_files(path):
+        with f.open() as fh:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
 
 
 def _space(ws: Workspace, space: str) -> tuple[EmbeddedSpace, IndexInfo]:
-    missing = not ws.exists("embeddings", "skill", META_FILE)
-    if space == "skill" and missing and not ws.exists("skills", META_FILE):
+    missing = EmbeddingSpace.find(ws, "skill") is None
+    if space == "skill" and missing and Skills.find(ws) is None:
         raise InputError(
             f"the pool has no skill descriptions: run `vlselect skills --workspace {ws.uri}` "
             f"(it embeds the skill space when done), then `vlselect index --workspace "
@@ -182,7 +182,7 @@ def _space(ws: Workspace, space: str) -> tuple[EmbeddedSpace, IndexInfo]:
         index = open_index(ws, space)
     except InputError as err:
         raise InputError(f"{err} (`vlselect index --workspace {ws.uri} --space {space}`)") from None
-    if (index.fingerprint or {}).get("embeddings") != embedded.fingerprint:
+    if index.built_from != embedded.fingerprint:
         raise InputError(
             f"the index of space {space!r} was built from older embeddings: rebuild it with "
             f"`vlselect index --workspace {ws.uri} --space {space}`"
@@ -198,11 +198,8 @@ def check_inputs(cfg: TargetConfig, ws: Workspace) -> Plan:
         raise InputError("no benchmark: pass --benchmark FILE (LLaVA JSON, JSONL or Parquet)")
     if cfg.budget is None:
         raise InputError("no budget: pass --budget as a fraction of the pool (0.2) or a count")
-    if not ws.list_files("pool", suffix=".parquet"):
-        raise InputError(
-            f"no pool in {ws.path('pool')}: run `vlselect ingest --workspace {ws.uri}`"
-        )
-    pool = ws.parquet_rows(ws.path("pool"))
+    found_pool = Pool.open(ws)
+    pool = found_pool.rows
     if cfg.budget <= 0:
         raise InputError(f"budget {cfg.budget:g} is not positive: pass a fraction (0.2) or a count")
     budget = rows_of(cfg.budget, pool, "budget")
@@ -221,29 +218,12 @@ def check_inputs(cfg: TargetConfig, ws: Workspace) -> Plan:
         raise InputError(f"benchmark files share the name(s) {sorted(dup)}: rename one ({names})")
     for b in benches:
         require_usable(b)
-    out = ws.path("selections", cfg.name)
-    made_of = {
-        "config": cfg.model_dump(mode="json", exclude={"overwrite", "service", "preprocess_cpus"}),
-        "pool": pool,
-        "spaces": {s: e.fingerprint for s, (e, _) in found.items()},
-        "indexes": {s: i.fingerprint for s, (_, i) in found.items()},
-        "benchmarks": {b.name: _file_digest(b.path) for b in benches},
-    }
-    made_of = json.loads(json.dumps(made_of, default=str))
-    old = (
-        ws.read_json(f"{out}/{META_FILE}") if ws.exists("selections", cfg.name, META_FILE) else None
-    )
-    if (
-        ws.exists("selections", cfg.name)
-        and not cfg.overwrite
-        and (old is None or old.get("fingerprint") != made_of)
-    ):
-        raise InputError(
-            f"selection {cfg.name!r} exists ({out}) from other inputs or config: pass "
-            f"--overwrite to replace it, or choose another --name"
-        )
+    inputs = {"pool": found_pool.fingerprint}
+    for space, (e, i) in found.items():
+        inputs.update({f"{space} space": e.fingerprint, f"{space} index": i.fingerprint})
     return Plan(pool, budget, {s: e for s, (e, _) in found.items()},
-                {s: i for s, (_, i) in found.items()}, benches, made_of, out)  # fmt: skip
+                {s: i for s, (_, i) in found.items()}, benches, inputs,
+                {b.name: _file_digest(b.path) for b in benches}, found_pool.shards)  # fmt: skip
 
 
 def _lists(services, queries: dict[str, np.ndarray], k: int) -> dict[str, tuple]:
@@ -311,22 +291,26 @@ def main(cfg: TargetConfig, ws: Workspace) -> dict:
     """Select for every benchmark; see the module docstring. Returns the summary."""
     timer = Timer()
     plan = check_inputs(cfg, ws)
-    old = (
-        ws.read_json(f"{plan.out}/{META_FILE}")
-        if ws.exists("selections", cfg.name, META_FILE)
-        else None
-    )
-    if old and old.get("fingerprint") == plan.fingerprint and not cfg.overwrite:
-        _print(old["summary"], plan.out, reused=True)
-        return old["summary"]
+    how = {"inputs": plan.inputs, "config": cfg, "benchmarks": plan.digests}
+    begun = Selection.begin(ws, cfg.name, **how)
+    if begun.action == "current" and not cfg.overwrite:
+        done = Selection.committed(ws, cfg.name, begun.manifest)
+        _print(done.meta.summary, done.dir, reused=True)
+        return done.meta.summary
+    if begun.manifest is not None and not cfg.overwrite:
+        raise InputError(
+            f"selection {cfg.name!r} exists ({Selection.folder(ws, cfg.name)}) from other "
+            "inputs or config: pass --overwrite to replace it, or choose another --name"
+        )
+    begun = Selection.begin(ws, cfg.name, overwrite=True, **how)  # picks are not resumed
     connect()
     vectors, embed_stats = te.embed_benchmarks(
         ws, plan.benchmarks, plan.indexes, cfg.preprocess_cpus
     )
     reference = None
     svc = {"concept": None, "skill": None}
-    staging = ws.staging_dir(STAGE)
-    staged = Staged(ws, staging, single=len(plan.benchmarks) == 1)
+    attempt = begun.attempt
+    staged = Staged(ws, attempt.dir, single=len(plan.benchmarks) == 1)
     try:
         svc["concept"] = RetrievalService.start(ws, "clip", cfg.service)
         svc["skill"] = RetrievalService.start(ws, "skill", cfg.service)
@@ -337,13 +321,12 @@ def main(cfg: TargetConfig, ws: Workspace) -> dict:
         for s in svc.values():
             s.stop()
         svc = {}
-        summary = _write(cfg, ws, plan, staged, reports, embed_stats, timer, staging)
+        summary = _write(cfg, ws, plan, staged, reports, embed_stats, timer, attempt)
     finally:
         for s in svc.values():
             if s is not None:
                 s.stop()
-        ws.discard(staging)
-    _print(summary, plan.out, reused=False)
+    _print(summary, summary["path"], reused=False)
     return summary
 
 
@@ -359,14 +342,12 @@ def _reference(cfg, ws, plan, svc) -> CrossRanks | None:
     return cross_ranks(*c, *s)
 
 
-def _write(cfg, ws, plan, staged: Staged, reports, embed_stats, timer, staging) -> dict:
+def _write(cfg, ws, plan, staged: Staged, reports, embed_stats, timer, attempt) -> dict:
     wanted = {b: set(item[-1].ids) for b, item in staged.items.items()}
     dirs = {b: staged.dir(b) for b in wanted}
     records: dict[str, dict] = {b: {} for b in wanted}
     task = ray.remote(num_cpus=0.25)(pool_records)
-    parts = ray.get(
-        [task.remote(ws, f, wanted, dirs) for f in ws.list_files("pool", suffix=".parquet")]
-    )
+    parts = ray.get([task.remote(ws, f, wanted, dirs) for f in plan.pool_files])
     for part in parts:
         for b, found in part.items():
             records[b].update(found)
@@ -386,13 +367,19 @@ def _write(cfg, ws, plan, staged: Staged, reports, embed_stats, timer, staging) 
     summary = {"name": cfg.name, "pool": plan.pool, "budget": plan.budget,
                "benchmarks": [{k: r[k] for k in ("benchmark", "usable", "rejected", "prediction",
                                "confidence", "margin", "mode", "selected", "seconds")} for r in reports],
-               "seconds": round(timer.seconds, 2), "path": plan.out}  # fmt: skip
+               "seconds": round(timer.seconds, 2), "path": attempt.dir}  # fmt: skip
     if not staged.single:
-        ws.write_json(f"{staging}/summary.json", {**summary, "reports": reports})
-    config = cfg.model_dump(mode="json")
-    ws.write_json(f"{staging}/{META_FILE}", {"stage": STAGE, "status": "complete",
-                  "fingerprint": plan.fingerprint, "config": config, "summary": summary})  # fmt: skip
-    ws.promote(staging, "selections", cfg.name)
+        ws.write_json(attempt.path("summary.json"), {**summary, "reports": reports})
+    meta = SelectionMeta(
+        name=cfg.name,
+        pool=plan.pool,
+        budget=plan.budget,
+        benchmarks=[b.name for b in plan.benchmarks],
+        single=staged.single,
+        summary=summary,
+        config=cfg.model_dump(mode="json"),
+    )
+    attempt.commit(meta)
     return summary
 
 

@@ -1,10 +1,10 @@
 """Benchmark samples into the pool's spaces, with the pool's own encoders and skill writer.
 
 - Concept: the CLIP image tower the pool's ``clip`` space was embedded with (the
-  encoder recorded in ``<ws>/embeddings/clip/meta.json``, else the workspace's
+  encoder recorded in the committed ``clip`` space, else the workspace's
   ``embed.clip``), through Ray Data: decode-and-resize CPU tasks, then an encoder actor
   pool (``EmbedActor``, the embed stage's actor) with that space's resources.
-- Skill: the skills stage's backend and model (``<ws>/skills/meta.json``, else the
+- Skill: the skills stage's backend and model (the committed skills' config, else the
   workspace's ``skills`` section) describe each question (``jobs.skills.generate``),
   answers cached in ``<ws>/cache/skills`` as the pool's are, so a question the pool or an
   earlier run asked is never asked again; then the ``skill`` space's text encoder.
@@ -21,6 +21,7 @@ import ray
 
 from actors.adapter import ray_data_options
 from actors.encoder import EmbedActor
+from engine.artifacts import EmbeddingSpace, Skills
 from engine.config import build_config
 from engine.encoders import ImagePreprocess, preprocess_for, preprocess_images
 from engine.errors import InputError
@@ -28,28 +29,26 @@ from engine.skills import PROMPT_VERSION, cache_key
 from engine.skills_config import SkillsConfig
 from engine.skills_store import CacheWriter, read_cache
 from engine.target_input import Benchmark, require_usable
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 from jobs import embed, skills
 
 IMAGE_STATUS = {0: "no image", -1: "undecodable"}
 
 
 def space_config(ws: Workspace, space: str) -> embed.SpaceConfig:
-    """How the pool's ``space`` was embedded: its meta.json's config, else the workspace's."""
-    if ws.exists("embeddings", space, META_FILE):
-        recorded = ws.read_json(ws.path("embeddings", space, META_FILE)).get("config")
-        if recorded:
-            return embed.SpaceConfig(**recorded)
+    """How the pool's ``space`` was embedded: its recorded config, else the workspace's."""
+    found = EmbeddingSpace.find(ws, space)
+    if found is not None:
+        return embed.SpaceConfig(**found.meta.config)
     return getattr(build_config(embed.STAGE, embed.CONFIG, ws.read_config()), space)
 
 
 def skills_config(ws: Workspace) -> SkillsConfig:
     """The skills stage's config the pool's descriptions were written with, else the
     workspace's (the backend, model and generation settings: the same prompt answers)."""
-    if ws.exists("skills", META_FILE):
-        recorded = ws.read_json(ws.path("skills", META_FILE)).get("config")
-        if recorded:
-            return SkillsConfig(**recorded)
+    found = Skills.find(ws)
+    if found is not None:
+        return SkillsConfig(**found.meta.config)
     return build_config(skills.STAGE, skills.CONFIG, ws.read_config())
 
 

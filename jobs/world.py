@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from actors.adapter import ray_options
 from engine.artifacts import World, WorldMeta
-from engine.commit import SCRATCH, Attempt, fingerprint, operational
+from engine.commit import SCRATCH, Attempt, operational
 from engine.errors import InputError
 from engine.resources import Resources
 from engine.workspace import Workspace, atomic_output, write_table_atomic
@@ -101,7 +101,7 @@ def main(cfg: WorldJobConfig, ws: Workspace) -> dict:
             f"--llava-json writes one PNG per sample; size {world.size} > {LLAVA_JSON_MAX}: "
             "use the Parquet source (world/source) for large pools"
         )
-    plan = World.begin(ws, None, fingerprint(world=cfg), overwrite=cfg.overwrite)
+    plan = World.begin(ws, config=cfg, overwrite=cfg.overwrite)
     if plan.action == "current":
         done = World.committed(ws, None, plan.manifest)
         _write_workspace_config(ws, world, done)

@@ -6,10 +6,9 @@ from engine.llava.cache import (
     DEFAULT_NAME,
     Base,
     base_fingerprint,
-    base_path,
     build_or_load_base,
+    find_base,
     load_base,
-    read_base_meta,
 )
 from engine.llava.config import (
     BaseTrainConfig,
@@ -47,7 +46,6 @@ __all__ = [
     "VisionConfig",
     "answer_correct",
     "base_fingerprint",
-    "base_path",
     "build_llava",
     "build_or_load_base",
     "build_world_tokenizer",
@@ -64,7 +62,7 @@ __all__ = [
     "param_groups",
     "per_sample_loss",
     "prepare_for_finetune",
-    "read_base_meta",
+    "find_base",
     "sample_losses",
     "torch_stepper",
     "train_step",

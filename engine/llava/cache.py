@@ -1,9 +1,9 @@
-"""The base cached in the workspace, built once and reused while its fingerprint matches.
+"""The base committed in the workspace, built once and reused while its fingerprint matches.
 
-``<ws>/models/<name>/``: ``model/`` (safetensors via ``save_pretrained``), ``tokenizer/``,
-``meta.json`` (config, fingerprint, measured accuracies, times). It is written under
-``<ws>/.staging/`` and moved into place when complete, so a half-written base is
-never taken for a finished one; ``meta.json`` is the last file written.
+``<ws>/models/<name>/`` (engine.artifacts.BaseModelArtifact): ``model/`` (safetensors via
+``save_pretrained``) and ``tokenizer/``; its meta holds the config, the recipe's
+fingerprint, measured accuracies and times. Written as an attempt and published by
+its manifest (engine.commit), so a half-written base is never taken for a finished one.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from engine.artifacts import BaseModelArtifact, BaseModelMeta
 from engine.errors import InputError
 from engine.llava.config import BASE_VERSION, BaseTrainConfig, LlavaModelConfig, fingerprint
-from engine.workspace import META_FILE, Workspace
+from engine.workspace import Workspace
 from engine.world.config import WorldConfig
 
 MODELS = "models"
@@ -38,12 +39,16 @@ class Base:
 
     model: Any
     tokenizer: Any
-    meta: dict
+    meta: BaseModelMeta
     path: str
 
     @property
     def max_length(self) -> int:
-        return int(self.meta["config"]["model"]["max_length"])
+        return int(self.meta.config["model"]["max_length"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.recipe
 
 
 def base_fingerprint(world: WorldConfig, model: LlavaModelConfig, train: BaseTrainConfig) -> str:
@@ -56,75 +61,63 @@ def base_fingerprint(world: WorldConfig, model: LlavaModelConfig, train: BaseTra
     return fingerprint(model, recipe, world_fields)
 
 
-def base_path(ws: Workspace, name: str = DEFAULT_NAME) -> str:
-    return ws.path(MODELS, name)
+def find_base(ws: Workspace, name: str = DEFAULT_NAME) -> BaseModelArtifact | None:
+    """The committed base called ``name``, or None."""
+    return BaseModelArtifact.find(ws, name)
 
 
-def read_base_meta(ws: Workspace, name: str = DEFAULT_NAME) -> dict | None:
-    """The cached base's meta.json, or None when there is no finished base called ``name``."""
-    if not ws.exists(MODELS, name, META_FILE):
-        return None
-    return ws.read_json(ws.path(MODELS, name, META_FILE))
+def save_base(ws: Workspace, name: str, model, tokenizer, meta: BaseModelMeta) -> str:
+    """Commit the base (engine.commit: a new attempt, then its manifest). Returns its path."""
+    attempt = BaseModelArtifact.begin(ws, name, recipe=meta.recipe, overwrite=True).attempt
+    with tempfile.TemporaryDirectory(prefix="vlselect-base-") as tmp:
+        model.save_pretrained(os.path.join(tmp, "model"))
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        pafs.copy_files(
+            tmp,
+            attempt.dir,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=ws.fs,
+        )
+    attempt.commit(meta)
+    return attempt.dir
 
 
-def save_base(ws: Workspace, name: str, model, tokenizer, meta: dict) -> str:
-    """Write the base atomically (staged, then moved over any older one). Returns its path."""
-    staged = ws.staging_dir(f"model-{name}")
-    try:
-        with tempfile.TemporaryDirectory(prefix="vlselect-base-") as tmp:
-            model.save_pretrained(os.path.join(tmp, "model"))
-            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            pafs.copy_files(
-                tmp,
-                staged,
-                source_filesystem=pafs.LocalFileSystem(),
-                destination_filesystem=ws.fs,
-            )
-        ws.write_json(f"{staged}/{META_FILE}", meta)  # last: the completion marker
-        return ws.promote(staged, MODELS, name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            ws.discard(staged)
-        raise
-
-
-def _local_copy(ws: Workspace, path: str) -> str:
-    """A local folder holding ``path`` (itself when the workspace is local)."""
+@contextlib.contextmanager
+def _local_copy(ws: Workspace, path: str):
+    """A local folder holding ``path`` (itself when the workspace is local), removed after."""
     if isinstance(ws.fs, pafs.LocalFileSystem):
-        return path
-    local = tempfile.mkdtemp(prefix="vlselect-base-")
-    pafs.copy_files(
-        path, local, source_filesystem=ws.fs, destination_filesystem=pafs.LocalFileSystem()
-    )
-    return local
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="vlselect-base-") as local:
+        pafs.copy_files(
+            path, local, source_filesystem=ws.fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        yield local
 
 
 def load_base(ws: Workspace, name: str = DEFAULT_NAME, fingerprint: str | None = None) -> Base:
-    """Load the cached base ``name`` (CPU, float32).
+    """Load the committed base ``name`` (CPU, float32).
 
     Raises:
-        InputError: no finished base (run ``vlselect base``), or its fingerprint is not
+        InputError: no committed base (run ``vlselect base``), or its fingerprint is not
             the one asked for.
     """
     from transformers import LlavaForConditionalGeneration
 
     from engine.llava.tokenizer import load_tokenizer
 
-    meta = read_base_meta(ws, name)
-    if meta is None:
+    found = BaseModelArtifact.open(ws, name)
+    meta = found.meta
+    if fingerprint is not None and meta.recipe != fingerprint:
         raise InputError(
-            f"no base at {base_path(ws, name)}: build it with `vlselect base --workspace {ws.uri}`"
-        )
-    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-        raise InputError(
-            f"the base at {base_path(ws, name)} was built with another config (fingerprint "
-            f"{meta.get('fingerprint')}, wanted {fingerprint}): rebuild it with "
+            f"the base at {found.dir} was built with another config (fingerprint "
+            f"{meta.recipe}, wanted {fingerprint}): rebuild it with "
             f"`vlselect base --workspace {ws.uri} --overwrite`"
         )
-    local = _local_copy(ws, base_path(ws, name))
-    model = LlavaForConditionalGeneration.from_pretrained(os.path.join(local, "model"))
-    tokenizer = load_tokenizer(os.path.join(local, "tokenizer"))
-    return Base(model.float().eval(), tokenizer, meta, base_path(ws, name))
+    with _local_copy(ws, found.dir) as local:
+        model = LlavaForConditionalGeneration.from_pretrained(os.path.join(local, "model"))
+        tokenizer = load_tokenizer(os.path.join(local, "tokenizer"))
+    return Base(model.float().eval(), tokenizer, meta, found.dir)
 
 
 def build_or_load_base(
@@ -137,45 +130,43 @@ def build_or_load_base(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[Base, bool]:
-    """The cached base when its fingerprint matches, else train and cache it.
+    """The committed base when its fingerprint matches, else train and commit one.
 
-    Returns (base, built): built is False when the cache was reused.
+    Returns (base, built): built is False when the committed base was reused.
 
     Raises:
-        InputError: a base of another config is cached and ``overwrite`` is False.
+        InputError: a base of another config is committed and ``overwrite`` is False.
     """
     from engine.llava.base import train_base
 
     fp = base_fingerprint(world, model_cfg, train_cfg)
-    meta = read_base_meta(ws, name)
-    if meta is not None and meta.get("fingerprint") == fp and not overwrite:
-        log(f"reusing the base at {base_path(ws, name)} (fingerprint {fp})")
+    found = find_base(ws, name)
+    if found is not None and found.meta.recipe == fp and not overwrite:
+        log(f"reusing the base at {found.dir} (fingerprint {fp})")
         return load_base(ws, name, fp), False
-    if meta is not None and not overwrite:
+    if found is not None and not overwrite:
         raise InputError(
-            f"{base_path(ws, name)} holds a base built with another config (fingerprint "
-            f"{meta.get('fingerprint')}, this one {fp}): pass --overwrite to replace it, or "
+            f"{found.dir} holds a base built with another config (fingerprint "
+            f"{found.meta.recipe}, this one {fp}): pass --overwrite to replace it, or "
             "give another --name"
         )
     start = time.time()
     model, tokenizer, metrics = train_base(world, model_cfg, train_cfg, log)
-    meta = {
-        "stage": "base",
-        "status": "complete",
-        "name": name,
-        "fingerprint": fp,
-        "version": BASE_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)),
-        "config": {
+    meta = BaseModelMeta(
+        name=name,
+        recipe=fp,
+        version=BASE_VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)),
+        config={
             "model": model_cfg.model_dump(mode="json"),
             "train": train_cfg.model_dump(mode="json"),
         },
-        "world": world.model_dump(mode="json"),
-        "metrics": metrics,
-        "image_tokens": model_cfg.vision.image_tokens,
-        "vocab_size": len(tokenizer),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+        world=world.model_dump(mode="json"),
+        metrics=metrics,
+        image_tokens=model_cfg.vision.image_tokens,
+        vocab_size=len(tokenizer),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
     path = save_base(ws, name, model, tokenizer, meta)
     log(f"base written to {path}")
     return Base(model.eval(), tokenizer, meta, path), True
