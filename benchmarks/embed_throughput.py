@@ -33,8 +33,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import PeakRSS, report  # noqa: E402
+from engine.artifacts import Pool  # noqa: E402
 from engine.encoders import EncoderSpec, load_encoder, preprocess_images  # noqa: E402
 from engine.vectors import to_arrow  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
 from jobs.cli import main as cli  # noqa: E402
 
 CPUS = os.cpu_count() or 2
@@ -66,14 +68,14 @@ def bare_loop(ws: Path, case: str, out: Path) -> dict:
         start = time.perf_counter()
         encoder = load_encoder(spec)
         n = 0
-        for file in sorted((ws / "pool").glob("*.parquet")):
+        for file in Pool.open(Workspace.open(str(ws))).shards:
             ids, vectors = [], []
             for batch in pq.ParquetFile(file).iter_batches(batch_size, columns=["id", "image"]):
                 pixels, _ = preprocess_images(batch.column("image").to_pylist(), encoder.prep)
                 vectors.append(encoder(pixels))
                 ids.extend(batch.column("id").to_pylist())
             table = pa.table({"id": ids, "vector": to_arrow(np.concatenate(vectors))})
-            pq.write_table(table, out / file.name)
+            pq.write_table(table, out / Path(file).name)
             n += len(ids)
         seconds = time.perf_counter() - start
     return row(case, "bare loop (1 process)", n, seconds, mem)

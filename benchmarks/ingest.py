@@ -30,6 +30,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import report, timed_cli  # noqa: E402
+from engine.artifacts import World  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
 
 
 def timed(label: str, n: int, argv: list[str]) -> dict:
@@ -44,10 +46,15 @@ def timed(label: str, n: int, argv: list[str]) -> dict:
     }
 
 
-def bare_loop(source: Path, limit: int) -> dict:
-    """Reference: read the Parquet and decode each image in one process, nothing else."""
+def source_files(ws: Path) -> list[str]:
+    """The world's committed Parquet source (``vlselect world``'s ``source/``), sorted."""
+    return World.open(Workspace.open(str(ws))).files("source", ".parquet")
+
+
+def bare_loop(files: list[str], limit: int) -> dict:
+    """Reference: read the Parquet ``files`` and decode each image in one process, nothing else."""
     start, n = time.perf_counter(), 0
-    for file in sorted(source.glob("*.parquet")):
+    for file in files:
         for batch in pq.ParquetFile(file).iter_batches(batch_size=2048, columns=["image"]):
             for data in batch.column(0).to_pylist():
                 if data is not None:
@@ -69,10 +76,11 @@ def bare_loop(source: Path, limit: int) -> dict:
     }
 
 
-def write_llava_json(path: Path, n: int, images: Path, template_source: Path) -> None:
-    """N records cycling over 1,000 PNG files: the layout of LLaVA-665K (paths under a root)."""
+def write_llava_json(path: Path, n: int, images: Path, template: str) -> None:
+    """N records cycling over 1,000 PNG files: the layout of LLaVA-665K (paths under a root),
+    their images and conversations from the Parquet file ``template``."""
     images.mkdir(parents=True, exist_ok=True)
-    table = pq.read_table(sorted(template_source.glob("*.parquet"))[0]).slice(0, 1000).to_pylist()
+    table = pq.read_table(template).slice(0, 1000).to_pylist()
     table = [r for r in table if r["image"] is not None]
     for i, row in enumerate(table):
         (images / f"{i:04d}.png").write_bytes(row["image"])
@@ -119,11 +127,12 @@ def main() -> None:
         ]
         rows.append(timed("world (generate)", n, world_args))
         rows.append(timed("ingest parquet", n, ["ingest", "--workspace", str(ws)]))
-        bare = bare_loop(ws / "world" / "source", min(n, args.bare_limit))
+        source = source_files(ws)
+        bare = bare_loop(source, min(n, args.bare_limit))
         rows.append(bare)
         rows[-2]["ratio_to_bare"] = round(rows[-2]["rows_per_s"] / bare["rows_per_s"], 3)
         src = base / "llava" / "data.json"
-        write_llava_json(src, n, base / "llava" / "images", ws / "world" / "source")
+        write_llava_json(src, n, base / "llava" / "images", source[0])
         rows[-1]["json_bytes"] = src.stat().st_size
         rows.append(
             timed(

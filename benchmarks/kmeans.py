@@ -27,7 +27,6 @@ of the object store is counted in each process that maps it, so the total overst
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -36,30 +35,39 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.kmeans import load_centroids  # noqa: E402
 from benchmarks.common import PeakRSS, report  # noqa: E402
-from engine.features import shard_features  # noqa: E402
+from benchmarks.references import clustering_figures, space_features  # noqa: E402
+from engine.artifacts import Clustering, EmbeddingSpace  # noqa: E402
 from engine.kmeans import CentroidIndex, sample_positions, sample_size  # noqa: E402
 from engine.vectors import l2_normalize, to_arrow  # noqa: E402
+from engine.workspace import Workspace, write_table_atomic  # noqa: E402
+from tests.synthetic_space import synthetic_meta  # noqa: E402
 
 CPUS = os.cpu_count() or 2
 SHARD_ROWS = 20_000
 DIMS = {"dino": 1024, "text": 384}
 
 
-def generate(ws: Path, rows: int, centres: int, seed: int) -> None:
-    """Write ``rows`` samples as dino and text spaces, shard by shard (bounded memory).
+def generate(ws: Workspace, rows: int, centres: int, seed: int) -> None:
+    """Commit ``rows`` samples as the dino and text spaces, shard by shard (bounded memory).
 
     Both spaces follow one latent cluster label per row, so the combined space has
     structure for k-means to find (random vectors would make the objective flat).
     """
     rng = np.random.default_rng(seed)
     means = {s: l2_normalize(rng.standard_normal((centres, d))) for s, d in DIMS.items()}
-    for space in DIMS:
-        (ws / "embeddings" / space).mkdir(parents=True, exist_ok=True)
+    made_of = {"rows": rows, "centres": centres, "seed": seed, "shard_rows": SHARD_ROWS}
+    attempts = {
+        space: EmbeddingSpace.begin(
+            ws, space, synthetic="benchmarks.kmeans", dim=d, overwrite=True, **made_of
+        ).attempt
+        for space, d in DIMS.items()
+    }
+    shards = 0
     for i, start in enumerate(range(0, rows, SHARD_ROWS)):
         n = min(SHARD_ROWS, rows - start)
         labels = rng.integers(0, centres, n)
@@ -68,26 +76,15 @@ def generate(ws: Path, rows: int, centres: int, seed: int) -> None:
             noise = rng.standard_normal((n, d), dtype=np.float32) * (0.6 / np.sqrt(d))
             vectors = l2_normalize(means[space][labels] + noise)
             table = pa.table({"id": ids, "vector": to_arrow(vectors)})
-            pq.write_table(table, ws / "embeddings" / space / f"part-{i:06d}.parquet")
+            write_table_atomic(ws.fs, attempts[space].path(f"part-{i:06d}.parquet"), table)
+        shards += 1
     for space, d in DIMS.items():
-        meta = {"status": "complete", "vectors": rows, "dim": d, "fingerprint": {"seed": seed}}
-        (ws / "embeddings" / space / "meta.json").write_text(json.dumps(meta))
+        attempts[space].commit(synthetic_meta(space, d, rows, shards, f"seed {seed}"))
 
 
-def load_features(ws: Path) -> np.ndarray:
+def load_features(ws: Workspace) -> np.ndarray:
     """Every row's combined feature, float32 (n, 1408), as the job computes it."""
-    parts = []
-    for f in sorted((ws / "embeddings" / "dino").glob("*.parquet")):
-        files = {s: str(ws / "embeddings" / s / f.name) for s in DIMS}
-        found = shard_features(_local_fs(), files, DIMS, dict.fromkeys(DIMS, 1.0))
-        parts.append(found.features)
-    return np.concatenate(parts)
-
-
-def _local_fs():
-    import pyarrow.fs as pafs
-
-    return pafs.LocalFileSystem()
+    return space_features(ws, list(DIMS))
 
 
 def mean_cosine(sample: np.ndarray, centroids: np.ndarray) -> float:
@@ -95,7 +92,7 @@ def mean_cosine(sample: np.ndarray, centroids: np.ndarray) -> float:
     return float(similarity.mean())
 
 
-def run_job(ws: Path, name: str, k: int, niter: int, seed: int) -> tuple[dict, float, PeakRSS]:
+def run_job(ws: Workspace, name: str, k: int, niter: int, seed: int) -> tuple[dict, float, PeakRSS]:
     from jobs.cli import main as cli
 
     flags = [
@@ -105,16 +102,16 @@ def run_job(ws: Path, name: str, k: int, niter: int, seed: int) -> tuple[dict, f
     start = time.perf_counter()
     with PeakRSS() as peak:
         code = cli(
-            ["cluster", "--workspace", str(ws), "--name", name, "--k", str(k), "--seed", str(seed)]
+            ["cluster", "--workspace", ws.root, "--name", name, "--k", str(k), "--seed", str(seed)]
             + flags
         )
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"vlselect cluster failed with exit code {code}")
-    return json.loads((ws / "clusters" / name / "meta.json").read_text()), seconds, peak
+    return clustering_figures(Clustering.open(ws, name)), seconds, peak
 
 
-def compare(ws: Path, rows: int, k: int, niter: int, seed: int, sklearn: bool) -> list[dict]:
+def compare(ws: Workspace, rows: int, k: int, niter: int, seed: int, sklearn: bool) -> list[dict]:
     import faiss
 
     meta, job_seconds, peak = run_job(ws, "bench", k, niter, seed)
@@ -123,7 +120,7 @@ def compare(ws: Path, rows: int, k: int, niter: int, seed: int, sklearn: bool) -
     load_seconds = time.perf_counter() - start
     positions = sample_positions(len(x), sample_size(len(x), k, 256), seed)
     sample = np.ascontiguousarray(x[positions])
-    job_centroids = np.load(ws / "clusters" / "bench" / "centroids.npy", allow_pickle=False)
+    job_centroids = load_centroids(ws, Clustering.open(ws, "bench").path("centroids.npy"))
     out = [
         {
             "case": f"{rows // 1000}k x {x.shape[1]}, K={k}",
@@ -180,7 +177,7 @@ def compare(ws: Path, rows: int, k: int, niter: int, seed: int, sklearn: bool) -
     return out
 
 
-def million(ws: Path, rows: int, k: int, niter: int, seed: int) -> dict:
+def million(ws: Workspace, rows: int, k: int, niter: int, seed: int) -> dict:
     meta, seconds, peak = run_job(ws, "million", k, niter, seed)
     return {
         "case": f"{rows // 1000}k x 1408, K={k}",
@@ -214,17 +211,17 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     rows = []
-    ws = work / "compare"
+    ws = Workspace.open(str(work / "compare"))
     generate(ws, args.rows, centres=4 * args.k, seed=args.seed)
     rows += compare(ws, args.rows, args.k, args.niter, args.seed, not args.no_sklearn)
-    shutil.rmtree(ws)
+    shutil.rmtree(ws.root)
     if args.million:
-        ws = work / "million"
+        ws = Workspace.open(str(work / "million"))
         start = time.perf_counter()
         generate(ws, args.million, centres=4 * args.k, seed=args.seed)
         print(f"generated {args.million} rows in {time.perf_counter() - start:.0f} s")
         rows.append(million(ws, args.million, args.k, args.niter, args.seed))
-        shutil.rmtree(ws)
+        shutil.rmtree(ws.root)
     ray.shutdown()
     header = ["case", "method", "seconds", "vs_faiss", "vs_faiss_with_load", "load_s"]
     header += ["fit_s", "iterations", "objective"]

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality_report import summarize, targeted_summary, write_report  # noqa: E402
 from benchmarks.tiny_llava import world_examples  # noqa: E402
-from engine.artifacts import Pool, ProgressRun, Selection, World  # noqa: E402
+from engine.artifacts import EmbeddingSpace, Pool, ProgressRun, Selection, World  # noqa: E402
 from engine.llava import FinetuneConfig, load_base  # noqa: E402
 from engine.llava.evaluate import sample_losses  # noqa: E402
 from engine.llava.finetune import accuracy_by_group, finetune  # noqa: E402
@@ -75,9 +75,9 @@ def prepare(ws: Workspace, pool: int, world_seed: int, targeted: bool) -> WorldC
     from jobs.cli import main as cli
 
     steps = []
-    if not ws.exists("world", "meta.json"):
+    if World.find(ws) is None:
         steps.append(["world", "--out", ws.root, "--size", str(pool), "--seed", str(world_seed)])
-    if not ws.exists("pool", "meta.json"):
+    if Pool.find(ws) is None:
         steps.append(["ingest", "--workspace", ws.root])
     spaces = "clip,dino,text" if targeted else "dino,text"
     steps += [
@@ -85,7 +85,7 @@ def prepare(ws: Workspace, pool: int, world_seed: int, targeted: bool) -> WorldC
         ["base", "--workspace", ws.root],
     ]
     if targeted:  # the skill space (SmolLM2 describes every question: minutes) and indexes
-        if not ws.exists("embeddings", "skill", "meta.json"):
+        if EmbeddingSpace.find(ws, "skill") is None:
             steps.append(["skills", "--workspace", ws.root])
         steps += [["index", "--workspace", ws.root, "--space", s] for s in ("clip", "skill")]
     for argv in steps:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.progress_round import ROUND
+from engine.artifacts import Clustering
+from engine.workspace import Workspace
 
 
 def auto_factory(n: int, shards: int) -> str:
@@ -52,23 +53,38 @@ def bare_generate(questions: list[str], max_new_tokens: int, batch: int = 8) -> 
     return time.perf_counter() - start
 
 
-def bare_kmeans(ws: Path, k: int, meta: dict, seed: int) -> float:
+def space_features(ws: Workspace, spaces: list[str]) -> np.ndarray:
+    """Every row's combined feature of the committed ``spaces`` (weights 1), float32
+    (n, sum of dims), shard by shard as the cluster job computes it."""
+    from engine.embeddings import open_space
+    from engine.features import shard_features
+
+    opened = [open_space(ws, s) for s in spaces]
+    dims = {s.space: s.dim for s in opened}
+    parts = []
+    for i, stem in enumerate(opened[0].stems):
+        files = {s.space: s.files[i] for s in opened}
+        if any(s.stems[i] != stem for s in opened):
+            raise ValueError(f"spaces {spaces} are sharded differently (shard {stem})")
+        parts.append(shard_features(ws.fs, files, dims, dict.fromkeys(dims, 1.0)).features)
+    return np.concatenate(parts)
+
+
+def clustering_figures(clustering: Clustering) -> dict[str, Any]:
+    """A committed clustering's figures: its run summary and its meta, in one dict."""
+    meta = clustering.meta
+    return {**meta.summary, **meta.model_dump(exclude={"summary"})}
+
+
+def bare_kmeans(ws: Workspace, k: int, meta: dict, seed: int) -> float:
     """Seconds to load dino+text from the workspace, fit faiss.Kmeans on a sample of the
     job's size with its iterations, and assign every row."""
     import faiss
-    import pyarrow.fs as pafs
 
-    from engine.features import shard_features
     from engine.kmeans import CentroidIndex, sample_positions
 
     start = time.perf_counter()
-    dims = {s: json.loads((ws / "embeddings" / s / "meta.json").read_text())["dim"]
-            for s in ("dino", "text")}  # fmt: skip
-    parts = []
-    for f in sorted((ws / "embeddings" / "dino").glob("*.parquet")):
-        files = {s: str(ws / "embeddings" / s / f.name) for s in dims}
-        parts.append(shard_features(pafs.LocalFileSystem(), files, dims, dict.fromkeys(dims, 1.0)))
-    x = np.concatenate([p.features for p in parts])
+    x = space_features(ws, ["dino", "text"])
     sample = np.ascontiguousarray(x[sample_positions(len(x), meta["sample_rows"], seed)])
     kmeans = faiss.Kmeans(x.shape[1], k, niter=len(meta["objective"]), seed=seed, spherical=True)
     kmeans.train(sample)

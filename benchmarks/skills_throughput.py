@@ -12,8 +12,6 @@ Prints a table and writes ``benchmarks/results/skills.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,14 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report  # noqa: E402
-from engine.artifacts import Pool  # noqa: E402
+from engine.artifacts import Pool, Skills  # noqa: E402
+from engine.skills_store import CACHE_DIR  # noqa: E402
 from engine.text import instruction_text  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
 from jobs.cli import main as cli  # noqa: E402
 
 
 def prepare(ws: Path, size: int) -> None:
-    if (ws / "pool").is_dir():
+    if Pool.find(Workspace.open(str(ws))) is not None:
         return
     assert cli(["world", "--out", str(ws), "--size", str(size), "--set", "benchmarks=[]"]) == 0
     assert cli(["ingest", "--workspace", str(ws)]) == 0
@@ -46,10 +45,13 @@ def dedup(ws: Path) -> dict:
 
 
 def measure(ws: Path, label: str, args: list[str]) -> dict:
-    shutil.rmtree(ws / "cache", ignore_errors=True)
-    shutil.rmtree(ws / "skills", ignore_errors=True)
+    """One ``vlselect skills`` run from nothing: the answer cache and the committed skills
+    are deleted first (the backend's operational settings alone would reuse them)."""
+    workspace = Workspace.open(str(ws))
+    workspace.discard(workspace.path(*CACHE_DIR))
+    workspace.discard(Skills.folder(workspace))
     assert cli(["skills", "--workspace", str(ws), *args]) == 0
-    meta = json.loads((ws / "skills" / "meta.json").read_text())
+    meta = Skills.open(workspace).meta.summary
     keys = ("samples", "unique_questions", "ok", "failed", "seconds", "generate_seconds",
             "samples_per_s", "generated_per_s", "tokens_per_s", "completion_tokens")  # fmt: skip
     return {"backend": label, **{k: meta[k] for k in keys}}

@@ -29,7 +29,6 @@ distribution). References that would take long at large N run on the first
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,10 @@ from benchmarks.references import (
     bare_kmeans,
     bare_rounds,
     bare_train,
+    clustering_figures,
 )
+from engine.artifacts import Clustering, EmbeddingSpace, Pool, ProgressRun
+from engine.workspace import Workspace
 
 if TYPE_CHECKING:
     from jobs.bench import BenchConfig
@@ -148,7 +150,6 @@ class SizeRun:
     # -- stages ----------------------------------------------------------------------------
 
     def world(self) -> None:
-        from engine.workspace import Workspace
         from engine.world.config import WorldConfig
         from engine.world.generate import generate_rows
 
@@ -169,10 +170,10 @@ class SizeRun:
         )  # fmt: skip
 
     def ingest(self) -> None:
-        from benchmarks.ingest import bare_loop
+        from benchmarks.ingest import bare_loop, source_files
 
         seconds, mem = timed_cli(["ingest", "--workspace", str(self.ws)])
-        bare = bare_loop(self.ws / "world" / "source", min(self.n, self.opts.reference_rows))
+        bare = bare_loop(source_files(self.ws), min(self.n, self.opts.reference_rows))
         self._add(
             Figure(
                 "ingest", self.n, "rows/s", "rows/s", _rate(self.n, seconds),
@@ -200,16 +201,16 @@ class SizeRun:
         from engine.config import build_config
         from engine.encoders import load_encoder, preprocess_images
         from engine.text import instruction_text
-        from engine.workspace import Workspace
         from jobs import embed
 
-        cfg = build_config(embed.STAGE, embed.CONFIG, Workspace.open(str(self.ws)).read_config())
+        ws = Workspace.open(str(self.ws))
+        cfg = build_config(embed.STAGE, embed.CONFIG, ws.read_config())
         space_cfg = getattr(cfg, space)
         start = time.perf_counter()
         encoder = load_encoder(space_cfg.encoder)
         column = "image" if space in embed.IMAGE_SPACES else "conversations"
         n = 0
-        for file in sorted((self.ws / "pool").glob("*.parquet")):
+        for file in Pool.open(ws).shards:
             for batch in pq.ParquetFile(file).iter_batches(space_cfg.batch_size, columns=[column]):
                 values = batch.column(0).to_pylist()[: limit - n]
                 if column == "image":
@@ -223,9 +224,7 @@ class SizeRun:
 
     def skills(self) -> None:
         from benchmarks.skills_throughput import measure
-        from engine.artifacts import Pool
         from engine.text import instruction_text
-        from engine.workspace import Workspace
 
         limit = min(self.n, self.opts.skills_limit)
         args = ["--backend", "transformers", "--limit", str(limit), "--set", "max_new_tokens=24"]
@@ -250,8 +249,9 @@ class SizeRun:
         k = int(np.clip(self.n // 50, 10, 1000))
         argv = ["cluster", "--workspace", str(self.ws), "--name", "bench", "--k", str(k)]
         seconds, mem = timed_cli([*argv, "--spaces", "dino,text", "--seed", str(self.opts.seed)])
-        meta = json.loads((self.ws / "clusters" / "bench" / "meta.json").read_text())
-        bare = bare_kmeans(self.ws, k, meta, self.opts.seed)
+        ws = Workspace.open(str(self.ws))
+        meta = clustering_figures(Clustering.open(ws, "bench"))
+        bare = bare_kmeans(ws, k, meta, self.opts.seed)
         self._add(
             Figure(
                 "cluster", self.n, "k-means time", "s", round(seconds, 2),
@@ -265,10 +265,8 @@ class SizeRun:
     def retrieval(self) -> None:
         from actors.retrieval import RetrievalService, ServiceConfig
         from benchmarks.common import timings
-        from engine.artifacts import EmbeddingSpace
         from engine.knn import build_index, set_search_params
         from engine.vectors import from_arrow
-        from engine.workspace import Workspace
 
         o = self.opts
         factory = o.factory if o.factory != "auto" else auto_factory(self.n, o.shards)
@@ -341,17 +339,18 @@ class SizeRun:
         argv = ["progress", "--workspace", str(self.ws), "--name", "bench"]
         argv += ["--budget", str(budget), "--metric", "loss"]
         for key, value in {
-            "warmup": budget // 2, "round_size": budget // 4, "eval_per_cluster": 8,
+            "warmup": budget // 2, "round_size": budget // 4, "selection": {"eval_per_cluster": 8},
             "micro_batch": 16, "finetune.batch_size": recipe["batch_size"],
             "finetune.epochs": recipe["epochs"],
         }.items():  # fmt: skip
             argv += ["--set", f"{key}={value}"]
         seconds, mem = timed_cli(argv)
-        run = self.ws / "progress" / "bench"
-        trained = json.loads((run / "meta.json").read_text())["train_rounds"]
+        ws = Workspace.open(str(self.ws))
+        run = ProgressRun.open(ws, "bench")
+        trained = run.meta.summary["train_rounds"]
         steps = sum(r["steps"] for r in trained)
         train_s = sum(r["train_seconds"] for r in trained)
-        ids = (run / "ids.txt").read_text().split()
+        ids = ws.read_bytes(run.path("ids.txt")).decode().split()
         bare_steps, bare_s, tokens_per_row = bare_train(self.ws, ids, recipe)
         rows_per_step = recipe["batch_size"]
         note = f"{budget} rows, {steps} steps of {rows_per_step}, ZeRO-2, 2 workers"

@@ -1,21 +1,25 @@
-"""Embedding spaces written straight into a workspace, in the exact layout ``vlselect embed`` leaves.
+"""Embedding spaces committed straight into a workspace, as ``vlselect embed`` commits them.
 
 Tests and benchmarks of the stages that read vectors (cluster, index, search, target)
-use them so that they need no encoder run: ``<ws>/embeddings/<space>/part-*.parquet``
-of (id string, vector list<float32>) and a complete ``meta.json``, the embed stage's
-contract (``engine.embeddings.open_space`` reads them).
+use them so that they need no encoder run: a committed ``EmbeddingSpace`` artifact
+(engine.artifacts, engine.commit) whose attempt holds ``part-NNNNNN.parquet`` shards of
+(id string, vector list<float32>) and whose manifest carries a full ``SpaceMeta``, the
+embed stage's contract (``engine.embeddings.open_space`` reads them). Its fingerprint is
+a digest of what was written, so writing the same space again keeps what downstream
+stages built on it, and writing other vectors makes them run again.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from engine.artifacts import EmbeddingSpace, SpaceMeta
 from engine.vectors import l2_normalize, to_arrow
+from engine.workspace import Workspace, write_table_atomic
 
 
 def clustered_labelled(
@@ -39,8 +43,26 @@ def clustered(n: int, d: int, centres: int, seed: int = 0, spread: float = 0.3) 
     return clustered_labelled(n, d, centres, seed, spread)[0]
 
 
+def synthetic_meta(space: str, dim: int, vectors: int, shards: int, tag: str = "v1") -> SpaceMeta:
+    """The full ``SpaceMeta`` of a synthetic space of ``vectors`` rows of length ``dim``."""
+    return SpaceMeta(
+        space=space,
+        model="synthetic",
+        weights="random",
+        source="tests.synthetic_space",
+        dim=int(dim),
+        vectors=int(vectors),
+        shards=int(shards),
+        no_image=0,
+        undecodable=0,
+        undecodable_examples=[],
+        seconds=0.0,
+        config={"synthetic": tag},
+    )
+
+
 def write_space(
-    ws: Path,
+    ws: Path | str | Workspace,
     space: str,
     vectors: np.ndarray,
     *,
@@ -50,13 +72,15 @@ def write_space(
     tag: str = "v1",
     drop: frozenset[int] = frozenset(),
 ) -> list[str]:
-    """Write ``vectors`` (n, d) as a complete embedded space; the n ids (``<space>-NNNNNN``
-    unless given).
+    """Commit ``vectors`` (n, d) as the embedded space ``space`` of the workspace ``ws``;
+    return the n ids (``<space>-NNNNNN`` unless given).
 
     Shards: ``shard_rows`` rows each when given (aligned across spaces, as the pool's
     shards are), else ``files`` uneven shards so that index shard ranges straddle file
     boundaries. ``drop``: row numbers left out after sharding, as rows a space lacks.
     """
+    workspace = ws if isinstance(ws, Workspace) else Workspace.open(str(ws))
+    vectors = np.ascontiguousarray(vectors, np.float32)
     n, dim = vectors.shape
     ids = ids or [f"{space}-{i:06d}" for i in range(n)]
     if shard_rows:
@@ -64,22 +88,23 @@ def write_space(
     else:
         cuts = np.unique(np.linspace(0, n, files + 1).astype(int) + np.arange(files + 1) % 2)
         cuts[0], cuts[-1] = 0, n
-    out = Path(ws) / "embeddings" / space
-    out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(vectors.tobytes())
+    digest.update("\n".join(ids).encode())
+    digest.update(np.asarray(cuts, np.int64).tobytes())
+    digest.update(",".join(map(str, sorted(drop))).encode())
+    plan = EmbeddingSpace.begin(
+        workspace, space, synthetic=tag, content=digest.hexdigest(), overwrite=True
+    )
+    attempt = plan.attempt
+    shards = 0
     for f, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
         rows = [r for r in range(lo, hi) if r not in drop]
         table = pa.table(
             {"id": pa.array([ids[r] for r in rows], pa.string()), "vector": to_arrow(vectors[rows])}
         )
-        pq.write_table(table, out / f"part-{f:06d}.parquet")
-    meta = {
-        "status": "complete",
-        "space": space,
-        "vectors": n - len(drop),
-        "dim": int(dim),
-        "fingerprint": {"synthetic": tag},
-    }
-    (out / "meta.json").write_text(json.dumps(meta))
+        write_table_atomic(workspace.fs, attempt.path(f"part-{f:06d}.parquet"), table)
+        shards += 1
+    attempt.commit(synthetic_meta(space, dim, n - len(drop), shards, tag))
     return ids
 
 
