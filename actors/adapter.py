@@ -40,3 +40,14 @@ def ray_data_options(resources: Resources) -> dict[str, Any]:
     if resources.custom:
         opts["resources"] = dict(resources.custom)
     return opts
+
+
+def train_worker_resources(resources: Resources, use_gpu: bool) -> dict[str, float]:
+    """Ray Train's ``ScalingConfig(resources_per_worker=...)``: one worker's resources by
+    their resource names (CPU, GPU, memory in bytes, custom)."""
+    out: dict[str, float] = {"CPU": resources.num_cpus, **resources.custom}
+    if use_gpu:
+        out["GPU"] = max(1.0, resources.num_gpus)
+    if resources.memory_gb:
+        out["memory"] = int(resources.memory_gb * 1024**3)
+    return out

@@ -41,7 +41,6 @@ from actors.coordinator import get_coordinator, round_file
 from actors.progress import tell
 from engine.coordinator import BASELINE
 from engine.llava import (
-    FinetuneConfig,
     answer_correct,
     collate_for,
     load_base,
@@ -50,16 +49,13 @@ from engine.llava import (
     sample_losses,
     train_step,
 )
+from engine.llava.finetune import steps_for
 from engine.llava.train import DeepSpeedStepper, cosine_lambda, deepspeed_config
+from engine.progress_config import ProgressConfig, TrainPlan
 from engine.workspace import Workspace
 
 CHECKPOINT_TAG = "state"
 ROUND_META = "round.json"
-
-
-def round_steps(rows: int, epochs: float, global_batch: int) -> int:
-    """Optimiser steps for a round of ``rows`` rows (at least one)."""
-    return max(1, math.ceil(epochs * rows / global_batch))
 
 
 def micro_batches(
@@ -89,27 +85,29 @@ class RoundTrainer:
         import deepspeed
         import torch
 
-        self.c = config
-        self.ws = Workspace.open(config["workspace"])
+        self.cfg = cfg = ProgressConfig.model_validate(config["config"])
+        self.plan = plan = TrainPlan.model_validate(config["plan"])
+        self.progress = config.get("progress")
+        self.ws = Workspace.open(plan.workspace)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        torch.manual_seed(config["seed"])
-        if config.get("torch_threads"):
-            torch.set_num_threads(config["torch_threads"])
-        self.coordinator = get_coordinator(config["coordinator"])
-        base = load_base(self.ws, config["base"])
+        torch.manual_seed(cfg.seed)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.coordinator = get_coordinator(plan.coordinator)
+        base = load_base(self.ws, cfg.base)
         self.tokenizer, self.max_length = base.tokenizer, base.max_length
-        ft = FinetuneConfig(**config["finetune"])
+        ft = cfg.finetune
         model = prepare_for_finetune(base.model, ft)
-        if torch.cuda.is_available() and config["use_gpu"]:
+        if torch.cuda.is_available() and cfg.use_gpu:
             model = model.to(f"cuda:{torch.cuda.current_device()}")
         groups = [{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, ft)]
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], weight_decay=ft.weight_decay
         )
-        schedule = cosine_lambda(config["total_steps"], ft.warmup)
+        schedule = cosine_lambda(plan.total_steps, ft.warmup)
         ds_config = deepspeed_config(
-            config["micro_batch"], config["accumulation"], config["zero_stage"], ft.max_grad_norm
+            cfg.micro_batch, plan.accumulation, cfg.zero_stage, ft.max_grad_norm
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -142,15 +140,16 @@ class RoundTrainer:
         info = ray.get(self.coordinator.next_round.remote(t))
         if info["rows"] == 0:
             return None
-        steps = round_steps(info["rows"], self.c["epochs"], self.c["global_batch"])
+        ft = self.cfg.finetune
+        steps = steps_for(info["rows"], ft.epochs, ft.batch_size)
         plan = micro_batches(
             info["rows"],
             steps,
-            self.c["accumulation"],
-            self.c["micro_batch"],
+            self.plan.accumulation,
+            self.cfg.micro_batch,
             self.world,
             self.rank,
-            seed=self.c["seed"] * 100_003 + t,
+            seed=self.cfg.seed * 100_003 + t,
         )
         mine = np.unique(np.concatenate(plan))
         table = pq.read_table(info["path"], filesystem=self.ws.fs).take(pa.array(mine))
@@ -188,16 +187,16 @@ class RoundTrainer:
         pairs: list[tuple[int, float]] = []
         if ids:
             # The round files so far, named: never a file the coordinator is writing.
-            files = [round_file(self.c["run_dir"], r) for r in range(max(t, 0) + 1)]
+            files = [round_file(self.plan.run_dir, r) for r in range(max(t, 0) + 1)]
             dataset = pads.dataset(files, filesystem=self.ws.fs, format="parquet")
             examples = _examples(dataset.to_table(filter=pc.field("id").isin(ids)))
-            if self.c["metric"] == "loss":
+            if self.cfg.selection.metric == "loss":
                 values = sample_losses(
                     self.engine,
                     self.tokenizer,
                     examples,
                     max_length=self.max_length,
-                    batch_size=self.c["eval_batch"],
+                    batch_size=self.cfg.eval_batch,
                 )
             else:
                 values, _ = answer_correct(
@@ -205,15 +204,15 @@ class RoundTrainer:
                     self.tokenizer,
                     examples,
                     max_length=self.max_length,
-                    batch_size=self.c["eval_batch"],
-                    max_new_tokens=self.c["max_new_tokens"],
+                    batch_size=self.cfg.eval_batch,
+                    max_new_tokens=self.cfg.max_new_tokens,
                 )
             pairs = [(ex["cluster"], float(v)) for ex, v in zip(examples, values, strict=True)]
         gathered: list[list[tuple[int, float]]] = [None] * self.world  # type: ignore[list-item]
         dist.all_gather_object(gathered, pairs)
         everything = [p for part in gathered for p in part if np.isfinite(p[1])]
         if self.rank == 0:
-            k = self.c["k"]
+            k = self.plan.k
             clusters = np.array([c for c, _ in everything], np.int64)
             values = np.array([v for _, v in everything], np.float64)
             evaluated = np.bincount(clusters, minlength=k)
@@ -231,7 +230,7 @@ class RoundTrainer:
             f"{m['train_loss']:.4f}, score {m['score']:.4f}; {m['spent']}/{m['budget']} spent "
             f"({m['seconds']} s)"
         )
-        tell(self.c.get("progress"), line)
+        tell(self.progress, line)
 
     def checkpoint(self, metrics: dict) -> None:
         """Save the engine (every rank its shard) and report it with ``metrics``."""
@@ -248,12 +247,12 @@ class RoundTrainer:
 
         module = self.engine.module
         params = list(module.parameters())
-        gather = self.c["zero_stage"] == 3
+        gather = self.cfg.zero_stage == 3
         with deepspeed.zero.GatheredParameters(params, enabled=gather):
             if self.rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     module.save_pretrained(tmp)
-                    target = f"{self.c['run_dir']}/adapter"
+                    target = f"{self.plan.run_dir}/adapter"
                     self.ws.discard(target)
                     for name in os.listdir(tmp):
                         with open(os.path.join(tmp, name), "rb") as f:

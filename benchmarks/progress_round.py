@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import report  # noqa: E402
-from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings  # noqa: E402
+from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings, SelectionRule  # noqa: E402
 from engine.progress import PoolClusters  # noqa: E402
 
 ROUND = 7_500
@@ -38,7 +38,9 @@ def run(pool: int, k: int, seed: int) -> dict:
     start = time.perf_counter()
     clusters = PoolClusters.from_labels(labels, k)
     setup = time.perf_counter() - start
-    settings = ProgressSettings(budget=pool // 5, round_size=ROUND, metric="accuracy", seed=seed)
+    settings = ProgressSettings(
+        budget=pool // 5, round_size=ROUND, seed=seed, rule=SelectionRule(metric="accuracy")
+    )
     state = CoordinatorState(settings, clusters)
     state.warmup(np.sort(rng.choice(pool, size=int(0.09 * pool), replace=False)))
     skill = rng.uniform(0.2, 0.8, k)

@@ -52,7 +52,7 @@ from engine.artifacts import Clustering, EmbeddingSpace, Pool, ProgressRun
 from engine.workspace import Workspace
 
 if TYPE_CHECKING:
-    from jobs.bench import BenchConfig
+    from benchmarks.bench import BenchConfig
 
 
 @dataclass

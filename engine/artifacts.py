@@ -24,6 +24,7 @@ each holding ``_manifest.json`` and ``_attempts/<attempt>/`` (see engine.commit)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Generic, TypeVar
@@ -45,6 +46,23 @@ Self = TypeVar("Self", bound="Artifact")
 
 class Meta(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An artifact a stage reads or writes: its kind and, for named kinds, its name."""
+
+    kind: str
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.name is None else f"{self.kind}/{self.name}"
+
+    def artifact(self) -> type[Artifact]:
+        return KINDS[self.kind]
+
+    def find(self, ws: Workspace) -> Artifact | None:
+        return self.artifact().find(ws, self.name)
 
 
 class Artifact(Generic[MetaT]):
@@ -71,6 +89,11 @@ class Artifact(Generic[MetaT]):
     @classmethod
     def describe(cls, name: str | None) -> str:
         return f"{cls.KIND} {name!r}" if cls.NAMED else f"the {cls.KIND}"
+
+    @classmethod
+    def missing(cls, name: str | None) -> str:
+        """How an absent artifact of this kind is named in errors."""
+        return f"{cls.describe(name)} is missing"
 
     @classmethod
     def command(cls, ws: Workspace, name: str | None) -> str:
@@ -110,7 +133,7 @@ class Artifact(Generic[MetaT]):
                 f"{cls.describe(name)} did not finish ({folder} holds an unfinished run); "
                 f"run `{run}` again to resume it"
             )
-        raise InputError(f"{cls.describe(name)} is missing: {folder} is empty; run `{run}` first")
+        raise InputError(f"{cls.missing(name)} ({folder} holds none); run `{run}` first")
 
     @cached_property
     def meta(self) -> MetaT:
@@ -205,6 +228,10 @@ class Pool(Artifact[PoolMeta]):
     KIND, META, FOLDER = "pool", PoolMeta, ("pool",)
 
     @classmethod
+    def missing(cls, name):
+        return "no pool"
+
+    @classmethod
     def command(cls, ws, name):
         return f"vlselect ingest --workspace {ws.uri}"
 
@@ -243,6 +270,10 @@ class EmbeddingSpace(Artifact[SpaceMeta]):
     @classmethod
     def describe(cls, name):
         return f"space {name!r}"
+
+    @classmethod
+    def missing(cls, name):
+        return f"space {name!r} is not embedded"
 
     @classmethod
     def command(cls, ws, name):
@@ -319,6 +350,10 @@ class Index(Artifact[IndexMeta]):
         return f"the index of space {name!r}"
 
     @classmethod
+    def missing(cls, name):
+        return f"no index for space {name!r}"
+
+    @classmethod
     def command(cls, ws, name):
         return f"vlselect index --workspace {ws.uri} --space {name} --shards N"
 
@@ -381,8 +416,15 @@ class BaseModelMeta(Meta):
 class BaseModelArtifact(Artifact[BaseModelMeta]):
     """``model/`` (save_pretrained) and ``tokenizer/``."""
 
-    KIND, META, FOLDER, NAMED = "base model", BaseModelMeta, ("models",), True
+    KIND, META, FOLDER, NAMED = "model", BaseModelMeta, ("models",), True
 
     @classmethod
     def command(cls, ws, name):
         return f"vlselect base --workspace {ws.uri} --name {name}"
+
+
+KINDS: dict[str, type[Artifact]] = {
+    k.KIND: k
+    for k in (World, Pool, EmbeddingSpace, Skills, Clustering, Index, Selection, ProgressRun,
+              BaseModelArtifact)
+}  # fmt: skip

@@ -8,7 +8,7 @@ validates its section with a pydantic model that forbids unknown keys.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,24 +19,9 @@ from engine.errors import InputError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-STAGES = (
-    "world",
-    "ingest",
-    "embed",
-    "skills",
-    "cluster",
-    "index",
-    "search",
-    "base",
-    "target",
-    "progress",
-    "demo",
-    "bench",
-)
-
-
-def load_yaml_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of stage sections; refuse anything else with the reason."""
+def load_yaml_file(path: str | Path, sections: Iterable[str] | None = None) -> dict[str, Any]:
+    """Read a YAML mapping of stage sections (refusing any not in ``sections``, when
+    given); refuse anything else with the reason."""
     path = Path(path)
     if not path.is_file():
         found = "a directory" if path.is_dir() else "nothing"
@@ -53,16 +38,18 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
         raise InputError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
+    known = list(sections) if sections is not None else None
     if not isinstance(data, dict):
+        listed = f" ({', '.join(known)})" if known else ""
         raise InputError(
-            f"config file {path} must hold a mapping of stage sections "
-            f"({', '.join(STAGES)}); found a {type(data).__name__}"
+            f"config file {path} must hold a mapping of stage sections{listed}; "
+            f"found a {type(data).__name__}"
         )
-    unknown = sorted(str(k) for k in data if k not in STAGES)
+    unknown = sorted(str(k) for k in data if known is not None and k not in known)
     if unknown:
         raise InputError(
             f"config file {path}: unknown section(s) {', '.join(unknown)}; "
-            f"known sections are {', '.join(STAGES)}"
+            f"known sections are {', '.join(known)}"
         )
     return data
 

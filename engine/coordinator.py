@@ -31,14 +31,14 @@ from engine.progress import Ledger, Metric, PoolClusters, relative_progress, sel
 BASELINE = -1  # the scores of the model before any training (reported for "round -1")
 
 
-class ProgressSettings(BaseModel):
-    """The selection settings the coordinator needs (a part of ``vlselect progress``'s config)."""
+class SelectionRule(BaseModel):
+    """How a PROGRESS round picks clusters from the score history (PROGRESS, Alg. 1)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    budget: int = Field(ge=1, description="Rows whose answers may be revealed, warm-up included.")
-    round_size: int = Field(ge=1, description="Rows picked per selection round.")
-    metric: Metric = Field("loss", description="'loss' (mean per-token loss) or 'accuracy'.")
+    metric: Metric = Field(
+        "accuracy", description="Cluster score: greedy-answer accuracy, or mean per-token loss."
+    )
     temperature: float = Field(1.0, gt=0, description="τ of softmax(Δk / τ) (paper 1.0).")
     explore: float = Field(
         0.1, ge=0, le=1, description="δ: share of a round drawn uniformly from the other clusters."
@@ -47,7 +47,18 @@ class ProgressSettings(BaseModel):
     eval_per_cluster: int = Field(
         100, ge=1, description="Selected rows scored per cluster each round: min(n_k, this)."
     )
+
+
+class ProgressSettings(BaseModel):
+    """What the coordinator needs: the resolved sizes, the seed, and the run's selection
+    rule (the very sub-model of ``vlselect progress``'s config the trainer also receives)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int = Field(ge=1, description="Rows whose answers may be revealed, warm-up included.")
+    round_size: int = Field(ge=1, description="Rows picked per selection round.")
     seed: int = Field(0, ge=0, description="Seed of every draw (round t uses (seed, t)).")
+    rule: SelectionRule = Field(default_factory=SelectionRule, description="How rounds pick.")
 
 
 @dataclass
@@ -127,11 +138,11 @@ class CoordinatorState:
     def delta(self, round_index: int) -> np.ndarray:
         """Δk float64 (K,) from the scores after ``round_index`` and ``gap`` rounds earlier
         (the baseline counts as round -1); all NaN when either is missing."""
-        now, then = round_index, round_index - self.settings.gap
+        now, then = round_index, round_index - self.settings.rule.gap
         if now not in self.scores or then not in self.scores:
             return np.full(self.clusters.k, np.nan)
         return relative_progress(
-            self.scores[now], self.scores[then], self.evaluated[now], self.settings.metric
+            self.scores[now], self.scores[then], self.evaluated[now], self.settings.rule.metric
         )
 
     def next_round(self, round_index: int) -> np.ndarray:
@@ -154,8 +165,8 @@ class CoordinatorState:
             self.clusters,
             delta,
             s.round_size,
-            s.temperature,
-            s.explore,
+            s.rule.temperature,
+            s.rule.explore,
             rng,
             round_index,
         )
@@ -175,7 +186,7 @@ class CoordinatorState:
         labels_sorted = labels[order]
         starts = np.searchsorted(labels_sorted, labels_sorted, side="left")
         rank = np.arange(labels_sorted.size) - starts
-        return np.sort(shuffled[order][rank < self.settings.eval_per_cluster])
+        return np.sort(shuffled[order][rank < self.settings.rule.eval_per_cluster])
 
     def _record(self, round_index, kind, positions, delta, probabilities, explore) -> None:
         per_cluster = np.bincount(self.clusters.labels[positions], minlength=self.clusters.k)

@@ -1,4 +1,4 @@
-"""Errors that the CLI maps to exit codes (DESIGN.md: 2 for bad input, 1 for a run failure)."""
+"""Errors that the CLI maps to exit codes (docs/cli.md: 2 for bad input, 1 for a run failure)."""
 
 
 class InputError(Exception):

@@ -1,6 +1,6 @@
 """Clustering features: several embedding spaces of the same samples joined into one vector.
 
-DESIGN.md: the PROGRESS reference concatenates raw DINO and MiniLM vectors and
+The PROGRESS reference concatenates raw DINO and MiniLM vectors and
 normalises once, so the larger norm dominates. Here each space is L2-normalised
 first, scaled by ``sqrt(w_i / sum(w))``, concatenated, and normalised again, which
 makes the cosine of two combined vectors the weighted mean of the spaces' cosines:

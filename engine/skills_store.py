@@ -8,8 +8,6 @@ Failures are not cached: the next run retries them.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 import uuid
 
@@ -22,17 +20,6 @@ from engine.workspace import Workspace, read_parquet_dir, write_table_atomic
 CACHE_DIR = ("cache", "skills")
 
 
-def pool_fingerprint(ws: Workspace) -> dict:
-    """Names, sizes and row count of the pool's shards: changes when the pool does."""
-    files = ws.list_files("pool", suffix=".parquet")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{os.path.basename(path)}:{ws.fs.get_file_info(path).size}".encode())
-    return {
-        "files": len(files),
-        "rows": ws.parquet_rows(ws.path("pool")),
-        "sha256": digest.hexdigest(),
-    }
 
 
 def read_cache(ws: Workspace, keys: set[str] | None = None) -> pa.Table:

@@ -22,7 +22,6 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import ray
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.adapter import ray_options
 from actors.progress import tell
+from engine.artifacts import Ref
 from engine.errors import InputError
 from engine.llava.cache import (
     DEFAULT_NAME,
@@ -74,14 +74,16 @@ class BaseJobConfig(BaseModel):
 CONFIG = BaseJobConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", help=f"cache name under <ws>/models (default {DEFAULT_NAME})")
-    parser.add_argument("--overwrite", action="store_true", default=None)
+def reads(cfg: BaseJobConfig) -> list[Ref]:
+    return [Ref("world")]  # the tiny base learns the world the workspace records
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    keys = ("name", "overwrite")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+def writes(cfg: BaseJobConfig) -> list[Ref]:
+    return [Ref("model", cfg.name)]
+
+
+def resources(cfg: BaseJobConfig) -> dict[str, Resources]:
+    return {"training task": cfg.resources}
 
 
 def workspace_world(ws: Workspace) -> WorldConfig:

@@ -1,21 +1,23 @@
-"""The ``vlselect`` command line: one subcommand per stage, each also ``python -m jobs.<stage>``.
+"""The ``vlselect`` command line: one subcommand per stage of jobs.registry, each also
+``python -m jobs.<stage>``.
 
 Every subcommand takes ``--workspace``, ``--config FILE.yaml``, ``--set KEY=VALUE``
-and ``--address``. Configuration layers, later wins: the stage's defaults, the
-workspace's ``vlselect.yaml``, ``--config``, ``--set``, then the stage's own flags.
+and ``--address``, and a flag per top-level field of its config model (jobs.flags).
+Configuration layers, later wins: the stage's defaults, the workspace's ``vlselect.yaml``,
+``--config``, ``--set``, then the flags.
 
 Exit codes: 0 success, 2 bad input or config (one message, nothing written),
 1 a failure during the run, 130 interrupted. A workspace that is full or read-only
 (ENOSPC, EDQUOT, EROFS, EFBIG) is a failure during the run, told in one message
-without a traceback: stages write under temporary names and rename when complete,
-so what the failed run left is never taken for finished, and a rerun resumes.
+without a traceback: stages write an attempt and commit it with a manifest last
+(engine.commit), so what the failed run left is never taken for finished, and a rerun
+resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import os
 import re
 import sys
@@ -26,37 +28,8 @@ from engine.config import build_config, load_yaml_file, parse_set_overrides
 from engine.errors import InputError
 from engine.warning_filters import install as install_warning_filters
 from engine.workspace import Workspace
-from jobs.runtime import configure_logging, quiet_ray_data_console, set_address
-
-STAGE_MODULES = {
-    "world": "jobs.world",
-    "ingest": "jobs.ingest",
-    "embed": "jobs.embed",
-    "skills": "jobs.skills",
-    "cluster": "jobs.cluster",
-    "index": "jobs.index",
-    "search": "jobs.search",
-    "target": "jobs.target",
-    "base": "jobs.base",
-    "progress": "jobs.progress",
-    "demo": "jobs.demo",
-    "bench": "jobs.bench",
-}
-DESCRIPTIONS = {
-    "world": "generate the shapes world (the embedded default pool) into a workspace",
-    "ingest": "LLaVA JSON / JSONL / Parquet -> <ws>/pool, bad records -> <ws>/rejects",
-    "embed": "pool -> <ws>/embeddings/<space> (clip, dino, text; skill from <ws>/skills)",
-    "skills": "an LLM names the visual skills each question needs -> <ws>/skills (cached, resumable)",
-    "cluster": "spherical k-means over embedding spaces -> <ws>/clusters/<name>",
-    "index": "a space's vectors -> sharded FAISS indexes in <ws>/index/<space> (resumable)",
-    "search": "nearest pool ids of a .npy file of query vectors, through the shard actors",
-    "target": "select for benchmarks: predict concept or skill from cross-ranks, then retrieve",
-    "base": "build (or reuse) the tiny LLaVA's base, cached in <ws>/models/<name>",
-    "progress": "PROGRESS: a LoRA fine-tune (Ray Train, DeepSpeed) that selects its own data online",
-    "demo": "the whole pipeline on the embedded default",
-    "bench": "the throughput suite: every stage at pool sizes from --sizes, beside its reference",
-}
-
+from jobs.flags import add_config_flags, overrides
+from jobs.registry import STAGES, Stage
 
 STORAGE_ERRORS = {
     errno.ENOSPC: "the disk is full",
@@ -86,70 +59,87 @@ def storage_error(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_flags(p: argparse.ArgumentParser, stage: Stage) -> None:
+    p.add_argument(
+        *stage.workspace_flags,
+        dest="workspace",
+        required=stage.needs_workspace,
+        default=None,
+        help="workspace directory or URI (s3://bucket/prefix?endpoint_override=...)",
+    )
+    p.add_argument("--config", help="YAML file of stage sections (see configs/)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field of this stage (dotted keys, YAML values)",
+    )
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("VLSELECT_LOG_FORMAT", "text"),
+        help="json: one JSON object per log line, for a log pipeline (or VLSELECT_LOG_FORMAT)",
+    )
+    p.add_argument(
+        "--worker-logs",
+        action="store_true",
+        help="forward every Ray worker's stdout/stderr to this terminal (or "
+        "VLSELECT_WORKER_LOGS=1); by default they stay in Ray's logs and the dashboard",
+    )
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``chosen`` stage's module is imported (for its config flags),
+    so ``vlselect --help`` imports no stage, and neither Ray nor torch."""
     parser = argparse.ArgumentParser(
         prog="vlselect",
         description="Select the training subset of a vision-language instruction pool, on Ray.",
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage, module_name in STAGE_MODULES.items():
-        module = importlib.import_module(module_name)
+    for name, stage in STAGES.items():
+        module = stage.load() if name == chosen else None
         p = sub.add_parser(
-            stage,
-            help=DESCRIPTIONS[stage],
-            description=module.__doc__,
+            name,
+            help=stage.summary,
+            description=module.__doc__ if module else stage.summary,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        ws_flags = ["--workspace"] + (["--out"] if stage == "world" else [])
-        p.add_argument(
-            *ws_flags,
-            dest="workspace",
-            required=stage not in ("demo", "bench"),
-            default=None,
-            help="workspace directory or URI",
-        )
-        p.add_argument("--config", help="YAML file of stage sections (see configs/)")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override one config field of this stage (dotted keys, YAML values)",
-        )
-        p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-        p.add_argument("--log-level", default="INFO")
-        p.add_argument(
-            "--log-format",
-            choices=["text", "json"],
-            default=os.environ.get("VLSELECT_LOG_FORMAT", "text"),
-            help="json: one JSON object per log line, for a log pipeline (or VLSELECT_LOG_FORMAT)",
-        )
-        p.add_argument(
-            "--worker-logs",
-            action="store_true",
-            help="forward every Ray worker's stdout/stderr to this terminal (or "
-            "VLSELECT_WORKER_LOGS=1); by default they stay in Ray's logs and the dashboard",
-        )
-        module.add_arguments(p)
+        _common_flags(p, stage)
+        if module is not None:
+            add_config_flags(p, module.CONFIG, getattr(module, "FLAGS", {}))
     return parser
 
 
 def resolve_config(module: ModuleType, args: argparse.Namespace, ws: Workspace):
-    stage = module.STAGE
+    stage = args.stage
     layers = [ws.read_config() if ws.exists() else {}]
     if args.config:
-        layers.append(load_yaml_file(args.config))
+        data = load_yaml_file(args.config, sections=[*STAGES, "pipeline"])
+        if "pipeline" in data:  # a pipeline config: its steps are the run stage's
+            data = {**data, "run": {**(data.get("run") or {}), "steps": data.pop("pipeline")}}
+        layers.append(data)
     layers.append({stage: parse_set_overrides(args.set)})
-    layers.append({stage: module.overrides_from_args(args)})
+    layers.append({stage: overrides(args, module.CONFIG)})
     return build_config(stage, module.CONFIG, *layers)
 
 
+def _chosen_stage(argv: list[str]) -> str | None:
+    """The stage named on the command line (its first word that is one), if any."""
+    return next((a for a in argv if a in STAGES), None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from jobs.runtime import configure_logging, quiet_ray_data_console, set_address
+
     install_warning_filters()  # before the stages import their libraries
     quiet_ray_data_console()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_chosen_stage(argv)).parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    module = importlib.import_module(STAGE_MODULES[args.stage])
+    module = STAGES[args.stage].load()
     try:
         ws = Workspace.open(args.workspace or module.DEFAULT_WORKSPACE)
         cfg = resolve_config(module, args, ws)
@@ -172,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 "Ray's temporary files are under RAY_TMPDIR, else /tmp), then run the same "
                 "command again: finished shards are kept, and nothing the failed run left "
                 "unfinished is taken for finished (artifacts are written under temporary "
-                "names and renamed when complete).",
+                "attempts, published by a manifest written last).",
                 file=sys.stderr,
             )
             return 1

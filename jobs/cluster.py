@@ -33,10 +33,9 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -52,7 +51,7 @@ from actors.kmeans import (
     save_centroids,
     write_shard_assignments,
 )
-from engine.artifacts import Clustering, ClusteringMeta
+from engine.artifacts import Clustering, ClusteringMeta, Ref
 from engine.commit import operational
 from engine.embeddings import SPACES, EmbeddedSpace, open_space
 from engine.errors import InputError
@@ -172,22 +171,16 @@ class ClusterConfig(BaseModel):
 CONFIG = ClusterConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", help="clustering name: <ws>/clusters/<name>/")
-    parser.add_argument("--spaces", help="comma-separated spaces to combine, e.g. dino,text")
-    parser.add_argument("--k", type=int, help="number of clusters")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--overwrite", action="store_true", default=None)
+def reads(cfg: ClusterConfig) -> list[Ref]:
+    return [Ref("embeddings", s) for s in cfg.spaces]
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    out: dict[str, Any] = {}
-    if args.spaces:
-        out["spaces"] = [s.strip() for s in args.spaces.split(",") if s.strip()]
-    for key in ("name", "k", "seed", "overwrite"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
-    return out
+def writes(cfg: ClusterConfig) -> list[Ref]:
+    return [Ref("clustering", cfg.name)]
+
+
+def resources(cfg: ClusterConfig) -> dict[str, Resources]:
+    return {"read task": cfg.read, "fit task": cfg.fit, "assignment actor": cfg.actor}
 
 
 # -- the driver ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""docs/configuration.md, generated from the stages' config models (``jobs.cli.STAGE_MODULES``).
+"""docs/configuration.md, generated from the stages' config models (``jobs.registry.STAGES``).
 
 ``python -m jobs.config_reference`` writes it, ``--check`` exits 1 when it is stale. Per stage a
 table of fields: dotted name (into nested models and ``Model | None``), type, default (the
@@ -8,7 +8,6 @@ stage's default config's value) and the field's ``description``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from jobs.cli import DESCRIPTIONS, STAGE_MODULES
+from jobs.registry import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "configuration.md"
@@ -95,7 +94,7 @@ def field_rows(
 
 
 def stage_models() -> dict[str, type[BaseModel]]:
-    return {s: importlib.import_module(m).CONFIG for s, m in STAGE_MODULES.items()}
+    return {name: stage.load().CONFIG for name, stage in STAGES.items()}
 
 
 def _cell(text: str | None) -> str:
@@ -116,7 +115,7 @@ def render() -> str:
         out += [
             f"## `{stage}`",
             "",
-            f"`vlselect {stage}`: {_prose(DESCRIPTIONS[stage])}. "
+            f"`vlselect {stage}`: {_prose(STAGES[stage].summary)}. "
             f"Section `{stage}:`, model `{model.__module__}.{model.__qualname__}`.",
             "",
             "| field | type | default | description |",

@@ -1,8 +1,10 @@
 """``vlselect demo``: the whole pipeline on the embedded default, one summary, one HTML report.
 
-What it does, each stage through its own job (``vlselect <stage>`` would do the same):
-    1. ``world``: generates the shapes world (pool and held-out benchmarks);
-    2. ``ingest``: normalises the pool into ``<ws>/pool`` (replacing an old one);
+It is a ``vlselect run`` of ``jobs/pipeline-demo.yaml`` with the demo's settings applied
+(size, seed, budgets, ``targeted``, ``progress``, and any stage's section in ``stages``):
+    1. ``world``: generates the shapes world (pool and held-out benchmarks); one of
+       another size or seed is replaced, and every later step then replaces its output;
+    2. ``ingest``: normalises the pool into ``<ws>/pool``;
     3. ``embed``: the clip, dino and text spaces with the world's offline encoders;
     4. ``skills``: the packaged SmolLM2 names each question's skills (on CPU: about 6
        minutes at 2,000 rows; successes are cached, so a second demo asks nothing) and
@@ -20,7 +22,9 @@ What it does, each stage through its own job (``vlselect <stage>`` would do the 
        rounds, picks per cluster, the budget curve) and ``report/summary.json``, and
        prints one table: each stage's counts, time and where its artifacts are.
 
-``targeted: false`` skips 4, the skill index and 7; ``progress: false`` skips 8.
+A step whose inputs and config are unchanged keeps its committed output: a second demo
+on the same workspace recomputes nothing but the report. ``targeted: false`` skips 4,
+the skill index and 7; ``progress: false`` skips 8.
 
 Raises:
     InputError: bad config (exit 2).
@@ -29,13 +33,15 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.config import build_config
+from engine.artifacts import World
+from engine.config import deep_merge, load_yaml_file
 from engine.demo_report import (
     Figure,
     Section,
@@ -44,10 +50,9 @@ from engine.demo_report import (
     cluster_words_png,
     render_html,
 )
-from engine.llava.cache import base_fingerprint, find_base
 from engine.targeted import MODES
 from engine.workspace import Workspace
-from jobs import base, cluster, embed, index, ingest, progress, skills, target, world
+from jobs import run
 from jobs.runtime import Timer, print_summary, worker_log_dir
 
 STAGE = "demo"
@@ -55,9 +60,8 @@ DEFAULT_WORKSPACE = "ws/demo"
 RUN_NAME = "demo"
 # A third of the base recipe's steps: the demo shows the pipeline, not the model's quality.
 QUICK_BASE = {"train": {"vision_steps": 700, "language_steps": 1000, "caption_steps": 300}}
-STAGES = {
-    m.STAGE: m for m in (world, ingest, embed, skills, cluster, index, target, base, progress)
-}
+STAGES = ("world", "ingest", "embed", "skills", "cluster", "index", "target", "base", "progress")
+log = logging.getLogger("vlselect.demo")
 
 
 class DemoConfig(BaseModel):
@@ -105,70 +109,61 @@ class DemoConfig(BaseModel):
 CONFIG = DemoConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int, help="pool size of the generated world")
-    parser.add_argument("--seed", type=int)
+PIPELINE = Path(__file__).with_name("pipeline-demo.yaml")
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in ("size", "seed") if getattr(args, k, None) is not None}
-
-
-def _stage_config(cfg: DemoConfig, ws: Workspace, stage: str, override: dict | None = None):
-    """A stage's config: the workspace's, the quick base, the demo's ``stages`` section,
-    the demo's own settings."""
-    layers = [ws.read_config() if ws.exists() else {}]
-    if stage == base.STAGE and cfg.base_recipe == "quick":
-        layers.append({stage: QUICK_BASE})
-    layers.append({stage: cfg.stages.get(stage, {})})
-    return build_config(stage, STAGES[stage].CONFIG, *layers, {stage: override or {}})
+def demo_steps(cfg: DemoConfig) -> list[dict[str, dict]]:
+    """jobs/pipeline-demo.yaml's steps with the demo's settings and ``stages`` sections."""
+    steps = []
+    for step in load_yaml_file(PIPELINE, sections=["pipeline"])["pipeline"]:
+        ((stage, section),) = step.items()
+        skill_index = stage == "index" and section.get("space") == "skill"
+        if not cfg.targeted and (stage in ("skills", "target") or skill_index):
+            continue
+        if not cfg.progress and stage in ("base", "progress"):
+            continue
+        if stage == "base" and cfg.base_recipe == "quick":
+            section = deep_merge(QUICK_BASE, section)
+        section = deep_merge(section, cfg.stages.get(stage, {}))
+        if stage == "world":
+            section.update(size=cfg.size, seed=cfg.seed)
+        elif stage == "cluster":
+            section["k"] = min(1000, max(10, cfg.size // 50))
+        elif stage == "target":
+            section.update(budget=cfg.target_budget, mode=cfg.target_mode)
+        elif stage == "progress":
+            section["budget"] = cfg.progress_budget
+        steps.append({stage: section})
+    return steps
 
 
 def main(cfg: DemoConfig, ws: Workspace) -> dict:
-    """Run each stage in turn on ``ws``; see the module docstring. Returns the summary."""
+    """Run the demo's pipeline on ``ws``; see the module docstring. Returns the summary."""
     timer = Timer()
-    for stage in cfg.stages:  # a bad section fails now, not after minutes of earlier stages
-        _stage_config(cfg, ws, stage)
-
-    def run(module, override: dict | None = None) -> dict:
-        return module.main(_stage_config(cfg, ws, module.STAGE, override), ws)
-
+    # every section is validated before the first step starts (jobs.run)
+    steps = run.build_steps(run.RunConfig(steps=demo_steps(cfg)), ws)
+    _replace_a_changed_world(cfg, ws)
+    # a regenerated world makes every later step replace its output (run's ``replace``)
+    results = run.execute(steps, ws, replace=True)
     s: dict[str, Any] = {}
-    s["world"] = run(world, {"size": cfg.size, "seed": cfg.seed, "overwrite": True})
-    s["ingest"] = run(ingest, {"overwrite": True})
-    s["embed"] = run(embed, {"spaces": ["clip", "dino", "text"]})
-    if cfg.targeted:
-        s["skills"] = run(skills)
-    k = min(1000, max(10, cfg.size // 50))
-    s["cluster"] = run(cluster, {"name": "progress", "spaces": ["dino", "text"], "k": k})
-    s["index"] = [run(index, {"space": "clip", "shards": 2})]
-    if cfg.targeted:
-        s["index"].append(run(index, {"space": "skill", "shards": 2}))
-        # the in-distribution test split is not a target: it is the pool's own mix
-        benchmarks = [p for b, p in s["world"]["benchmarks"].items() if b != "test"]
-        s["target"] = run(target, {
-            "name": RUN_NAME, "benchmarks": benchmarks, "budget": cfg.target_budget,
-            "mode": cfg.target_mode, "overwrite": True,
-        })  # fmt: skip
-    if cfg.progress:
-        base_cfg = _stage_config(cfg, ws, base.STAGE)
-        s["base"] = run(base, {"overwrite": _base_is_stale(ws, base_cfg)})
-        s["progress"] = run(
-            progress, {"name": RUN_NAME, "budget": cfg.progress_budget, "overwrite": True}
-        )
+    for r in results:
+        if r["stage"] == "index":
+            s.setdefault("index", []).append(r["summary"])
+        else:
+            s[r["stage"]] = r["summary"]
     s["seconds"] = round(timer.seconds, 2)
     s["report"] = write_report(cfg, ws, s)
     _print(ws, s)
     return s
 
 
-def _base_is_stale(ws: Workspace, cfg: base.BaseJobConfig) -> bool:
-    """True when the cached base was built for another world or recipe (the demo's world
-    is regenerated, so a new size or seed must rebuild it rather than be refused)."""
-    found = find_base(ws, cfg.name)
-    if found is None:
-        return False
-    return found.meta.recipe != base_fingerprint(base.workspace_world(ws), cfg.model, cfg.train)
+def _replace_a_changed_world(cfg: DemoConfig, ws: Workspace) -> None:
+    """The demo's world is the embedded default: one of another size or seed is replaced
+    (``vlselect world`` alone refuses that without --overwrite)."""
+    found = World.find(ws)
+    if found is not None and (found.meta.pool_size, found.meta.seed) != (cfg.size, cfg.seed):
+        log.warning("the workspace's world has another size or seed: generating it again")
+        ws.discard(World.folder(ws))
 
 
 def _stage_rows(s: dict) -> list[list[str]]:

@@ -22,7 +22,6 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Any, Literal
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from actors.adapter import ray_data_options
 from actors.encoder import EmbedActor
-from engine.artifacts import EmbeddingSpace, Pool, Skills, SpaceMeta
+from engine.artifacts import EmbeddingSpace, Pool, Ref, Skills, SpaceMeta
 from engine.commit import operational
 from engine.encoders import (
     EncoderSpec,
@@ -125,6 +124,20 @@ class EmbedConfig(BaseModel):
 
 CONFIG = EmbedConfig
 
+
+def reads(cfg: EmbedConfig) -> list[Ref]:
+    return list(dict.fromkeys(Ref("skills") if s == "skill" else Ref("pool") for s in cfg.spaces))
+
+
+def writes(cfg: EmbedConfig) -> list[Ref]:
+    return [Ref("embeddings", s) for s in dict.fromkeys(cfg.spaces)]
+
+
+def resources(cfg: EmbedConfig) -> dict[str, Resources]:
+    encoders = {f"{s} encoder actor": getattr(cfg, s).actor for s in dict.fromkeys(cfg.spaces)}
+    return {"preprocess task": cfg.preprocess, **encoders}
+
+
 # The embedded default (written into a world's vlselect.yaml): tiny architectures with
 # seeded random weights for the image spaces (no CLIP or DINO weights install offline;
 # summaries and meta.json say so) and the packaged all-MiniLM-L6-v2 for text.
@@ -133,20 +146,6 @@ EMBEDDED_DEFAULT = {
     "dino": {"encoder": {"kind": "dinov2", "model": "tiny-dinov2", "weights": "random"}},
     "preprocess": {"num_cpus": 0.5},
 }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spaces", help="comma-separated: clip,dino,text,skill")
-    parser.add_argument("--overwrite", action="store_true", default=None)
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    out: dict[str, Any] = {}
-    if args.spaces:
-        out["spaces"] = [s.strip() for s in args.spaces.split(",") if s.strip()]
-    if args.overwrite is not None:
-        out["overwrite"] = args.overwrite
-    return out
 
 
 # -- the pipeline's CPU steps (Ray Data tasks) ----------------------------------------------

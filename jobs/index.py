@@ -33,10 +33,9 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from typing import Any, Literal
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -47,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from actors.adapter import ray_options
-from engine.artifacts import Index, IndexMeta
+from engine.artifacts import Index, IndexMeta, Ref
 from engine.commit import Attempt, operational
 from engine.embeddings import EmbeddedSpace, open_space, read_vectors, unusable_rows
 from engine.errors import InputError
@@ -97,19 +96,16 @@ class IndexConfig(BaseModel):
 CONFIG = IndexConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--space", help="the space to index: clip, dino, text or skill")
-    parser.add_argument("--shards", type=int, help="index shards (default 1)")
-    parser.add_argument("--factory", help="faiss factory string (default Flat)")
-    parser.add_argument("--overwrite", action="store_true", default=None)
+def reads(cfg: IndexConfig) -> list[Ref]:
+    return [Ref("embeddings", cfg.space)]
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    out: dict[str, Any] = {}
-    for key in ("space", "shards", "factory", "overwrite"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
-    return out
+def writes(cfg: IndexConfig) -> list[Ref]:
+    return [Ref("index", cfg.space)]
+
+
+def resources(cfg: IndexConfig) -> dict[str, Resources]:
+    return {f"build task x{cfg.shards}": cfg.task}
 
 
 # -- one shard, in a Ray task -------------------------------------------------------------

@@ -17,7 +17,6 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from actors.adapter import ray_options
-from engine.artifacts import REJECTS, Pool, PoolMeta
+from engine.artifacts import REJECTS, Pool, PoolMeta, Ref
 from engine.commit import operational
 from engine.errors import InputError
 from engine.ingest import (
@@ -45,6 +44,7 @@ from engine.ingest import (
 from engine.pool import ImagePolicy
 from engine.resources import Resources
 from engine.workspace import Location, Workspace, write_table_atomic
+from jobs.flags import path_field
 from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_summary
 
 STAGE = "ingest"
@@ -56,11 +56,12 @@ class IngestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str | None = Field(
+    source: str | None = path_field(
         None,
-        description="LLaVA JSON (array), JSONL or Parquet file, or a directory of Parquet files.",
+        description="LLaVA JSON (array), JSONL or Parquet file, or a directory of Parquet "
+        "files: a path or URI (s3://, gs://, with their query options).",
     )
-    images: str | None = Field(
+    images: str | None = path_field(
         None,
         description="Image root (local directory or URI); every image path must resolve inside it. "
         "Default: the source's directory.",
@@ -90,26 +91,17 @@ class IngestConfig(BaseModel):
 CONFIG = IngestConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", help="LLaVA JSON / JSONL / Parquet file or Parquet directory")
-    parser.add_argument(
-        "--images", help="image root directory or URI (default: the source's folder)"
-    )
-    parser.add_argument("--image-check", choices=["decode", "header", "none"])
-    parser.add_argument("--chunk-size", type=int)
-    parser.add_argument("--overwrite", action="store_true", default=None)
+def reads(cfg: IngestConfig) -> list[Ref]:
+    # No source named: the workspace's world records its own (vlselect world).
+    return [] if cfg.source else [Ref("world")]
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    out = {}
-    if args.source:
-        out["source"] = os.path.abspath(args.source) if "://" not in args.source else args.source
-    if args.images:
-        out["images"] = os.path.abspath(args.images) if "://" not in args.images else args.images
-    for key in ("image_check", "chunk_size", "overwrite"):
-        if getattr(args, key, None) is not None:
-            out[key] = getattr(args, key)
-    return out
+def writes(cfg: IngestConfig) -> list[Ref]:
+    return [Ref("pool")]
+
+
+def resources(cfg: IngestConfig) -> dict[str, Resources]:
+    return {"normalisation task": cfg.resources}
 
 
 @ray.remote

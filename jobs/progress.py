@@ -36,24 +36,23 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
 
+from actors.adapter import train_worker_resources
 from actors.coordinator import get_coordinator, start_coordinator
-from actors.trainer import round_steps, train_loop_per_worker
-from engine.artifacts import BaseModelArtifact, Clustering, Pool, ProgressMeta, ProgressRun
-from engine.commit import operational
+from actors.trainer import train_loop_per_worker
+from engine.artifacts import BaseModelArtifact, Clustering, Pool, ProgressMeta, ProgressRun, Ref
 from engine.config import build_config
 from engine.coordinator import ProgressSettings
 from engine.errors import InputError
-from engine.llava import DEFAULT_NAME, FinetuneConfig, LoraConfig
+from engine.llava.finetune import steps_for
 from engine.progress import round_rows, rows_of
+from engine.progress_config import ProgressConfig, TrainPlan
 from engine.progress_report import write_outputs
 from engine.resources import Resources
 from engine.workspace import Workspace
@@ -66,93 +65,22 @@ DEFAULT_WORKSPACE = None
 log = logging.getLogger("vlselect.progress")
 
 
-def paper_recipe() -> FinetuneConfig:
-    """LLaVA-1.5's LoRA recipe, as PROGRESS trains it (DESIGN.md)."""
-    return FinetuneConfig(
-        lora=LoraConfig(r=128, alpha=256),
-        lr=2e-4,
-        projector_lr=2e-5,
-        epochs=1,
-        batch_size=128,
-        warmup=0.03,
-    )
-
-
-class ProgressConfig(BaseModel):
-    """Configuration of ``vlselect progress`` (section ``progress``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = operational(None, description="Run name: <ws>/progress/<name>/.")
-    budget: float = Field(
-        0.2, gt=0, description="Rows to reveal, warm-up included: a fraction (<= 1) or a count."
-    )
-    warmup: float = Field(
-        0.09, gt=0, description="Warm-up rows (COINCIDE's selector): a fraction or a count."
-    )
-    round_size: float = Field(
-        0.0113,
-        gt=0,
-        description="Rows per selection round: a fraction or a count (paper 7.5K of 665K).",
-    )
-    metric: Literal["accuracy", "loss"] = Field(
-        "accuracy", description="Cluster score: greedy-answer accuracy, or mean per-token loss."
-    )
-    temperature: float = Field(1.0, gt=0, description="τ of softmax(Δk / τ) (paper 1.0).")
-    explore: float = Field(0.1, ge=0, le=1, description="δ: uniform exploration share.")
-    gap: int = Field(1, ge=1, description="γ: Δk compares scores this many rounds apart.")
-    eval_per_cluster: int = Field(100, ge=1, description="Rows scored per cluster: min(n_k, this).")
-    max_new_tokens: int = Field(25, ge=1, description="Longest greedy answer when scoring.")
-    clusters: str = Field("progress", description="Clustering that tracks progress.")
-    warmup_clusters: str = Field("warmup", description="Clustering the warm-up selects over.")
-    spaces: list[str] = Field(
-        default_factory=lambda: ["dino", "text"],
-        description="Spaces of both clusterings and of the warm-up's features.",
-    )
-    warmup_temperature: float = Field(0.1, gt=0, description="COINCIDE's softmax temperature.")
-    warmup_sigma: float = Field(1.0, gt=0, description="σ of the Gaussian kernel.")
-    max_kernel_rows: int = Field(
-        2048, ge=2, description="Largest cluster kernel (a seeded subsample beyond)."
-    )
-    base: str = Field(DEFAULT_NAME, description="Cached base to start from (<ws>/models/<base>).")
-    finetune: FinetuneConfig = Field(
-        default_factory=paper_recipe,
-        description="LoRA and optimiser recipe; batch_size is the global batch, epochs "
-        "the passes over each round's rows.",
-    )
-    num_workers: int = operational(2, ge=1, description="Ray Train workers.")
-    use_gpu: bool = operational(False, description="One GPU per worker, NCCL (else CPU and gloo).")
-    worker: Resources = operational(
-        default_factory=lambda: Resources(num_cpus=1), description="Resources of one worker."
-    )
-    micro_batch: int = Field(16, ge=1, description="Samples per worker per forward pass.")
-    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (2 saves LoRA safely).")
-    torch_threads: int = operational(1, ge=0, description="torch threads per worker (0: torch's).")
-    eval_batch: int = operational(64, ge=1, description="Samples per scoring batch.")
-    max_failures: int = operational(3, ge=-1, description="Worker failures survived (-1: any).")
-    coordinator: Resources = operational(
-        default_factory=lambda: Resources(num_cpus=0, max_retries=-1),
-        description="The coordinator actor (restarted by Ray when it dies).",
-    )
-    detached: bool = operational(False, description="Keep the coordinator alive after the driver.")
-    seed: int = Field(0, ge=0, description="Seed of the warm-up, every round and the training.")
-    overwrite: bool = operational(False, description="Replace a run of this name.")
-
-
 CONFIG = ProgressConfig
+FLAGS = {"workers": "num_workers", "metric": "selection.metric"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", help="run name: <ws>/progress/<name>/")
-    parser.add_argument("--budget", type=float, help="a fraction of the pool (0.2) or a count")
-    parser.add_argument("--metric", choices=["accuracy", "loss"])
-    parser.add_argument("--workers", dest="num_workers", type=int, help="Ray Train workers")
-    parser.add_argument("--overwrite", action="store_true", default=None)
+def reads(cfg: ProgressConfig) -> list[Ref]:
+    # the clusterings are made here when missing, from the spaces' vectors
+    return [Ref("pool"), Ref("model", cfg.base), *(Ref("embeddings", s) for s in cfg.spaces)]
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    keys = ("name", "budget", "metric", "num_workers", "overwrite")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+def writes(cfg: ProgressConfig) -> list[Ref]:
+    return [Ref("progress", cfg.name), Ref("clustering", cfg.clusters),
+            Ref("clustering", cfg.warmup_clusters)]  # fmt: skip
+
+
+def resources(cfg: ProgressConfig) -> dict[str, Resources]:
+    return {f"Ray Train worker x{cfg.num_workers}": cfg.worker, "coordinator": cfg.coordinator}
 
 
 # -- the driver -------------------------------------------------------------------------
@@ -246,12 +174,8 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     settings = ProgressSettings(
         budget=budget,
         round_size=round_size,
-        metric=cfg.metric,
-        temperature=cfg.temperature,
-        explore=cfg.explore,
-        gap=cfg.gap,
-        eval_per_cluster=cfg.eval_per_cluster,
         seed=cfg.seed,
+        rule=cfg.selection,
     )
     coordinator = start_coordinator(
         ws, run_dir, clusters, pool, settings, actor_name, cfg.coordinator, detached=cfg.detached
@@ -272,12 +196,11 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
             budget,
         )
     plan_rows = round_rows(budget, warmup, round_size)
-    total_steps = sum(
-        round_steps(n, cfg.finetune.epochs, cfg.finetune.batch_size) for n in plan_rows
-    )
-    result, train_rounds = _train(
-        cfg, ws, run_dir, actor_name, clusters.meta.k, sizes["accumulation"], total_steps
-    )
+    total_steps = sum(steps_for(n, cfg.finetune.epochs, cfg.finetune.batch_size) for n in plan_rows)
+    plan = TrainPlan(workspace=ws.uri, run_dir=run_dir, coordinator=actor_name,
+                     k=clusters.meta.k, accumulation=sizes["accumulation"],
+                     total_steps=total_steps)  # fmt: skip
+    result, train_rounds = _train(cfg, plan)
     status = ray.get(coordinator.status.remote())
     outputs = write_outputs(ws, run_dir, ray.get(coordinator.rounds_jsonl.remote()))
     summary = {
@@ -314,40 +237,22 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     return summary
 
 
-def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps):
+def _train(cfg: ProgressConfig, plan: TrainPlan):
     """Fit the TorchTrainer; the last round's metrics and every round's (from the
     checkpoints Ray Train keeps: all of them, so a resumed run lists its earlier rounds)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": cfg.worker.num_cpus, **cfg.worker.custom}
-    if cfg.use_gpu:
-        resources["GPU"] = max(1.0, cfg.worker.num_gpus)
-    if cfg.worker.memory_gb:
-        resources["memory"] = int(cfg.worker.memory_gb * 1024**3)
+    ws = Workspace.open(plan.workspace)
+    resources = train_worker_resources(cfg.worker, cfg.use_gpu)
     env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
     with WorkerProgress(STAGE) as progress:  # a line per round on this terminal
         trainer = TorchTrainer(
             train_loop_per_worker,
+            # the config whole, and what the driver resolved: never copied field by field
             train_loop_config={
-                "workspace": ws.uri,
-                "run_dir": run_dir,
-                "coordinator": actor_name,
-                "base": cfg.base,
-                "finetune": cfg.finetune.model_dump(mode="json"),
-                "seed": cfg.seed,
-                "metric": cfg.metric,
-                "k": k,
-                "epochs": cfg.finetune.epochs,
-                "global_batch": cfg.finetune.batch_size,
-                "micro_batch": cfg.micro_batch,
-                "accumulation": accumulation,
-                "zero_stage": cfg.zero_stage,
-                "total_steps": total_steps,
-                "torch_threads": cfg.torch_threads,
-                "eval_batch": cfg.eval_batch,
-                "max_new_tokens": cfg.max_new_tokens,
-                "use_gpu": cfg.use_gpu,
+                "config": cfg.model_dump(mode="json"),
+                "plan": plan.model_dump(),
                 "progress": progress.queue,
             },
             scaling_config=ScalingConfig(
@@ -356,7 +261,7 @@ def _train(cfg, ws, run_dir, actor_name, k, accumulation, total_steps):
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             run_config=RunConfig(
                 name="train",
-                storage_path=run_dir,
+                storage_path=plan.run_dir,
                 storage_filesystem=ws.fs,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 worker_runtime_env={"env_vars": env},

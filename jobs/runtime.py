@@ -181,6 +181,8 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # faiss's loader tells at INFO which CPU build it tried: not what a person needs
+    logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.root.level))
 
 
 # Summary keys that count rows; each becomes a sample of vlselect_stage_rows{stage, kind}.

@@ -25,12 +25,10 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
 import sys
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,12 +37,14 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from actors.retrieval import RetrievalService, ServiceConfig
-from engine.artifacts import EmbeddingSpace
+from engine.artifacts import EmbeddingSpace, Ref
 from engine.embeddings import unusable_rows
 from engine.errors import InputError
 from engine.knn import IndexInfo, open_index
+from engine.resources import Resources
 from engine.vectors import l2_normalize
 from engine.workspace import Location, Workspace, atomic_output
+from jobs.flags import path_field
 from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "search"
@@ -60,30 +60,27 @@ class SearchConfig(ServiceConfig):
     """Configuration of ``vlselect search`` (section ``search``): the query and the service."""
 
     space: str | None = Field(None, description="The indexed space to search.")
-    queries: str | None = Field(None, description="A .npy file of query vectors (q, d).")
-    out: str | None = Field(None, description="The Parquet file to write (path or URI).")
+    queries: str | None = path_field(
+        None, description="A .npy file of query vectors (q, d): a path or URI."
+    )
+    out: str | None = path_field(None, description="The Parquet file to write (path or URI).")
     k: int = Field(10, ge=1, description="Neighbours per query.")
 
 
 CONFIG = SearchConfig
+FLAGS = {"k": "k"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--space", help="the indexed space: clip, dino, text or skill")
-    parser.add_argument("--queries", help="a .npy file of query vectors, shape (q, d)")
-    parser.add_argument("-k", "--k", dest="k", type=int, help="neighbours per query (default 10)")
-    parser.add_argument("--out", help="the Parquet file to write: query, rank, id, score")
-    parser.add_argument("--batch-size", type=int, help="queries per request to the shards")
-    parser.add_argument("--nprobe", type=int, help="IVF lists probed per query")
-    parser.add_argument("--ef-search", type=int, help="HNSW efSearch")
+def reads(cfg: SearchConfig) -> list[Ref]:
+    return [Ref("index", cfg.space)]
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    out: dict[str, Any] = {}
-    for key in ("space", "queries", "k", "out", "batch_size", "nprobe", "ef_search"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
-    return out
+def writes(cfg: SearchConfig) -> list[Ref]:
+    return []  # a file of the user's (--out), not an artifact of the workspace
+
+
+def resources(cfg: SearchConfig) -> dict[str, Resources]:
+    return {"shard actor": cfg.shard}
 
 
 def load_queries(path: str, info: IndexInfo) -> np.ndarray:

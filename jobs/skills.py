@@ -26,7 +26,6 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -47,9 +46,10 @@ from actors.llm import (
     resolve_transformers_model,
 )
 from actors.vllm import generate_vllm, vllm_processor_config
-from engine.artifacts import Pool, Skills, SkillsMeta
+from engine.artifacts import Pool, Ref, Skills, SkillsMeta
 from engine.config import build_config
 from engine.errors import InputError
+from engine.resources import Resources
 from engine.skills import PROMPT_VERSION, RESULT_SCHEMA, cache_key
 from engine.skills_config import SkillsConfig
 from engine.skills_store import CACHE_DIR, CacheWriter, assemble, read_cache
@@ -63,21 +63,24 @@ DEFAULT_WORKSPACE = None
 
 
 CONFIG = SkillsConfig
+FLAGS = {"base-url": "openai.base_url"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["transformers", "openai", "vllm"])
-    parser.add_argument("--base-url", help="openai backend: the server's API root (…/v1)")
-    parser.add_argument("--model", help="model id, folder or served name (see skills.model)")
-    parser.add_argument("--limit", type=int, help="only the first N pool samples")
+def reads(cfg: SkillsConfig) -> list[Ref]:
+    return [Ref("pool")]
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    keys = ("backend", "model", "limit")
-    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "base_url", None):
-        out["openai"] = {"base_url": args.base_url}
-    return out
+def writes(cfg: SkillsConfig) -> list[Ref]:
+    return [Ref("skills"), *([Ref("embeddings", "skill")] if cfg.embed else [])]
+
+
+def resources(cfg: SkillsConfig) -> dict[str, Resources]:
+    if cfg.backend == "transformers":
+        return {"transformers model actor": cfg.transformers.resources}
+    if cfg.backend == "openai":
+        return {"openai client actor": cfg.openai.resources}
+    engine = Resources(num_gpus=1, custom={})
+    return {f"vLLM engine x{cfg.vllm.concurrency}": engine}
 
 
 def model_id(cfg: SkillsConfig) -> str:

@@ -31,11 +31,9 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,7 +43,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.retrieval import RetrievalService, ServiceConfig
-from engine.artifacts import EmbeddingSpace, Pool, Selection, SelectionMeta, Skills
+from engine.artifacts import EmbeddingSpace, Pool, Ref, Selection, SelectionMeta, Skills, World
 from engine.commit import operational
 from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self
 from engine.embeddings import EmbeddedSpace, open_space
@@ -53,7 +51,14 @@ from engine.errors import InputError
 from engine.ingest import source_files
 from engine.knn import IndexInfo, open_index
 from engine.progress import rows_of
-from engine.target_input import Benchmark, read_benchmark, reference_sample, require_usable
+from engine.resources import Resources
+from engine.target_input import (
+    Benchmark,
+    benchmark_name,
+    read_benchmark,
+    reference_sample,
+    require_usable,
+)
 from engine.target_report import (
     cluster_counts,
     clusterings,
@@ -65,6 +70,7 @@ from engine.target_report import (
 from engine.targeted import MODES, select
 from engine.workspace import Workspace
 from jobs import target_embed as te
+from jobs.flags import path_field
 from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "target"
@@ -82,8 +88,14 @@ class TargetConfig(BaseModel):
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Selection name: output goes to <ws>/selections/<name>/.",
     )  # fmt: skip
-    benchmarks: list[str] = Field(
-        default_factory=list, description="Benchmark files (LLaVA JSON/JSONL/Parquet)."
+    benchmarks: list[str] = path_field(
+        default_factory=list,
+        description="Benchmark files (LLaVA JSON/JSONL/Parquet): paths or URIs.",
+    )
+    from_world: bool = Field(
+        False,
+        description="Also every held-out benchmark of the workspace's world (vlselect world), "
+        "its in-distribution test split excepted.",
     )
     budget: float | None = Field(
         None, description="Rows per benchmark: a fraction of the pool (0.2) or a count (133000)."
@@ -125,25 +137,28 @@ class TargetConfig(BaseModel):
 
 
 CONFIG = TargetConfig
+FLAGS = {"benchmark": "benchmarks"}
+SPACES = ("clip", "skill")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--benchmark", dest="benchmarks", action="append",
-                        help="a benchmark file (repeat for several)")  # fmt: skip
-    parser.add_argument("--budget", type=float, help="a fraction of the pool (0.2) or a count")
-    parser.add_argument("--name", help="selection name: <ws>/selections/<name>/")
-    parser.add_argument("--mode", choices=list(MODES))
-    parser.add_argument("--images", help="root of the benchmarks' image paths")
-    parser.add_argument("--depth", type=int, help="neighbours per sample for the cross-ranks")
-    parser.add_argument("--aggregation", choices=["round_robin", "score"])
-    parser.add_argument("--quota", type=int, help="most rows one benchmark sample contributes")
-    parser.add_argument("--overwrite", action="store_true", default=None)
+def reads(cfg: TargetConfig) -> list[Ref]:
+    world = [Ref("world")] if cfg.from_world else []
+    return [
+        Ref("pool"),
+        *world,
+        *(Ref(kind, s) for s in SPACES for kind in ("embeddings", "index")),
+    ]
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    keys = ("benchmarks", "budget", "name", "mode", "images", "depth", "aggregation", "quota",
-            "overwrite")  # fmt: skip
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+def writes(cfg: TargetConfig) -> list[Ref]:
+    return [Ref("selection", cfg.name)]
+
+
+def resources(cfg: TargetConfig) -> dict[str, Resources]:
+    return {
+        "decode task": Resources(num_cpus=cfg.preprocess_cpus),
+        "shard actor": cfg.service.shard,
+    }
 
 
 @dataclass
@@ -194,7 +209,12 @@ def check_inputs(cfg: TargetConfig, ws: Workspace) -> Plan:
     """Everything the run needs, checked before Ray starts. Raises InputError with the fix."""
     if not cfg.name:
         raise InputError("no selection name: pass --name NAME (output: <ws>/selections/NAME/)")
-    if not cfg.benchmarks:
+    files = list(cfg.benchmarks)
+    if cfg.from_world:
+        held_out = World.open(ws)
+        files += [held_out.uri("benchmarks", f"{b}.parquet") for b in held_out.meta.benchmarks
+                  if b != "test"]  # fmt: skip
+    if not files:
         raise InputError("no benchmark: pass --benchmark FILE (LLaVA JSON, JSONL or Parquet)")
     if cfg.budget is None:
         raise InputError("no budget: pass --budget as a fraction of the pool (0.2) or a count")
@@ -211,8 +231,8 @@ def check_inputs(cfg: TargetConfig, ws: Workspace) -> Plan:
             + (f" ({indexed} indexed in both spaces)" if indexed < pool else "")
             + ": lower --budget"
         )
-    names = [os.path.basename(b) for b in cfg.benchmarks]
-    benches = [read_benchmark(b, image_root=cfg.images) for b in cfg.benchmarks]
+    names = [benchmark_name(b) for b in files]
+    benches = [read_benchmark(b, image_root=cfg.images) for b in files]
     dup = {b.name for b in benches if [x.name for x in benches].count(b.name) > 1}
     if dup:
         raise InputError(f"benchmark files share the name(s) {sorted(dup)}: rename one ({names})")

@@ -18,7 +18,6 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -29,7 +28,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from actors.adapter import ray_options
-from engine.artifacts import World, WorldMeta
+from engine.artifacts import Ref, World, WorldMeta
 from engine.commit import SCRATCH, Attempt, operational
 from engine.errors import InputError
 from engine.resources import Resources
@@ -66,17 +65,16 @@ class WorldJobConfig(WorldConfig):
 CONFIG = WorldJobConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int, help="pool size (samples)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--shard-size", type=int)
-    parser.add_argument("--llava-json", action="store_true", default=None)
-    parser.add_argument("--overwrite", action="store_true", default=None)
+def reads(cfg: WorldJobConfig) -> list[Ref]:
+    return []
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    keys = ("size", "seed", "shard_size", "llava_json", "overwrite")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+def writes(cfg: WorldJobConfig) -> list[Ref]:
+    return [Ref("world")]
+
+
+def resources(cfg: WorldJobConfig) -> dict[str, Resources]:
+    return {"shard task": cfg.resources}
 
 
 def _part(shard: ShardSpec) -> str:
@@ -250,7 +248,7 @@ TINY_PROGRESS = {
     "num_workers": 2,
     "worker": {"num_cpus": 1},
     "round_size": 0.03,
-    "eval_per_cluster": 20,
+    "selection": {"eval_per_cluster": 20},
 }
 
 

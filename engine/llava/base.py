@@ -1,4 +1,4 @@
-"""Training the tiny LLaVA's base, once per world (DESIGN.md: from scratch it never learns
+"""Training the tiny LLaVA's base, once per world (from scratch it never learns
 to look at the image in minutes on 2 cores; with this base it does).
 
 1. The vision tower learns per-patch attribute heads (colour, shape, size, glyph, row,

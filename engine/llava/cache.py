@@ -69,15 +69,20 @@ def find_base(ws: Workspace, name: str = DEFAULT_NAME) -> BaseModelArtifact | No
 def save_base(ws: Workspace, name: str, model, tokenizer, meta: BaseModelMeta) -> str:
     """Commit the base (engine.commit: a new attempt, then its manifest). Returns its path."""
     attempt = BaseModelArtifact.begin(ws, name, recipe=meta.recipe, overwrite=True).attempt
-    with tempfile.TemporaryDirectory(prefix="vlselect-base-") as tmp:
-        model.save_pretrained(os.path.join(tmp, "model"))
-        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        pafs.copy_files(
-            tmp,
-            attempt.dir,
-            source_filesystem=pafs.LocalFileSystem(),
-            destination_filesystem=ws.fs,
-        )
+    try:
+        with tempfile.TemporaryDirectory(prefix="vlselect-base-") as tmp:
+            model.save_pretrained(os.path.join(tmp, "model"))
+            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            pafs.copy_files(
+                tmp,
+                attempt.dir,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=ws.fs,
+            )
+    except BaseException:
+        with contextlib.suppress(OSError):  # a save is not resumed: nothing worth keeping
+            ws.discard(attempt.dir)
+        raise
     attempt.commit(meta)
     return attempt.dir
 

@@ -3,7 +3,7 @@
 One example is a mapping with ``image`` (encoded bytes, a uint8 (H, W, 3) array, or
 None for a text-only sample), ``question`` (no '<image>' token) and ``answer``
 (absent or None for generation). The prompt puts the image BEFORE the question, as
-LLaVA does (after it did worse on the world, DESIGN.md):
+LLaVA does (the image after the question did worse on the world):
 
     <s> USER: <image> x N  {question} ASSISTANT: {answer} </s>
 

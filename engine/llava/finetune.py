@@ -3,6 +3,7 @@ fully with its own learning rate, the vision tower frozen (LLaVA-1.5's recipe)."
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,8 +80,15 @@ def epoch_batches(
         )
 
 
+def steps_for(rows: int, epochs: float, batch_size: int) -> int:
+    """Optimiser steps to pass ``epochs`` times over ``rows`` rows in batches of
+    ``batch_size`` (at least one): the one step rule of every fine-tune, PROGRESS's rounds
+    included."""
+    return max(1, math.ceil(epochs * rows / batch_size))
+
+
 def total_steps(n_examples: int, cfg: FinetuneConfig) -> int:
-    return max(1, int(round(cfg.epochs * n_examples / cfg.batch_size)))
+    return steps_for(n_examples, cfg.epochs, cfg.batch_size)
 
 
 def finetune(

@@ -1,4 +1,4 @@
-"""The shapes world: the generated default pool, test split and benchmarks (see DESIGN.md)."""
+"""The shapes world: the generated default pool, test split and benchmarks."""
 
 from engine.world.config import BenchmarkSpec, WorldConfig
 from engine.world.generate import (

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from actors.coordinator import start_coordinator
-from engine.coordinator import ProgressSettings
+from engine.artifacts import Clustering, ClusteringMeta, Pool, PoolMeta
+from engine.coordinator import ProgressSettings, SelectionRule
 from engine.pool import POOL_SCHEMA
 from engine.resources import Resources
 from engine.workspace import Workspace
@@ -18,7 +17,7 @@ from engine.workspace import Workspace
 N, K = 240, 6
 
 
-def write_pool_and_clusters(root) -> tuple[Workspace, str, str]:
+def write_pool_and_clusters(root) -> tuple[Workspace, Clustering, Pool]:
     """A pool of N text rows in two files and a K-cluster assignment of it."""
     ids = [f"p{i:04d}" for i in range(N)]
     rows = {
@@ -37,10 +36,11 @@ def write_pool_and_clusters(root) -> tuple[Workspace, str, str]:
         "record_index": list(range(N)),
     }
     table = pa.Table.from_pydict(rows, schema=POOL_SCHEMA)
-    (root / "pool").mkdir(parents=True)
-    (root / "clusters" / "c" / "assignments").mkdir(parents=True)
+    ws = Workspace.open(str(root))
+    pool = Pool.begin(ws).attempt
+    clusters = Clustering.begin(ws, "c", inputs={"pool": "synthetic"}).attempt
     for f, (lo, hi) in enumerate([(0, 100), (100, N)]):
-        pq.write_table(table.slice(lo, hi - lo), root / "pool" / f"part-{f:06d}.parquet")
+        ws.write_table(pool.path(f"part-{f:06d}.parquet"), table.slice(lo, hi - lo))
         labels = (np.arange(lo, hi) * 7) % K
         assignments = pa.table(
             {
@@ -49,23 +49,29 @@ def write_pool_and_clusters(root) -> tuple[Workspace, str, str]:
                 "similarity": pa.array(np.ones(hi - lo), pa.float32()),
             }
         )
-        pq.write_table(
-            assignments, root / "clusters" / "c" / "assignments" / f"part-{f:06d}.parquet"
-        )
-    (root / "clusters" / "c" / "meta.json").write_text(json.dumps({"k": K, "status": "complete"}))
-    ws = Workspace.open(str(root))
-    return ws, ws.path("clusters", "c"), ws.path("pool")
+        ws.write_table(clusters.path("assignments", f"part-{f:06d}.parquet"), assignments)
+    pool.commit(
+        PoolMeta(source="test", format="parquet", image_root=None, records_in=N, accepted=N,
+                 rejected=0, rejected_by_reason={}, source_fingerprint={}, seconds=0, config={})
+    )  # fmt: skip
+    clusters.commit(
+        ClusteringMeta(name="c", k=K, spaces=["text"], weights={"text": 1.0}, rows_assigned=N,
+                       summary={}, config={})
+    )  # fmt: skip
+    return ws, Clustering.open(ws, "c"), Pool.open(ws)
 
 
-SETTINGS = ProgressSettings(budget=100, round_size=20, metric="accuracy", seed=3)
+SETTINGS = ProgressSettings(
+    budget=100, round_size=20, seed=3, rule=SelectionRule(metric="accuracy")
+)
 
 
-def start(ws, clusters_dir, pool_dir, name):
+def start(ws, clustering, pool, name):
     return start_coordinator(
         ws,
         ws.path("progress", name),
-        clusters_dir,
-        pool_dir,
+        clustering,
+        pool,
         SETTINGS,
         name,
         Resources(num_cpus=0, max_retries=-1),
@@ -88,16 +94,16 @@ def round_rows(ws, run_dir) -> list[pa.Table]:
 
 def test_settings_changed_under_a_run_are_refused(ray_session, tmp_path):
     ray = ray_session
-    ws, clusters_dir, pool_dir = write_pool_and_clusters(tmp_path / "ws")
-    actor = start(ws, clusters_dir, pool_dir, "run-b")
+    ws, clustering, pool = write_pool_and_clusters(tmp_path / "ws")
+    actor = start(ws, clustering, pool, "run-b")
     ray.get(actor.warmup.remote(["p0000", "p0001"]))
     ray.kill(actor, no_restart=True)
     other = SETTINGS.model_copy(update={"budget": 99})
     actor = start_coordinator(
         ws,
         ws.path("progress", "run-b"),
-        clusters_dir,
-        pool_dir,
+        clustering,
+        pool,
         other,
         "run-b",
         Resources(num_cpus=0, max_retries=0),
@@ -105,5 +111,5 @@ def test_settings_changed_under_a_run_are_refused(ray_session, tmp_path):
     with pytest.raises(ray.exceptions.ActorDiedError, match="use a new run name"):
         ray.get(actor.status.remote())
     with pytest.raises(ray.exceptions.RayTaskError, match="not in the clustered pool"):
-        fresh = start(ws, clusters_dir, pool_dir, "run-c")
+        fresh = start(ws, clustering, pool, "run-c")
         ray.get(fresh.warmup.remote(["nope"]))

@@ -135,7 +135,7 @@ def test_bookkeeping_scratch_and_temporaries_are_not_committed(ws):
 
 
 def test_missing_and_foreign_manifests_are_refused_with_the_fix(ws):
-    with pytest.raises(InputError, match="thing 'none' is missing.*make-thing none"):
+    with pytest.raises(InputError, match="thing 'none' is missing.*holds none.*make-thing none"):
         Thing.open(ws, "none")
     ws.write_json(f"{Thing.folder(ws, 'bad')}/{MANIFEST}", {"kind": "thing"})
     with pytest.raises(InputError, match="not a manifest this version.*--overwrite"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings
+from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings, SelectionRule
 from engine.progress import PoolClusters
 
 K = 6
@@ -13,7 +13,9 @@ K = 6
 
 def make_state(budget=120, round_size=25, metric="accuracy", **kw) -> CoordinatorState:
     labels = np.arange(300) % K
-    settings = ProgressSettings(budget=budget, round_size=round_size, metric=metric, **kw)
+    sizes = {k: kw.pop(k) for k in ("seed",) if k in kw}
+    rule = SelectionRule(metric=metric, **kw)
+    settings = ProgressSettings(budget=budget, round_size=round_size, rule=rule, **sizes)
     return CoordinatorState(settings, PoolClusters.from_labels(labels, K))
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import faiss
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.artifacts import Index
 from engine.errors import InputError
 from engine.knn import (
     build_index,
@@ -209,7 +208,6 @@ def test_open_index_names_the_fix(tmp_path):
         open_index(ws, "colour")
     with pytest.raises(InputError, match="run `vlselect index"):
         open_index(ws, "text")
-    (tmp_path / "ws" / "index" / "text").mkdir(parents=True)
-    (tmp_path / "ws" / "index" / "text" / "meta.json").write_text(json.dumps({"status": "running"}))
+    Index.begin(ws, "text")  # an attempt started and never committed
     with pytest.raises(InputError, match="did not finish"):
         open_index(ws, "text")

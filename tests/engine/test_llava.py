@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from engine.artifacts import BaseModelArtifact
 from engine.errors import InputError
 from engine.llava import (
     IGNORE,
@@ -218,7 +219,7 @@ def test_base_is_cached_reused_by_fingerprint_and_refused_when_changed(world, mo
     logs = []
     base, built = build_or_load_base(ws, world, model_cfg, train, log=logs.append)
     assert built
-    meta = base.meta
+    meta = base.meta.model_dump()
     assert set(meta["metrics"]["vision_patch_accuracy"]) == {
         "colour",
         "shape",
@@ -229,11 +230,11 @@ def test_base_is_cached_reused_by_fingerprint_and_refused_when_changed(world, mo
     }
     assert math.isfinite(meta["metrics"]["caption_loss"])
     assert set(meta["metrics"]["language_accuracy"]) <= {*IMAGE_FAMILIES, TEXT_FAMILY}
-    files = {p.name for p in (tmp_path / "ws" / "models" / "tiny-llava").iterdir()}
-    assert files == {"model", "tokenizer", "meta.json"}
-    assert list((tmp_path / "ws" / "models" / "tiny-llava" / "model").glob("*.safetensors"))
+    committed = BaseModelArtifact.open(ws, "tiny-llava")
+    assert {f.split("/")[0] for f in committed.manifest.files} == {"model", "tokenizer"}
+    assert committed.files("model", ".safetensors") and committed.dir == base.path
     again, built = build_or_load_base(ws, world, model_cfg, train, log=logs.append)
-    assert not built and again.meta["fingerprint"] == meta["fingerprint"]
+    assert not built and again.fingerprint == base.fingerprint == meta["recipe"]
     for (n, p), (_, q) in zip(
         base.model.state_dict().items(), again.model.state_dict().items(), strict=True
     ):
@@ -262,8 +263,8 @@ def test_a_base_that_fails_while_saving_leaves_nothing_behind(
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", crash)
     with pytest.raises(OSError, match="disk full"):
         build_or_load_base(ws, world, model_cfg, train, log=lambda m: None)
-    assert not (tmp_path / "ws" / "models").exists()
-    assert not list((tmp_path / "ws" / ".staging").iterdir())
+    assert BaseModelArtifact.find(ws, "tiny-llava") is None
+    assert not list((tmp_path / "ws" / "models" / "tiny-llava" / "_attempts").iterdir())
     with pytest.raises(InputError, match="vlselect base"):
         load_base(ws)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from actors.coordinator import BASELINE, get_coordinator, round_file
+from engine.artifacts import ProgressRun
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.actors.test_coordinator import N, report, round_rows, start, write_pool_and_clusters
 from tests.faults.chaos import sigkill, wait_for
@@ -27,8 +29,8 @@ def test_rounds_are_revealed_once_and_survive_a_killed_coordinator(
     ray_session, tmp_path, fault_report
 ):
     ray = ray_session
-    ws, clusters_dir, pool_dir = write_pool_and_clusters(tmp_path / "ws")
-    actor = start(ws, clusters_dir, pool_dir, "run-a")
+    ws, clustering, pool = write_pool_and_clusters(tmp_path / "ws")
+    actor = start(ws, clustering, pool, "run-a")
     warm = [f"p{i:04d}" for i in range(0, N, 8)]  # 30 rows
     out = ray.get(actor.warmup.remote(warm))
     assert out["rows"] == 30 and out["spent"] == 30 and out["revealed"] == 30
@@ -44,7 +46,7 @@ def test_rounds_are_revealed_once_and_survive_a_killed_coordinator(
     report(ray, actor, 2)
     # The driver goes away too: a new actor of the same name restores the same ledger.
     ray.kill(actor, no_restart=True)
-    actor = start(ws, clusters_dir, pool_dir, "run-a")
+    actor = start(ws, clustering, pool, "run-a")
     assert ray.get(actor.status.remote())["spent"] == 70
     third = ray.get(actor.next_round.remote(3))
     assert third["spent"] == 90
@@ -77,11 +79,16 @@ def test_a_progress_run_survives_its_coordinator_killed_mid_run(
     ray_session, progress_ws, capsys, fault_report
 ):
     ws, config = progress_ws
-    run_dir = ws / "progress" / "coordinator-kill"
     seen = {}
 
     def crash_the_coordinator():
-        wait_for((run_dir / "rounds" / "round-0001.parquet").exists, 900, "round 1")
+        wait_for(
+            lambda: any(
+                (ws / "progress" / "coordinator-kill").glob("_attempts/*/rounds/round-0001.parquet")
+            ),
+            900,
+            "round 1",
+        )
         actor = get_coordinator("vlselect-progress-coordinator-kill")
         seen["killed"] = pid_of(ray_session, actor)
         sigkill([seen["killed"]])
@@ -98,6 +105,8 @@ def test_a_progress_run_survives_its_coordinator_killed_mid_run(
 
     summary = summary_of(out)
     assert summary["spent"] == summary["budget"] == 60 and summary["revealed"] == 60
+    run = ProgressRun.open(Workspace.open(str(ws)), "coordinator-kill")
+    run_dir = Path(run.dir)
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
     assert [r["spent"] for r in rounds] == [27, 37, 47, 57, 60]

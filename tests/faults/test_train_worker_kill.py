@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from engine.artifacts import ProgressRun
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.faults.chaos import ray_worker_pids, sigkill, wait_for
 from tests.jobs.test_progress_job import summary_of
@@ -19,12 +22,17 @@ TRAIN_WORKER = "RayTrainWorker"
 
 def test_a_killed_train_worker_resumes_from_the_last_checkpoint(progress_ws, capsys, fault_report):
     ws, config = progress_ws
-    run_dir = ws / "progress" / "worker-kill"
     seen = {}
 
     def crash_a_worker():
         # Round 2's rows are revealed: the workers are now training on them.
-        wait_for((run_dir / "rounds" / "round-0002.parquet").exists, 900, "round 2")
+        wait_for(
+            lambda: any(
+                (ws / "progress" / "worker-kill").glob("_attempts/*/rounds/round-0002.parquet")
+            ),
+            900,
+            "round 2",
+        )
         victims = wait_for(lambda: ray_worker_pids(TRAIN_WORKER), 60, "a train worker")
         sigkill(victims[:1])
         seen["killed"] = victims[:1]
@@ -40,6 +48,8 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(progress_ws, cap
 
     summary = summary_of(out)
     assert summary["spent"] == summary["budget"] == 60 and summary["revealed"] == 60
+    run = ProgressRun.open(Workspace.open(str(ws)), "worker-kill")
+    run_dir = Path(run.dir)
     # The restarted workers began from a checkpoint, not from the base.
     assert summary["final_metrics"]["started_at_round"] >= 1
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
@@ -48,9 +58,7 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(progress_ws, cap
     files = sorted((run_dir / "rounds").glob("round-*.parquet"))
     ids = [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
     assert len(ids) == len(set(ids)) == 60  # nothing selected or revealed twice
-    meta = json.loads((run_dir / "meta.json").read_text())
-    assert meta["status"] == "complete"
-    trained = meta["train_rounds"]
+    trained = run.meta.summary["train_rounds"]
     assert [r["round"] for r in trained] == [0, 1, 2, 3, 4]
     assert sum(r["rows"] for r in trained) == 60  # each revealed row trained in one round
     start = summary["final_metrics"]["started_at_round"]

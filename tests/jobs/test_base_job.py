@@ -7,6 +7,8 @@ import json
 
 import yaml
 
+from engine.artifacts import BaseModelArtifact
+from engine.workspace import Workspace
 from engine.world.config import WorldConfig
 from jobs.cli import main
 from tests.engine.test_llava import TINY, TINY_TRAIN
@@ -28,7 +30,9 @@ def test_base_job_builds_then_reuses(ray_session, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"base": tiny}))
     assert main(["base", "--workspace", str(ws), "--config", str(cfg)]) == 0
     first = _summary(capsys.readouterr().out)
-    assert first["built"] and (ws / "models" / "tiny-llava" / "meta.json").exists()
+    committed = BaseModelArtifact.open(Workspace.open(str(ws)), "tiny-llava")
+    assert first["built"] and first["path"] == committed.dir
+    assert committed.meta.recipe == first["fingerprint"]
     assert set(first["vision_patch_accuracy"]) >= {"colour", "shape", "glyph", "row"}
     assert main(["base", "--workspace", str(ws), "--config", str(cfg)]) == 0
     second = _summary(capsys.readouterr().out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,17 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import STAGES, build_config, load_yaml_file
-from jobs.cli import STAGE_MODULES, main
+from engine.config import build_config, load_yaml_file
+from jobs.cli import main
+from jobs.registry import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+@pytest.mark.parametrize("stage", sorted(STAGES))
 def test_python_m_entry_points_answer_help(stage):
     out = subprocess.run(
-        [sys.executable, "-m", f"jobs.{stage}", "--help"],
+        [sys.executable, "-m", STAGES[stage].module, "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -32,13 +34,45 @@ def test_console_script_lists_every_stage():
     out = subprocess.run(
         [str(BIN / "vlselect"), "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for stage in STAGE_MODULES:
+    for stage in STAGES:
         assert stage in out
 
 
-def test_every_shipped_config_loads():
-    import importlib
+def test_top_level_help_imports_neither_ray_nor_torch():
+    code = (
+        "import sys\n"
+        "from jobs.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == "[]"
 
+
+def test_flags_come_from_the_config_fields():
+    """Every top-level scalar field of a stage's config is a flag; a stage's extra spellings
+    reach nested fields; lists take comma-separated values and repeat; a flag left out
+    leaves the field alone (``--limit 0`` is a value, not an absence)."""
+    from jobs.cli import build_parser
+    from jobs.flags import overrides
+
+    def parsed(*argv):
+        args = build_parser(argv[0]).parse_args([argv[0], "--workspace", "w", *argv[1:]])
+        return overrides(args, STAGES[argv[0]].load().CONFIG)
+
+    assert parsed("progress", "--workers", "4", "--metric", "loss", "--no-use-gpu") == {
+        "num_workers": 4, "selection": {"metric": "loss"}, "use_gpu": False}  # fmt: skip
+    assert parsed("embed", "--spaces", "clip,text", "--spaces", "dino") == {
+        "spaces": ["clip", "text", "dino"]}  # fmt: skip
+    assert parsed("skills", "--limit", "0", "--base-url", "http://h/v1") == {
+        "limit": 0, "openai": {"base_url": "http://h/v1"}}  # fmt: skip
+    relative = parsed("ingest", "--source", "data/pool.json", "--images", "s3://b/img")
+    assert relative == {"source": os.path.abspath("data/pool.json"), "images": "s3://b/img"}
+    assert parsed("cluster") == {}
+
+
+def test_every_shipped_config_loads():
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs, "configs/ ships example YAML files"
     for path in configs:
@@ -46,13 +80,14 @@ def test_every_shipped_config_loads():
         assert first.startswith("# vlselect ") or first.startswith("# ray job submit"), (
             f"{path.name} must start with the command that runs it"
         )
-        sections = load_yaml_file(path)
+        sections = load_yaml_file(path, sections=[*STAGES, "pipeline"])
         assert sections, path
+        steps = sections.pop("pipeline", [])
         for stage in sections:
-            assert stage in STAGES
-            if stage in STAGE_MODULES:
-                module = importlib.import_module(STAGE_MODULES[stage])
-                build_config(stage, module.CONFIG, sections)
+            build_config(stage, STAGES[stage].load().CONFIG, sections)
+        for step in steps:  # a pipeline's steps: each one stage's section
+            ((stage, section),) = step.items()
+            build_config(stage, STAGES[stage].load().CONFIG, {stage: section})
 
 
 def test_unknown_config_section_and_missing_config_exit_2(tmp_path, capsys):

@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from engine.artifacts import Clustering, EmbeddingSpace
+from engine.commit import MANIFEST, STATE_FILE
 from engine.vectors import l2_normalize
-from engine.workspace import read_parquet_dir
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.synthetic_space import write_space
 
@@ -39,6 +41,15 @@ def planted(tmp_path_factory):
     return ws, ids, dino, text, labels
 
 
+def clustering(ws: Path, name: str) -> Clustering:
+    return Clustering.open(Workspace.open(str(ws)), name)
+
+
+def figures(found: Clustering) -> dict:
+    """The clustering's meta and its run's figures in one mapping."""
+    return {**found.meta.summary, **found.meta.model_dump(exclude={"summary"})}
+
+
 def run(ws: Path, *flags: str) -> int:
     return main(["cluster", "--workspace", str(ws), *flags])
 
@@ -61,13 +72,13 @@ def test_planted_clusters_are_found_and_every_row_is_assigned_once(
     name = f"p{max_sample}"
     flags = ("--set", "init=kmeans++", "--set", f"max_sample={max_sample}")
     assert run(ws, "--name", name, "--k", "8", *flags) == 0
-    out = ws / "clusters" / name
-    table = read_parquet_dir(str(out / "assignments"))
+    out = clustering(ws, name)
+    table = out.read_table(under="assignments")
     assert table.column("id").to_pylist() == ids  # each id once, in pool order
     cluster = table.column("cluster").to_numpy()
     for c in range(PLANTED):
         assert np.bincount(cluster[labels == c]).max() == (labels == c).sum()
-    centroids = np.load(out / "centroids.npy", allow_pickle=False)
+    centroids = np.load(out.path("centroids.npy"), allow_pickle=False)
     assert centroids.shape == (8, 48) and centroids.dtype == np.float32
     combined = np.concatenate([dino, text], axis=1) / np.sqrt(2)
     np.testing.assert_allclose(
@@ -75,8 +86,8 @@ def test_planted_clusters_are_found_and_every_row_is_assigned_once(
         (combined * centroids[cluster]).sum(axis=1),
         atol=1e-5,
     )
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["status"] == "complete" and meta["k"] == 8 and meta["sample_rows"] == max_sample
+    meta = figures(out)
+    assert meta["k"] == 8 and meta["sample_rows"] == max_sample
     assert sum(meta["sizes"]) == meta["rows_assigned"] == meta["rows_in"] == ROWS
     assert meta["rows_excluded"] == 0 and meta["small_clusters"]["empty"] == []
     assert 1 <= len(meta["objective"]) <= 50 and meta["objective"][-1] >= meta["objective"][0]
@@ -85,16 +96,22 @@ def test_planted_clusters_are_found_and_every_row_is_assigned_once(
 def test_a_rerun_is_current_and_a_lost_shard_is_redone_alone(ray_session, planted, tmp_path):
     ws = copy_ws(planted, tmp_path)
     assert run(ws, "--name", "r", "--k", "4") == 0
-    out = ws / "clusters" / "r"
+    first = clustering(ws, "r")
+    out = Path(first.dir)
     before = {p.name: p.read_bytes() for p in (out / "assignments").iterdir()}
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "assignments").iterdir()}
     assert run(ws, "--name", "r", "--k", "4") == 0  # current: nothing rewritten
+    assert clustering(ws, "r").manifest == first.manifest
     assert {p.name: p.stat().st_mtime_ns for p in (out / "assignments").iterdir()} == stamps
-    # A run killed while assigning: status 'assigning', one shard not yet written.
-    meta = json.loads((out / "meta.json").read_text())
-    (out / "meta.json").write_text(json.dumps({**meta, "status": "assigning"}))
+    # A run killed while assigning: fitted (its state saved), one shard not yet written,
+    # nothing committed.
+    (out.parent.parent / MANIFEST).unlink()
     (out / "assignments" / "part-000001.parquet").unlink()
+    fit = json.loads((out / STATE_FILE).read_text())
     assert run(ws, "--name", "r", "--k", "4") == 0
+    resumed = clustering(ws, "r")
+    assert resumed.dir == first.dir  # the same attempt, finished
+    assert resumed.meta.summary["fit_seconds"] == fit["fit_seconds"]  # not fitted again
     after = {p.name: p.read_bytes() for p in (out / "assignments").iterdir()}
     assert after == before
     assert (out / "assignments" / "part-000000.parquet").stat().st_mtime_ns == stamps[
@@ -102,7 +119,8 @@ def test_a_rerun_is_current_and_a_lost_shard_is_redone_alone(ray_session, plante
     ]
     # A different seed is a different clustering: started over.
     assert run(ws, "--name", "r", "--k", "4", "--seed", "7") == 0
-    assert json.loads((out / "meta.json").read_text())["fingerprint"]["config"]["seed"] == 7
+    again = clustering(ws, "r")
+    assert again.meta.config["seed"] == 7 and again.fingerprint != first.fingerprint
 
 
 def test_unusable_rows_refused_or_excluded_and_counted(ray_session, planted, tmp_path, capsys):
@@ -116,14 +134,14 @@ def test_unusable_rows_refused_or_excluded_and_counted(ray_session, planted, tmp
     err = capsys.readouterr().err
     assert "4 of 1200 rows cannot be clustered" in err
     assert "3 rows missing in text" in err and "1 rows NaN, inf or zero vector in text" in err
-    assert not (ws / "clusters" / "bad" / "assignments").exists()
+    assert Clustering.find(Workspace.open(str(ws)), "bad") is None
 
     assert run(ws, "--name", "bad", "--k", "4", "--set", "on_bad_rows=exclude") == 0
-    out = ws / "clusters" / "bad"
-    meta = json.loads((out / "meta.json").read_text())
+    out = clustering(ws, "bad")
+    meta = figures(out)
     assert meta["rows_in"] == ROWS == meta["rows_assigned"] + meta["rows_excluded"]
     assert meta["rows_excluded"] == 4
-    excluded = read_parquet_dir(str(out / "excluded")).to_pydict()
+    excluded = out.read_table(under="excluded").to_pydict()
     assert dict(zip(excluded["id"], excluded["reason"], strict=True)) == {
         ids[5]: "NaN, inf or zero vector in text",
         ids[10]: "missing in text",
@@ -136,14 +154,15 @@ def test_small_clusters_merged_into_their_neighbours(ray_session, planted, tmp_p
     ws = copy_ws(planted, tmp_path)
     flags = ["--name", "m", "--k", "12", "--set", "min_cluster_size=100"]
     assert run(ws, *flags, "--set", "small_clusters=merge") == 0
-    meta = json.loads((ws / "clusters" / "m" / "meta.json").read_text())
+    merged = clustering(ws, "m")
+    meta = figures(merged)
     assert meta["k_requested"] == 12 and meta["k"] < 12
     assert min(meta["sizes"]) >= 100 and sum(meta["sizes"]) == ROWS
     dropped = [c for m in meta["merged"] for c in m["dropped"]]
     assert len(dropped) == 12 - meta["k"]
-    table = read_parquet_dir(str(ws / "clusters" / "m" / "assignments"))
+    table = merged.read_table(under="assignments")
     assert table.num_rows == ROWS and table.column("cluster").to_numpy().max() == meta["k"] - 1
-    assert np.load(ws / "clusters" / "m" / "centroids.npy").shape[0] == meta["k"]
+    assert np.load(merged.path("centroids.npy")).shape[0] == meta["k"]
 
 
 @pytest.mark.parametrize(
@@ -168,19 +187,19 @@ def test_spaces_sharded_differently_or_unfinished_are_refused(planted, tmp_path,
     write_space(ws, "text", text, ids=ids, shard_rows=300)
     assert run(ws, "--name", "x") == 2
     assert "sharded differently (3 vs 4 shards" in capsys.readouterr().err
-    meta = json.loads((ws / "embeddings" / "dino" / "meta.json").read_text())
-    (ws / "embeddings" / "dino" / "meta.json").write_text(json.dumps({**meta, "status": "running"}))
+    (ws / "embeddings" / "dino" / MANIFEST).unlink()  # as if killed before its commit
     assert run(ws, "--name", "x") == 2
-    assert "did not finish embedding (status 'running')" in capsys.readouterr().err
+    assert "space 'dino' did not finish" in capsys.readouterr().err
 
 
 def test_wrong_dimension_in_one_shard_is_named(ray_session, planted, tmp_path, capsys):
     ws = copy_ws(planted, tmp_path)
-    shard = ws / "embeddings" / "text" / "part-000002.parquet"
+    shard = Path(EmbeddingSpace.open(Workspace.open(str(ws)), "text").path("part-000002.parquet"))
     table = pq.read_table(shard)
     ids = table.column("id").to_pylist()
     write_space(tmp_path / "short", "text", np.ones((400, 8)), ids=ids, shard_rows=400)
-    shutil.copy(tmp_path / "short" / "embeddings" / "text" / "part-000000.parquet", shard)
+    short = EmbeddingSpace.open(Workspace.open(str(tmp_path / "short")), "text")
+    shutil.copy(short.path("part-000000.parquet"), shard)
     assert run(ws, "--name", "x", "--k", "4") == 2
     err = capsys.readouterr().err
     assert "malformed" in err and "part-000002.parquet: vectors of length 8, expected 16" in err

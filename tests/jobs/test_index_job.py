@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.retrieval import RetrievalService, ServiceConfig
+from engine.artifacts import EmbeddingSpace, Index
+from engine.commit import MANIFEST
 from engine.workspace import Workspace
 from jobs.cli import main
 from tests.synthetic_space import brute_force, clustered, write_space
@@ -35,8 +37,19 @@ def index(ws: Path, *args: str) -> int:
     return main(["index", "--workspace", str(ws), "--space", "text", *args])
 
 
+def committed(ws: Path, space: str = "text") -> Index:
+    return Index.open(Workspace.open(str(ws)), space)
+
+
 def meta(ws: Path, space: str = "text") -> dict:
-    return json.loads((ws / "index" / space / "meta.json").read_text())
+    return committed(ws, space).meta.model_dump()
+
+
+def summary(capsys) -> dict:
+    """The last ``vlselect-summary`` line the command printed."""
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if x.startswith("vlselect-summary ")][-1]
+    return json.loads(line.removeprefix("vlselect-summary "))
 
 
 def assert_exact_topk(got_ids, got_scores, ids, x, q, k, tol):
@@ -150,31 +163,33 @@ def test_k_above_rows_pads_and_the_job_writes_only_real_hits(ray_session, tmp_pa
     assert pq.read_table(out).num_rows == 24
 
 
-def test_resume_keeps_finished_shards_and_a_change_rebuilds(ray_session, tmp_path, data):
+def test_resume_keeps_finished_shards_and_a_change_rebuilds(ray_session, tmp_path, data, capsys):
     x, _ = data
     ws, _ = make_ws(tmp_path, x)
     assert index(ws, "--shards", "4") == 0
-    folder = ws / "index" / "text"
-    # What a killed run leaves: one shard unfinished, meta still running.
+    folder = Path(committed(ws).dir)
+    # What a killed run leaves: one shard unfinished, nothing committed.
     (folder / "shard-0002.faiss").unlink()
-    m = meta(ws)
-    (folder / "meta.json").write_text(json.dumps({**m, "status": "running"}))
+    (folder.parent.parent / MANIFEST).unlink()
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.faiss")}
+    capsys.readouterr()
     assert index(ws, "--shards", "4") == 0
-    m = meta(ws)
-    assert m["status"] == "complete" and m["built"] == 1 and m["kept"] == 3
+    s = summary(capsys)
+    assert s["built"] == 1 and s["kept"] == 3 and committed(ws).dir == str(folder)
     assert {
         p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.faiss") if p.name in mtimes
     } == mtimes
     assert (folder / "shard-0002.faiss").exists()
 
-    assert index(ws, "--shards", "4") == 0 and meta(ws)["built"] == 0
-    assert index(ws, "--shards", "4", "--overwrite") == 0 and meta(ws)["built"] == 4
+    assert index(ws, "--shards", "4") == 0 and summary(capsys)["built"] == 0
+    assert index(ws, "--shards", "4", "--overwrite") == 0 and summary(capsys)["built"] == 4
     assert index(ws, "--shards", "2") == 0
-    assert meta(ws)["built"] == 2 and sorted(p.name for p in folder.glob("*.faiss")) == [
+    assert summary(capsys)["built"] == 2
+    assert sorted(Path(f).name for f in committed(ws).files(suffix=".faiss")) == [
         "shard-0000.faiss",
         "shard-0001.faiss",
     ]
+    assert not folder.exists()  # the replaced attempt is cleaned up after the commit
 
 
 def test_bad_vectors_are_refused_or_excluded_and_counted(ray_session, tmp_path, data, capsys):
@@ -189,6 +204,7 @@ def test_bad_vectors_are_refused_or_excluded_and_counted(ray_session, tmp_path, 
     assert "space 'text' holds 5 unusable vectors" in err and "on_bad_rows=exclude" in err
     assert ids[5] in err
     assert not (ws / "index").exists() or not list((ws / "index").rglob("*.faiss"))
+    assert Index.find(Workspace.open(str(ws)), "text") is None
 
     assert index(ws, "--shards", "3", "--set", "on_bad_rows=exclude") == 0
     m = meta(ws)
@@ -223,14 +239,12 @@ def test_bad_index_input_exits_2_with_the_problem_named(tmp_path, data, capsys):
 def test_mismatched_vector_lengths_exit_2(ray_session, tmp_path, data, capsys):
     ws, _ = make_ws(tmp_path, data[0])
     write_space(tmp_path / "other", "text", clustered(50, DIM + 1, 3))
-    folder = ws / "embeddings" / "text"
-    (tmp_path / "other" / "embeddings" / "text" / "part-000000.parquet").replace(
-        folder / "part-000001.parquet"
-    )
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("*.parquet"))
-    (folder / "meta.json").write_text(
-        json.dumps({"status": "complete", "vectors": rows, "dim": DIM, "fingerprint": "x"})
-    )
+    space = EmbeddingSpace.open(Workspace.open(str(ws)), "text")
+    other = EmbeddingSpace.open(Workspace.open(str(tmp_path / "other")), "text")
+    Path(other.path("part-000000.parquet")).replace(space.path("part-000001.parquet"))
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in space.files(suffix=".parquet"))
+    manifest = space.manifest.model_copy(update={"meta": {**space.manifest.meta, "vectors": rows}})
+    Path(space.folder(space.ws, "text"), MANIFEST).write_text(manifest.model_dump_json())
     assert index(ws, "--shards", "2") == 2
     assert f"length {DIM + 1}, expected {DIM}" in capsys.readouterr().err
 
@@ -269,8 +283,7 @@ def test_bad_search_input_exits_2_with_the_problem_named(ray_session, tmp_path, 
     for args, words in cases:
         code, err = search(*args)
         assert code == 2 and words in err, (args, err)
-    m = meta(ws)
-    (ws / "index" / "text" / "meta.json").write_text(json.dumps({**m, "status": "running"}))
+    (ws / "index" / "text" / MANIFEST).unlink()  # as if killed before its commit
     code, err = search("--space", "text", "--queries", good)
     assert code == 2 and "did not finish" in err
     assert not (tmp_path / "out.parquet").exists()

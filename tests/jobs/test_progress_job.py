@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from engine.workspace import read_parquet_dir
+from engine.artifacts import Pool, ProgressRun
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.engine.test_llava import TINY, TINY_TRAIN
 from tests.synthetic_space import clustered_labelled, write_space
@@ -21,8 +22,7 @@ TINY_RUN = {
     "budget": 0.2,  # 60 rows
     "warmup": 0.09,  # 27 rows
     "round_size": 10,  # then rounds of 10, 10, 10, 3
-    "metric": "loss",
-    "eval_per_cluster": 5,
+    "selection": {"metric": "loss", "eval_per_cluster": 5},
     "finetune": {
         "lora": {"r": 4, "alpha": 8},
         "lr": 1e-2,
@@ -53,7 +53,7 @@ def build_tiny_ws(tmp_path_factory) -> tuple[Path, Path]:
     ws = tmp_path_factory.mktemp("progress") / "ws"
     assert main(["world", "--out", str(ws), "--size", str(POOL)]) == 0
     assert main(["ingest", "--workspace", str(ws)]) == 0
-    ids = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    ids = Pool.open(Workspace.open(str(ws))).read_table(["id"]).column("id").to_pylist()
     for space, dim, seed in (("dino", 24, 1), ("text", 16, 2)):
         vectors, _ = clustered_labelled(len(ids), dim, 12, seed=seed)
         write_space(ws, space, vectors, ids=ids, shard_rows=100)
@@ -69,13 +69,14 @@ def build_tiny_ws(tmp_path_factory) -> tuple[Path, Path]:
 def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys, zero_stage):
     ws, config = tiny_ws
     name = f"tiny{zero_stage}"
-    run_dir = ws / "progress" / name
     args = ["--config", str(config), "--name", name, "--set", f"zero_stage={zero_stage}"]
     code = main(["progress", "--workspace", str(ws), *args])
     assert code == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     summary = summary_of(out)
     assert summary["spent"] == summary["budget"] == 60 and summary["revealed"] == 60
+    run = ProgressRun.open(Workspace.open(str(ws)), name)
+    run_dir = Path(run.dir)
 
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
@@ -98,8 +99,9 @@ def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys, 
     for plot in ("delta.png", "picks.png", "budget.png"):
         assert (run_dir / "plots" / plot).stat().st_size > 1000
     assert (run_dir / "adapter" / "adapter_config.json").exists()
-    meta = json.loads((run_dir / "meta.json").read_text())
-    assert meta["status"] == "complete" and meta["final_metrics"]["round"] == 4
+    assert run.meta.spent == run.meta.budget == 60 and run.meta.rounds == 5
+    meta = run.meta.summary
+    assert meta["final_metrics"]["round"] == 4
     assert np.isfinite(meta["final_metrics"]["train_loss"])
     rounds = meta["train_rounds"]  # every round's training, from Ray Train's checkpoints
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]

@@ -12,11 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from engine.artifacts import Pool, Selection, World
 from engine.skills import PROMPT_VERSION, cache_key
 from engine.skills_config import SkillsConfig
 from engine.skills_store import CacheWriter
 from engine.text import instruction_text
-from engine.workspace import Workspace, read_parquet_dir
+from engine.workspace import Workspace
 from jobs import skills
 from jobs.cli import main
 from tests.synthetic_space import clustered, write_space
@@ -49,8 +50,21 @@ def cache_skills(ws: Path, questions: list[str]) -> None:
     writer.flush()
 
 
+def world_of(ws: Path) -> World:
+    return World.open(Workspace.open(str(ws)))
+
+
+def pool_ids(ws: Path) -> list[str]:
+    return Pool.open(Workspace.open(str(ws))).read_table(["id"]).column("id").to_pylist()
+
+
+def selection_dir(ws: Path, name: str) -> Path:
+    """The committed selection's folder (one benchmark's files, or a folder per benchmark)."""
+    return Path(Selection.open(Workspace.open(str(ws)), name).dir)
+
+
 def bench_file(ws: Path, name: str, n: int, out: Path) -> Path:
-    table = pq.read_table(ws / "benchmarks" / f"{name}.parquet").slice(0, n)
+    table = pq.read_table(world_of(ws).benchmark(name)).slice(0, n)
     pq.write_table(table, out / f"{name}.parquet")
     return out / f"{name}.parquet"
 
@@ -64,13 +78,13 @@ def world(ray_session, tmp_path_factory):
     ws = root / "ws"
     assert main(["world", "--out", str(ws), "--size", str(POOL)]) == 0
     assert main(["ingest", "--workspace", str(ws)]) == 0
-    ids = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    ids = pool_ids(ws)
     write_space(ws, "clip", clustered(POOL, 64, 12, seed=1), ids=ids, shard_rows=70)
     write_space(ws, "skill", clustered(POOL, 384, 6, seed=2), ids=ids, shard_rows=70)
     for space, shards in (("clip", "2"), ("skill", "1")):
         assert main(["index", "--workspace", str(ws), "--space", space, "--shards", shards]) == 0
     questions = []
-    for f in (ws / "benchmarks").glob("*.parquet"):
+    for f in world_of(ws).files("benchmarks", ".parquet"):
         for turns in pq.read_table(f, columns=["conversations"]).column(0).to_pylist():
             questions.append(instruction_text(turns))
     cache_skills(ws, questions)
@@ -89,14 +103,14 @@ def test_every_benchmark_gets_exactly_the_budget(world, capsys):
                ("bench_counting", "bench_spatial", "bench_space", "bench_snow")]  # fmt: skip
     args = [a for b in benches for a in ("--benchmark", str(b))]
     assert target(ws, *args, "--budget", "0.25", "--name", "all", "--depth", "150") == 0
-    pool_ids = set(read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist())
-    out = ws / "selections" / "all"
+    in_pool = set(pool_ids(ws))
+    out = selection_dir(ws, "all")
     summary = json.loads((out / "summary.json").read_text())
     assert [b["benchmark"] for b in summary["benchmarks"]] == [b.stem for b in benches]
     for b in benches:
         d = out / b.stem
         ids = (d / "ids.txt").read_text().split()
-        assert len(ids) == len(set(ids)) == 50 and set(ids) <= pool_ids
+        assert len(ids) == len(set(ids)) == 50 and set(ids) <= in_pool
         selected = json.loads((d / "selected.json").read_text())
         assert [r["id"] for r in selected] == ids
         assert all(r["conversations"] for r in selected)
@@ -122,7 +136,7 @@ def test_hybrid_mode_bad_records_and_clusters(world):
     ws, files = world
     assert main(["cluster", "--workspace", str(ws), "--name", "c", "--spaces", "clip",
                  "--k", "4"]) == 0  # fmt: skip
-    good = pq.read_table(ws / "benchmarks" / "bench_snow.parquet").slice(0, 12).to_pylist()
+    good = pq.read_table(world_of(ws).benchmark("bench_snow")).slice(0, 12).to_pylist()
     lines = [json.dumps({"id": r["id"], "question": r["conversations"][0]["value"],
                          "image": "data:image/png;base64," + __import__("base64").b64encode(
                              r["image"]).decode()}) for r in good]  # fmt: skip
@@ -138,14 +152,14 @@ def test_hybrid_mode_bad_records_and_clusters(world):
     jsonl.write_text("\n".join(lines) + "\n")
     assert target(ws, "--benchmark", str(jsonl), "--budget", "33", "--name", "mix",
                   "--mode", "split", "--quota", "2") == 0  # fmt: skip
-    report = json.loads((ws / "selections" / "mix" / "report.json").read_text())
+    report = json.loads((selection_dir(ws, "mix") / "report.json").read_text())
     assert report["mode"] == "split" and report["selected"] == 33 and report["usable"] == 12
     assert report["rejected_by_reason"] == {
         "image_not_found": 1, "image_unreadable": 1, "malformed_json": 1,
         "missing_image": 1, "missing_question": 1,
     }  # fmt: skip
     assert report["clusters"]["c"]["rows_with_cluster"] == 33
-    rejects = json.loads((ws / "selections" / "mix" / "rejects.json").read_text())
+    rejects = json.loads((selection_dir(ws, "mix") / "rejects.json").read_text())
     assert {r["id"] for r in rejects} >= {"no-image", "no-question", "missing-file", "broken"}
 
 
@@ -162,7 +176,7 @@ def test_uncached_questions_are_described_by_the_skills_backend(world, tmp_path)
     bench = bench_file(ws, "bench_counting", 8, files)
     args = ["--benchmark", str(bench), "--budget", "10", "--mode", "skill", "--depth", "50"]
     assert target(ws, *args, "--name", "llm") == 0
-    report = json.loads((ws / "selections" / "llm" / "report.json").read_text())
+    report = json.loads((selection_dir(ws, "llm") / "report.json").read_text())
     writer = report["skills"]
     assert writer["backend"] == "transformers" and writer["model"] == tiny
     assert writer["cached"] == 0 and writer["generated"] == writer["unique_questions"] > 0
@@ -170,7 +184,7 @@ def test_uncached_questions_are_described_by_the_skills_backend(world, tmp_path)
     assert report["rejected_by_reason"].get("skill_description_failed", 0) == writer["failed"]
     assert report["selected"] == 10
     assert target(ws, *args, "--name", "llm-again") == 0
-    again = json.loads((ws / "selections" / "llm-again" / "report.json").read_text())
+    again = json.loads((selection_dir(ws, "llm-again") / "report.json").read_text())
     assert again["skills"]["generated"] == writer["failed"]  # only failures are asked again
 
 
@@ -197,6 +211,7 @@ def test_bad_input_is_refused_with_the_fix(world, tmp_path, capsys):
     assert "not found" in refused("--benchmark", str(tmp_path / "nope.json"), "--name", "bad",
                                   "--budget", "5")  # fmt: skip
     assert not (ws / "selections" / "bad").exists()
+    assert Selection.find(Workspace.open(str(ws)), "bad") is None
     # A space without its index, then without its vectors: the stage to run is named.
     moved = tmp_path / "index-skill"
     shutil.move(ws / "index" / "skill", moved)

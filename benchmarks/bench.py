@@ -28,7 +28,6 @@ Raises:
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import shutil
@@ -102,26 +101,20 @@ class BenchConfig(BaseModel):
 CONFIG = BenchConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", help="comma-separated pool sizes, e.g. 10000,100000")
-    parser.add_argument("--stages", help=f"comma-separated, of {','.join(ALL_STAGES)}")
-    parser.add_argument("--keep", action="store_true", default=None)
+def reads(cfg: BenchConfig) -> list:
+    return []  # it makes its own worlds, one workspace per size
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    out: dict = {}
-    if args.sizes:
-        try:
-            out["sizes"] = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
-        except ValueError:
-            raise InputError(
-                f"--sizes takes comma-separated row counts (10000,100000), got {args.sizes!r}"
-            ) from None
-    if args.stages:
-        out["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if args.keep is not None:
-        out["keep"] = args.keep
-    return out
+def writes(cfg: BenchConfig) -> list:
+    return []
+
+
+def resources(cfg: BenchConfig) -> dict:
+    return {}
+
+
+
+
 
 
 def main(cfg: BenchConfig, ws: Workspace) -> dict:
