@@ -1,4 +1,4 @@
-"""The layer rules of DESIGN.md: engine never imports Ray; the direction is jobs -> actors -> engine."""
+"""The layer rules (docs/design.md): engine never imports Ray; the direction is jobs -> actors -> engine."""
 
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ import math
 import pytest
 import yaml
 
+from benchmarks.bench import BenchConfig
 from benchmarks.suite import Figure
 from benchmarks.suite_report import growth, seconds_for_n
 from engine.workspace import Workspace
-from jobs.bench import BenchConfig
 from jobs.cli import main
 
 FAST_STAGES = "world,ingest,embed,cluster,retrieval,coordinator"
@@ -91,8 +91,8 @@ def test_config_refuses_tiny_sizes_and_unknown_stages():
 def test_remote_workspace_is_refused(tmp_path):
     import pyarrow.fs as pafs
 
+    from benchmarks.bench import main as bench_main
     from engine.errors import InputError
-    from jobs.bench import main as bench_main
 
     remote = Workspace(uri="s3://bucket/bench", fs=pafs.LocalFileSystem(), root=str(tmp_path))
     with pytest.raises(InputError, match="local or mounted workspace path"):
