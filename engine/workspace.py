@@ -133,6 +133,10 @@ class Workspace:
         return cls(uri=uri, fs=fs, root=root.rstrip("/"))
 
     def path(self, *parts: str) -> str:
+        """``parts`` under the root; a first part that is already a path of this
+        workspace (as attempts and artifacts hand out) is taken as it is."""
+        if parts and (parts[0] == self.root or parts[0].startswith(self.root + "/")):
+            return str(PurePosixPath(*parts))
         return str(PurePosixPath(self.root, *parts))
 
     def uri_of(self, path: str) -> str:

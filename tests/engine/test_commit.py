@@ -83,6 +83,8 @@ def test_commit_publishes_the_attempt_and_names_every_file(ws):
     assert all(size > 0 for size in opened.manifest.files.values())
     assert opened.files(suffix=".parquet") == [opened.path("part-0.parquet")]
     assert opened.read_table().column("x").to_pylist() == [0, 1, 2, 3, 4]
+    # a path an artifact hands out is taken as it is by the workspace (S3 roots have no '/')
+    assert ws.list_files(opened.path("sub")) == [opened.path("sub", "note.json")]
     # the same inputs and config again: current, nothing written
     again, _ = _write(ws, "a", 99)
     assert again.action == "current" and Thing.open(ws, "a").meta.rows == 5
