@@ -19,6 +19,7 @@ from engine.errors import InputError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
+
 def load_yaml_file(path: str | Path, sections: Iterable[str] | None = None) -> dict[str, Any]:
     """Read a YAML mapping of stage sections (refusing any not in ``sections``, when
     given); refuse anything else with the reason."""

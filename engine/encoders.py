@@ -10,7 +10,7 @@
 
 ``weights: random`` builds the same architecture with seeded random weights: only
 when the config says so, and ``EncoderInfo.weights`` says it so that summaries and
-``meta.json`` can. Every encoder returns L2-normalised float32 vectors.
+the artifact's meta can. Every encoder returns L2-normalised float32 vectors.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class EncoderSpec(BaseModel):
     weights: Literal["pretrained", "random"] = Field(
         "pretrained",
         description="'random' builds the same architecture with seeded random weights (for "
-        "machines with no weights); summaries and meta.json say so.",
+        "machines with no weights); summaries and the space's meta say so.",
     )
     architecture: dict[str, Any] | None = Field(
         None,

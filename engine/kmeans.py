@@ -119,7 +119,7 @@ def train_spherical(
     start = time.perf_counter()
     best, runs = None, []
     # nredo by hand, not faiss's: faiss concatenates every run's statistics into one list,
-    # and meta.json should show the objective curve of the fit that was kept.
+    # and the meta should show the objective curve of the fit that was kept.
     for run in range(nredo):
         kmeans = faiss.Kmeans(
             d,
@@ -196,7 +196,7 @@ def describe_assignments(
     min_cluster_size: int,
     policy: str,
 ) -> dict:
-    """Counts of the finished clustering at ``out_dir`` for its meta.json: rows assigned
+    """Counts of the finished clustering at ``out_dir`` for its meta: rows assigned
     and excluded, sizes (int64 (k,)) and their spread, mean similarity to the centroid,
     empty and ``small`` clusters (int (m,)) under ``policy``."""
     excluded_dir = out_dir.removeprefix(ws.root + "/") + "/excluded"

@@ -20,8 +20,6 @@ from engine.workspace import Workspace, read_parquet_dir, write_table_atomic
 CACHE_DIR = ("cache", "skills")
 
 
-
-
 def read_cache(ws: Workspace, keys: set[str] | None = None) -> pa.Table:
     """Cached successes (``CACHE_SCHEMA``), one row per key, optionally only ``keys``."""
     if not ws.list_files(*CACHE_DIR, suffix=".parquet"):

@@ -264,7 +264,7 @@ def _quiet_delete(fs: pafs.FileSystem, path: str) -> None:
 def read_parquet_dir(
     path: str, fs: pafs.FileSystem | None = None, columns: list[str] | None = None
 ) -> pa.Table:
-    """All ``*.parquet`` files directly under ``path`` as one table (``meta.json`` beside them is skipped)."""
+    """All ``*.parquet`` files directly under ``path`` as one table (other files beside them skipped)."""
     fs = fs or pafs.LocalFileSystem()
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     files = sorted(

@@ -11,8 +11,8 @@ What it does:
        frozen, then the language model and projector on captions that list each scene's
        objects in a random order (a world of another seed than the pool's: the base never
        sees pool, test or benchmark data);
-    4. writes ``model/`` (safetensors), ``tokenizer/`` and ``meta.json`` (config,
-       fingerprint, accuracies, times), staged and moved into place when complete;
+    4. commits ``model/`` (safetensors) and ``tokenizer/`` with their meta (config,
+       fingerprint, accuracies, times) as ``<ws>/models/<name>`` (engine.commit);
     5. prints the tower's per-attribute patch accuracy, the caption loss, time and path.
 
 Raises:

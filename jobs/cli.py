@@ -132,7 +132,13 @@ def _chosen_stage(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.runtime import configure_logging, quiet_ray_data_console, set_address
+    from jobs.runtime import (
+        check_workspace_shared,
+        configure_logging,
+        connect,
+        quiet_ray_data_console,
+        set_address,
+    )
 
     install_warning_filters()  # before the stages import their libraries
     quiet_ray_data_console()
@@ -144,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         ws = Workspace.open(args.workspace or module.DEFAULT_WORKSPACE)
         cfg = resolve_config(module, args, ws)
         set_address(args.address, worker_logs=args.worker_logs)
+        if STAGES[args.stage].needs_workspace and (args.address or os.environ.get("RAY_ADDRESS")):
+            connect()  # a cluster: every node must see a local workspace path
+            check_workspace_shared(ws)
         module.main(cfg, ws)
     except InputError as err:
         print(f"vlselect {args.stage}: error: {err}", file=sys.stderr)

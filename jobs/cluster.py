@@ -141,7 +141,7 @@ class ClusterConfig(BaseModel):
     on_bad_rows: Literal["error", "exclude"] = Field(
         "error",
         description="Rows missing from a space or with NaN/inf/zero vectors: refuse the run, "
-        "or leave them out (counted in meta.json, listed in excluded/).",
+        "or leave them out (counted in the meta, listed in excluded/).",
     )
     min_cluster_size: int = Field(
         1, ge=1, description="Clusters with fewer rows than this are 'small' (empty included)."
@@ -269,7 +269,7 @@ def _figures(done: Clustering) -> dict:
 
 
 def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir: str) -> dict:
-    """The sampling pass and the fit; writes centroids.npy. Returns what meta.json records."""
+    """The sampling pass and the fit; writes centroids.npy. Returns what the meta records."""
     timer = Timer()
     rows = [pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in spaces[0].files]
     total = sum(rows)

@@ -75,7 +75,7 @@ class IndexConfig(BaseModel):
     on_bad_rows: Literal["error", "exclude"] = Field(
         "error",
         description="NaN, inf or all-zero vectors: 'error' refuses the space (exit 2), "
-        "'exclude' leaves those rows out of the index and counts them in meta.json.",
+        "'exclude' leaves those rows out of the index and counts them in the meta.",
     )
     gpu: bool = operational(
         False,

@@ -20,12 +20,13 @@ What it does:
        failed workers restart from the last checkpoint (``max_failures``), and a new job
        of the same name resumes from it;
     5. writes ``selected.json`` (LLaVA format), ``ids.txt``, plots (Δk per cluster over
-       rounds, picks per cluster, the budget curve), ``meta.json``, and prints a summary.
+       rounds, picks per cluster, the budget curve), commits the run (engine.artifacts.ProgressRun)
+       and prints a summary.
 
 Output ``<ws>/progress/<name>/``: ``rounds/round-NNNN.parquet`` (the revealed rows),
 ``rounds.jsonl``, ``coordinator/state.npz``, ``train/`` (Ray Train's checkpoints),
 ``adapter/`` (the LoRA adapter and projector), ``selected.json``, ``ids.txt``,
-``plots/*.png``, ``meta.json``.
+``plots/*.png``, in the run's attempt (an interrupted run resumes it).
 
 Raises:
     InputError: no pool, no base, no embeddings for the clustering spaces, a budget

@@ -115,6 +115,51 @@ class WorkerProgress:
         self.queue.shutdown()
 
 
+def check_workspace_shared(ws) -> None:
+    """Refuse a local workspace path that a node of a multi-node cluster cannot see.
+
+    A probe file is written here and looked for from a zero-CPU task pinned to every other
+    alive node. Object-store workspaces are reachable by construction; a one-node Ray needs
+    nothing.
+
+    Raises:
+        InputError: some node does not see the probe (named, with the fix).
+    """
+    import uuid
+
+    import pyarrow.fs as pafs
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from engine.errors import InputError
+
+    if not isinstance(ws.fs, pafs.LocalFileSystem):
+        return
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not others:
+        return
+    probe = ws.path(f".vlselect-probe-{uuid.uuid4().hex[:12]}")
+    ws.makedirs()
+    ws.write_bytes(probe, b"")
+    try:
+        look = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
+        seen = ray.get([
+            look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(probe)
+            for n in others
+        ])  # fmt: skip
+    finally:
+        ws.discard(probe)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(others, seen, strict=True) if not ok]
+    if blind:
+        raise InputError(
+            f"the workspace {ws.root} is on a disk that {len(blind)} of the cluster's "
+            f"{len(others) + 1} nodes cannot see ({', '.join(blind[:5])}): pass --workspace "
+            "an object-store URI (s3://bucket/prefix) or a path on a file system every node "
+            "mounts"
+        )
+
+
 def worker_log_dir() -> str | None:
     """Where this node's Ray workers write their logs (None before ``connect()``)."""
     if not ray.is_initialized():

@@ -49,7 +49,9 @@ class TextConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hidden_size: int = Field(128, ge=8, description="Width of the language model.")
-    num_layers: int = Field(3, ge=1, description="Decoder layers (depth helps: 3-4 learn the world, 1-2 do not).")
+    num_layers: int = Field(
+        3, ge=1, description="Decoder layers (depth helps: 3-4 learn the world, 1-2 do not)."
+    )
     num_heads: int = Field(4, ge=1, description="Attention heads (hidden_size % heads == 0).")
     num_kv_heads: int | None = Field(None, ge=1, description="KV heads (GQA); None: num_heads.")
     intermediate_size: int = Field(512, ge=8, description="MLP width of each layer.")
@@ -171,7 +173,9 @@ class BaseTrainConfig(BaseModel):
         "(LLaVA's stage 1, over the pretrained LM), or both (no language pretraining).",
     )
     caption_scenes: int = Field(8192, ge=16, description="Scenes captioned for alignment.")
-    caption_steps: int = Field(800, ge=0, description="Caption steps (800 learn the captions at the default size).")
+    caption_steps: int = Field(
+        800, ge=0, description="Caption steps (800 learn the captions at the default size)."
+    )
     caption_batch: int = Field(32, ge=1, description="Captions per step.")
     caption_lr: float = Field(2e-3, gt=0, description="AdamW lr of LM and projector.")
     eval_scenes: int = Field(256, ge=1, description="Held-out scenes for the measured accuracies.")

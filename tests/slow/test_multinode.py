@@ -76,3 +76,13 @@ def test_shards_spread_over_nodes_and_survive_a_lost_node(cluster, tmp_path):
     ids_expected = np.array([f"text-{i:06d}" for i in range(N)], dtype=object)[expected_rows]
     assert (ids == ids_expected).mean() > 0.999  # near-ties aside, every answer unchanged
     assert ray.is_initialized()
+
+
+def test_a_local_workspace_is_checked_from_every_node(cluster, tmp_path):
+    """Four nodes on one machine share its disk: the check passes and leaves nothing behind
+    (a node of another machine that does not mount the path is refused, naming the fix)."""
+    from jobs.runtime import check_workspace_shared
+
+    ws = Workspace.open(str(tmp_path / "ws"))
+    check_workspace_shared(ws)
+    assert list((tmp_path / "ws").iterdir()) == []
