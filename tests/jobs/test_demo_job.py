@@ -23,6 +23,25 @@ def demo_ws(ray_session, tmp_path_factory):
     return ws
 
 
+def test_the_demo_is_a_run_and_a_second_one_recomputes_nothing(demo_ws, capsys):
+    """The demo runs jobs/pipeline-demo.yaml through ``vlselect run``: its steps in order,
+    and on the same workspace every one of them is current."""
+    from engine.artifacts import Clustering, Index, Pool
+    from engine.workspace import Workspace
+
+    ws = Workspace.open(str(demo_ws))
+    before = [Pool.open(ws).manifest, Clustering.open(ws, "progress").manifest,
+              Index.open(ws, "clip").manifest]  # fmt: skip
+    config = demo_ws.parent / "demo.yaml"
+    assert main(["demo", "--workspace", str(demo_ws), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    steps = re.findall(r"^run: step \d+/\d+: (\S+)", out, re.M)
+    assert steps == ["world", "ingest", "embed(clip,dino,text)", "cluster(progress)", "index(clip)"]
+    assert out.count("current, nothing recomputed") >= 3  # world, ingest, cluster
+    assert [Pool.open(ws).manifest, Clustering.open(ws, "progress").manifest,
+            Index.open(ws, "clip").manifest] == before  # fmt: skip
+
+
 def test_report_shows_the_clusters(demo_ws):
     page = (demo_ws / "report" / "index.html").read_text()
     pngs = [base64.b64decode(s) for s in re.findall(r"base64,([^\"]+)\"", page)]
