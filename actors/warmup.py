@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.features import shard_features
-from engine.warmup import cluster_order
+from engine.warmup import cluster_order, cluster_rng
 from engine.workspace import Workspace
 
 
@@ -57,7 +57,7 @@ def order_cluster(
 ) -> pd.DataFrame:
     """One warm-up cluster: its size, density and ids in the order they are taken."""
     cluster = int(group["cluster"][0])
-    rng = np.random.default_rng([seed, cluster])
+    rng = cluster_rng(seed, cluster)
     # Ray Data hands a group's rows in no set order: sort by id so the result is seeded.
     order_by_id = np.argsort(group["id"].astype(str), kind="stable")
     ids = group["id"][order_by_id]

@@ -153,6 +153,12 @@ def cluster_order(
     return float(kernel.mean()), order.astype(np.int64)
 
 
+def cluster_rng(seed: int, cluster: int) -> np.random.Generator:
+    """The seeded stream of one warm-up cluster: the job draws it per cluster in parallel
+    tasks, and :func:`select_warmup` the same, so both take the same rows."""
+    return np.random.default_rng([seed, cluster])
+
+
 def select_warmup(
     features: np.ndarray,
     labels: np.ndarray,
@@ -168,13 +174,13 @@ def select_warmup(
     features: float32 (n, d) unit rows; labels: int (n,) cluster in [0, K); centroids:
     float32 (K, d). The job runs the same steps cluster by cluster over the workspace.
     """
-    rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     k = centroids.shape[0]
     sizes = np.bincount(labels, minlength=k)
     members = [np.flatnonzero(labels == c) for c in range(k)]
     density, orders = np.zeros(k), []
     for c in range(k):
+        rng = cluster_rng(seed, c)
         density[c], order = cluster_order(features[members[c]], total, sigma, max_kernel_rows, rng)
         orders.append(order)
     quotas = cluster_quotas(warmup_scores(centroids, density), sizes, total, temperature)

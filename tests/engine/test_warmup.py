@@ -9,6 +9,7 @@ from engine.vectors import l2_normalize
 from engine.warmup import (
     cluster_order,
     cluster_quotas,
+    cluster_rng,
     gaussian_kernel,
     mmd_prototypes,
     select_warmup,
@@ -96,3 +97,20 @@ def test_warmup_selects_exactly_the_budget_without_duplicates():
     assert (picks >= 0).all() and (picks < 600).all()
     assert (select_warmup(x, labels, centroids, total=54, seed=0) == picks).all()  # seeded
     assert select_warmup(x, labels, centroids, total=10_000).size == 600
+
+
+def test_the_in_memory_warmup_takes_what_the_job_s_per_cluster_tasks_take():
+    """select_warmup (tested here) and actors.warmup.order_cluster (what the job runs, one
+    task per cluster) draw each cluster from the same seeded stream: the same order."""
+    from actors.warmup import order_cluster
+
+    x, labels = clustered_labelled(600, 16, 6, seed=7)
+    ids = np.array([f"r{i:04d}" for i in range(600)], dtype=object)  # id order = row order
+    for c in range(6):
+        members = np.flatnonzero(labels == c)
+        # a cluster above max_kernel_rows is subsampled: the seeded draw decides the order
+        job = order_cluster({"cluster": np.full(members.size, c), "id": ids[members],
+                             "feature": x[members]}, limit=80, sigma=1.0, max_kernel_rows=40,
+                            seed=3)  # fmt: skip
+        _, order = cluster_order(x[members], 80, 1.0, 40, cluster_rng(3, c))
+        assert job["order"][0] == [str(i) for i in ids[members][order]]
