@@ -124,7 +124,6 @@ def demo_steps(cfg: DemoConfig) -> list[dict[str, dict]]:
             continue
         if stage == "base" and cfg.base_recipe == "quick":
             section = deep_merge(QUICK_BASE, section)
-        section = deep_merge(section, cfg.stages.get(stage, {}))
         if stage == "world":
             section.update(size=cfg.size, seed=cfg.seed)
         elif stage == "cluster":
@@ -133,7 +132,8 @@ def demo_steps(cfg: DemoConfig) -> list[dict[str, dict]]:
             section.update(budget=cfg.target_budget, mode=cfg.target_mode)
         elif stage == "progress":
             section["budget"] = cfg.progress_budget
-        steps.append({stage: section})
+        # a stage's own section, given in the demo's ``stages``, has the last word
+        steps.append({stage: deep_merge(section, cfg.stages.get(stage, {}))})
     return steps
 
 

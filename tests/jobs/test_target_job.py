@@ -226,3 +226,14 @@ def test_bad_input_is_refused_with_the_fix(world, tmp_path, capsys):
         assert "vlselect skills" in refused(*base, "--budget", "5")
     finally:
         shutil.move(moved, ws / "embeddings" / "skill")
+
+
+def test_from_world_selects_for_every_held_out_benchmark(world):
+    """``from_world`` (the demo's target step): every held-out set of the workspace's world,
+    its in-distribution test split excepted, read from inside the world artifact."""
+    ws, _ = world
+    assert target(ws, "--from-world", "--budget", "10", "--name", "fw", "--depth", "40") == 0
+    summary = json.loads((selection_dir(ws, "fw") / "summary.json").read_text())
+    names = sorted(b["benchmark"] for b in summary["benchmarks"])
+    assert names == ["bench_counting", "bench_snow", "bench_space", "bench_spatial"]
+    assert all(b["selected"] == 10 for b in summary["benchmarks"])
