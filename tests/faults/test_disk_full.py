@@ -19,7 +19,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from engine.workspace import read_parquet_dir
+from engine.artifacts import EmbeddingSpace, Pool
+from engine.commit import ATTEMPTS
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.faults.chaos import wait_for
 from tests.world_workspace import world_workspace
@@ -61,6 +63,13 @@ def files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
 
+def summary(out: str) -> dict:
+    """The figures of the only space of the last embed run (its ``vlselect-summary`` line)."""
+    line = [x for x in out.splitlines() if x.startswith("vlselect-summary ")][-1]
+    (result,) = json.loads(line.removeprefix("vlselect-summary "))["spaces"]
+    return result
+
+
 def failed_for_disk(capsys, what: str) -> None:
     err = capsys.readouterr().err
     assert what in err and "run the same command again" in err, err[-2000:]
@@ -76,18 +85,24 @@ def test_ingest_onto_a_full_disk_fails_clearly_and_leaves_no_pool(
     tmpfs.mount("size=256k")  # the pool needs more than this
     assert main(["ingest", "--workspace", str(ws)]) == 1
     failed_for_disk(capsys, "the disk is full")
-    assert not (ws / "pool").exists() and not (ws / "rejects").exists()
-    assert list(files(ws)) == ["vlselect.yaml"]  # no temporary left behind either
+    assert Pool.find(Workspace.open(str(ws))) is None  # nothing committed
+    left = files(ws)
+    # Only the uncommitted attempt, for the next run to resume; no temporary left behind.
+    assert [f for f in left if not f.startswith(f"pool/{ATTEMPTS}/")] == ["vlselect.yaml"]
+    assert not [f for f in left if any(part.startswith(".") for part in f.split("/"))]
 
     tmpfs.mount("size=64m")
     assert main(["ingest", "--workspace", str(ws)]) == 0
-    meta = json.loads((ws / "pool" / "meta.json").read_text())
-    assert meta["accepted"] + meta["rejected"] == ROWS
+    pool = Pool.open(Workspace.open(str(ws)))
+    meta = pool.meta
+    assert meta.accepted + meta.rejected == meta.records_in == ROWS
+    assert pool.read_table(["id"]).num_rows == meta.accepted
+    assert [p.name for p in (ws / "pool" / ATTEMPTS).iterdir()] == [pool.manifest.attempt]
     fault_report(
         injected="ingest onto a 256 KiB disk (ENOSPC)",
-        outcome="exit 1, one message; no pool, no temporary left; after room: "
-        f"{meta['accepted']} + {meta['rejected']} = {ROWS} rows",
-        lost=ROWS - meta["accepted"] - meta["rejected"],
+        outcome="exit 1, one message; no pool committed, no temporary left; after room: "
+        f"{meta.accepted} + {meta.rejected} = {ROWS} rows",
+        lost=ROWS - meta.accepted - meta.rejected,
     )
 
 
@@ -97,12 +112,13 @@ def test_embed_that_fills_the_disk_keeps_only_finished_shards(
     ws = world_workspace(small_world, tmpfs.path / "ws")
     assert main(["ingest", "--workspace", str(ws), "--chunk-size", "100"]) == 0
     clip = ws / "embeddings" / "clip"
+    shards = f"{ATTEMPTS}/*/part-*.parquet"  # the run's finished shards, in its attempt
     args = ["embed", "--workspace", str(ws), "--spaces", "clip"]
     ballast = tmpfs.path / "ballast"
 
     def fill_the_disk():
         # Once the first shard is finished, take every byte left: the run is mid-way.
-        wait_for(lambda: list(clip.glob("part-*.parquet")), 300, "the first finished shard")
+        wait_for(lambda: list(clip.glob(shards)), 300, "the first finished shard")
         with contextlib.suppress(OSError), open(ballast, "wb") as f:
             f.write(b"\0" * tmpfs.free())
             f.write(b"\0" * 2**20)  # what the free count did not show (tmpfs pages)
@@ -112,26 +128,30 @@ def test_embed_that_fills_the_disk_keeps_only_finished_shards(
     assert main(args) == 1
     filler.join(timeout=60)
     failed_for_disk(capsys, "the disk is full")
-    meta = json.loads((clip / "meta.json").read_text())
-    assert meta["status"] != "complete"
-    finished = sorted(clip.glob("part-*.parquet"))
+    workspace = Workspace.open(str(ws))
+    assert EmbeddingSpace.find(workspace, "clip") is None  # nothing committed
+    finished = sorted(clip.glob(shards))
     assert 0 < len(finished) < 20, "the disk must fill between the first and the last shard"
+    pool_artifact = Pool.open(workspace)
     for shard in finished:  # what looks finished is finished: the whole input shard
-        pool_shard = ws / "pool" / shard.name
+        pool_shard = pool_artifact.path(shard.name)
         ids = pq.read_table(shard, columns=["id"]).column("id").to_pylist()
         assert ids == pq.read_table(pool_shard, columns=["id"]).column("id").to_pylist()
 
     ballast.unlink()
     assert main(args) == 0
-    meta = json.loads((clip / "meta.json").read_text())
-    assert meta["status"] == "complete" and meta["resumed"] == 100 * len(finished)
-    ids = read_parquet_dir(str(clip), columns=["id"]).column("id").to_pylist()
-    pool = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    result = summary(capsys.readouterr().out)
+    assert result["resumed"] == 100 * len(finished)
+    assert result["embedded"] + result["resumed"] == ROWS
+    space = EmbeddingSpace.open(workspace, "clip")
+    assert space.dir == str(finished[0].parent)  # the interrupted attempt, finished
+    ids = space.read_table(["id"]).column("id").to_pylist()
+    pool = pool_artifact.read_table(["id"]).column("id").to_pylist()
     assert ids == pool
     fault_report(
         injected="embed fills the disk mid-run (ENOSPC)",
         outcome=f"exit 1, one message; {len(finished)} whole shards kept, none partial; after "
-        f"room: resumed {meta['resumed']}, embedded {meta['embedded']}, {len(ids)} ids once",
+        f"room: resumed {result['resumed']}, embedded {result['embedded']}, {len(ids)} ids once",
         lost=len(set(pool) - set(ids)),
     )
 
@@ -149,10 +169,10 @@ def test_a_read_only_workspace_fails_clearly_and_changes_nothing(
 
     tmpfs.mount("rw")
     assert main(["embed", "--workspace", str(ws), "--spaces", "clip"]) == 0
-    meta = json.loads((ws / "embeddings" / "clip" / "meta.json").read_text())
-    assert meta["status"] == "complete" and meta["vectors"] == ROWS
+    space = EmbeddingSpace.open(Workspace.open(str(ws)), "clip")
+    assert space.meta.vectors == ROWS == space.read_table(["id"]).num_rows
     fault_report(
         injected="embed into a read-only workspace (EROFS)",
         outcome=f"exit 1, one message, {len(before)} files unchanged; after rw: {ROWS} vectors",
-        lost=ROWS - meta["vectors"],
+        lost=ROWS - space.meta.vectors,
     )

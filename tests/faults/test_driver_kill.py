@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.workspace import read_parquet_dir
+from engine.artifacts import EmbeddingSpace, Pool, Skills
+from engine.commit import ATTEMPTS
+from engine.workspace import Workspace
 from tests.fake_openai import FakeOpenAIProcess
 from tests.faults.chaos import wait_for
 from tests.slow.test_job_submit import stop_cluster
@@ -36,9 +38,9 @@ def stage_process(stage: str, ws: Path, temp_dir: str, *args: str) -> subprocess
 
 def kill_then_rerun(
     stage: str, ws: Path, args: list[str], started, between=lambda: None, *, timeout_s=300
-) -> None:
+) -> str:
     """Run ``stage``, SIGKILL its process group once ``started()`` holds, call ``between()``
-    once that Ray is stopped too, then run the stage again to its end."""
+    once that Ray is stopped too, then run the stage again to its end; its output."""
     temp_dir = tempfile.mkdtemp(prefix=f"ray-kill-{stage}-", dir="/tmp")
     try:
         proc = stage_process(stage, ws, temp_dir, *args)
@@ -55,6 +57,7 @@ def kill_then_rerun(
         proc = stage_process(stage, ws, temp_dir, *args)
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out.decode()[-3000:]
+        return out.decode()
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -76,7 +79,12 @@ def settled(server: FakeOpenAIProcess, quiet_s: float = 2.0) -> list[str]:
 
 
 def pool_ids(ws: Path) -> list[str]:
-    return read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    return Pool.open(Workspace.open(str(ws))).read_table(["id"]).column("id").to_pylist()
+
+
+def summary(out: str) -> dict:
+    line = [x for x in out.splitlines() if x.startswith("vlselect-summary ")][-1]
+    return json.loads(line.removeprefix("vlselect-summary "))
 
 
 def test_killed_embed_resumes_without_duplicates(small_world, tmp_path, fault_report):
@@ -86,14 +94,18 @@ def test_killed_embed_resumes_without_duplicates(small_world, tmp_path, fault_re
     finished = []
 
     def three_shards_done():
-        finished[:] = list(clip.glob("part-*.parquet"))
+        # the killed run's finished shards, in its uncommitted attempt
+        finished[:] = list(clip.glob(f"{ATTEMPTS}/*/part-*.parquet"))
         return len(finished) >= 3
 
-    kill_then_rerun("embed", ws, args, three_shards_done)
+    out = kill_then_rerun("embed", ws, args, three_shards_done)
     assert 3 <= len(finished) < 20, "the kill came too late to interrupt anything"
-    meta = json.loads((clip / "meta.json").read_text())
+    (meta,) = summary(out)["spaces"]
     assert meta["resumed"] >= len(finished) * 100 and meta["embedded"] + meta["resumed"] == 2000
-    ids = read_parquet_dir(str(clip), columns=["id"]).column("id").to_pylist()
+    space = EmbeddingSpace.open(Workspace.open(str(ws)), "clip")
+    assert space.dir == str(finished[0].parent)  # the killed run's attempt, resumed
+    assert space.meta.vectors == 2000
+    ids = space.read_table(["id"]).column("id").to_pylist()
     assert ids == pool_ids(ws)  # every pool id once, none twice, in pool order
     fault_report(
         injected=f"SIGKILL of the embed driver and its Ray ({len(finished)} of 20 shards done)",
@@ -111,6 +123,12 @@ def test_killed_skills_keeps_its_cached_answers_and_asks_each_question_once(
     cache = ws / "cache" / "skills"
     log = tmp_path / "served.jsonl"
     killed_run = []
+    left = []
+
+    def after_the_kill(server):
+        killed_run.extend(settled(server))
+        left.extend(p.name for p in (ws / "skills" / ATTEMPTS).iterdir())
+
     with FakeOpenAIProcess(str(log), delay_s=0.05) as server:
         args = ["--backend", "openai", "--base-url", server.base_url, "--model", "fake-smol"]
         args += ["--set", "embed=false", "--set", "cache_flush_rows=16"]
@@ -120,10 +138,12 @@ def test_killed_skills_keeps_its_cached_answers_and_asks_each_question_once(
             ws,
             args,
             started=lambda: len(list(cache.glob("*.parquet"))) >= 2,
-            between=lambda: killed_run.extend(settled(server)),
+            between=lambda: after_the_kill(server),
         )
         rerun = server.served()[len(killed_run) :]
-    meta = json.loads((ws / "skills" / "meta.json").read_text())
+    found = Skills.open(Workspace.open(str(ws)))
+    assert left == [found.manifest.attempt]  # the killed run's attempt, resumed
+    meta = found.meta.summary
     assert meta["failed"] == 0 and meta["ok"] == meta["samples"] == 2000
     assert 32 <= meta["cached"] < meta["unique_questions"], "the kill did not land mid-run"
     # The rerun asks each question the killed run left uncached exactly once, and no cached
@@ -131,7 +151,7 @@ def test_killed_skills_keeps_its_cached_answers_and_asks_each_question_once(
     assert meta["generated"] == meta["unique_questions"] - meta["cached"]
     assert len(rerun) == len(set(rerun)) == meta["generated"]
     assert len(set(killed_run) | set(rerun)) == meta["unique_questions"]
-    rows = read_parquet_dir(str(ws / "skills"), columns=["id"]).column("id").to_pylist()
+    rows = found.read_table(["id"]).column("id").to_pylist()
     assert rows == pool_ids(ws)
     fault_report(
         injected="SIGKILL of the skills driver and its Ray mid-generation",

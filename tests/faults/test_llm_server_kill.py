@@ -10,16 +10,17 @@ on loopback); the same case against vLLM serving SmolLM2 is the slow
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import pytest
 
-from engine.workspace import read_parquet_dir
+from engine.artifacts import Pool, Skills
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.fake_openai import FakeOpenAIProcess
 from tests.faults.chaos import wait_for
+from tests.world_workspace import world_source
 
 DOWN_S = 1.5
 
@@ -27,7 +28,7 @@ DOWN_S = 1.5
 @pytest.fixture(scope="module")
 def pool_ws(small_world, tmp_path_factory):
     ws = tmp_path_factory.mktemp("llm-kill") / "ws"
-    src = str(small_world / "world" / "source")
+    src = world_source(small_world)
     assert main(["ingest", "--workspace", str(ws), "--source", src]) == 0
     return ws
 
@@ -38,7 +39,7 @@ def skills(ws, server: FakeOpenAIProcess) -> dict:
     args += ["--set", "cache_flush_rows=16", "--set", "openai.concurrency=4"]
     args += ["--set", "openai.backoff_s=0.5", "--set", "max_attempts=4"]
     assert main(args) == 0
-    return json.loads((ws / "skills" / "meta.json").read_text())
+    return Skills.open(Workspace.open(str(ws))).meta.summary
 
 
 def test_server_killed_and_restarted_mid_run_loses_no_row(pool_ws, tmp_path, fault_report):
@@ -63,8 +64,9 @@ def test_server_killed_and_restarted_mid_run_loses_no_row(pool_ws, tmp_path, fau
         after_restart = first.served()
     assert events.get("restarted"), "the server was not killed and restarted during the run"
 
-    rows = read_parquet_dir(str(pool_ws / "skills")).to_pylist()
-    pool = read_parquet_dir(str(pool_ws / "pool"), columns=["id"]).column("id").to_pylist()
+    ws = Workspace.open(str(pool_ws))
+    rows = Skills.open(ws).read_table().to_pylist()
+    pool = Pool.open(ws).read_table(["id"]).column("id").to_pylist()
     assert [r["id"] for r in rows] == pool  # one row per pool id, none dropped
     assert meta["ok"] + meta["failed"] == meta["samples"] == 2000
     failed = [r for r in rows if r["status"] == "failed"]

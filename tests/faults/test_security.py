@@ -18,10 +18,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from engine.artifacts import IndexMeta, Pool, Skills
+from engine.commit import MANIFEST
 from engine.errors import InputError
 from engine.knn import IndexInfo
 from engine.target_input import read_benchmark
-from engine.workspace import read_parquet_dir
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.fake_openai import FakeOpenAI, default_rule
 
@@ -82,16 +84,16 @@ def test_ingest_rejects_every_image_path_that_leaves_the_root(image_place, ray_s
     # No decoding: the root check alone must keep /etc/hostname and the secret out.
     args = ["--workspace", str(ws), "--source", str(source), "--images", str(root)]
     assert main(["ingest", *args, "--image-check", "none"]) == 0
-    pool = read_parquet_dir(str(ws / "pool"))
+    found = Pool.open(Workspace.open(str(ws)))
+    pool = found.read_table()
     assert sorted(pool.column("id").to_pylist()) == ["good", "inside-link"]
     assert SECRET not in pool.column("image").to_pylist()
-    rejects = {r["id"]: r for r in read_parquet_dir(str(ws / "rejects")).to_pylist()}
+    rejects = {r["id"]: r for r in found.read_table(under="rejects").to_pylist()}
     assert set(rejects) == set(escapes(secret))
     for name, reject in rejects.items():
         assert reject["reason_code"] == "image_escapes_root", reject
         assert paths[name] in reject["reason"] and "outside the image root" in reject["reason"]
-    meta = json.loads((ws / "pool" / "meta.json").read_text())
-    assert meta["rejected_by_reason"] == {"image_escapes_root": len(escapes(secret))}
+    assert found.meta.rejected_by_reason == {"image_escapes_root": len(escapes(secret))}
 
 
 def test_a_benchmark_cannot_read_outside_its_image_root(image_place):
@@ -199,9 +201,14 @@ def test_a_pickled_queries_file_is_refused_without_being_unpickled(tmp_path):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "queries.npy"
     np.save(path, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    meta = IndexMeta(
+        space="text", factory="Flat", metric="ip", dim=4, vectors=10, rows=10, shards=1,
+        rows_per_shard=[10], excluded=0, excluded_per_shard=[0], seconds=0.0, config={},
+    )  # fmt: skip
     info = IndexInfo(
-        space="text", dir=str(tmp_path), dim=4, rows=10, shards=1, factory="Flat", meta={}
-    )
+        space="text", dir=str(tmp_path), dim=4, rows=10, shards=1, factory="Flat", meta=meta,
+        fingerprint="0" * 64, built_from=None,
+    )  # fmt: skip
     with pytest.raises(InputError, match=r"cannot be read as a numeric \.npy array.*np\.save"):
         load_queries(str(path), info)
     assert not marker.exists()
@@ -279,17 +286,15 @@ def test_the_api_key_reaches_the_server_and_no_file_or_log(pool_ws, tmp_path, mo
     assert code == 0, err
     # The key was sent, so its absence from everything below means something.
     assert server.auth == {f"Bearer {key}"}
-    meta = json.loads((ws / "skills" / "meta.json").read_text())
-    assert meta["config"]["openai"]["api_key_env"] == KEY_ENV and meta["failed"] == 1
-    echoed = [
-        r for r in read_parquet_dir(str(ws / "skills")).to_pylist() if r["status"] == "failed"
-    ]
+    found = Skills.open(Workspace.open(str(ws)))
+    assert found.meta.config["openai"]["api_key_env"] == KEY_ENV and found.meta.failed == 1
+    echoed = [r for r in found.read_table().to_pylist() if r["status"] == "failed"]
     assert "invalid api key ***" in echoed[0]["reason"]  # the echo was scrubbed
     assert "vlselect-summary" in out and "skills:" in err  # the capture holds the run's output
     assert key not in out and key not in err
     written = [p for p in ws.rglob("*") if p.is_file()]
     names = {p.name for p in written}
-    assert "meta.json" in names and any(n.endswith(".parquet") for n in names)
+    assert MANIFEST in names and any(n.endswith(".parquet") for n in names)
     for path in [*written, *ray_log_files()]:
         assert key.encode() not in texts_of(path), path
 
@@ -316,6 +321,7 @@ def test_a_key_put_in_the_config_is_refused_and_never_echoed(
         assert words in err and "api_key_env" in err, err
         assert key not in err
     assert not (pool_ws / "skills").exists()
+    assert not (pool_ws / "cache").exists()
 
 
 # -- Ray token authentication -------------------------------------------------------------
@@ -326,7 +332,7 @@ def test_the_readme_keeps_token_auth_on_with_names_ray_knows():
     from ray.scripts.scripts import cli
 
     text = (ROOT / "README.md").read_text()
-    section = text.split("### Running on a cluster with `ray job submit`")[1].split("\n## ")[0]
+    section = text.split("\n## Running on a cluster with `ray job submit`")[1].split("\n## ")[0]
     assert f"export {AUTH_MODE_ENV_VAR}=token" in section
     assert "ray get-auth-token --generate" in section and "get-auth-token" in cli.commands
     assert "RAY_AUTH_MODE=disabled" not in section

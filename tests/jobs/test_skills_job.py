@@ -7,27 +7,26 @@ server on loopback that answers by rules (well, garbage, refusal, 500, hang, dea
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from engine.artifacts import EmbeddingSpace, Pool, Skills
+from engine.commit import MANIFEST
 from engine.skills import PROMPT_VERSION
-from engine.workspace import read_parquet_dir
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.fake_openai import API_KEY, FakeOpenAI, default_rule
 from tests.tiny_llm import tiny_llm_dir
+from tests.world_workspace import world_source
 
 
 @pytest.fixture(scope="module")
 def pool_ws(small_world, tmp_path_factory):
     """A workspace holding the small world's ingested pool (2,000 samples, 648 questions)."""
     ws = tmp_path_factory.mktemp("skills") / "ws"
-    assert (
-        main(["ingest", "--workspace", str(ws), "--source", str(small_world / "world" / "source")])
-        == 0
-    )
+    assert main(["ingest", "--workspace", str(ws), "--source", world_source(small_world)]) == 0
     return ws
 
 
@@ -38,11 +37,19 @@ def fresh(pool_ws: Path, tmp_path: Path) -> Path:
     return ws
 
 
+def skills(ws: Path) -> Skills:
+    return Skills.open(Workspace.open(str(ws)))
+
+
 def run(ws: Path, *args: str, embed: bool = False) -> dict:
+    """Run the stage; the committed skills' figures (their meta's summary)."""
     # Embedding the skill space costs an encoder pool's start-up: one test checks it.
     rc = main(["skills", "--workspace", str(ws), "--set", f"embed={str(embed).lower()}", *args])
     assert rc == 0
-    return json.loads((ws / "skills" / "meta.json").read_text())
+    found = skills(ws)
+    figures = found.meta.summary
+    assert (found.meta.ok, found.meta.failed) == (figures["ok"], figures["failed"])
+    return found.meta.summary
 
 
 def openai_args(server: FakeOpenAI, *extra: str) -> list[str]:
@@ -53,7 +60,11 @@ def openai_args(server: FakeOpenAI, *extra: str) -> list[str]:
 
 
 def skills_rows(ws: Path) -> list[dict]:
-    return read_parquet_dir(str(ws / "skills")).to_pylist()
+    return skills(ws).read_table().to_pylist()
+
+
+def pool_ids(ws: Path) -> list[str]:
+    return Pool.open(Workspace.open(str(ws))).read_table(["id"]).column("id").to_pylist()
 
 
 def test_every_pool_id_once_and_a_rerun_regenerates_nothing(pool_ws, tmp_path, monkeypatch, capsys):
@@ -62,32 +73,45 @@ def test_every_pool_id_once_and_a_rerun_regenerates_nothing(pool_ws, tmp_path, m
     with FakeOpenAI() as server:
         args = openai_args(server, "--set", "openai.api_key_env=VLSELECT_TEST_KEY")
         meta = run(ws, *args, embed=True)
+        first = skills(ws)
         calls = sum(server.calls.values())
+        printed = capsys.readouterr().out
+        run(ws, *args)  # the same pool and config: current, nothing asked again
+        out = capsys.readouterr().out
+        printed += out
+        assert "current, nothing asked again" in out
+        assert skills(ws).manifest == first.manifest
+        # Killed before its commit: the rerun asks nothing either, every answer is cached.
+        (ws / "skills" / MANIFEST).unlink()
         again = run(ws, *args)
         assert sum(server.calls.values()) == calls  # nothing was asked twice
-    pool_ids = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()
+    ids = pool_ids(ws)
     rows = skills_rows(ws)
-    assert [r["id"] for r in rows] == pool_ids  # every id once, in pool order
+    assert [r["id"] for r in rows] == ids  # every id once, in pool order
     assert all(r["status"] == "ok" and r["reason"] is None for r in rows)
     assert rows[0]["skills"] == ["object counting", "object recognition"]
     assert rows[0]["skill_text"] == "object counting; object recognition"
-    skill_space = read_parquet_dir(str(ws / "embeddings" / "skill"))
-    assert skill_space.column("id").to_pylist() == pool_ids  # one skill vector per id
+    skill = EmbeddingSpace.open(Workspace.open(str(ws)), "skill")
+    skill_space = skill.read_table()
+    assert skill_space.column("id").to_pylist() == ids  # one skill vector per id
     assert len(skill_space.column("vector")[0]) == 384
-    skill_meta = json.loads((ws / "embeddings" / "skill" / "meta.json").read_text())
-    assert skill_meta["status"] == "complete" and skill_meta["vectors"] == 2000
+    assert skill.meta.vectors == 2000 and skill.meta.dim == 384
+    assert skill.manifest.inputs == {"skills": first.fingerprint}
     assert {r["prompt_version"] for r in rows} == {PROMPT_VERSION} and rows[0][
         "model"
     ] == "fake-smol"
     assert meta["samples"] == 2000 and meta["unique_questions"] == 648 == calls
     assert meta["generated"] == 648 and meta["cached"] == 0 and meta["ok"] == 2000
     assert again["generated"] == 0 and again["cached"] == 648 and again["ok"] == 2000
-    assert meta["pool_fingerprint"]["rows"] == 2000
+    assert first.manifest.inputs == {"pool": Pool.open(first.ws).fingerprint}
+    assert first.meta.samples == 2000 and first.meta.prompt_version == PROMPT_VERSION
     # The key went to the server, and nowhere else.
     assert server.auth == {f"Bearer {API_KEY}"}
-    assert API_KEY not in capsys.readouterr().out
-    assert API_KEY not in (ws / "skills" / "meta.json").read_text()
-    assert meta["config"]["openai"]["api_key_env"] == "VLSELECT_TEST_KEY"
+    printed += capsys.readouterr().out
+    assert "vlselect-summary" in printed  # the capture holds every run's output
+    assert API_KEY not in printed
+    assert API_KEY not in (ws / "skills" / MANIFEST).read_text()
+    assert skills(ws).meta.config["openai"]["api_key_env"] == "VLSELECT_TEST_KEY"
 
 
 def failing_rule(question, n):
@@ -194,3 +218,4 @@ def test_bad_input_exits_2_and_writes_nothing(pool_ws, tmp_path, capsys, monkeyp
     assert "$VLSELECT_NO_SUCH_KEY" in capsys.readouterr().err
     assert main(["skills", "--workspace", str(ws), "--set", "bogus=1"]) == 2
     assert not (ws / "skills").exists() and not (ws / "cache").exists()
+    assert Skills.find(Workspace.open(str(ws))) is None
