@@ -245,6 +245,7 @@ def begin(
     inputs: Mapping[str, str] | None = None,
     config: BaseModel | None = None,
     overwrite: bool = False,
+    refuse_change: str | None = None,
     **extra: Any,
 ) -> Begin:
     """Decide how a run of ``kind`` writes the artifact folder ``artifact``.
@@ -257,12 +258,20 @@ def begin(
     - ``resume``: an uncommitted attempt has it; its finished parts are kept.
     - ``start``: a new attempt; uncommitted attempts of other fingerprints are deleted,
       the committed artifact stays readable until this one commits.
+
+    Raises:
+        InputError: ``refuse_change`` (its ``{old}`` and ``{new}`` the fingerprints' heads)
+            when a committed artifact of another fingerprint is there and ``overwrite`` is
+            not given; nothing is written then.
     """
     inputs = dict(inputs or {})
     made_of = fingerprint(inputs=inputs, config=config, **extra)
     manifest = read_manifest(ws, artifact)
     if manifest is not None and manifest.fingerprint == made_of and not overwrite:
         return Begin("current", manifest, None)
+    if manifest is not None and refuse_change is not None and not overwrite:
+        message = refuse_change.replace("{old}", manifest.fingerprint[:16])
+        raise InputError(message.replace("{new}", made_of[:16]))
     committed = manifest.attempt if manifest is not None else None
     for aid in reversed(attempt_ids(ws, artifact)):  # newest first
         if aid == committed:

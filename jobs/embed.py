@@ -330,6 +330,7 @@ def embed_space(
         )
     if len(finished_shards(ws.fs, out_dir) & set(expected)) != len(expected):
         raise RuntimeError(f"{space}: not every shard finished; run again to resume")
+    attempt.remove(PARTS_DIR)  # every shard finished: its parts are gone, and so is the folder
     vectors = sum(expected.values())
     meta = SpaceMeta(
         space=space,

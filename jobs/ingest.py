@@ -168,20 +168,22 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
         )
     if images and "://" not in images and not os.path.isdir(images):
         raise InputError(f"image root not found: {images} (pass --images DIR)")
-    plan = Pool.begin(ws, source=source_fingerprint(source), config=cfg, overwrite=cfg.overwrite)
+    policy_args = {"root": images, "check": cfg.image_check, "inline": cfg.inline_images}
+    ImagePolicy(**policy_args)  # an unusable image root URI is refused here, not in every task
+    plan = Pool.begin(
+        ws,
+        source=source_fingerprint(source),
+        config=cfg,
+        overwrite=cfg.overwrite,
+        refuse_change=f"{Pool.folder(ws)} already holds a pool of another source or config: "
+        "pass --overwrite to replace it, or use another --workspace",
+    )
     if plan.action == "current":
         pool = Pool.committed(ws, None, plan.manifest)
         _print(pool, reused=True, examples=[])
         return _summary(pool)
-    if plan.manifest is not None and not cfg.overwrite:
-        raise InputError(
-            f"{Pool.folder(ws)} already holds a pool of another source or config: pass "
-            "--overwrite to replace it, or use another --workspace"
-        )
     attempt = plan.attempt
     source_name = cfg.source_name or source.name
-    policy_args = {"root": images, "check": cfg.image_check, "inline": cfg.inline_images}
-    ImagePolicy(**policy_args)  # an unusable image root URI is refused here, not in every task
     connect()
     max_in_flight = cfg.max_in_flight or 2 * cluster_cpus()
     task = _normalize_and_write.options(**ray_options(cfg.resources))
@@ -198,16 +200,23 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
             yield item
 
     chunks = enumerate(chunked(marked(), cfg.chunk_size))
-    with tqdm(total=count_records(source, fmt), unit="rec", desc="ingest", mininterval=1.0) as bar:
-        for result in bounded_submit(
-            lambda ic: task.remote(ic[1], ic[0], source_name, policy_args, attempt.dir, ws.fs),
-            chunks,
-            max_in_flight,
-        ):
-            totals.update({k: result[k] for k in ("records", "accepted", "rejected")})
-            reasons.update(result["reasons"])
-            examples.extend(result["examples"][: max(0, 20 - len(examples))])
-            bar.update(result["records"])
+    try:
+        with tqdm(
+            total=count_records(source, fmt), unit="rec", desc="ingest", mininterval=1.0
+        ) as bar:
+            for result in bounded_submit(
+                lambda ic: task.remote(ic[1], ic[0], source_name, policy_args, attempt.dir, ws.fs),
+                chunks,
+                max_in_flight,
+            ):
+                totals.update({k: result[k] for k in ("records", "accepted", "rejected")})
+                reasons.update(result["reasons"])
+                examples.extend(result["examples"][: max(0, 20 - len(examples))])
+                bar.update(result["records"])
+    except InputError:
+        # the source is broken as a whole (found while streaming it): nothing is kept
+        ws.discard(attempt.dir)
+        raise
     # Three independent counts must agree: records the driver read, rows the tasks
     # reported, rows in the files on disk (from their footers).
     on_disk = ws.parquet_rows(attempt.dir) + ws.parquet_rows(attempt.path(REJECTS))

@@ -161,15 +161,18 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     actor_name = f"vlselect-progress-{cfg.name}"
     if cfg.overwrite:
         _stop_actor(actor_name)
-    plan = ProgressRun.begin(ws, cfg.name, inputs=inputs, config=cfg, overwrite=cfg.overwrite)
+    plan = ProgressRun.begin(
+        ws,
+        cfg.name,
+        inputs=inputs,
+        config=cfg,
+        overwrite=cfg.overwrite,
+        refuse_change=f"{ProgressRun.folder(ws, cfg.name)} holds a run of another config or "
+        "inputs: pass --overwrite to replace it or choose another --name",
+    )
     if plan.action == "current":
         _print(committed.meta.summary, committed.dir)
         return committed.meta.summary
-    if committed is not None and not cfg.overwrite:
-        raise InputError(
-            f"{ProgressRun.folder(ws, cfg.name)} holds a run of another config or inputs: pass "
-            "--overwrite to replace it or choose another --name"
-        )
     attempt = plan.attempt
     run_dir = attempt.dir
     settings = ProgressSettings(

@@ -312,17 +312,15 @@ def main(cfg: TargetConfig, ws: Workspace) -> dict:
     timer = Timer()
     plan = check_inputs(cfg, ws)
     how = {"inputs": plan.inputs, "config": cfg, "benchmarks": plan.digests}
-    begun = Selection.begin(ws, cfg.name, **how)
-    if begun.action == "current" and not cfg.overwrite:
+    refuse = (f"selection {cfg.name!r} exists ({Selection.folder(ws, cfg.name)}) from other "
+              "inputs or config: pass --overwrite to replace it, or choose another --name")  # fmt: skip
+    begun = Selection.begin(ws, cfg.name, overwrite=cfg.overwrite, refuse_change=refuse, **how)
+    if begun.action == "current":
         done = Selection.committed(ws, cfg.name, begun.manifest)
         _print(done.meta.summary, done.dir, reused=True)
         return done.meta.summary
-    if begun.manifest is not None and not cfg.overwrite:
-        raise InputError(
-            f"selection {cfg.name!r} exists ({Selection.folder(ws, cfg.name)}) from other "
-            "inputs or config: pass --overwrite to replace it, or choose another --name"
-        )
-    begun = Selection.begin(ws, cfg.name, overwrite=True, **how)  # picks are not resumed
+    if begun.action == "resume":  # picks are not resumed: a new attempt
+        begun = Selection.begin(ws, cfg.name, overwrite=True, **how)
     connect()
     vectors, embed_stats = te.embed_benchmarks(
         ws, plan.benchmarks, plan.indexes, cfg.preprocess_cpus

@@ -99,17 +99,17 @@ def main(cfg: WorldJobConfig, ws: Workspace) -> dict:
             f"--llava-json writes one PNG per sample; size {world.size} > {LLAVA_JSON_MAX}: "
             "use the Parquet source (world/source) for large pools"
         )
-    plan = World.begin(ws, config=cfg, overwrite=cfg.overwrite)
+    plan = World.begin(
+        ws,
+        config=cfg,
+        overwrite=cfg.overwrite,
+        refuse_change=f"{World.folder(ws)} holds a world made with another config (fingerprint "
+        "{old}, this one {new}): pass --overwrite to replace it, or use another --out",
+    )
     if plan.action == "current":
         done = World.committed(ws, None, plan.manifest)
         _write_workspace_config(ws, world, done)
         return _print(done, 0, reused=True)
-    if plan.manifest is not None and not cfg.overwrite:
-        raise InputError(
-            f"{World.folder(ws)} holds a world made with another config (fingerprint "
-            f"{plan.manifest.fingerprint[:16]}, this one {plan.attempt.fingerprint[:16]}): pass "
-            "--overwrite to replace it, or use another --out"
-        )
     attempt = plan.attempt
     connect()
     shards = plan_shards(world)

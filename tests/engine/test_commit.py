@@ -149,3 +149,16 @@ def test_the_layout_is_an_attempt_folder_and_one_manifest(ws):
     folder = Thing.folder(ws, "l")
     assert thing.dir == f"{folder}/{ATTEMPTS}/{thing.manifest.attempt}"
     assert ws.exists(folder.removeprefix(ws.root + "/"), MANIFEST)
+
+
+def test_a_refused_change_writes_nothing(ws):
+    _write(ws, "f", 3)
+    folder = Thing.folder(ws, "f")
+    before = commit.attempt_ids(ws, folder)
+    with pytest.raises(InputError, match="holds another thing .* was [0-9a-f]{16}, now"):
+        Thing.begin(ws, "f", inputs={"pool": "p9"}, config=StageConfig(),
+                    refuse_change="holds another thing (fingerprint was {old}, now {new})")  # fmt: skip
+    assert commit.attempt_ids(ws, folder) == before
+    forced = Thing.begin(ws, "f", inputs={"pool": "p9"}, config=StageConfig(), overwrite=True,
+                         refuse_change="never raised with overwrite")  # fmt: skip
+    assert forced.action == "start"

@@ -355,14 +355,7 @@ def bad_whole_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "empty source",
         "pretty-printed JSON",
         "config not UTF-8",
-        pytest.param(
-            "image root URI",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known defect: jobs/ingest.py main calls Pool.begin (which writes "
-                "pool/_attempts/<id>/_attempt.json) before ImagePolicy refuses the image root",
-            ),
-        ),
+        "image root URI",
         "chunk size 0",
         "workspace is a file",
         "workspace config",

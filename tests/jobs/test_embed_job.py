@@ -65,11 +65,6 @@ def test_one_normalised_vector_per_pool_id_in_pool_order(pool_ws, name, dim):
     assert not [f for f in found.manifest.files if f.startswith(PARTS_DIR)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: jobs/embed.py embed_space no longer removes the attempt's _parts/ "
-    "folder once every shard is finished (the old code did, before marking it complete)",
-)
 def test_a_committed_space_keeps_no_parts_folder(pool_ws):
     assert not os.path.exists(space(pool_ws, "clip").path(PARTS_DIR))
 

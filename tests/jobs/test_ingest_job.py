@@ -158,16 +158,11 @@ def test_jsonl_with_malformed_lines(tmp_path):
 # Known defect: a JSON array found truncated while it streams fails the run (exit 2) after
 # Pool.begin wrote the attempt's _attempt.json, which stays behind (jobs/ingest.py, main);
 # the module promises "nothing is written to the workspace".
-LEFTOVER_ATTEMPT = pytest.mark.xfail(
-    strict=True,
-    reason="known defect: ingest leaves pool/_attempts/<id>/_attempt.json behind when the "
-    "source turns out broken after Pool.begin",
-)
 
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", pytest.param("truncated", marks=LEFTOVER_ATTEMPT), "not_array", "no_images_dir"],
+    ["missing", "truncated", "not_array", "no_images_dir"],
 )
 def test_bad_file_as_a_whole_exits_2_and_writes_nothing(case, tmp_path, ray_session, capsys):
     source = tmp_path / "src.json"
