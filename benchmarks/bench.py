@@ -113,10 +113,6 @@ def resources(cfg: BenchConfig) -> dict:
     return {}
 
 
-
-
-
-
 def main(cfg: BenchConfig, ws: Workspace) -> dict:
     """Measure every stage at every size; see the module docstring. Returns the report's
     document."""

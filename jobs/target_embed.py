@@ -38,7 +38,7 @@ IMAGE_STATUS = {0: "no image", -1: "undecodable"}
 def space_config(ws: Workspace, space: str) -> embed.SpaceConfig:
     """How the pool's ``space`` was embedded: its recorded config, else the workspace's."""
     found = EmbeddingSpace.find(ws, space)
-    if found is not None:
+    if found is not None and found.meta.config:  # empty: vectors not made by vlselect embed
         return embed.SpaceConfig(**found.meta.config)
     return getattr(build_config(embed.STAGE, embed.CONFIG, ws.read_config()), space)
 
@@ -47,7 +47,7 @@ def skills_config(ws: Workspace) -> SkillsConfig:
     """The skills stage's config the pool's descriptions were written with, else the
     workspace's (the backend, model and generation settings: the same prompt answers)."""
     found = Skills.find(ws)
-    if found is not None:
+    if found is not None and found.meta.config:
         return SkillsConfig(**found.meta.config)
     return build_config(skills.STAGE, skills.CONFIG, ws.read_config())
 

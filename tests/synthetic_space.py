@@ -47,7 +47,7 @@ def synthetic_meta(space: str, dim: int, vectors: int, shards: int, tag: str = "
     """The full ``SpaceMeta`` of a synthetic space of ``vectors`` rows of length ``dim``."""
     return SpaceMeta(
         space=space,
-        model="synthetic",
+        model=f"synthetic:{tag}",
         weights="random",
         source="tests.synthetic_space",
         dim=int(dim),
@@ -57,7 +57,7 @@ def synthetic_meta(space: str, dim: int, vectors: int, shards: int, tag: str = "
         undecodable=0,
         undecodable_examples=[],
         seconds=0.0,
-        config={"synthetic": tag},
+        config={},  # no embed config: readers fall back to the workspace's
     )
 
 
