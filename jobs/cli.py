@@ -175,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        if isinstance(err, OSError) and "NETWORK_CONNECTION" in str(err):
+            print(
+                f"vlselect {args.stage}: failed: the object store cannot be reached ({err}). "
+                "Check the URI's endpoint_override and scheme, the network and the "
+                "credentials, then run the same command again: it resumes.",
+                file=sys.stderr,
+            )
+            return 1
         traceback.print_exc()
         print(f"vlselect {args.stage}: failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -167,3 +167,12 @@ def test_a_full_or_read_only_disk_is_found_however_deep_ray_wrapped_it():
     assert storage_error(wrapped) == (errno.EROFS, "OSError: [Errno 30] Read-only file system: 'x'")
     assert storage_error(OSError(errno.ENOENT, "No such file")) is None
     assert storage_error(RuntimeError("OSError: [Errno 2] No such file")) is None
+
+
+def test_an_object_store_that_cannot_be_reached_is_one_message(tmp_path, capsys):
+    from tests.s3_server import free_port
+
+    uri = f"s3://vlbucket/ws?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+    assert main(["ingest", "--workspace", uri, "--source", str(tmp_path / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert "the object store cannot be reached" in err and "Traceback" not in err
