@@ -26,6 +26,7 @@ commit a whole attempt, and the last manifest wins.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -184,6 +185,17 @@ class Attempt:
                 continue  # bookkeeping, scratch (engine.shards' _parts) and temporaries
             files[rel] = int(info.size or 0)
         return dict(sorted(files.items()))
+
+    def abandon(self) -> None:
+        """Delete this attempt, and the folders above it that it leaves empty (the
+        artifact's, the workspace's): a run refused for bad input leaves nothing behind."""
+        self.ws.discard(self.dir)
+        for folder in (f"{self.artifact}/{ATTEMPTS}", self.artifact, self.ws.root):
+            selector = pafs.FileSelector(folder, allow_not_found=True)
+            if self.ws.fs.get_file_info(selector):
+                return
+            with contextlib.suppress(OSError):
+                self.ws.fs.delete_dir(folder)
 
     def commit(self, meta: BaseModel) -> Manifest:
         """Publish this attempt with ``meta``; delete every other attempt of the artifact."""

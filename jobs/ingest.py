@@ -215,7 +215,7 @@ def main(cfg: IngestConfig, ws: Workspace) -> dict:
                 bar.update(result["records"])
     except InputError:
         # the source is broken as a whole (found while streaming it): nothing is kept
-        ws.discard(attempt.dir)
+        attempt.abandon()
         raise
     # Three independent counts must agree: records the driver read, rows the tasks
     # reported, rows in the files on disk (from their footers).

@@ -81,7 +81,7 @@ def save_base(ws: Workspace, name: str, model, tokenizer, meta: BaseModelMeta) -
             )
     except BaseException:
         with contextlib.suppress(OSError):  # a save is not resumed: nothing worth keeping
-            ws.discard(attempt.dir)
+            attempt.abandon()
         raise
     attempt.commit(meta)
     return attempt.dir

@@ -264,7 +264,7 @@ def test_a_base_that_fails_while_saving_leaves_nothing_behind(
     with pytest.raises(OSError, match="disk full"):
         build_or_load_base(ws, world, model_cfg, train, log=lambda m: None)
     assert BaseModelArtifact.find(ws, "tiny-llava") is None
-    assert not list((tmp_path / "ws" / "models" / "tiny-llava" / "_attempts").iterdir())
+    assert not (tmp_path / "ws" / "models").exists()
     with pytest.raises(InputError, match="vlselect base"):
         load_base(ws)
 
