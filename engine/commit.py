@@ -190,12 +190,13 @@ class Attempt:
         """Delete this attempt, and the folders above it that it leaves empty (the
         artifact's, the workspace's): a run refused for bad input leaves nothing behind."""
         self.ws.discard(self.dir)
-        for folder in (f"{self.artifact}/{ATTEMPTS}", self.artifact, self.ws.root):
-            selector = pafs.FileSelector(folder, allow_not_found=True)
-            if self.ws.fs.get_file_info(selector):
+        folder = PurePosixPath(self.dir).parent
+        while len(folder.parts) >= len(PurePosixPath(self.ws.root).parts):
+            if self.ws.fs.get_file_info(pafs.FileSelector(str(folder), allow_not_found=True)):
                 return
             with contextlib.suppress(OSError):
-                self.ws.fs.delete_dir(folder)
+                self.ws.fs.delete_dir(str(folder))
+            folder = folder.parent
 
     def commit(self, meta: BaseModel) -> Manifest:
         """Publish this attempt with ``meta``; delete every other attempt of the artifact."""

@@ -162,3 +162,14 @@ def test_a_refused_change_writes_nothing(ws):
     forced = Thing.begin(ws, "f", inputs={"pool": "p9"}, config=StageConfig(), overwrite=True,
                          refuse_change="never raised with overwrite")  # fmt: skip
     assert forced.action == "start"
+
+
+def test_an_abandoned_attempt_leaves_no_folder_behind(ws):
+    plan = Thing.begin(ws, "gone", config=StageConfig())
+    ws.write_bytes(plan.attempt.path("part.bin"), b"x")
+    plan.attempt.abandon()
+    assert not ws.exists("things")  # the attempt, its artifact folder and their parent
+    _write(ws, "kept", 1)
+    other = Thing.begin(ws, "gone", config=StageConfig()).attempt
+    other.abandon()
+    assert Thing.open(ws, "kept").meta.rows == 1  # a folder that holds more stays
