@@ -103,7 +103,7 @@ def assemble(ids: pa.Table, cached: pa.Table, failures: pa.Table, model: str) ->
     missing = rows.count(None)
     if missing:
         raise RuntimeError(
-            f"{missing} pool ids got no skills row (rows lost); nothing was promoted"
+            f"{missing} pool ids got no skills row (rows lost); nothing was committed"
         )
     out = results.take(pa.array(rows, pa.int64()))
     n = ids.num_rows

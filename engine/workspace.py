@@ -176,7 +176,7 @@ class Workspace:
         self.discard(self.path(*parts))
 
     def discard(self, path: str) -> None:
-        """Delete an absolute path inside the workspace if it exists (a staging directory)."""
+        """Delete an absolute path inside the workspace if it exists (an attempt, a part)."""
         info = self.fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             self.fs.delete_dir(path)
