@@ -102,4 +102,5 @@ def test_remote_workspace_is_refused(tmp_path):
 
 def test_bad_sizes_flag_is_a_clear_error(capsys):
     assert main(["bench", "--workspace", "/tmp/unused-bench", "--sizes", "10k"]) == 2
-    assert "--sizes takes comma-separated row counts" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid bench config" in err and "sizes.0" in err and "'10k'" in err
