@@ -176,7 +176,7 @@ def small_clusters(sizes: np.ndarray, min_size: int) -> np.ndarray:
 
 def assignment_files(ws: Workspace, out_dir: str) -> list[str]:
     """The finished per-shard assignment files of the clustering at ``out_dir``."""
-    return ws.list_files(out_dir.removeprefix(ws.root + "/"), "assignments", suffix=".parquet")
+    return ws.list_files(out_dir, "assignments", suffix=".parquet")
 
 
 def cluster_sizes(ws: Workspace, out_dir: str, k: int) -> np.ndarray:
@@ -199,10 +199,9 @@ def describe_assignments(
     """Counts of the finished clustering at ``out_dir`` for its meta: rows assigned
     and excluded, sizes (int64 (k,)) and their spread, mean similarity to the centroid,
     empty and ``small`` clusters (int (m,)) under ``policy``."""
-    excluded_dir = out_dir.removeprefix(ws.root + "/") + "/excluded"
     excluded = sum(
         pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows
-        for f in ws.list_files(excluded_dir, suffix=".parquet")
+        for f in ws.list_files(out_dir, "excluded", suffix=".parquet")
     )
     similarity = []
     for f in assignment_files(ws, out_dir):

@@ -268,7 +268,6 @@ def main(cfg: EmbedConfig, ws: Workspace) -> dict:
     """Embed every space in ``cfg.spaces``; see the module docstring. Returns the summary."""
     timer = Timer()
     inputs = check_inputs(cfg, ws)
-    connect()
     results = [embed_space(cfg, ws, space, *found) for space, found in inputs.items()]
     rows: list[tuple[str, Any]] = []
     for r in results:
@@ -319,6 +318,7 @@ def embed_space(
     stats = {"no_image": 0, "undecodable_ids": []}
     image_root = source.meta.image_root if isinstance(source, Pool) else None
     if pending:
+        connect()  # only when there is work: a current space needs no Ray
         _run(
             _pipeline(cfg, ws, space, pending, out_dir, image_root),
             ws,
