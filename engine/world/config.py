@@ -204,6 +204,14 @@ class WorldConfig(BaseModel):
         lt=1.0,
         description="Share of pool and test samples that are text-only (arithmetic, no image).",
     )
+    turns: int = Field(
+        default=1,
+        ge=1,
+        le=6,
+        description="Question-answer exchanges per pool sample (1..6): the family's question first, "
+        "then turns-1 follow-ups about the same scene (LLaVA-665K packs several turns per "
+        "image); test and benchmark samples stay single-turn.",
+    )
     shard_size: int = Field(default=5000, ge=1, description="Rows per generated shard.")
     benchmarks: list[BenchmarkSpec] = Field(
         default_factory=default_benchmarks,

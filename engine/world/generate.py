@@ -2,7 +2,10 @@
 
 Every sample has its own random stream, seeded from (seed, split, index), so a
 sample is reproducible alone and the output does not depend on shard size or
-on how shards are spread over workers.
+on how shards are spread over workers. The follow-up turns of a multi-turn pool
+sample (``turns`` > 1) come from a second stream, seeded from (seed,
+"<split>-turns", index), so that the first exchange, image and labels are the
+same bytes whatever ``turns`` is.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from engine.world.config import (
     TEXT_FAMILY,
     WorldConfig,
 )
-from engine.world.families import Sample, make_sample
+from engine.world.families import Sample, make_follow_ups, make_sample
 from engine.world.render import (
     BASIC_SHAPES,
     COLOURS,
@@ -145,14 +148,17 @@ def _draw(rng: np.random.Generator, names: tuple[str, ...], cum: np.ndarray) -> 
 def generate_sample(
     cfg: WorldConfig, split: str, index: int, dist: SplitDistribution | None = None
 ) -> tuple[Sample, np.ndarray | None]:
-    """Sample `index` of `split` and its image, uint8 (H, W, 3), or None if text-only."""
+    """Sample `index` of `split` and its image, uint8 (H, W, 3), or None if text-only.
+
+    A pool sample of a world with ``turns`` > 1 carries ``turns - 1`` follow-ups.
+    """
     dist = dist or split_distribution(cfg, split)
     rng = sample_rng(cfg.seed, split, index)
     if rng.random() < dist.text_only:
-        return make_sample(rng, cfg, TEXT_FAMILY, None), None
+        return _with_follow_ups(cfg, split, index, make_sample(rng, cfg, TEXT_FAMILY, None)), None
     family = _draw(rng, dist.families, dist.family_cum)
     domain = _draw(rng, dist.domains, dist.domain_cum)
-    sample = make_sample(rng, cfg, family, domain)
+    sample = _with_follow_ups(cfg, split, index, make_sample(rng, cfg, family, domain))
     image = render_scene(
         sample.objects,
         domain,
@@ -166,6 +172,23 @@ def generate_sample(
     return sample, image
 
 
+def _with_follow_ups(cfg: WorldConfig, split: str, index: int, sample: Sample) -> Sample:
+    """`sample` with its follow-ups: pool samples only, drawn from their own stream."""
+    if split == POOL and cfg.turns > 1:
+        rng = sample_rng(cfg.seed, f"{split}-turns", index)  # '-' is in no split name
+        sample.follow_ups = make_follow_ups(rng, cfg, sample, cfg.turns - 1)
+    return sample
+
+
+def conversation(sample: Sample, has_image: bool) -> list[dict[str, str]]:
+    """LLaVA turns of `sample`: the first human turn carries the image token, if any."""
+    human = f"{IMAGE_TOKEN}\n{sample.question}" if has_image else sample.question
+    turns = [{"from": "human", "value": human}, {"from": "gpt", "value": sample.answer}]
+    for f in sample.follow_ups:
+        turns += [{"from": "human", "value": f.question}, {"from": "gpt", "value": f.answer}]
+    return turns
+
+
 def sample_id(split: str, index: int) -> str:
     """The id of sample `index` of `split`, e.g. 'pool-0000042'."""
     return f"{split}-{index:07d}"
@@ -176,7 +199,9 @@ def generate_rows(
 ) -> tuple[pa.Table, pa.Table]:
     """Records (RECORDS_SCHEMA) and labels (LABELS_SCHEMA) of indices [start, start + count).
 
-    Rows are in index order and the two tables align row by row (same ids).
+    Rows are in index order and the two tables align row by row (same ids). A record's
+    conversation has cfg.turns exchanges in the pool, one elsewhere; the labels describe
+    the first exchange.
     """
     dist = split_distribution(cfg, split)
     if start < 0 or count < 0 or start + count > dist.size:
@@ -188,12 +213,9 @@ def generate_rows(
     for index in range(start, start + count):
         sample, image = generate_sample(cfg, split, index, dist)
         sid = sample_id(split, index)
-        human = sample.question if image is None else f"{IMAGE_TOKEN}\n{sample.question}"
         rec["id"].append(sid)
         rec["image"].append(None if image is None else encode_png(image))
-        rec["conversations"].append(
-            [{"from": "human", "value": human}, {"from": "gpt", "value": sample.answer}]
-        )
+        rec["conversations"].append(conversation(sample, image is not None))
         lab["id"].append(sid)
         lab["split"].append(split)
         lab["family"].append(sample.family)
