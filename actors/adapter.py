@@ -18,6 +18,8 @@ def ray_options(resources: Resources, *, actor: bool = False) -> dict[str, Any]:
         opts["memory"] = int(resources.memory_gb * 1024**3)
     if resources.custom:
         opts["resources"] = dict(resources.custom)
+    if resources.accelerator_type:
+        opts["accelerator_type"] = resources.accelerator_type
     if actor:
         opts["max_restarts"] = resources.max_retries
         opts["max_task_retries"] = resources.max_retries
@@ -39,6 +41,8 @@ def ray_data_options(resources: Resources) -> dict[str, Any]:
         opts["memory"] = int(resources.memory_gb * 1024**3)
     if resources.custom:
         opts["resources"] = dict(resources.custom)
+    if resources.accelerator_type:
+        opts["accelerator_type"] = resources.accelerator_type
     return opts
 
 

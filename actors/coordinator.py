@@ -93,9 +93,18 @@ class Coordinator:
         picked = self.state.warmup(positions)
         return self._commit(0, picked)
 
-    def report(self, round_index: int, scores: list[float], evaluated: list[int]) -> dict:
-        """Per-cluster scores (K,) after training on ``round_index`` (-1: before any)."""
-        self.state.report(round_index, np.asarray(scores, np.float64), np.asarray(evaluated))
+    def report(
+        self,
+        round_index: int,
+        scores: list[float],
+        evaluated: list[int],
+        training: dict | None = None,
+    ) -> dict:
+        """Per-cluster scores (K,) after training on ``round_index`` (-1: before any),
+        with the round's training figures."""
+        self.state.report(
+            round_index, np.asarray(scores, np.float64), np.asarray(evaluated), training
+        )
         self._persist()
         return self.status()
 
@@ -132,6 +141,9 @@ class Coordinator:
 
     def rounds_jsonl(self) -> str:
         return self.state.rounds_jsonl()
+
+    def training_rounds(self) -> list[dict]:
+        return self.state.training_rounds()
 
     # -- internals ---------------------------------------------------------------------
 

@@ -1,19 +1,27 @@
 """The PROGRESS training loop that runs on every Ray Train worker.
 
-Each worker builds the LoRA LLaVA from the cached base, wraps it in a DeepSpeed engine
-(ZeRO-2 or -3; gloo on CPU, NCCL on GPUs) and then, round by round, until the
-coordinator has no rows left to give:
+Each worker loads the run's LLaVA checkpoint (a Hugging Face folder or the workspace's
+base, through ``engine.llava.checkpoint``) in the run's precision, turns on gradient
+checkpointing when asked, wraps the LM in LoRA and the whole in a DeepSpeed engine
+(ZeRO-2 or -3, bf16/fp16/fp32; gloo on CPU, NCCL on GPUs) and then, round by round,
+until the coordinator has no rows left to give:
 
     1. asks the coordinator for round t's rows (idempotent: every worker may ask) and
        reads its share of the round file: a seeded permutation of the round's rows,
        the same on every worker, of which worker r takes every world-th micro-batch;
     2. trains ``ceil(epochs * rows / global_batch)`` optimiser steps through the shared
-       ``engine.llava.train_step`` (one cosine schedule spans the whole budget);
-    3. saves a DeepSpeed checkpoint, scores its share of the evaluation rows (the
-       coordinator's min(n_k, 100) selected rows per cluster; loss or accuracy), and
-       rank 0 gathers the scores and reports them per cluster to the coordinator;
-    4. reports the checkpoint to Ray Train, which restarts failed workers from it
-       (``FailureConfig``) and hands it to a new run of the same name.
+       ``engine.llava.train_step`` on whole conversations (one cosine schedule spans the
+       whole budget);
+    3. scores an equal share of the evaluation rows on every rank (the coordinator's
+       min(n_k, 100) selected rows per cluster, short ranks topped up with repeats that
+       are not counted, so that every rank runs as many forwards and, under ZeRO-3,
+       generation steps in lockstep); rank 0 gathers the scores, reports them per
+       cluster with the round's training figures, and every rank waits at a barrier
+       until it has, so no rank asks for round t + 1 before round t is scored;
+    4. saves a DeepSpeed checkpoint of the trainable weights only (adapters, projector,
+       their optimizer state; the frozen base is excluded) and reports it to Ray Train,
+       which keeps ``checkpoints_to_keep`` of them, restarts failed workers from the
+       latest (``FailureConfig``) and hands it to a new run of the same name.
 
 The scores go to the coordinator before the checkpoint goes to Ray Train, so a run
 restarted from round t's checkpoint always finds round t's scores; a round trained
@@ -26,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -42,15 +51,22 @@ from actors.progress import tell
 from engine.coordinator import BASELINE
 from engine.llava import (
     answer_correct,
-    collate_for,
-    load_base,
+    collate,
+    load_checkpoint,
     param_groups,
     prepare_for_finetune,
     sample_losses,
     train_step,
 )
 from engine.llava.finetune import steps_for
-from engine.llava.train import DeepSpeedStepper, cosine_lambda, deepspeed_config
+from engine.llava.train import (
+    DeepSpeedStepper,
+    cosine_lambda,
+    deepspeed_config,
+    resolve_attention,
+    resolve_precision,
+)
+from engine.progress import balanced_share
 from engine.progress_config import ProgressConfig, TrainPlan
 from engine.workspace import Workspace
 
@@ -75,7 +91,8 @@ def micro_batches(
 
 
 def _examples(table: pa.Table) -> list[dict]:
-    return table.select(["id", "image", "question", "answer", "cluster"]).to_pylist()
+    """Chat examples of round-file rows: the image and the whole conversation."""
+    return table.select(["id", "image", "conversations", "cluster"]).to_pylist()
 
 
 class RoundTrainer:
@@ -95,11 +112,25 @@ class RoundTrainer:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.coordinator = get_coordinator(plan.coordinator)
-        base = load_base(self.ws, cfg.base)
-        self.tokenizer, self.max_length = base.tokenizer, base.max_length
+        cuda = torch.cuda.is_available() and cfg.use_gpu
+        precision = resolve_precision(cfg.precision, cuda)
+        if cuda:
+            check_gpu_memory(plan.planned_gib)
+        loaded = load_checkpoint(
+            plan.model_uri,
+            dtype=precision,
+            attention=resolve_attention(cfg.attention, cuda, precision),
+            max_length=plan.max_length,
+        )
+        self.processor, self.max_length = loaded.processor, loaded.max_length
+        model = loaded.model
+        if cfg.gradient_checkpointing:
+            # non-reentrant: works with frozen inputs (LoRA) and needs no input grads
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.config.text_config.use_cache = False  # training forwards keep no KV cache
         ft = cfg.finetune
-        model = prepare_for_finetune(base.model, ft)
-        if torch.cuda.is_available() and cfg.use_gpu:
+        model = prepare_for_finetune(model, ft)
+        if cuda:
             model = model.to(f"cuda:{torch.cuda.current_device()}")
         groups = [{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, ft)]
         optimizer = torch.optim.AdamW(
@@ -107,7 +138,7 @@ class RoundTrainer:
         )
         schedule = cosine_lambda(plan.total_steps, ft.warmup)
         ds_config = deepspeed_config(
-            cfg.micro_batch, plan.accumulation, cfg.zero_stage, ft.max_grad_norm
+            cfg.micro_batch, plan.accumulation, cfg.zero_stage, ft.max_grad_norm, precision
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -125,17 +156,18 @@ class RoundTrainer:
         self.started_at = 0
         if checkpoint is None:
             if BASELINE not in ray.get(self.coordinator.status.remote())["scored_rounds"]:
-                self.score(BASELINE)
+                self.score(BASELINE, None)
             return 0
         with checkpoint.as_directory() as path:
-            self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+            # the checkpoint holds the trainable weights only: the base comes from the model
+            self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_module_strict=False)
             with open(os.path.join(path, ROUND_META)) as f:
                 done = json.load(f)["round"]
         self.started_at = done + 1
         return done + 1
 
     def train_round(self, t: int) -> dict | None:
-        """Train on round ``t``'s rows; None once the budget is spent."""
+        """Train on round ``t``'s rows and score; None once the budget is spent."""
         start = time.perf_counter()
         info = ray.get(self.coordinator.next_round.remote(t))
         if info["rows"] == 0:
@@ -158,59 +190,51 @@ class RoundTrainer:
         losses = []
         for rows in plan:
             batch = [examples[where[int(r)]] for r in rows]
-            losses.append(
-                train_step(
-                    self.stepper, collate_for(self.engine, self.tokenizer, batch, self.max_length)
-                )
-            )
-        train_seconds = time.perf_counter() - start
-        score = self.score(t)
-        return {
+            batch = collate(batch, self.processor, max_length=self.max_length)
+            losses.append(train_step(self.stepper, batch))
+        training = {
             "round": t,
             "rows": info["rows"],
             "steps": steps,
             "train_loss": float(np.mean(losses)),
+            "train_seconds": round(time.perf_counter() - start, 2),
+            "started_at_round": self.started_at,  # > 0: this process resumed a checkpoint
+        }
+        score = self.score(t, training)
+        return {
+            **training,
             "score": score,
             "spent": info["spent"],
             "budget": info["budget"],
-            "started_at_round": self.started_at,  # > 0: this process resumed a checkpoint
-            "train_seconds": round(train_seconds, 2),
             "seconds": round(time.perf_counter() - start, 2),
         }
 
-    def score(self, t: int) -> float:
-        """Score this worker's share of round t's evaluation rows; rank 0 reports the
-        per-cluster means to the coordinator. Returns the mean score over all rows."""
+    def score(self, t: int, training: dict | None) -> float:
+        """Score this worker's equal share of round t's evaluation rows; rank 0 reports
+        the per-cluster means (and ``training``, the round's figures, its loss averaged
+        over the ranks) to the coordinator, and every rank waits until it has. Returns
+        the mean score over all rows."""
         import torch.distributed as dist
 
-        ids = ray.get(self.coordinator.eval_ids.remote(t))[self.rank :: self.world]
+        every = ray.get(self.coordinator.eval_ids.remote(t))
+        ids, real = balanced_share(every, self.rank, self.world)
         pairs: list[tuple[int, float]] = []
-        if ids:
+        if ids:  # every rank has ids, or none has: the forwards stay in lockstep
             # The round files so far, named: never a file the coordinator is writing.
             files = [round_file(self.plan.run_dir, r) for r in range(max(t, 0) + 1)]
             dataset = pads.dataset(files, filesystem=self.ws.fs, format="parquet")
-            examples = _examples(dataset.to_table(filter=pc.field("id").isin(ids)))
-            if self.cfg.selection.metric == "loss":
-                values = sample_losses(
-                    self.engine,
-                    self.tokenizer,
-                    examples,
-                    max_length=self.max_length,
-                    batch_size=self.cfg.eval_batch,
-                )
-            else:
-                values, _ = answer_correct(
-                    self.engine,
-                    self.tokenizer,
-                    examples,
-                    max_length=self.max_length,
-                    batch_size=self.cfg.eval_batch,
-                    max_new_tokens=self.cfg.max_new_tokens,
-                )
-            pairs = [(ex["cluster"], float(v)) for ex, v in zip(examples, values, strict=True)]
-        gathered: list[list[tuple[int, float]]] = [None] * self.world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, pairs)
-        everything = [p for part in gathered for p in part if np.isfinite(p[1])]
+            found = _examples(dataset.to_table(filter=pc.field("id").isin(sorted(set(ids)))))
+            by_id = {ex["id"]: ex for ex in found}
+            examples = [by_id[i] for i in ids]
+            values = self._values(examples)
+            pairs = [
+                (ex["cluster"], float(v))
+                for ex, v in zip(examples[:real], values[:real], strict=True)
+            ]
+        loss = training["train_loss"] if training else float("nan")
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (pairs, loss))
+        everything = [p for part, _ in gathered for p in part if np.isfinite(p[1])]
         if self.rank == 0:
             k = self.plan.k
             clusters = np.array([c for c, _ in everything], np.int64)
@@ -218,8 +242,35 @@ class RoundTrainer:
             evaluated = np.bincount(clusters, minlength=k)
             sums = np.bincount(clusters, weights=values, minlength=k)
             scores = np.where(evaluated > 0, sums / np.maximum(evaluated, 1), np.nan)
-            ray.get(self.coordinator.report.remote(t, scores.tolist(), evaluated.tolist()))
+            if training is not None:
+                training = {**training, "train_loss": float(np.mean([lo for _, lo in gathered]))}
+            ray.get(
+                self.coordinator.report.remote(t, scores.tolist(), evaluated.tolist(), training)
+            )
+        dist.barrier()  # round t is reported before any rank asks for round t + 1
         return float(np.mean([v for _, v in everything])) if everything else float("nan")
+
+    def _values(self, examples: list[dict]) -> np.ndarray:
+        """Per-example scores by the run's metric: the loss over every assistant turn, or
+        whether the first turn's greedy answer matches."""
+        if self.cfg.selection.metric == "loss":
+            return sample_losses(
+                self.engine,
+                self.processor,
+                examples,
+                max_length=self.max_length,
+                batch_size=self.cfg.eval_batch,
+            )
+        values, _ = answer_correct(
+            self.engine,
+            self.processor,
+            examples,
+            max_length=self.max_length,
+            batch_size=self.cfg.eval_batch,
+            max_new_tokens=self.cfg.max_new_tokens,
+            synced=self.cfg.zero_stage == 3 and self.world > 1,
+        )
+        return values
 
     def tell(self, m: dict) -> None:
         """Rank 0's line per round to the driver's terminal (its ``progress`` queue)."""
@@ -233,22 +284,33 @@ class RoundTrainer:
         tell(self.progress, line)
 
     def checkpoint(self, metrics: dict) -> None:
-        """Save the engine (every rank its shard) and report it with ``metrics``."""
-        with tempfile.TemporaryDirectory() as tmp:
-            self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
-            if self.rank == 0:
-                with open(os.path.join(tmp, ROUND_META), "w") as f:
-                    json.dump({"round": metrics["round"]}, f)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        """Save the trainable weights and their optimizer state (every rank its shard)
+        and report them to Ray Train with ``metrics``. The local folder is one per run
+        and rank, emptied first: a killed worker's leftovers are replaced, not piled up."""
+        folder = os.path.join(
+            tempfile.gettempdir(),
+            f"vlselect-ckpt-{os.path.basename(self.plan.run_dir)}-{self.rank}",
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+        if self.rank == 0:
+            with open(os.path.join(folder, ROUND_META), "w") as f:
+                json.dump({"round": metrics["round"]}, f)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            delete_local_checkpoint_after_upload=True,
+        )
 
     def save_adapter(self) -> None:
-        """Write the LoRA adapter (and the projector) to ``<run>/adapter`` (rank 0)."""
+        """Write the LoRA adapter (and the projector) to ``<run>/adapter`` (rank 0),
+        gathering only the trainable weights under ZeRO-3."""
         import deepspeed
 
         module = self.engine.module
-        params = list(module.parameters())
-        gather = self.cfg.zero_stage == 3
-        with deepspeed.zero.GatheredParameters(params, enabled=gather):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, enabled=self.cfg.zero_stage == 3):
             if self.rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     module.save_pretrained(tmp)
@@ -257,6 +319,20 @@ class RoundTrainer:
                     for name in os.listdir(tmp):
                         with open(os.path.join(tmp, name), "rb") as f:
                             self.ws.write_bytes(f"{target}/{name}", f.read())
+
+
+def check_gpu_memory(planned_gib: float | None) -> None:
+    """Refuse, before the model loads, a plan larger than this worker's GPU."""
+    import torch
+
+    if planned_gib is None:
+        return
+    have = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    if planned_gib > have:
+        raise RuntimeError(
+            f"the memory plan needs {planned_gib:.1f} GiB per GPU but this worker's GPU has "
+            f"{have:.1f} GiB: run `vlselect progress ... --plan` for the knobs that fit"
+        )
 
 
 def train_loop_per_worker(config: dict) -> None:

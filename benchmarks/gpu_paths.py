@@ -243,7 +243,8 @@ def llava_batch(args):
         LlavaModelConfig,
         build_llava,
         build_world_tokenizer,
-        collate_for,
+        collate,
+        make_processor,
         param_groups,
         prepare_for_finetune,
     )
@@ -262,7 +263,7 @@ def llava_batch(args):
     keys = ("image", "question", "answer")
     columns = [cycle(c, args.micro_batch) for c in (images, questions, answers)]
     examples = [dict(zip(keys, v, strict=True)) for v in zip(*columns, strict=True)]
-    batch = collate_for(model, tok, examples, model_cfg.max_length)
+    batch = collate(examples, make_processor(tok, model_cfg), max_length=model_cfg.max_length)
     groups = [{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, cfg)]
     return model, groups, batch
 

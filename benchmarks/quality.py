@@ -139,7 +139,7 @@ class Bench:
         examples = [self.pool[p] for p in positions]
         model = copy.deepcopy(self.base.model)
         return finetune(
-            model, self.base.tokenizer, examples, cfg, self.base.max_length,
+            model, self.base.processor, examples, cfg, self.base.max_length,
             blank_images=blank, log_every=0, progress=desc,
         )  # fmt: skip
 
@@ -165,7 +165,7 @@ class Bench:
         t1 = time.perf_counter()
         scores = {
             name: accuracy_by_group(
-                model, self.base.tokenizer, examples, families, self.base.max_length,
+                model, self.base.processor, examples, families, self.base.max_length,
                 blank_images=blank,
             )
             for name, (examples, families) in self.evals.items()
@@ -190,7 +190,7 @@ class Bench:
         warm_ids = coincide_ids(self.ws, int(round(WARMUP_SHARE * len(self.ids))), seed)
         model, _ = self.train(self.positions(warm_ids), seed, f"warm-up model s{seed}")
         scores = sample_losses(
-            model, self.base.tokenizer, self.pool, max_length=self.base.max_length
+            model, self.base.processor, self.pool, max_length=self.base.max_length
         )
         np.save(path, scores, allow_pickle=False)
         return scores

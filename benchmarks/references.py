@@ -115,7 +115,7 @@ def bare_train(ws: Path, ids: list[str], recipe: dict[str, Any]) -> tuple[int, f
 
     from engine.artifacts import Pool
     from engine.llava import FinetuneConfig, load_base
-    from engine.llava.data import collate_for
+    from engine.llava.data import collate
     from engine.llava.finetune import finetune
     from engine.workspace import Workspace
     from jobs.progress import paper_recipe
@@ -126,8 +126,8 @@ def bare_train(ws: Path, ids: list[str], recipe: dict[str, Any]) -> tuple[int, f
         pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string()))
     ).to_pylist()
     cfg: FinetuneConfig = paper_recipe().model_copy(update=recipe)
-    batch = collate_for(base.model, base.tokenizer, examples[:256], base.max_length)
+    batch = collate(examples[:256], base.processor, max_length=base.max_length)
     tokens_per_row = float(batch["attention_mask"].sum()) / min(len(examples), 256)
     start = time.perf_counter()
-    _, losses = finetune(base.model, base.tokenizer, examples, cfg, base.max_length, log_every=0)
+    _, losses = finetune(base.model, base.processor, examples, cfg, base.max_length, log_every=0)
     return len(losses), time.perf_counter() - start, tokens_per_row

@@ -54,7 +54,7 @@ def run(mode: str, ws: Workspace, train, test, families, cfg: FinetuneConfig) ->
     t0 = time.perf_counter()
     model, losses = finetune(
         base.model,
-        base.tokenizer,
+        base.processor,
         train,
         cfg,
         base.max_length,
@@ -63,7 +63,7 @@ def run(mode: str, ws: Workspace, train, test, families, cfg: FinetuneConfig) ->
     )
     t1 = time.perf_counter()
     acc = accuracy_by_group(
-        model, base.tokenizer, test, families, base.max_length, blank_images=blank
+        model, base.processor, test, families, base.max_length, blank_images=blank
     )
     t2 = time.perf_counter()
     return {

@@ -101,6 +101,7 @@ class CoordinatorState:
         self.scores: dict[int, np.ndarray] = {}  # round -> float64 (K,), NaN = not scored
         self.evaluated: dict[int, np.ndarray] = {}  # round -> int64 (K,) rows behind a score
         self.records: list[RoundRecord] = []
+        self.training: dict[int, dict] = {}  # round -> the trainer's figures for it
 
     # -- rounds ------------------------------------------------------------------------
 
@@ -122,9 +123,16 @@ class CoordinatorState:
         self._record(0, "warmup", positions, np.full(self.clusters.k, np.nan), None, 0)
         return self.ledger.rows_of_round(0)
 
-    def report(self, round_index: int, scores: np.ndarray, evaluated: np.ndarray) -> None:
+    def report(
+        self,
+        round_index: int,
+        scores: np.ndarray,
+        evaluated: np.ndarray,
+        training: dict | None = None,
+    ) -> None:
         """Scores float (K,) (NaN = not scored) after training on ``round_index`` rows
-        (``BASELINE`` before any training); ``evaluated`` int (K,) rows behind each."""
+        (``BASELINE`` before any training); ``evaluated`` int (K,) rows behind each;
+        ``training`` the trainer's figures of the round (JSON values), kept with it."""
         if not BASELINE <= round_index < max(self.rounds, 1):
             raise ValueError(
                 f"scores for round {round_index}, but rounds 0..{self.rounds - 1} were handed out"
@@ -134,6 +142,8 @@ class CoordinatorState:
             raise ValueError(f"scores of shape {scores.shape}, expected ({self.clusters.k},)")
         self.scores[round_index] = scores
         self.evaluated[round_index] = np.asarray(evaluated, np.int64)
+        if training is not None:
+            self.training[round_index] = dict(training)
 
     def delta(self, round_index: int) -> np.ndarray:
         """Δk float64 (K,) from the scores after ``round_index`` and ``gap`` rounds earlier
@@ -155,6 +165,12 @@ class CoordinatorState:
             return self.ledger.rows_of_round(round_index)
         if round_index != self.rounds:
             raise ValueError(f"round {round_index} asked, but the next round is {self.rounds}")
+        if round_index - 1 not in self.scores:
+            # Δk would be NaN and the round drawn uniformly without a word
+            raise ValueError(
+                f"round {round_index} asked before round {round_index - 1}'s scores were "
+                "reported: the trainer reports a round before asking for the next"
+            )
         if self.finished:
             return np.empty(0, np.int64)  # nothing left: no round, no record
         s = self.settings
@@ -217,6 +233,7 @@ class CoordinatorState:
             "n": self.clusters.n,
             "score_rounds": rounds,
             "records": [r.to_json() for r in self.records],
+            "training": {str(r): m for r, m in sorted(self.training.items())},
         }
         arrays = {
             **self.ledger.state(),
@@ -247,7 +264,12 @@ class CoordinatorState:
             state.scores[r] = arrays["scores"][i]
             state.evaluated[r] = arrays["evaluated"][i]
         state.records = [RoundRecord(**r) for r in header["records"]]
+        state.training = {int(r): m for r, m in header.get("training", {}).items()}
         return state
+
+    def training_rounds(self) -> list[dict]:
+        """The trainer's figures of every reported round, in round order."""
+        return [self.training[r] for r in sorted(self.training)]
 
     def rounds_jsonl(self) -> str:
         return "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in self.records)

@@ -54,6 +54,20 @@ def round_rows(budget: int, warmup: int, round_size: int) -> list[int]:
     return [warmup] + [round_size] * (rest // round_size) + tail
 
 
+def balanced_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """Rank ``rank``'s share of ``items`` (every ``world``-th from ``rank``), topped up to
+    ceil(n / world) with repeats from the start, and how many of it are its own.
+
+    Every rank gets the same count, so that collective forwards (ZeRO-3 gathers each
+    layer's weights from every rank) run equally often on each; the repeats' scores are
+    dropped. An empty ``items`` gives every rank nothing.
+    """
+    own = items[rank::world]
+    per = -(-len(items) // world)
+    fill = [items[i % len(items)] for i in range(per - len(own))] if items else []
+    return own + fill, len(own)
+
+
 def relative_progress(
     current: np.ndarray,
     previous: np.ndarray,

@@ -25,6 +25,11 @@ class TrainPlan(BaseModel):
     k: int = Field(description="Clusters of the progress clustering (its committed meta).")
     accumulation: int = Field(description="Gradient accumulation steps per optimiser step.")
     total_steps: int = Field(description="Optimiser steps over the whole budget.")
+    model_uri: str = Field(description="The checkpoint folder every worker loads (a URI).")
+    max_length: int = Field(description="Longest tokenized conversation, resolved.")
+    planned_gib: float | None = Field(
+        None, description="The memory plan's total per GPU, checked by each GPU worker."
+    )
 
 
 def paper_recipe() -> FinetuneConfig:
@@ -73,7 +78,51 @@ class ProgressConfig(BaseModel):
     max_kernel_rows: int = Field(
         2048, ge=2, description="Largest cluster kernel (a seeded subsample beyond)."
     )
-    base: str = Field(DEFAULT_NAME, description="Cached base to start from (<ws>/models/<base>).")
+    model: str = Field(
+        DEFAULT_NAME,
+        description="The LLaVA to fine-tune: a Hugging Face checkpoint folder or URI in the "
+        "llava-hf layout (config.json, weights, tokenizer, image processor, chat template; "
+        "e.g. a download of llava-hf/llava-1.5-7b-hf), or the name of a base committed in "
+        "the workspace by `vlselect base` (<ws>/models/<name>). A bare name is a workspace "
+        "base; write ./name for a folder here.",
+    )
+    max_length: int | None = Field(
+        None,
+        ge=16,
+        description="Longest tokenized conversation; longer ones lose their last turns (never "
+        "the image's tokens). None: the workspace base's, or for a checkpoint its "
+        "tokenizer's model_max_length capped at its positions (LLaVA-1.5 trains at 2048).",
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Weights and compute: bf16 (fp32 master weights in the optimizer), fp16 "
+        "with dynamic loss scaling where a GPU lacks bf16, or fp32. 'auto': bf16 on GPUs "
+        "that have it, fp16 on older ones, fp32 on CPU.",
+    )
+    gradient_checkpointing: bool = operational(
+        False,
+        description="Recompute each decoder layer in the backward pass instead of keeping its "
+        "activations (about a third more compute, activations cut to one layer's: what lets "
+        "a 7B LLaVA train at micro-batch 16 x 2048 tokens).",
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = operational(
+        "auto",
+        description="Attention kernel: 'auto' takes flash_attention_2 on a GPU in 16 bit when "
+        "flash-attn is installed, else PyTorch's SDPA.",
+    )
+    gpu_memory_gib: float | None = operational(
+        None,
+        gt=0,
+        description="Memory of one worker's GPU, for the memory plan's verdict before launch; "
+        "None: looked up from the worker's accelerator_type resource when it names one, "
+        "and always checked by each worker against its own GPU before it loads the model.",
+    )
+    checkpoints_to_keep: int = operational(
+        2,
+        ge=1,
+        description="Ray Train checkpoints kept (each the LoRA adapters, projector and their "
+        "optimizer state; the frozen base is never in them): the latest resumes a run.",
+    )
     finetune: FinetuneConfig = Field(
         default_factory=paper_recipe,
         description="LoRA and optimiser recipe; batch_size is the global batch, epochs "
@@ -84,7 +133,9 @@ class ProgressConfig(BaseModel):
     worker: Resources = operational(
         default_factory=lambda: Resources(num_cpus=1), description="Resources of one worker."
     )
-    micro_batch: int = Field(16, ge=1, description="Samples per worker per forward pass.")
+    micro_batch: int = Field(
+        16, ge=1, description="Samples per worker per forward pass (the memory plan sizes it)."
+    )
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (2 saves LoRA safely).")
     torch_threads: int = operational(1, ge=0, description="torch threads per worker (0: torch's).")
     eval_batch: int = operational(64, ge=1, description="Samples per scoring batch.")
@@ -96,3 +147,9 @@ class ProgressConfig(BaseModel):
     detached: bool = operational(False, description="Keep the coordinator alive after the driver.")
     seed: int = Field(0, ge=0, description="Seed of the warm-up, every round and the training.")
     overwrite: bool = operational(False, description="Replace a run of this name.")
+    plan: bool = operational(
+        False,
+        description="Print the memory plan per GPU worker (model states by DeepSpeed's "
+        "estimators, activations, logits; the verdict against the worker's GPU, what fits "
+        "on 40 GB) and stop without launching.",
+    )

@@ -19,6 +19,12 @@ class Resources(BaseModel):
     memory_gb: float | None = Field(
         None, gt=0, description="Memory reserved per task or actor in GiB; None reserves none."
     )
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type the work must run on (A100-80G, H100, L4, ...: "
+        "Ray schedules it only on nodes of that type); the memory plan reads the GPU's "
+        "memory from it. None: any GPU.",
+    )
     custom: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources, e.g. {'gpu_node': 1} to pin work to a node type.",

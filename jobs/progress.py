@@ -1,7 +1,10 @@
 """``vlselect progress``: PROGRESS, a LoRA fine-tune that selects its own data online.
 
 What it does:
-    1. checks in the driver that the pool, the cached base (``vlselect base``) and the
+    1. checks in the driver that the model is a LLaVA checkpoint with its processor (a
+       Hugging Face folder or URI, or a base committed by ``vlselect base``), plans the
+       GPU memory per worker (``--plan`` prints the plan and stops) and refuses a plan
+       that does not fit, naming the knob to turn; checks that the pool and the
        embeddings exist; clusters the pool if the ``progress`` (K = pool/50 in 10..1000)
        or ``warmup`` (K = pool/10 in 10..5000) clustering is missing (PROGRESS's K=1000
        and K=5000 at 665K rows, scaled to the pool); resolves budget, warm-up and round
@@ -13,12 +16,14 @@ What it does:
        (Ray Data: per-shard features -> groupby cluster -> density and prototype order)
        and records it as round 0, unless the coordinator already has it (a resumed run);
     4. runs a Ray Train ``TorchTrainer`` (``actors.trainer``): DeepSpeed ZeRO-2 (or 3)
-       over PEFT LoRA on transformers' LLaVA, the projector trained fully with its own
-       lr, one cosine schedule over the whole budget; round by round it trains on the
-       coordinator's selection, checkpoints, scores min(n_k, 100) selected rows per
-       cluster (loss, or greedy answers judged by normalized match) and reports them;
-       failed workers restart from the last checkpoint (``max_failures``), and a new job
-       of the same name resumes from it;
+       in bf16/fp16/fp32 over PEFT LoRA on transformers' LLaVA, the projector trained
+       fully with its own lr, one cosine schedule over the whole budget; round by round
+       it trains on the coordinator's selection (whole conversations, the loss on the
+       assistant's tokens), scores min(n_k, 100) selected rows per cluster (the loss
+       over every assistant turn, or the first turn's greedy answer judged by normalized
+       match), reports them and checkpoints the trainable weights (``checkpoints_to_keep``
+       kept); failed workers restart from the last checkpoint (``max_failures``), and a
+       new job of the same name resumes from it;
     5. writes ``selected.json`` (LLaVA format), ``ids.txt``, plots (Δk per cluster over
        rounds, picks per cluster, the budget curve), commits the run (engine.artifacts.ProgressRun)
        and prints a summary.
@@ -29,7 +34,9 @@ Output ``<ws>/progress/<name>/``: ``rounds/round-NNNN.parquet`` (the revealed ro
 ``plots/*.png``, in the run's attempt (an interrupted run resumes it).
 
 Raises:
-    InputError: no pool, no base, no embeddings for the clustering spaces, a budget
+    InputError: a model that is not a LLaVA checkpoint with its processor (or no such
+        workspace base), a memory plan above the worker's GPU, no pool, no embeddings
+        for the clustering spaces, a budget
         of zero or above the pool, a warm-up above the budget, a global batch that the
         workers and micro-batch do not divide, or a run of another config (exit 2).
     RuntimeError: training failed beyond ``max_failures`` (exit 1; rerun to resume).
@@ -47,11 +54,13 @@ import ray
 from actors.adapter import train_worker_resources
 from actors.coordinator import get_coordinator, start_coordinator
 from actors.trainer import train_loop_per_worker
-from engine.artifacts import BaseModelArtifact, Clustering, Pool, ProgressMeta, ProgressRun, Ref
+from engine.artifacts import Clustering, Pool, ProgressMeta, ProgressRun, Ref
 from engine.config import build_config
 from engine.coordinator import ProgressSettings
 from engine.errors import InputError
+from engine.llava.cache import BASE_NAME, ModelSource, model_source
 from engine.llava.finetune import steps_for
+from engine.llava.memory import MemoryPlan, format_plan, gpu_memory_of, plan_memory
 from engine.progress import round_rows, rows_of
 from engine.progress_config import ProgressConfig, TrainPlan
 from engine.progress_report import write_outputs
@@ -71,8 +80,10 @@ FLAGS = {"workers": "num_workers", "metric": "selection.metric"}
 
 
 def reads(cfg: ProgressConfig) -> list[Ref]:
-    # the clusterings are made here when missing, from the spaces' vectors
-    return [Ref("pool"), Ref("model", cfg.base), *(Ref("embeddings", s) for s in cfg.spaces)]
+    # the clusterings are made here when missing, from the spaces' vectors; a model named
+    # by a folder or URI is outside the workspace
+    model = [Ref("model", cfg.model)] if BASE_NAME.match(cfg.model) else []
+    return [Ref("pool"), *model, *(Ref("embeddings", s) for s in cfg.spaces)]
 
 
 def writes(cfg: ProgressConfig) -> list[Ref]:
@@ -92,7 +103,6 @@ def check_inputs(cfg: ProgressConfig, ws: Workspace) -> dict[str, Any]:
     if not cfg.name:
         raise InputError("no run name: pass --name NAME (output: <ws>/progress/NAME/)")
     pool = Pool.open(ws)
-    BaseModelArtifact.open(ws, cfg.base)
     accumulation, left = divmod(cfg.finetune.batch_size, cfg.micro_batch * cfg.num_workers)
     if left or accumulation < 1:
         raise InputError(
@@ -143,20 +153,62 @@ def ensure_clustering(
     return Clustering.open(ws, name)
 
 
+def plan_for(cfg: ProgressConfig, source: ModelSource) -> MemoryPlan:
+    """The memory plan of this run's workers (a GPU run in 'auto' precision is planned
+    in bf16, what the GPUs it runs on have)."""
+    from transformers import LlavaConfig
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if cfg.use_gpu else "fp32"
+    gpu = cfg.gpu_memory_gib
+    if gpu is None and cfg.use_gpu:
+        gpu = gpu_memory_of(cfg.worker.accelerator_type)
+    return plan_memory(
+        LlavaConfig.from_dict(source.config),
+        cfg.finetune,
+        zero_stage=cfg.zero_stage,
+        micro_batch=cfg.micro_batch,
+        seq_len=cfg.max_length or source.max_length,
+        workers=cfg.num_workers,
+        precision=precision,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gpu_memory_gib=gpu,
+    )
+
+
+def check_memory(cfg: ProgressConfig, source: ModelSource) -> MemoryPlan:
+    """The plan, printed with ``--plan``; a GPU plan that does not fit is refused."""
+    plan = plan_for(cfg, source)
+    if cfg.plan:
+        print(format_plan(plan))
+    elif cfg.use_gpu and plan.fits is False:
+        raise InputError(
+            f"the memory plan needs {plan.total_gib:.1f} GiB per GPU, more than the "
+            f"workers' {plan.gpu_memory_gib:.0f} GiB. Turn one of these knobs: "
+            + "; ".join(plan.advice or ["a larger GPU"])
+            + " (`vlselect progress ... --plan` prints the whole plan)"
+        )
+    return plan
+
+
 def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     """Run PROGRESS on ``ws``; see the module docstring. Returns the summary."""
     timer = Timer()
+    source = model_source(ws, cfg.model, weights=not cfg.plan)
+    memory = check_memory(cfg, source)
+    if cfg.plan:
+        return {"plan": memory.model_dump()}
     sizes = check_inputs(cfg, ws)
     connect()
     clusters = ensure_clustering(cfg, ws, cfg.clusters, (50, 10, 1000))
     warm = ensure_clustering(cfg, ws, cfg.warmup_clusters, (10, 10, 5000))
-    base = BaseModelArtifact.open(ws, cfg.base)
     pool = Pool.open(ws)
     # Rows the clustering left out (bad vectors) are not selectable: sizes from its count.
     sizes.update(resolve_sizes(cfg, clusters.meta.rows_assigned))
     budget, warmup, round_size = sizes["budget"], sizes["warmup"], sizes["round_size"]
     inputs = {"clusters": clusters.fingerprint, "warmup clusters": warm.fingerprint,
-              "base": base.fingerprint, "pool": pool.fingerprint}  # fmt: skip
+              "model": source.fingerprint, "pool": pool.fingerprint}  # fmt: skip
     committed = ProgressRun.find(ws, cfg.name)
     actor_name = f"vlselect-progress-{cfg.name}"
     if cfg.overwrite:
@@ -203,8 +255,11 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     total_steps = sum(steps_for(n, cfg.finetune.epochs, cfg.finetune.batch_size) for n in plan_rows)
     plan = TrainPlan(workspace=ws.uri, run_dir=run_dir, coordinator=actor_name,
                      k=clusters.meta.k, accumulation=sizes["accumulation"],
-                     total_steps=total_steps)  # fmt: skip
-    result, train_rounds = _train(cfg, plan)
+                     total_steps=total_steps, model_uri=source.uri,
+                     max_length=cfg.max_length or source.max_length,
+                     planned_gib=memory.total_gib if cfg.use_gpu else None)  # fmt: skip
+    result = _train(cfg, plan)
+    train_rounds = ray.get(coordinator.training_rounds.remote())
     status = ray.get(coordinator.status.remote())
     outputs = write_outputs(ws, run_dir, ray.get(coordinator.rounds_jsonl.remote()))
     summary = {
@@ -241,10 +296,10 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     return summary
 
 
-def _train(cfg: ProgressConfig, plan: TrainPlan):
-    """Fit the TorchTrainer; the last round's metrics and every round's (from the
-    checkpoints Ray Train keeps: all of them, so a resumed run lists its earlier rounds)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def _train(cfg: ProgressConfig, plan: TrainPlan) -> dict:
+    """Fit the TorchTrainer; the last round's metrics (every round's are the
+    coordinator's, so a resumed run lists its earlier rounds too)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ws = Workspace.open(plan.workspace)
@@ -260,7 +315,10 @@ def _train(cfg: ProgressConfig, plan: TrainPlan):
                 "progress": progress.queue,
             },
             scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker=resources,
+                accelerator_type=cfg.worker.accelerator_type,
             ),
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             run_config=RunConfig(
@@ -268,6 +326,7 @@ def _train(cfg: ProgressConfig, plan: TrainPlan):
                 storage_path=plan.run_dir,
                 storage_filesystem=ws.fs,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
                 worker_runtime_env={"env_vars": env},
             ),
         )
@@ -276,9 +335,7 @@ def _train(cfg: ProgressConfig, plan: TrainPlan):
         raise RuntimeError(
             f"training failed: {result.error}; run again to resume"
         ) from result.error
-    rounds = sorted((m for _, m in result.best_checkpoints or []), key=lambda m: m["round"])
-    keys = ("round", "rows", "steps", "train_loss", "score", "train_seconds", "seconds")
-    return dict(result.metrics or {}), [{k: m.get(k) for k in keys} for m in rounds]
+    return dict(result.metrics or {})
 
 
 def _stop_actor(name: str) -> None:

@@ -23,10 +23,11 @@ from collections.abc import Callable
 import numpy as np
 
 from engine.devices import resolve_device
+from engine.llava.chat import LLAVA_CHAT_TEMPLATE
 from engine.llava.config import BaseTrainConfig, LlavaModelConfig
-from engine.llava.data import IGNORE, collate_for, model_inputs
+from engine.llava.data import IGNORE, collate, model_inputs
 from engine.llava.language import language_accuracy, pretrain_language
-from engine.llava.model import build_llava, pixel_values
+from engine.llava.model import build_llava, make_processor, pixel_values
 from engine.llava.scenes import (
     ATTRIBUTES,
     Scenes,
@@ -42,10 +43,13 @@ Log = Callable[[str], None]
 
 
 def make_tokenizer(cfg: LlavaModelConfig, world: WorldConfig):
-    """The offline world tokenizer, or the hub id / folder ``cfg.tokenizer`` names."""
-    return (
-        build_world_tokenizer(world) if cfg.tokenizer == "world" else load_tokenizer(cfg.tokenizer)
-    )
+    """The offline world tokenizer, or the hub id / folder ``cfg.tokenizer`` names (given
+    llava-hf's chat template when it has none)."""
+    if cfg.tokenizer == "world":
+        return build_world_tokenizer(world, cfg.max_length)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer.chat_template = tokenizer.chat_template or LLAVA_CHAT_TEMPLATE
+    return tokenizer
 
 
 def _heads(tower_width: int, grid: int):
@@ -138,7 +142,7 @@ def _caption_examples(scenes: Scenes, idx) -> list[dict]:
     ]
 
 
-def caption_metrics(model, tokenizer, scenes: Scenes, max_length: int) -> dict[str, float]:
+def caption_metrics(model, processor, scenes: Scenes, max_length: int) -> dict[str, float]:
     """Teacher-forced caption loss (mean per token) and token accuracy on ``scenes``."""
     import torch
 
@@ -147,7 +151,7 @@ def caption_metrics(model, tokenizer, scenes: Scenes, max_length: int) -> dict[s
     with torch.no_grad():
         for i in range(0, len(scenes), 64):
             ex = _caption_examples(scenes, range(i, min(i + 64, len(scenes))))
-            inputs = model_inputs(collate_for(model, tokenizer, ex, max_length), model)
+            inputs = model_inputs(collate(ex, processor, max_length=max_length), model)
             labels = inputs.pop("labels")[:, 1:]
             logits = model(**inputs).logits[:, :-1].float()
             mask = labels != IGNORE
@@ -160,7 +164,7 @@ def caption_metrics(model, tokenizer, scenes: Scenes, max_length: int) -> dict[s
 
 
 def align_captions(
-    model, tokenizer, train: Scenes, cfg: BaseTrainConfig, max_length: int, log: Log
+    model, processor, train: Scenes, cfg: BaseTrainConfig, max_length: int, log: Log
 ) -> list[float]:
     """Train the projector (and with ``caption_trains: projector+lm`` the language model;
     the tower stays frozen) to caption ``train``."""
@@ -175,11 +179,10 @@ def align_captions(
     )
     rng = np.random.default_rng(cfg.seed + 1)
     batches = (
-        collate_for(
-            model,
-            tokenizer,
+        collate(
             _caption_examples(train, rng.integers(0, len(train), cfg.caption_batch)),
-            max_length,
+            processor,
+            max_length=max_length,
         )
         for _ in range(cfg.caption_steps)
     )
@@ -189,7 +192,7 @@ def align_captions(
 def train_base(
     world: WorldConfig, model_cfg: LlavaModelConfig, cfg: BaseTrainConfig, log: Log = print
 ):
-    """Build and train the base. Returns (model on CPU, tokenizer, metrics dict).
+    """Build and train the base. Returns (model on CPU, its processor, metrics dict).
 
     Metrics: vision patch accuracy per attribute, caption loss and token accuracy on
     held-out scenes, seconds per phase.
@@ -201,6 +204,7 @@ def train_base(
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     tokenizer = make_tokenizer(model_cfg, world)
+    processor = make_processor(tokenizer, model_cfg)
     model = build_llava(model_cfg, tokenizer).to(device)
     n = max(cfg.vision_scenes, cfg.caption_scenes)
     look = {
@@ -233,14 +237,14 @@ def train_base(
             world, cfg.seed, cfg.language_scenes, cfg.eval_scenes * 4, **look
         )
         lang_losses = pretrain_language(
-            model, tokenizer, texts, steps=cfg.language_steps, batch=cfg.language_batch,
+            model, processor, texts, steps=cfg.language_steps, batch=cfg.language_batch,
             lr=cfg.language_lr, caption_share=cfg.language_caption_share,
             caption_style=cfg.caption_style, warmup=cfg.warmup,
             max_length=model_cfg.max_length, log=log, seed=cfg.seed + 2,
         )  # fmt: skip
         language = {
             "language_accuracy": language_accuracy(
-                model, tokenizer, held_texts, model_cfg.max_length
+                model, processor, held_texts, model_cfg.max_length
             ),
             "language_train_loss_last": float(np.mean(lang_losses[-100:])),
         }
@@ -248,9 +252,9 @@ def train_base(
     t_language = time.perf_counter()
     log(f"aligning on captions ({cfg.caption_trains})")
     losses = align_captions(
-        model, tokenizer, scenes.take(np.arange(cfg.caption_scenes)), cfg, model_cfg.max_length, log
+        model, processor, scenes.take(np.arange(cfg.caption_scenes)), cfg, model_cfg.max_length, log
     )
-    captions = caption_metrics(model, tokenizer, held_out, model_cfg.max_length)
+    captions = caption_metrics(model, processor, held_out, model_cfg.max_length)
     t_end = time.perf_counter()
     metrics = {
         "vision_patch_accuracy": vision,
@@ -266,4 +270,4 @@ def train_base(
         },
         "device": str(device),
     }
-    return model.cpu(), tokenizer, metrics
+    return model.cpu(), processor, metrics

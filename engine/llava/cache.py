@@ -1,7 +1,9 @@
 """The base committed in the workspace, built once and reused while its fingerprint matches.
 
-``<ws>/models/<name>/`` (engine.artifacts.BaseModelArtifact): ``model/`` (safetensors via
-``save_pretrained``) and ``tokenizer/``; its meta holds the config, the recipe's
+``<ws>/models/<name>/`` (engine.artifacts.BaseModelArtifact): ``model/``, a Hugging Face
+LLaVA checkpoint in llava-hf's layout (the model's and its processor's ``save_pretrained``:
+safetensors, tokenizer, image processor, chat template), loaded by the one loader of
+every checkpoint (``engine.llava.checkpoint``); its meta holds the config, the recipe's
 fingerprint, measured accuracies and times. Written as an attempt and published by
 its manifest (engine.commit), so a half-written base is never taken for a finished one.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,11 +23,13 @@ import pyarrow.fs as pafs
 
 from engine.artifacts import BaseModelArtifact, BaseModelMeta
 from engine.errors import InputError
+from engine.llava.checkpoint import declared_max_length, inspect_checkpoint, load_checkpoint
 from engine.llava.config import BASE_VERSION, BaseTrainConfig, LlavaModelConfig, fingerprint
 from engine.workspace import Workspace
 from engine.world.config import WorldConfig
 
 MODELS = "models"
+MODEL_FOLDER = "model"
 DEFAULT_NAME = "tiny-llava"
 # Training knobs that change where or how fast the base trains, not what it is.
 _NOT_IDENTITY = {"device", "torch_threads"}
@@ -35,12 +40,16 @@ _ADDED_LATER = {"domains": None}
 
 @dataclass
 class Base:
-    """A loaded base: ``LlavaForConditionalGeneration`` (CPU, float32), its tokenizer, meta."""
+    """A loaded base: ``LlavaForConditionalGeneration`` (CPU), its processor, meta."""
 
     model: Any
-    tokenizer: Any
+    processor: Any
     meta: BaseModelMeta
     path: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
 
     @property
     def max_length(self) -> int:
@@ -66,13 +75,14 @@ def find_base(ws: Workspace, name: str = DEFAULT_NAME) -> BaseModelArtifact | No
     return BaseModelArtifact.find(ws, name)
 
 
-def save_base(ws: Workspace, name: str, model, tokenizer, meta: BaseModelMeta) -> str:
-    """Commit the base (engine.commit: a new attempt, then its manifest). Returns its path."""
+def save_base(ws: Workspace, name: str, model, processor, meta: BaseModelMeta) -> str:
+    """Commit the base (engine.commit: a new attempt, then its manifest) as a checkpoint
+    folder ``model/`` with its processor. Returns the attempt's path."""
     attempt = BaseModelArtifact.begin(ws, name, recipe=meta.recipe, overwrite=True).attempt
     try:
         with tempfile.TemporaryDirectory(prefix="vlselect-base-") as tmp:
-            model.save_pretrained(os.path.join(tmp, "model"))
-            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            model.save_pretrained(os.path.join(tmp, MODEL_FOLDER))
+            processor.save_pretrained(os.path.join(tmp, MODEL_FOLDER))
             pafs.copy_files(
                 tmp,
                 attempt.dir,
@@ -87,30 +97,65 @@ def save_base(ws: Workspace, name: str, model, tokenizer, meta: BaseModelMeta) -
     return attempt.dir
 
 
-@contextlib.contextmanager
-def _local_copy(ws: Workspace, path: str):
-    """A local folder holding ``path`` (itself when the workspace is local), removed after."""
-    if isinstance(ws.fs, pafs.LocalFileSystem):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="vlselect-base-") as local:
-        pafs.copy_files(
-            path, local, source_filesystem=ws.fs, destination_filesystem=pafs.LocalFileSystem()
-        )
-        yield local
+def base_uri(ws: Workspace, name: str = DEFAULT_NAME) -> str:
+    """The checkpoint folder of the committed base ``name``, as a URI any worker opens.
+
+    Raises:
+        InputError: no committed base of that name (run ``vlselect base``).
+    """
+    return BaseModelArtifact.open(ws, name).uri(MODEL_FOLDER)
 
 
-def load_base(ws: Workspace, name: str = DEFAULT_NAME, fingerprint: str | None = None) -> Base:
-    """Load the committed base ``name`` (CPU, float32).
+BASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a run's model comes from, resolved in the driver before anything starts.
+
+    uri: the checkpoint folder; fingerprint: what the run's inputs record; max_length:
+    the sequence length it trains at by default (the workspace base's, or the
+    checkpoint's declared one); base: the workspace base's name, or None; config: its
+    config.json."""
+
+    uri: str
+    fingerprint: str
+    max_length: int
+    base: str | None
+    config: dict
+
+
+def model_source(ws: Workspace, model: str, *, weights: bool = True) -> ModelSource:
+    """Resolve a ``model`` setting: a bare name is a base committed in the workspace,
+    anything else a checkpoint folder or URI (checked to be a LLaVA with its processor).
+
+    Raises:
+        InputError: no such base (naming ``vlselect base``), or a folder that is not a
+            LLaVA checkpoint (``engine.llava.checkpoint.inspect_checkpoint``).
+    """
+    if BASE_NAME.match(model):
+        found = BaseModelArtifact.open(ws, model)
+        info = inspect_checkpoint(found.uri(MODEL_FOLDER), weights=weights)
+        length = int(found.meta.config["model"]["max_length"])
+        return ModelSource(info.uri, found.fingerprint, length, model, info.config)
+    info = inspect_checkpoint(model, weights=weights)
+    return ModelSource(info.uri, info.fingerprint, declared_max_length(info), None, info.config)
+
+
+def load_base(
+    ws: Workspace,
+    name: str = DEFAULT_NAME,
+    fingerprint: str | None = None,
+    *,
+    dtype: str = "float32",
+    attention: str = "sdpa",
+) -> Base:
+    """Load the committed base ``name`` through the checkpoint loader.
 
     Raises:
         InputError: no committed base (run ``vlselect base``), or its fingerprint is not
             the one asked for.
     """
-    from transformers import LlavaForConditionalGeneration
-
-    from engine.llava.tokenizer import load_tokenizer
-
     found = BaseModelArtifact.open(ws, name)
     meta = found.meta
     if fingerprint is not None and meta.recipe != fingerprint:
@@ -119,10 +164,13 @@ def load_base(ws: Workspace, name: str = DEFAULT_NAME, fingerprint: str | None =
             f"{meta.recipe}, wanted {fingerprint}): rebuild it with "
             f"`vlselect base --workspace {ws.uri} --overwrite`"
         )
-    with _local_copy(ws, found.dir) as local:
-        model = LlavaForConditionalGeneration.from_pretrained(os.path.join(local, "model"))
-        tokenizer = load_tokenizer(os.path.join(local, "tokenizer"))
-    return Base(model.float().eval(), tokenizer, meta, found.dir)
+    loaded = load_checkpoint(
+        found.uri(MODEL_FOLDER),
+        dtype=dtype,
+        attention=attention,
+        max_length=int(meta.config["model"]["max_length"]),
+    )
+    return Base(loaded.model, loaded.processor, meta, found.dir)
 
 
 def build_or_load_base(
@@ -156,7 +204,7 @@ def build_or_load_base(
             "give another --name"
         )
     start = time.time()
-    model, tokenizer, metrics = train_base(world, model_cfg, train_cfg, log)
+    model, processor, metrics = train_base(world, model_cfg, train_cfg, log)
     meta = BaseModelMeta(
         name=name,
         recipe=fp,
@@ -169,9 +217,9 @@ def build_or_load_base(
         world=world.model_dump(mode="json"),
         metrics=metrics,
         image_tokens=model_cfg.vision.image_tokens,
-        vocab_size=len(tokenizer),
+        vocab_size=len(processor.tokenizer),
         parameters=sum(p.numel() for p in model.parameters()),
     )
-    path = save_base(ws, name, model, tokenizer, meta)
+    path = save_base(ws, name, model, processor, meta)
     log(f"base written to {path}")
-    return Base(model.eval(), tokenizer, meta, path), True
+    return Base(model.eval(), processor, meta, path), True

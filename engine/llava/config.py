@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from engine.world.config import DOMAINS, IMAGE_FAMILIES, check_weights
 
 # Bumped whenever the base's training code changes what a cached base means.
-BASE_VERSION = 3
+BASE_VERSION = 4
 
 
 class VisionConfig(BaseModel):

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.llava.data import IGNORE, collate_for, model_inputs
+from engine.llava.chat import first_answer
+from engine.llava.data import IGNORE, collate, model_inputs, tokenizer_of
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -65,15 +66,19 @@ def per_sample_loss(model, batch: Mapping[str, Any]):
 
 
 def generate_answers(
-    model, batch: Mapping[str, Any], tokenizer, max_new_tokens: int = 25
+    model, batch: Mapping[str, Any], processor, max_new_tokens: int = 25, synced: bool = False
 ) -> list[str]:
     """Greedy answers of at most ``max_new_tokens`` tokens, one string per sample.
 
     ``batch`` from ``collate(..., with_answers=False, padding_side='left')``: left padding
-    puts every prompt's end at the last column, where generation continues.
+    puts every prompt's end at the last column, where generation continues. ``synced``:
+    every rank keeps stepping until all ranks are done (ZeRO-3 gathers each layer's
+    weights from every rank at every forward, so a rank that stopped early would hang
+    the others).
     """
     import torch
 
+    tokenizer = tokenizer_of(processor)
     if batch["attention_mask"][:, -1].min() == 0:
         raise ValueError("generate_answers needs a left-padded batch: collate(padding_side='left')")
     gen_model = _unwrap(model)
@@ -88,6 +93,7 @@ def generate_answers(
             num_beams=1,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced,
         )
     new = out[:, inputs["input_ids"].shape[1] :].cpu()
     return [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -111,18 +117,19 @@ def _batches(examples: Sequence[Mapping[str, Any]], size: int):
 
 def sample_losses(
     model,
-    tokenizer,
+    processor,
     examples: Sequence[Mapping[str, Any]],
     *,
     max_length: int,
     batch_size: int = 64,
     blank_images: bool = False,
 ) -> np.ndarray:
-    """Mean per-token answer loss of each example: float32 (n,), NaN where none is left."""
+    """Mean per-token loss over every assistant turn of each example: float32 (n,), NaN
+    where none is left."""
     out = [
         per_sample_loss(
             model,
-            collate_for(model, tokenizer, chunk, max_length, blank_images=blank_images),
+            collate(chunk, processor, max_length=max_length, blank_images=blank_images),
         ).numpy()
         for chunk in _batches(examples, batch_size)
     ]
@@ -131,26 +138,30 @@ def sample_losses(
 
 def answer_correct(
     model,
-    tokenizer,
+    processor,
     examples: Sequence[Mapping[str, Any]],
     *,
     max_length: int,
     batch_size: int = 64,
     max_new_tokens: int = 25,
     blank_images: bool = False,
+    synced: bool = False,
 ) -> tuple[np.ndarray, list[str]]:
-    """Greedy answers judged by normalized match: (bool (n,), the predictions)."""
+    """The first turn's greedy answer judged by normalized match against the first
+    answer: (bool (n,), the predictions). Later turns are scored by the loss metric only
+    (judging turn k would need the model's own earlier answers in the prompt)."""
     preds: list[str] = []
     for chunk in _batches(examples, batch_size):
-        batch = collate_for(
-            model,
-            tokenizer,
+        batch = collate(
             chunk,
-            max_length,
+            processor,
+            max_length=max_length,
             with_answers=False,
             padding_side="left",
             blank_images=blank_images,
         )
-        preds += generate_answers(model, batch, tokenizer, max_new_tokens)
-    correct = np.array([is_match(p, ex["answer"]) for p, ex in zip(preds, examples, strict=True)])
+        preds += generate_answers(model, batch, processor, max_new_tokens, synced=synced)
+    correct = np.array(
+        [is_match(p, first_answer(ex)) for p, ex in zip(preds, examples, strict=True)]
+    )
     return correct.astype(bool), preds

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from engine.llava.config import FinetuneConfig
-from engine.llava.data import collate_for
+from engine.llava.data import collate
 from engine.llava.evaluate import answer_correct
 from engine.llava.train import torch_stepper, train_loop
 
@@ -58,8 +58,7 @@ def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
 
 
 def epoch_batches(
-    model,
-    tokenizer,
+    processor,
     examples: Sequence[Mapping[str, Any]],
     cfg: FinetuneConfig,
     max_length: int,
@@ -75,8 +74,8 @@ def epoch_batches(
         if len(order) < cfg.batch_size:
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        yield collate_for(
-            model, tokenizer, [examples[i] for i in idx], max_length, blank_images=blank_images
+        yield collate(
+            [examples[i] for i in idx], processor, max_length=max_length, blank_images=blank_images
         )
 
 
@@ -93,7 +92,7 @@ def total_steps(n_examples: int, cfg: FinetuneConfig) -> int:
 
 def finetune(
     model,
-    tokenizer,
+    processor,
     examples: Sequence[Mapping[str, Any]],
     cfg: FinetuneConfig,
     max_length: int,
@@ -103,7 +102,8 @@ def finetune(
     log_every: int = 50,
     progress: str | None = None,
 ):
-    """Fine-tune a base on QA ``examples`` (dicts: image, question, answer). Returns
+    """Fine-tune a base on chat ``examples`` (``engine.llava.chat``: an image and whole
+    conversations, or a question and its answer). Returns
     (trained model, per-step losses). ``blank_images`` trains the text-only prior;
     ``progress`` names a progress bar over the steps."""
     model = prepare_for_finetune(model, cfg)
@@ -116,7 +116,7 @@ def finetune(
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
     )
-    batches = epoch_batches(model, tokenizer, examples, cfg, max_length, blank_images=blank_images)
+    batches = epoch_batches(processor, examples, cfg, max_length, blank_images=blank_images)
     losses = train_loop(
         stepper, batches, log_every=log_every, log=log, progress=progress, total=steps
     )
@@ -125,7 +125,7 @@ def finetune(
 
 def accuracy_by_group(
     model,
-    tokenizer,
+    processor,
     examples: Sequence[Mapping[str, Any]],
     groups: Sequence[str],
     max_length: int,
@@ -136,7 +136,7 @@ def accuracy_by_group(
     """Normalized-match accuracy per group (e.g. family) and 'overall'."""
     correct, _ = answer_correct(
         model,
-        tokenizer,
+        processor,
         examples,
         max_length=max_length,
         batch_size=batch_size,

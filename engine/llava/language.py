@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.llava.data import IGNORE, collate_for, model_inputs
+from engine.llava.data import IGNORE, collate, model_inputs, tokenizer_of
 from engine.llava.tokenizer import CAPTION_PROMPTS, IMAGE
 from engine.llava.train import torch_stepper
 from engine.world.answers import object_caption, scene_caption
@@ -127,7 +127,7 @@ def _examples(
 
 def pretrain_language(
     model,
-    tokenizer,
+    processor,
     texts: SceneTexts,
     *,
     steps: int,
@@ -164,8 +164,8 @@ def pretrain_language(
         examples, scenes = _examples(texts, idx, caption_style, rng, captions)
         out = scene_forward(
             model,
-            tokenizer,
-            collate_for(model, tokenizer, examples, max_length, pixels=False),
+            tokenizer_of(processor),
+            collate(examples, processor, max_length=max_length, pixels=False),
             scenes,
             texts.grid,
         )
@@ -177,7 +177,7 @@ def pretrain_language(
     return losses
 
 
-def language_accuracy(model, tokenizer, texts: SceneTexts, max_length: int) -> dict[str, float]:
+def language_accuracy(model, processor, texts: SceneTexts, max_length: int) -> dict[str, float]:
     """Per-family accuracy of the first answer token, teacher-forced, on ``texts`` (the
     LM's reasoning on scenes given as words: what the fine-tune can at best carry over)."""
     import torch
@@ -188,8 +188,8 @@ def language_accuracy(model, tokenizer, texts: SceneTexts, max_length: int) -> d
         for start in range(0, len(texts), 128):
             idx = range(start, min(start + 128, len(texts)))
             examples, scenes = _examples(texts, idx, None, None)
-            batch = collate_for(model, tokenizer, examples, max_length, pixels=False)
-            logits = scene_forward(model, tokenizer, batch, scenes, texts.grid).logits
+            batch = collate(examples, processor, max_length=max_length, pixels=False)
+            logits = scene_forward(model, tokenizer_of(processor), batch, scenes, texts.grid).logits
             labels = batch["labels"]
             for row, i in enumerate(idx):
                 first = int((labels[row] != IGNORE).nonzero()[0])

@@ -1,10 +1,8 @@
-"""The tiny LLaVA: a real ``transformers.LlavaForConditionalGeneration`` from tiny configs,
-and the image preprocessing of world images."""
+"""The tiny LLaVA: a real ``transformers.LlavaForConditionalGeneration`` from tiny configs
+with a ``LlavaProcessor`` of llava-hf's kind (CLIP image processor, the chat template),
+and helpers every model path uses."""
 
 from __future__ import annotations
-
-import io
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -68,36 +66,35 @@ def build_llava(cfg: LlavaModelConfig, tokenizer):
     return model
 
 
+def make_processor(tokenizer, cfg: LlavaModelConfig):
+    """The ``LlavaProcessor`` saved with the tiny model: llava-hf's processor settings at
+    the tiny tower's sizes (CLIP resize + centre crop to ``image_size``, CLIP's mean and
+    std, ``patch_size``, the CLS counted then dropped by the 'default' strategy) and
+    llava-hf's chat template (on the tokenizer, which carries it)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    side = cfg.vision.image_size
+    images = CLIPImageProcessor(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=cfg.vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def image_tokens_of(model) -> int:
     """Placeholders one image fills in ``model`` (patches; CLS dropped by 'default')."""
     vc = model.config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
     return n + (model.config.vision_feature_select_strategy == "full")
-
-
-def decode_images(images: Sequence[bytes | np.ndarray], size: int) -> np.ndarray:
-    """Encoded images (PNG/JPEG bytes) or uint8 (H, W, 3) arrays -> uint8 (n, size, size, 3).
-
-    World images are already ``size`` square; others are resized (bicubic) to it.
-    Raises ValueError naming the index of an undecodable image.
-    """
-    from PIL import Image
-
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        if isinstance(im, np.ndarray):
-            arr = im
-        else:
-            try:
-                with Image.open(io.BytesIO(im)) as pil:
-                    arr = np.asarray(pil.convert("RGB"))
-            except (OSError, ValueError) as err:
-                raise ValueError(f"image {i} of the batch is not decodable: {err}") from None
-        if arr.shape[:2] != (size, size):
-            pil = Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC)
-            arr = np.asarray(pil)
-        out[i] = arr
-    return out
 
 
 def pixel_values(pixels: np.ndarray):

@@ -44,11 +44,14 @@ def world_corpus(world: WorldConfig) -> list[str]:
     return texts
 
 
-def build_world_tokenizer(world: WorldConfig):
+def build_world_tokenizer(world: WorldConfig, max_length: int = 4096):
     """A word-level ``PreTrainedTokenizerFast``: lowercased words and punctuation marks,
-    special tokens <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    special tokens <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4; bos added first, as Llama's
+    tokenizer does; llava-hf's chat template; ``max_length`` its model_max_length."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
+    from engine.llava.chat import LLAVA_CHAT_TEMPLATE
 
     norm = normalizers.Lowercase()
     pre = pre_tokenizers.Whitespace()
@@ -63,6 +66,10 @@ def build_world_tokenizer(world: WorldConfig):
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    # bos first, as Llama's tokenizer adds it: the llava-hf template renders none
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 1)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
@@ -71,7 +78,8 @@ def build_world_tokenizer(world: WorldConfig):
         unk_token=UNK,
         extra_special_tokens={"image_token": IMAGE},
         padding_side="right",
-        model_max_length=4096,
+        model_max_length=max_length,
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
 
 

@@ -16,14 +16,45 @@ from typing import Any, Protocol
 
 from engine.llava.data import model_inputs
 
+TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-def deepspeed_config(micro_batch: int, accumulation: int, zero_stage: int, clip: float) -> dict:
-    """The DeepSpeed config the engine runs with (the optimiser and schedule are ours)."""
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """'auto' -> bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU (bf16
+    matmuls on CPU are slower than fp32 ones); an explicit choice is kept."""
+    if precision != "auto":
+        return precision
+    if not cuda:
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_attention(attention: str, cuda: bool, precision: str) -> str:
+    """'auto' -> flash_attention_2 on a GPU in 16 bit when flash-attn is installed, else
+    PyTorch's SDPA (which itself picks a flash or memory-efficient kernel on GPUs)."""
+    if attention != "auto":
+        return attention
+    import importlib.util
+
+    flash = cuda and precision != "fp32" and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash else "sdpa"
+
+
+def deepspeed_config(
+    micro_batch: int, accumulation: int, zero_stage: int, clip: float, precision: str = "fp32"
+) -> dict:
+    """The DeepSpeed config the engine runs with (the optimiser and schedule are ours).
+
+    bf16: 16-bit weights and compute, fp32 master weights and Adam moments in the ZeRO
+    optimizer. fp16: the same with dynamic loss scaling (2^16 to start, halved on
+    overflow, the step skipped). fp32: neither."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         # Gathered 16-bit weights on save, so the LoRA adapter is written whole.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": clip,
@@ -31,6 +62,12 @@ def deepspeed_config(micro_batch: int, accumulation: int, zero_stage: int, clip:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}  # fmt: skip
+    return config
 
 
 class Stepper(Protocol):

@@ -1,11 +1,11 @@
 """Fixtures the tiny LLaVA's test modules share: the default world, its tokenizer, the
-tiny model config (TINY in test_llava)."""
+tiny model config (TINY in test_llava), its processor."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.llava import LlavaModelConfig, build_world_tokenizer
+from engine.llava import LlavaModelConfig, build_world_tokenizer, make_processor
 from engine.world.config import WorldConfig
 
 
@@ -24,3 +24,8 @@ def model_cfg():
     from tests.engine.test_llava import TINY
 
     return LlavaModelConfig.model_validate(TINY)
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer, model_cfg):
+    return make_processor(tokenizer, model_cfg)

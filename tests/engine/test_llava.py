@@ -16,8 +16,7 @@ from engine.llava import (
     FinetuneConfig,
     build_llava,
     build_or_load_base,
-    collate_for,
-    format_example,
+    collate,
     generate_answers,
     is_match,
     load_base,
@@ -101,22 +100,9 @@ def test_load_tokenizer_names_a_missing_folder(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
 
 
-def test_labels_only_on_answer_tokens_and_eos(tokenizer):
-    ids, labels = format_example(tokenizer, "What color is the ring?", "red", 16)
-    answer_ids = tokenizer("red", add_special_tokens=False)["input_ids"]
-    assert [lab for lab in labels if lab != IGNORE] == [*answer_ids, tokenizer.eos_token_id]
-    assert ids[-len(answer_ids) - 1 :] == [*answer_ids, tokenizer.eos_token_id]
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-    first = ids.index(image_id)
-    assert ids[first : first + 16] == [image_id] * 16  # image tokens before the question
-    assert ids.count(image_id) == 16
-    assert first < ids.index(tokenizer.convert_tokens_to_ids("ring"))
-
-
-def test_collate_pads_masks_and_stacks_images(world, tokenizer, model_cfg):
-    model = build_llava(model_cfg, tokenizer)
+def test_collate_pads_masks_and_stacks_images(world, tokenizer, processor, model_cfg):
     batch_ex = [*examples(world, 3), text_only_example()]
-    right = collate_for(model, tokenizer, batch_ex, model_cfg.max_length)
+    right = collate(batch_ex, processor, max_length=model_cfg.max_length)
     assert right["pixel_values"].shape == (3, 3, 64, 64)
     assert right["has_image"].tolist() == [True, True, True, False]
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
@@ -128,24 +114,22 @@ def test_collate_pads_masks_and_stacks_images(world, tokenizer, model_cfg):
         kept = right["labels"][b][right["labels"][b] != IGNORE].tolist()
         want = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]
         assert kept == [*want, tokenizer.eos_token_id]
-    left = collate_for(
-        model,
-        tokenizer,
-        batch_ex,
-        model_cfg.max_length,
-        with_answers=False,
+    left = collate(
+        batch_ex, processor, max_length=model_cfg.max_length, with_answers=False,
         padding_side="left",
-    )
+    )  # fmt: skip
     assert "labels" not in left
     assert (left["attention_mask"][:, -1] == 1).all()
-    blank = collate_for(model, tokenizer, batch_ex, model_cfg.max_length, blank_images=True)
+    blank = collate(batch_ex, processor, max_length=model_cfg.max_length, blank_images=True)
     assert np.allclose(blank["pixel_values"][0], blank["pixel_values"][1])
 
 
-def test_forward_loss_is_finite_with_one_image_token_per_patch(world, tokenizer, model_cfg):
+def test_forward_loss_is_finite_with_one_image_token_per_patch(
+    world, tokenizer, processor, model_cfg
+):
     model = build_llava(model_cfg, tokenizer)
-    batch = collate_for(
-        model, tokenizer, [*examples(world, 2), text_only_example()], model_cfg.max_length
+    batch = collate(
+        [*examples(world, 2), text_only_example()], processor, max_length=model_cfg.max_length
     )
     # One placeholder per patch (16 for a 64-px image of 16-px patches), none for text only;
     # the forward itself refuses a count that differs from the projected image features.
@@ -162,23 +146,25 @@ def test_forward_loss_is_finite_with_one_image_token_per_patch(world, tokenizer,
     assert per.shape == (3,) and bool(np.isfinite(per.numpy()).all())
 
 
-def test_train_step_learns_a_hand_example_then_greedy_answers_match(world, tokenizer, model_cfg):
+def test_train_step_learns_a_hand_example_then_greedy_answers_match(
+    world, tokenizer, processor, model_cfg
+):
     model = build_llava(model_cfg, tokenizer)
     data = [
         {"image": None, "question": "What is 2 plus 3?", "answer": "5"},
         {"image": None, "question": "What is 4 times 4?", "answer": "16"},
         {**examples(world, 1)[0], "answer": "large red circle"},
     ]
-    batch = collate_for(model, tokenizer, data, model_cfg.max_length)
+    batch = collate(data, processor, max_length=model_cfg.max_length)
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     stepper = torch_stepper(model, [{"params": params, "lr": 1e-2}], 60, warmup=0.0)
     before = float(per_sample_loss(model, batch).mean())
     losses = [train_step(stepper, batch) for _ in range(60)]
     assert losses[-1] < 0.05 < before
-    prompts = collate_for(
-        model, tokenizer, data, model_cfg.max_length, with_answers=False, padding_side="left"
+    prompts = collate(
+        data, processor, max_length=model_cfg.max_length, with_answers=False, padding_side="left"
     )
-    answers = generate_answers(model, prompts, tokenizer, max_new_tokens=5)
+    answers = generate_answers(model, prompts, processor, max_new_tokens=5)
     assert [is_match(a, ex["answer"]) for a, ex in zip(answers, data, strict=True)] == [True] * 3
 
 
@@ -190,7 +176,7 @@ def test_judge_normalizes_case_punctuation_articles_and_number_words():
     assert not is_match("", "yes")
 
 
-def test_lora_trains_adapters_and_projector_never_the_tower(world, tokenizer, model_cfg):
+def test_lora_trains_adapters_and_projector_never_the_tower(world, tokenizer, processor, model_cfg):
     model = build_llava(model_cfg, tokenizer)
     tower = model.model.vision_tower
     tower_before = [p.detach().clone() for p in tower.parameters()]
@@ -205,7 +191,7 @@ def test_lora_trains_adapters_and_projector_never_the_tower(world, tokenizer, mo
     assert all("language_model" in n or "embed" in n or "lm_head" in n for n in lm)
     proj_before = [p.detach().clone() for p in groups[1]["params"]]
     stepper = torch_stepper(peft_model, groups, 2)
-    batch = collate_for(peft_model, tokenizer, examples(world, 4), model_cfg.max_length)
+    batch = collate(examples(world, 4), processor, max_length=model_cfg.max_length)
     assert math.isfinite(train_step(stepper, batch))
     assert math.isfinite(train_step(stepper, batch))
     assert any(not p.equal(q) for p, q in zip(groups[1]["params"], proj_before, strict=True))
@@ -231,7 +217,11 @@ def test_base_is_cached_reused_by_fingerprint_and_refused_when_changed(world, mo
     assert math.isfinite(meta["metrics"]["caption_loss"])
     assert set(meta["metrics"]["language_accuracy"]) <= {*IMAGE_FAMILIES, TEXT_FAMILY}
     committed = BaseModelArtifact.open(ws, "tiny-llava")
-    assert {f.split("/")[0] for f in committed.manifest.files} == {"model", "tokenizer"}
+    assert {f.split("/")[0] for f in committed.manifest.files} == {"model"}
+    # one Hugging Face checkpoint folder with its processor, as llava-hf ships them
+    names = {f.split("/")[-1] for f in committed.manifest.files}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "chat_template.jinja"} <= names  # fmt: skip
     assert committed.files("model", ".safetensors") and committed.dir == base.path
     again, built = build_or_load_base(ws, world, model_cfg, train, log=logs.append)
     assert not built and again.fingerprint == base.fingerprint == meta["recipe"]

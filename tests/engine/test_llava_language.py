@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.llava import BaseTrainConfig, build_llava, collate_for
+from engine.llava import BaseTrainConfig, build_llava, collate
 from engine.llava.base import align_captions
 from engine.llava.language import (
     EMPTY,
@@ -57,10 +57,10 @@ def test_scene_texts_use_known_words_the_families_asked_and_a_text_share(world, 
     assert again.questions == texts.questions[10:15]  # a text depends on its index alone
 
 
-def test_the_cells_fill_the_image_tokens_in_order(world, tokenizer, model):
+def test_the_cells_fill_the_image_tokens_in_order(world, tokenizer, processor, model):
     example = {"image": np.zeros((64, 64, 3), np.uint8), "question": "Is there a red circle?",
                "answer": "yes"}  # fmt: skip
-    batch = collate_for(model, tokenizer, [example], 160)
+    batch = collate([example], processor, max_length=160)
     model.eval()
     with torch.no_grad():
         a = scene_forward(model, tokenizer, batch, [[obj(0, 0)]], 4).logits
@@ -69,13 +69,13 @@ def test_the_cells_fill_the_image_tokens_in_order(world, tokenizer, model):
     assert a.equal(same) and not torch.allclose(a, moved)
 
 
-def test_language_pretraining_trains_the_lm_only_and_learns(world, tokenizer, model):
+def test_language_pretraining_trains_the_lm_only_and_learns(world, processor, model):
     texts = generate_scene_texts(world, 11, 0, 64, text_share=0.1)
     tower = [p.detach().clone() for p in model.model.vision_tower.parameters()]
     proj = [p.detach().clone() for p in model.model.multi_modal_projector.parameters()]
     lm = [p.detach().clone() for p in model.model.language_model.parameters()]
     losses = pretrain_language(
-        model, tokenizer, texts, steps=30, batch=16, lr=1e-2, caption_share=0.25,
+        model, processor, texts, steps=30, batch=16, lr=1e-2, caption_share=0.25,
         caption_style="objects", warmup=0.0, max_length=160, log=lambda m: None, seed=0,
     )  # fmt: skip
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
@@ -90,23 +90,23 @@ def test_language_pretraining_trains_the_lm_only_and_learns(world, tokenizer, mo
     assert any(
         not p.equal(q) for p, q in zip(model.model.language_model.parameters(), lm, strict=True)
     )
-    acc = language_accuracy(model, tokenizer, texts, 160)
+    acc = language_accuracy(model, processor, texts, 160)
     assert set(acc) == set(texts.families) and all(0 <= v <= 1 for v in acc.values())
 
 
-def test_stage_one_trains_the_projector_alone_over_the_frozen_lm(world, tokenizer, model):
+def test_stage_one_trains_the_projector_alone_over_the_frozen_lm(world, processor, model):
     cfg = BaseTrainConfig.model_validate({**TINY_TRAIN, "caption_steps": 2})
     scenes = generate_scenes(world, 11, 0, 16)
     lm = [p.detach().clone() for p in model.model.language_model.parameters()]
     proj = [p.detach().clone() for p in model.model.multi_modal_projector.parameters()]
-    align_captions(model, tokenizer, scenes, cfg, 160, log=lambda m: None)
+    align_captions(model, processor, scenes, cfg, 160, log=lambda m: None)
     assert all(p.equal(q) for p, q in zip(model.model.language_model.parameters(), lm, strict=True))
     assert any(
         not p.equal(q)
         for p, q in zip(model.model.multi_modal_projector.parameters(), proj, strict=True)
     )
     both = cfg.model_copy(update={"caption_trains": "projector+lm"})
-    align_captions(model, tokenizer, scenes, both, 160, log=lambda m: None)
+    align_captions(model, processor, scenes, both, 160, log=lambda m: None)
     assert any(
         not p.equal(q) for p, q in zip(model.model.language_model.parameters(), lm, strict=True)
     )

@@ -17,7 +17,7 @@ SCRIPT = r"""
 import json, os, sys
 import deepspeed, torch
 from engine.llava import (FinetuneConfig, LlavaModelConfig, build_llava, build_world_tokenizer,
-    collate_for, param_groups, prepare_for_finetune, train_step)
+    collate, make_processor, param_groups, prepare_for_finetune, train_step)
 from engine.llava.train import DeepSpeedStepper
 from engine.world.config import WorldConfig
 from engine.world.generate import generate_sample
@@ -25,7 +25,8 @@ from tests.engine.test_llava import TINY
 
 world = WorldConfig()
 tok = build_world_tokenizer(world)
-model = build_llava(LlavaModelConfig.model_validate(TINY), tok)
+model_cfg = LlavaModelConfig.model_validate(TINY)
+model = build_llava(model_cfg, tok)
 cfg = FinetuneConfig.model_validate({"lora": {"r": 4, "alpha": 8}, "lr": 1e-2, "projector_lr": 1e-2})
 model = prepare_for_finetune(model, cfg)
 groups = [{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, cfg)]
@@ -45,7 +46,7 @@ examples = []
 for i in range(4):
     s, img = generate_sample(world, "test", i)
     examples.append({"image": img, "question": s.question, "answer": s.answer})
-batch = collate_for(engine, tok, examples, 160)
+batch = collate(examples, make_processor(tok, model_cfg), max_length=160)
 stepper = DeepSpeedStepper(engine)
 losses = [train_step(stepper, batch) for _ in range(15)]
 print("RESULT " + json.dumps(losses))
