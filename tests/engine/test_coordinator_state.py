@@ -48,8 +48,12 @@ def test_rounds_follow_the_cluster_that_improves():
 def test_budget_is_spent_exactly_and_rounds_stop():
     state = make_state(budget=70, round_size=25)
     state.warmup(np.arange(0, 300, 10))  # 30 rows
-    sizes = [state.next_round(t).size for t in (1, 2, 3)]
+    sizes = []
+    for t in (1, 2, 3):
+        state.report(t - 1, np.zeros(K), np.ones(K), {"round": t - 1, "train_loss": 0.5})
+        sizes.append(state.next_round(t).size)
     assert sizes == [25, 15, 0] and state.finished and state.ledger.spent == 70
+    assert [m["round"] for m in state.training_rounds()] == [0, 1, 2]
     assert state.rounds == 3  # the empty ask recorded nothing
     assert (state.next_round(0) == np.arange(0, 300, 10)).all()
 
@@ -63,6 +67,9 @@ def test_order_is_enforced():
         state.next_round(3)
     with pytest.raises(ValueError, match="rounds 0..0"):
         state.report(2, np.zeros(K), np.ones(K))
+    # a round asked before the previous one is scored would draw on a NaN delta
+    with pytest.raises(ValueError, match="before round 0's scores were reported"):
+        state.next_round(1)
 
 
 def test_eval_rows_are_selected_and_capped_per_cluster():
