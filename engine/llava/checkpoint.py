@@ -65,8 +65,8 @@ def _listing(loc: Location) -> dict[str, int]:
 
 
 def inspect_checkpoint(source: str | Location, *, weights: bool = True) -> CheckpointInfo:
-    """Check that ``source`` is a LLaVA checkpoint with its processor (and, with
-    ``weights``, its weights) and read its config.
+    """Check that ``source`` is a LLaVA checkpoint with its weights and processor and read
+    its config; ``weights`` False (planning memory) asks for its config.json alone.
 
     Raises:
         InputError: the folder is missing, has no config.json, is not a LLaVA, or lacks
@@ -99,9 +99,10 @@ def inspect_checkpoint(source: str | Location, *, weights: bool = True) -> Check
     missing = []
     if weights and not any(WEIGHTS.match(n) for n in files):
         missing.append("weights (*.safetensors or pytorch_model*.bin)")
-    if not any(n in files for n in TOKENIZER_FILES) or "tokenizer_config.json" not in files:
+    tokenizer = any(n in files for n in TOKENIZER_FILES) and "tokenizer_config.json" in files
+    if weights and not tokenizer:
         missing.append("the tokenizer (tokenizer.json or tokenizer.model, tokenizer_config.json)")
-    if not _has_image_processor(loc, files):
+    if weights and not _has_image_processor(loc, files):
         missing.append("the image processor (preprocessor_config.json)")
     if missing:
         raise InputError(
@@ -190,6 +191,8 @@ def declared_max_length(info: CheckpointInfo) -> int:
     text = info.config.get("text_config") or {}
     positions = int(text.get("max_position_embeddings") or 4096)
     loc = info.location
+    if "tokenizer_config.json" not in info.files:  # a config-only folder, for planning
+        return positions
     with loc.fs.open_input_file(f"{loc.path}/tokenizer_config.json") as f:
         declared = json.loads(f.read()).get("model_max_length") or positions
     return int(min(float(declared), positions))
