@@ -87,23 +87,34 @@ class _Fake:
         return self._w
 
 
-def test_dry_run_lists_the_llava_pipeline_on_s3_with_its_resources(s3_server, capsys):
+def test_dry_run_lists_the_llava_pipeline_on_s3_with_its_resources(s3_server, capsys, tmp_path):
     uri = s3_server.uri("dry")
-    config = str(ROOT / "configs" / "pipeline-llava665k.yaml")
-    code = main(["run", "--workspace", uri, "--config", config, "--dry-run"])
+    config = ROOT / "configs" / "pipeline-llava665k.yaml"
+    code = main(["run", "--workspace", uri, "--config", str(config), "--dry-run"])
     out, err = capsys.readouterr()
-    # every step listed, with what it reads, writes and asks for; then the missing base refused
+    # every step listed, with what it reads, writes and asks for
     for label in ("ingest", "embed(clip,dino,text)", "skills", "cluster(progress)",
                   "cluster(warmup)", "index(clip)", "index(skill)", "target(llava20)",
                   "progress(p20)"):  # fmt: skip
         assert label in out, label
     assert "Ray Train worker x8: {'num_cpus': 8.0, 'num_gpus': 1.0" in out
+    assert "'accelerator_type': 'A100-80G'" in out
     assert "clip encoder actor" in out and "vLLM engine x4" in out
     summary = json.loads(out.split("vlselect-summary ", 1)[1].splitlines()[0])
     assert [s["stage"] for s in summary["steps"]][:3] == ["ingest", "embed", "skills"]
     assert all(v == "missing" for s in summary["steps"] for v in s["writes"].values())
-    assert code == 2 and "reads model/llava-1.5-7b" in err and "vlselect base" in err
+    # the 7B checkpoint lives outside the workspace, so every workspace input has its step
+    assert code == 0 and summary["missing"] == [], err
     assert not s3_server.fs().get_file_info("vlbucket/dry").size  # nothing written
+
+    # a progress step that names a workspace base instead needs `vlselect base` first
+    pipeline = yaml.safe_load(config.read_text())
+    next(s for s in pipeline["pipeline"] if "progress" in s)["progress"]["model"] = "llava-1.5-7b"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
+    code = main(["run", "--workspace", uri, "--config", str(tmp_path / "p.yaml"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "reads model/llava-1.5-7b" in err and "vlselect base" in err
+    assert not s3_server.fs().get_file_info("vlbucket/dry").size
 
 
 def test_a_run_runs_and_a_second_run_keeps_what_is_current(ray_session, tmp_path, capsys):
