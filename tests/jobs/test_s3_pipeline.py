@@ -34,6 +34,10 @@ from jobs.cli import main
 from tests.engine.test_llava import TINY, TINY_TRAIN
 from tests.jobs.test_progress_job import TINY_RUN
 
+# The module's fixture runs every stage twice (about 6 min a pass on 2 CPUs, the skills LLM
+# and target's benchmark descriptions most of it): above the suite's 600 s a test.
+pytestmark = pytest.mark.timeout(1500)
+
 POOL = 200
 SKILL_ROWS = 40  # the skills LLM on CPU is the slow stage: the first rows only
 BUDGET = 20
