@@ -322,11 +322,20 @@ class RoundTrainer:
 
 
 def check_gpu_memory(planned_gib: float | None) -> None:
-    """Refuse, before the model loads, a plan larger than this worker's GPU."""
+    """Refuse, before the model loads, a GPU worker that sees no GPU or a plan larger
+    than its GPU (``planned_gib`` is None for a CPU run)."""
+    import os
+
     import torch
 
     if planned_gib is None:
         return
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "use_gpu is set but this worker sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}): "
+            "check the node's driver, or pass --no-use-gpu"
+        )
     have = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
     if planned_gib > have:
         raise RuntimeError(

@@ -109,6 +109,15 @@ KNOWN_HARMLESS_LOGS: tuple[HarmlessLog, ...] = (
         "Ray Data shortens a fused operator's name in its progress bar; the bar still shows.",
         "Truncating long operator name to 100 characters. To disable this behavior, set ...",
     ),
+    HarmlessLog(
+        "DeepSpeed",
+        r"Setting accelerator to CPU",
+        "DeepSpeed says it at import on any machine without a GPU: --plan on a laptop, the "
+        "CPU training path (DS_ACCELERATOR=cpu) and the tests. A GPU worker that cannot "
+        "see its GPU is refused by the trainer's own check, naming the device it expected.",
+        "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to "
+        "detect it.",
+    ),
 )
 
 

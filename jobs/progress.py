@@ -195,10 +195,11 @@ def check_memory(cfg: ProgressConfig, source: ModelSource) -> MemoryPlan:
 def main(cfg: ProgressConfig, ws: Workspace) -> dict:
     """Run PROGRESS on ``ws``; see the module docstring. Returns the summary."""
     timer = Timer()
-    source = model_source(ws, cfg.model, weights=not cfg.plan)
-    memory = check_memory(cfg, source)
+    # the plan needs the config alone: a run too big for its GPUs is told so first
+    memory = check_memory(cfg, model_source(ws, cfg.model, weights=False))
     if cfg.plan:
         return {"plan": memory.model_dump()}
+    source = model_source(ws, cfg.model)
     sizes = check_inputs(cfg, ws)
     connect()
     clusters = ensure_clustering(cfg, ws, cfg.clusters, (50, 10, 1000))

@@ -66,6 +66,21 @@ class ParameterCounts(BaseModel):
     head_trainable: bool = Field(description="Whether lm_head trains (it then keeps its input).")
 
 
+class GpuVerdict(BaseModel):
+    """The plan against one GPU size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_memory_gib: float = Field(description="Memory of the GPU.")
+    fits: bool = Field(description="total <= GPU memory.")
+    largest_micro_batch: int = Field(description="Largest micro-batch that fits; 0: none.")
+    advice: list[str] = Field(description="Single knob changes that make it fit (totals).")
+
+
+# The sizes every plan is also judged against: the two A100s, what most clusters have.
+COMMON_GPU_GIB = (40.0, 80.0)
+
+
 class MemoryPlan(BaseModel):
     """Peak memory of one GPU worker (GiB, rounded to 0.01) and the verdict."""
 
@@ -93,6 +108,9 @@ class MemoryPlan(BaseModel):
     fits: bool | None = Field(description="total <= GPU memory; None without a GPU figure.")
     largest_micro_batch: int | None = Field(description="Largest that fits; 0: none.")
     advice: list[str] = Field(description="Single knob changes that make it fit (totals).")
+    other_gpus: list[GpuVerdict] = Field(
+        description="The verdict on the common sizes (40 and 80 GiB) other than this GPU's."
+    )
 
 
 def build_on_meta(config):
@@ -276,15 +294,9 @@ def plan_memory(config, finetune: FinetuneConfig, *, zero_stage: int, micro_batc
                  gradient_checkpointing=gradient_checkpointing)  # fmt: skip
     parts = [round(x / GIB, 2) for x in _totals(c, knobs)]
     total = _total(c, knobs)
-    fits = largest = None
-    advice: list[str] = []
-    if gpu_memory_gib is not None:
-        fits = total <= gpu_memory_gib
-        largest = 0
-        while largest < 4096 and _total(c, knobs, micro_batch=largest + 1) <= gpu_memory_gib:
-            largest += 1
-        if not fits:
-            advice = _advice(c, knobs, gpu_memory_gib, finetune.batch_size, largest)
+    here = _verdict(c, knobs, gpu_memory_gib, finetune.batch_size) if gpu_memory_gib else None
+    others = [_verdict(c, knobs, gib, finetune.batch_size)
+              for gib in COMMON_GPU_GIB if gib != gpu_memory_gib]  # fmt: skip
     tc, vc = config.text_config, config.vision_config
     name = config.name_or_path or (config.architectures or [type(config).__name__])[0]
     return MemoryPlan(
@@ -292,9 +304,20 @@ def plan_memory(config, finetune: FinetuneConfig, *, zero_stage: int, micro_batc
         f"{vc.model_type} {vc.num_hidden_layers}x{vc.hidden_size})",
         **knobs, **dict(zip(PARTS, parts, strict=True)), total_gib=total,
         gpu_memory_gib=gpu_memory_gib, lora_r=finetune.lora.r if finetune.lora else None,
-        trainable_params=c.trainable, frozen_params=c.frozen, fits=fits,
-        largest_micro_batch=largest, advice=advice,
+        trainable_params=c.trainable, frozen_params=c.frozen,
+        fits=here.fits if here else None,
+        largest_micro_batch=here.largest_micro_batch if here else None,
+        advice=here.advice if here else [], other_gpus=others,
     )  # fmt: skip
+
+
+def _verdict(c: ParameterCounts, knobs: dict, gpu: float, batch: int) -> GpuVerdict:
+    fits = _total(c, knobs) <= gpu
+    largest = 0
+    while largest < 4096 and _total(c, knobs, micro_batch=largest + 1) <= gpu:
+        largest += 1
+    advice = [] if fits else _advice(c, knobs, gpu, batch, largest)
+    return GpuVerdict(gpu_memory_gib=gpu, fits=fits, largest_micro_batch=largest, advice=advice)
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -326,5 +349,11 @@ def format_plan(plan: MemoryPlan) -> str:
     if p.largest_micro_batch is not None:
         rows.append(("largest micro-batch", str(p.largest_micro_batch)))
     rows += [("to fit", a) for a in p.advice]
+    for v in p.other_gpus:
+        verdict = "fits" if v.fits else "does not fit"
+        line = f"{verdict}; largest micro-batch {v.largest_micro_batch}"
+        if v.advice:
+            line += "; to fit: " + ", or ".join(v.advice)
+        rows.append((f"on {v.gpu_memory_gib:g} GiB", line))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
