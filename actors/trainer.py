@@ -53,19 +53,12 @@ from engine.llava import (
     answer_correct,
     collate,
     load_checkpoint,
-    param_groups,
     prepare_for_finetune,
     sample_losses,
     train_step,
 )
 from engine.llava.finetune import steps_for
-from engine.llava.train import (
-    DeepSpeedStepper,
-    cosine_lambda,
-    deepspeed_config,
-    resolve_attention,
-    resolve_precision,
-)
+from engine.llava.train import deepspeed_stepper, resolve_attention, resolve_precision
 from engine.progress import balanced_share
 from engine.progress_config import ProgressConfig, TrainPlan
 from engine.workspace import Workspace
@@ -99,7 +92,6 @@ class RoundTrainer:
     """One worker's state: the DeepSpeed engine, its coordinator handle, its data."""
 
     def __init__(self, config: dict):
-        import deepspeed
         import torch
 
         self.cfg = cfg = ProgressConfig.model_validate(config["config"])
@@ -132,21 +124,11 @@ class RoundTrainer:
         model = prepare_for_finetune(model, ft)
         if cuda:
             model = model.to(f"cuda:{torch.cuda.current_device()}")
-        groups = [{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, ft)]
-        optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], weight_decay=ft.weight_decay
-        )
-        schedule = cosine_lambda(plan.total_steps, ft.warmup)
-        ds_config = deepspeed_config(
-            cfg.micro_batch, plan.accumulation, cfg.zero_stage, ft.max_grad_norm, precision
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            config=ds_config,
-        )
-        self.stepper = DeepSpeedStepper(self.engine)
+        self.stepper = deepspeed_stepper(
+            model, ft, micro_batch=cfg.micro_batch, accumulation=plan.accumulation,
+            zero_stage=cfg.zero_stage, precision=precision, total_steps=plan.total_steps,
+        )  # fmt: skip
+        self.engine = self.stepper.model
 
     # -- rounds ----------------------------------------------------------------------------
 

@@ -117,6 +117,35 @@ class DeepSpeedStepper:
         self.model.step()
 
 
+def deepspeed_stepper(model, finetune, *, micro_batch: int, accumulation: int, zero_stage: int,
+                      precision: str, total_steps: int) -> DeepSpeedStepper:  # fmt: skip
+    """A DeepSpeed engine around ``model`` (already wrapped by ``prepare_for_finetune``):
+    AdamW over its trainable parameters in ``param_groups`` (the projector at its own lr),
+    one cosine schedule over ``total_steps``, ZeRO ``zero_stage`` in ``precision``.
+
+    Needs ``torch.distributed`` (Ray Train's process group; DeepSpeed starts one from
+    RANK/WORLD_SIZE/MASTER_ADDR otherwise) and, on a CPU, ``DS_ACCELERATOR=cpu``."""
+    import deepspeed
+    import torch
+
+    from engine.llava.finetune import param_groups
+
+    groups = [{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, finetune)]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], weight_decay=finetune.weight_decay
+    )
+    schedule = cosine_lambda(total_steps, finetune.warmup)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=deepspeed_config(
+            micro_batch, accumulation, zero_stage, finetune.max_grad_norm, precision
+        ),
+    )
+    return DeepSpeedStepper(engine)
+
+
 def train_step(stepper: Stepper, batch: Mapping[str, Any]) -> float:
     """One optimisation step on ``batch`` (from ``collate``, labels included).
 

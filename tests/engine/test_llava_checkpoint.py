@@ -12,18 +12,16 @@ import pyarrow.fs as pafs
 import pytest
 
 from engine.errors import InputError
-from engine.llava import build_llava, inspect_checkpoint, load_checkpoint, make_processor
+from engine.llava import inspect_checkpoint, load_checkpoint
 from engine.llava.checkpoint import local_folder
+from tests.tiny_llava import save_random_llava
 
 
 @pytest.fixture(scope="module")
-def saved(tokenizer, model_cfg, tmp_path_factory):
+def saved(tmp_path_factory):
     """A random tiny LLaVA and its processor, saved as llava-hf ships them."""
     folder = tmp_path_factory.mktemp("ckpt") / "tiny-llava-hf"
-    model = build_llava(model_cfg, tokenizer)
-    model.save_pretrained(folder)
-    make_processor(tokenizer, model_cfg).save_pretrained(folder)
-    return folder, model
+    return folder, save_random_llava(folder)
 
 
 def test_a_saved_checkpoint_loads_with_its_processor_and_the_same_weights(saved):
