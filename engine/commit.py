@@ -64,6 +64,24 @@ def operational(default: Any = ..., *, description: str, **kwargs: Any) -> Any:
     return Field(description=description, json_schema_extra=extra, **kwargs)
 
 
+def added_later(default: Any, *, description: str, **kwargs: Any) -> Any:
+    """A pydantic ``Field`` added after artifacts were committed, whose ``default`` makes
+    what they were made without it: :func:`output_config` leaves it out at that default, so
+    those artifacts keep their fingerprints (and stay current) and any other value counts."""
+    extra = {**kwargs.pop("json_schema_extra", {}), "omit_at_default": True}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+def _omitted_at_default(model: type[BaseModel], field: str, value: Any) -> bool:
+    info = model.model_fields[field]
+    extra = info.json_schema_extra
+    return (
+        isinstance(extra, Mapping)
+        and bool(extra.get("omit_at_default"))
+        and (value == info.default)
+    )
+
+
 def affects_output(model: type[BaseModel], field: str) -> bool:
     extra = model.model_fields[field].json_schema_extra
     return not (isinstance(extra, Mapping) and extra.get("affects_output") is False)
@@ -73,9 +91,9 @@ def output_config(config: BaseModel) -> dict[str, Any]:
     """``config`` as JSON data without its :func:`operational` fields (nested models too)."""
     out: dict[str, Any] = {}
     for name in type(config).model_fields:
-        if not affects_output(type(config), name):
-            continue
         value = getattr(config, name)
+        if not affects_output(type(config), name) or _omitted_at_default(type(config), name, value):
+            continue
         out[name] = _output_value(value)
     return out
 

@@ -63,7 +63,9 @@ class Base:
 def base_fingerprint(world: WorldConfig, model: LlavaModelConfig, train: BaseTrainConfig) -> str:
     """What decides the base's weights: the world's rendering, sizes, training recipe."""
     world_fields = world.model_dump(
-        mode="json", exclude={"size", "shard_size", "benchmarks", "test_size"}
+        # the base learns from scenes of its own, not the pool's samples or their turns
+        mode="json",
+        exclude={"size", "shard_size", "benchmarks", "test_size", "turns"},
     )
     unset = {k for k, default in _ADDED_LATER.items() if getattr(train, k) == default}
     recipe = train.model_dump(mode="json", exclude=_NOT_IDENTITY | unset)

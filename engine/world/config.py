@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.commit import added_later
+
 # Image question families, easiest first: the position in this tuple is the
 # difficulty rank reported by the manifest (the tiny LLaVA learned colour, shape
 # and glyph almost perfectly, counting barely, left-of and more-than not at all).
@@ -204,8 +206,8 @@ class WorldConfig(BaseModel):
         lt=1.0,
         description="Share of pool and test samples that are text-only (arithmetic, no image).",
     )
-    turns: int = Field(
-        default=1,
+    turns: int = added_later(
+        1,
         ge=1,
         le=6,
         description="Question-answer exchanges per pool sample (1..6): the family's question first, "

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine import commit
 from engine.artifacts import Artifact, Meta
-from engine.commit import ATTEMPTS, MANIFEST, operational, output_config
+from engine.commit import ATTEMPTS, MANIFEST, added_later, operational, output_config
 from engine.errors import InputError
 from engine.resources import Resources
 from engine.workspace import Workspace
@@ -61,6 +61,30 @@ def test_operational_fields_leave_the_fingerprint_alone():
     )
     assert commit.fingerprint(config=plain, inputs={"pool": "a"}) != commit.fingerprint(
         config=plain, inputs={"pool": "b"}
+    )
+
+
+class Grown(StageConfig):
+    turns: int = added_later(1, description="added after StageConfig artifacts existed")
+
+
+def test_a_field_added_later_counts_only_away_from_its_default():
+    # artifacts made before the field existed keep their fingerprint; other values count
+    assert commit.fingerprint(config=Grown()) == commit.fingerprint(config=StageConfig())
+    assert output_config(Grown(turns=3)) == {"k": 10, "inner": {"depth": 3}, "turns": 3}
+    assert commit.fingerprint(config=Grown(turns=3)) != commit.fingerprint(config=Grown())
+
+
+def test_a_single_turn_world_keeps_its_fingerprint_and_the_base_ignores_turns():
+    from engine.llava import BaseTrainConfig, LlavaModelConfig
+    from engine.llava.cache import base_fingerprint
+    from engine.world.config import WorldConfig
+
+    assert "turns" not in output_config(WorldConfig())
+    assert output_config(WorldConfig(turns=3))["turns"] == 3
+    model, train = LlavaModelConfig(), BaseTrainConfig()
+    assert base_fingerprint(WorldConfig(turns=3), model, train) == base_fingerprint(
+        WorldConfig(), model, train
     )
 
 
