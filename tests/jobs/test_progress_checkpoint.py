@@ -17,8 +17,7 @@ import yaml
 from engine.artifacts import Pool, ProgressRun
 from engine.workspace import Workspace
 from jobs.cli import main
-from tests.jobs.test_progress_job import TINY_RUN, summary_of
-from tests.synthetic_space import clustered_labelled, write_space
+from tests.jobs.test_progress_job import TINY_RUN, pool_with_spaces, summary_of
 from tests.tiny_llava import save_random_llava
 
 POOL = 200
@@ -33,13 +32,7 @@ RUN = {**TINY_RUN, "budget": 0.2, "max_new_tokens": 6,
 def hf_run(ray_session, tmp_path_factory) -> tuple[Path, Path, Path]:
     """(workspace of a three-turn pool with dino/text spaces, the checkpoint folder, config)."""
     ws = tmp_path_factory.mktemp("hf") / "ws"
-    world = ["world", "--out", str(ws), "--size", str(POOL), "--set", f"turns={TURNS}"]
-    assert main(world) == 0
-    assert main(["ingest", "--workspace", str(ws)]) == 0
-    ids = Pool.open(Workspace.open(str(ws))).read_table(["id"]).column("id").to_pylist()
-    for space, dim, seed in (("dino", 24, 1), ("text", 16, 2)):
-        vectors, _ = clustered_labelled(len(ids), dim, 8, seed=seed)
-        write_space(ws, space, vectors, ids=ids, shard_rows=100)
+    pool_with_spaces(ws, POOL, "--set", f"turns={TURNS}", clusters=8)
     model = tmp_path_factory.mktemp("checkpoints") / "tiny-llava-hf"
     save_random_llava(model)
     config = tmp_path_factory.mktemp("cfg") / "run.yaml"

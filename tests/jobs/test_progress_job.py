@@ -42,6 +42,18 @@ def summary_of(out: str) -> dict:
     return json.loads(line.removeprefix("vlselect-summary "))
 
 
+def pool_with_spaces(ws: Path, size: int, *world_flags: str, clusters: int) -> Path:
+    """A ``size``-row world at ``ws``, ingested, with synthetic dino and text spaces of
+    ``clusters`` clusters each (PROGRESS clusters them; no encoder needed)."""
+    assert main(["world", "--out", str(ws), "--size", str(size), *world_flags]) == 0
+    assert main(["ingest", "--workspace", str(ws)]) == 0
+    ids = Pool.open(Workspace.open(str(ws))).read_table(["id"]).column("id").to_pylist()
+    for space, dim, seed in (("dino", 24, 1), ("text", 16, 2)):
+        vectors, _ = clustered_labelled(len(ids), dim, clusters, seed=seed)
+        write_space(ws, space, vectors, ids=ids, shard_rows=100)
+    return ws
+
+
 @pytest.fixture(scope="module")
 def tiny_ws(ray_session, tmp_path_factory) -> tuple[Path, Path]:
     return build_tiny_ws(tmp_path_factory)
@@ -50,13 +62,7 @@ def tiny_ws(ray_session, tmp_path_factory) -> tuple[Path, Path]:
 def build_tiny_ws(tmp_path_factory) -> tuple[Path, Path]:
     """A 300-row world, ingested, with synthetic dino/text spaces and a tiny base; and the
     run's config file."""
-    ws = tmp_path_factory.mktemp("progress") / "ws"
-    assert main(["world", "--out", str(ws), "--size", str(POOL)]) == 0
-    assert main(["ingest", "--workspace", str(ws)]) == 0
-    ids = Pool.open(Workspace.open(str(ws))).read_table(["id"]).column("id").to_pylist()
-    for space, dim, seed in (("dino", 24, 1), ("text", 16, 2)):
-        vectors, _ = clustered_labelled(len(ids), dim, 12, seed=seed)
-        write_space(ws, space, vectors, ids=ids, shard_rows=100)
+    ws = pool_with_spaces(tmp_path_factory.mktemp("progress") / "ws", POOL, clusters=12)
     config = tmp_path_factory.mktemp("cfg") / "run.yaml"
     config.write_text(
         yaml.safe_dump({"base": {"model": TINY, "train": TINY_TRAIN}, "progress": TINY_RUN})
