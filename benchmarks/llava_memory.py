@@ -12,7 +12,8 @@ tokens of one 336 px image each, a user turn and an answer (the labels).
 Per row: ms a step, tokens/s, the peak of torch's allocator (allocated and reserved) after
 the engine is built, and the plan's total less its fixed CUDA overhead (what the allocator
 should see) for one worker at the same shapes. On a CPU (``--device cpu``) there is no
-allocator peak: the rows time the step only, and ``--small`` shrinks the stack to a smoke run.
+allocator peak: the rows time the step only, and ``--small`` shrinks the stack (widths too)
+to a smoke run of the same path.
 
     python benchmarks/llava_memory.py --device cuda [--layers 4] [--micro-batch 16 8] \\
         [--out $OUT/llava_memory.json]
@@ -40,13 +41,24 @@ HEADER = ["layers", "micro-batch", "seq", "zero", "ms/step", "tokens/s", "alloca
           "reserved GiB", "plan GiB", "plan / allocated", "loss"]  # fmt: skip
 
 
-def stack_config(layers: int, vision_layers: int):
-    """LLaVA-1.5-7B's ``LlavaConfig`` with fewer decoder (and tower) layers."""
+def stack_config(layers: int, vision_layers: int, narrow: bool = False):
+    """LLaVA-1.5-7B's ``LlavaConfig`` with fewer decoder (and tower) layers; ``narrow``
+    also shrinks the widths 16-fold (the CPU smoke run: the 7B widths cost minutes a step
+    in bf16 on a CPU), keeping the 336 px image and its 576 tokens."""
     from transformers import LlavaConfig
 
     config = LlavaConfig.from_dict(json.loads(CONFIG.read_text()))
     config.text_config.num_hidden_layers = layers
     config.vision_config.num_hidden_layers = vision_layers
+    if narrow:
+        for part in (config.text_config, config.vision_config):
+            part.hidden_size //= 16
+            part.intermediate_size //= 16
+            part.num_attention_heads //= 8
+        text = config.text_config
+        text.num_key_value_heads = text.num_attention_heads
+        text.head_dim = text.hidden_size // text.num_attention_heads
+        config.vision_config.projection_dim //= 16
     # the feature layer (-2) must exist in a shortened tower
     config.vision_feature_layer = max(config.vision_feature_layer, -vision_layers)
     return config
@@ -112,7 +124,7 @@ def measure(args, layers: int, micro_batch: int) -> dict:
     from engine.llava.train import deepspeed_stepper
 
     cuda = args.device.startswith("cuda")
-    config = stack_config(layers, args.vision_layers)
+    config = stack_config(layers, args.vision_layers, narrow=args.small)
     finetune = recipe()
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -164,7 +176,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--zero-stage", type=int, default=2, choices=[2, 3])
     p.add_argument("--steps", type=int, default=3, help="timed steps after the first")
-    p.add_argument("--small", action="store_true", help="1 layer, 2 tower layers, 640 tokens")
+    p.add_argument("--small", action="store_true",
+                   help="CPU smoke: 1 layer, 2 tower layers, widths / 16, 640 tokens")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/llava_memory.json"))
     args = p.parse_args()
     if args.small:
