@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from engine.artifacts import BaseModelArtifact, BaseModelMeta
+from engine.commit import output_config
 from engine.errors import InputError
 from engine.llava.checkpoint import declared_max_length, inspect_checkpoint, load_checkpoint
 from engine.llava.config import BASE_VERSION, BaseTrainConfig, LlavaModelConfig, fingerprint
@@ -31,11 +32,6 @@ from engine.world.config import WorldConfig
 MODELS = "models"
 MODEL_FOLDER = "model"
 DEFAULT_NAME = "tiny-llava"
-# Training knobs that change where or how fast the base trains, not what it is.
-_NOT_IDENTITY = {"device", "torch_threads"}
-# Knobs added after bases were cached, left out of the fingerprint at these defaults so
-# that those bases keep theirs.
-_ADDED_LATER = {"domains": None}
 
 
 @dataclass
@@ -67,9 +63,9 @@ def base_fingerprint(world: WorldConfig, model: LlavaModelConfig, train: BaseTra
         mode="json",
         exclude={"size", "shard_size", "benchmarks", "test_size", "turns"},
     )
-    unset = {k for k, default in _ADDED_LATER.items() if getattr(train, k) == default}
-    recipe = train.model_dump(mode="json", exclude=_NOT_IDENTITY | unset)
-    return fingerprint(model, recipe, world_fields)
+    # where and how fast it trains (operational) and knobs added later at their defaults
+    # (commit.added_later) leave the key alone, as the workspace's artifacts' keys
+    return fingerprint(model, output_config(train), world_fields)
 
 
 def find_base(ws: Workspace, name: str = DEFAULT_NAME) -> BaseModelArtifact | None:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.commit import added_later, operational
 from engine.world.config import DOMAINS, IMAGE_FAMILIES, check_weights
 
 # Bumped whenever the base's training code changes what a cached base means.
@@ -131,7 +132,7 @@ class BaseTrainConfig(BaseModel):
         "against 0.33 with 'rows', colour 0.33 against 0.16); 'rows': row by row, cells "
         "left to right.",
     )
-    domains: dict[str, float] | None = Field(
+    domains: dict[str, float] | None = added_later(
         None,
         description="Domain (concept) mix of the base's scenes; None: the pool's. A domain "
         "left out is a concept the pretrained model never saw: the fine-tune has to learn "
@@ -180,8 +181,10 @@ class BaseTrainConfig(BaseModel):
     caption_lr: float = Field(2e-3, gt=0, description="AdamW lr of LM and projector.")
     eval_scenes: int = Field(256, ge=1, description="Held-out scenes for the measured accuracies.")
     warmup: float = Field(0.03, ge=0, lt=1, description="Share of steps of linear warm-up.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA if seen.")
-    torch_threads: int = Field(0, ge=0, description="torch threads; 0 keeps the process's.")
+    device: Literal["auto", "cpu", "cuda"] = operational(
+        "auto", description="'auto': CUDA if seen."
+    )
+    torch_threads: int = operational(0, ge=0, description="torch threads; 0 keeps the process's.")
 
     @field_validator("domains")
     @classmethod
