@@ -1,13 +1,14 @@
 """The retrieval service: one FAISS shard actor per index shard, and the client that fans out.
 
-``IndexShard`` (a Ray actor) loads ``<ws>/index/<space>/shard-XXXX.faiss`` and its ids in
-its constructor and answers searches. ``RetrievalService`` is the client: it holds the
-shard handles, sends each batch of queries to every shard and merges the per-shard top-k
-lists exactly (``engine.knn.merge_topk``).
+``IndexShard`` (a Ray actor) loads ``<ws>/index/<space>/shard-XXXX.faiss`` and its pool
+rows in its constructor (or memory-maps the index, ``mmap``) and answers searches with
+global pool rows: int64 labels, mapped through a table built once, two flat arrays on
+the wire. ``RetrievalService`` is the client: it holds the shard handles, sends each
+batch of queries to every shard and merges the per-shard top-k lists exactly
+(``engine.knn.merge_topk``); ``search_ids`` answers with string ids for people.
 
 Why a client and not a router actor: each caller fans out from its own process, so the
-merge and the (de)serialisation of ids are spread over the callers and nothing sits
-between a caller and the shards. Several clients (threads, tasks, other jobs) share the
+merge is spread over the callers and nothing sits between a caller and the shards. Several clients (threads, tasks, other jobs) share the
 shards, each of which answers ``max_concurrency`` calls at once. A ``RetrievalService``
 pickles, so it can be handed to Ray tasks; with ``name`` set the shard actors are named
 (namespace ``vlselect``) and another job finds them with ``RetrievalService.connect``.
@@ -38,9 +39,13 @@ from actors.adapter import NAMESPACE, ray_options
 from engine.errors import InputError
 from engine.knn import (
     IndexInfo,
+    id_table,
     labels_to_ids,
+    labels_to_rows,
+    load_index,
     merge_topk,
     open_index,
+    row_table,
     set_search_params,
     shard_name,
     to_gpu,
@@ -83,8 +88,14 @@ class ServiceConfig(BaseModel):
     threads: int = Field(
         0,
         ge=0,
-        description="faiss (OpenMP) threads per shard actor; 0: Ray's default, floor(num_cpus) "
-        "but at least 1.",
+        description="faiss (OpenMP) threads per shard actor; 0: the shard's CPUs, "
+        "floor(shard.num_cpus) but at least 1.",
+    )
+    mmap: bool = Field(
+        False,
+        description="Memory-map each shard's index instead of reading it into memory, for "
+        "indexes larger than a node's RAM (the page cache keeps what queries touch); a "
+        "shard on an object store is first copied to the node's local disk.",
     )
     max_concurrency: int = Field(
         4, ge=1, description="Calls one shard actor answers at once (several clients)."
@@ -123,42 +134,53 @@ class IndexShard:
         gpu: bool = False,
         nprobe: int | None = None,
         ef_search: int | None = None,
-        threads: int = 0,
+        threads: int = 1,
+        mmap: bool = False,
     ):
         start = time.perf_counter()
-        if threads:
-            faiss.omp_set_num_threads(threads)
+        faiss.omp_set_num_threads(max(1, threads))
         info = open_index(ws, space)
-        with ws.fs.open_input_stream(info.index_file(shard)) as f:
-            data = f.read()
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        index = load_index(ws, info.index_file(shard), mmap=mmap)
         # ParquetFile, not read_table: it spares each actor pyarrow.dataset's import (0.4 s).
-        ids = pq.ParquetFile(info.ids_file(shard), filesystem=ws.fs).read(columns=["id"])
-        self.ids = np.array(ids.column("id").to_pylist(), dtype=object)
-        if index.ntotal != len(self.ids):
+        table = pq.ParquetFile(info.ids_file(shard), filesystem=ws.fs).read(columns=["id", "row"])
+        self._rows = row_table(table.column("row").to_numpy())
+        self._ids = table.column("id")  # Arrow; the object table is built on first use
+        self._id_table: np.ndarray | None = None
+        if index.ntotal != table.num_rows:
             raise RuntimeError(
                 f"{info.index_file(shard)} holds {index.ntotal} vectors but its ids file "
-                f"{len(self.ids)}; rebuild with `vlselect index --space {space} --overwrite`"
+                f"{table.num_rows}; rebuild with `vlselect index --space {space} --overwrite`"
             )
         self.params = set_search_params(index, nprobe, ef_search)
         self.index, self._gpu = to_gpu(index, gpu)
         # faiss GPU indexes are not safe to search from several threads at once.
         self._lock = threading.Lock() if self._gpu is not None else None
         self.shard, self.space, self.fingerprint = shard, space, info.fingerprint
+        self.threads, self.mmap = faiss.omp_get_max_threads(), mmap
         self.load_seconds = time.perf_counter() - start
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``queries`` float32 (q, d) -> ``(scores (q, k) float32, ids (q, k) object)``.
-
-        Best first; a shard with fewer than k rows pads with score -FLT_MAX and id None.
-        """
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self._lock is None:
-            scores, labels = self.index.search(queries, k)
-        else:
-            with self._lock:
-                scores, labels = self.index.search(queries, k)
-        return scores, labels_to_ids(labels, self.ids)
+            return self.index.search(queries, k)
+        with self._lock:
+            return self.index.search(queries, k)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``queries`` float32 (q, d) -> ``(scores (q, k) float32, rows (q, k) int64)``.
+
+        ``rows`` are global pool rows, best first; a shard with fewer than k rows pads
+        with score -FLT_MAX and row -1. Two flat arrays: nothing per result is pickled.
+        """
+        scores, labels = self._search(queries, k)
+        return scores, labels_to_rows(labels, self._rows)
+
+    def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``search``, with the pool's string ids (object, None = missing) for rows."""
+        if self._id_table is None:
+            self._id_table = id_table(self._ids.to_pylist())
+        scores, labels = self._search(queries, k)
+        return scores, labels_to_ids(labels, self._id_table)
 
     def info(self) -> dict:
         """Which shard this is, its size, where it runs, and whether Ray restarted it."""
@@ -173,6 +195,8 @@ class IndexShard:
             "dim": int(self.index.d),
             "params": self.params,
             "device": "cpu" if self._gpu is None else "gpu",
+            "threads": self.threads,
+            "mmap": self.mmap,
             "fingerprint": self.fingerprint,
             "pid": os.getpid(),
             "node": context.get_node_id(),
@@ -227,7 +251,8 @@ class RetrievalService:
             "gpu": cfg.gpu,
             "nprobe": cfg.nprobe,
             "ef_search": cfg.ef_search,
-            "threads": cfg.threads,
+            "threads": cfg.threads or max(1, int(cfg.shard.num_cpus)),
+            "mmap": cfg.mmap,
         }
         shards = []
         for s in range(info.shards):
@@ -297,30 +322,32 @@ class RetrievalService:
         """Each shard actor's ``IndexShard.info()``, in shard order."""
         return ray.get([h.info.remote() for h in self.shards])
 
-    def _submit(self, batch: np.ndarray, k: int) -> list:
+    def _submit(self, batch: np.ndarray, k: int, method: str) -> list:
         # A large batch goes to the object store once, read by every shard; a small one
         # travels inline with each call, which costs less than a store round trip.
         arg = ray.put(batch) if batch.nbytes > INLINE_BYTES else batch
-        return [h.search.remote(arg, k) for h in self.shards]
+        return [getattr(h, method).remote(arg, k) for h in self.shards]
 
     def _collect(self, refs: list, k: int) -> tuple[np.ndarray, np.ndarray]:
         parts = ray.get(refs)
-        scores, ids = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
-        return ids, scores
+        scores, found = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+        return found, scores
 
     def iter_search(
-        self, queries: np.ndarray, k: int
+        self, queries: np.ndarray, k: int, *, ids: bool = False
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Answer ``queries`` batch by batch, in order: yields ``(start, ids, scores)``.
+        """Answer ``queries`` batch by batch, in order: yields ``(start, found, scores)``.
 
-        ``ids`` object (b, k) and ``scores`` float32 (b, k) answer queries
+        ``found`` int64 (b, k) pool rows (-1 = missing), or with ``ids`` object (b, k)
+        string ids (None = missing), and ``scores`` float32 (b, k) answer queries
         ``[start, start + b)``. At most ``max_in_flight`` batches are pending at a time.
         """
         queries = self._check(queries, k)
+        method = "search_ids" if ids else "search"
         pending: deque = deque()
         step = self.cfg.batch_size
         for start in range(0, len(queries), step):
-            pending.append((start, self._submit(queries[start : start + step], k)))
+            pending.append((start, self._submit(queries[start : start + step], k, method)))
             if len(pending) >= self.cfg.max_in_flight:
                 first, refs = pending.popleft()
                 yield (first, *self._collect(refs, k))
@@ -329,24 +356,34 @@ class RetrievalService:
             yield (first, *self._collect(refs, k))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The exact merge of every shard's top-k for each query.
+        """The exact merge of every shard's top-k for each query, as pool rows.
 
         Args:
             queries: float32 (q, d), d = the index's dim; searched as given (L2-normalise
                 them first for cosine scores).
             k: results per query, >= 1.
         Returns:
-            ``(ids (q, k) object, scores (q, k) float32)``, best first (ties: lower shard,
-            then the shard's rank). Where the index holds fewer than k rows (or an IVF probe
-            finds fewer) the tail is id None, score -inf.
+            ``(rows (q, k) int64, scores (q, k) float32)``: global pool rows (the pool's
+            row order, the same in every space), best first (ties: lower shard, then the
+            shard's rank). Where the index holds fewer than k rows (or an IVF probe finds
+            fewer) the tail is row -1, score -inf.
         """
+        return self._gather(queries, k, np.int64)
+
+    def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` with the pool's string ids: ``(ids (q, k) object, scores (q, k))``,
+        None where ``search`` has -1. For callers that hand ids to people; selection
+        works on rows."""
+        return self._gather(queries, k, object)
+
+    def _gather(self, queries: np.ndarray, k: int, kind) -> tuple[np.ndarray, np.ndarray]:
         queries = self._check(queries, k)
-        ids = np.empty((len(queries), k), dtype=object)
+        found = np.empty((len(queries), k), dtype=kind)
         scores = np.empty((len(queries), k), dtype=np.float32)
-        for start, batch_ids, batch_scores in self.iter_search(queries, k):
-            ids[start : start + len(batch_ids)] = batch_ids
-            scores[start : start + len(batch_ids)] = batch_scores
-        return ids, scores
+        for start, part, part_scores in self.iter_search(queries, k, ids=kind is object):
+            found[start : start + len(part)] = part
+            scores[start : start + len(part)] = part_scores
+        return found, scores
 
     def _check(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.ascontiguousarray(queries, dtype=np.float32)

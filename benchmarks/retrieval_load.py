@@ -86,9 +86,8 @@ def prepare(workdir: Path, load: Load) -> Path:
         return ws
     shutil.rmtree(workdir, ignore_errors=True)
     x, _ = mixture(load.rows, 0, load.dim, load.centres, load.spread)
-    ids = write_space(ws, SPACE, x, files=8)
+    write_space(ws, SPACE, x, files=8)  # its pool holds the rows in this order
     np.save(workdir / "vectors.npy", x)
-    np.save(workdir / "ids.npy", np.array(ids))
     argv = ["index", "--workspace", str(ws), "--space", SPACE, "--shards", str(load.shards)]
     assert cli([*argv, "--set", f"task.num_cpus={load.shard_cpus}"]) == 0, "index build failed"
     done.write_text(json.dumps(stamp))
@@ -96,7 +95,7 @@ def prepare(workdir: Path, load: Load) -> Path:
 
 
 def same_answer(got_ids, got_scores, want_ids, want_scores) -> bool:
-    """Bit-equal scores, and per query the same (score, id) pairs (tied ids may swap)."""
+    """Bit-equal scores, and per query the same (score, row) pairs (tied rows may swap)."""
     if not np.array_equal(got_scores, want_scores):
         return False
     return all(
@@ -117,7 +116,6 @@ def run_client(c: int, spec: dict, barrier, out: str) -> None:
     faiss.omp_set_num_threads(1)  # the clients' own checks must not crowd out the shards
     work, load = Path(spec["workdir"]), Load(**spec["load"])
     x = np.load(work / "vectors.npy", allow_pickle=False)
-    ids = np.load(work / "ids.npy", allow_pickle=False).astype(object)
     queries = np.load(work / "queries.npy", allow_pickle=False)[c :: load.clients]
     exact = faiss.IndexFlatIP(load.dim)
     exact.add(x)
@@ -145,7 +143,7 @@ def run_client(c: int, spec: dict, barrier, out: str) -> None:
         if i % load.check_every == 0:
             want_scores, labels = exact.search(batch, load.k)
             checked += 1
-            mismatched += not same_answer(got_ids, got_scores, ids[labels], want_scores)
+            mismatched += not same_answer(got_ids, got_scores, labels, want_scores)
     result = {"client": c, "pid": os.getpid(), "seconds": time.perf_counter() - start}
     result["latencies_ms"] = [round(1000 * s, 3) for s in latencies]
     result |= {"errors": errors, "error_messages": messages[:5]}

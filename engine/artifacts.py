@@ -338,10 +338,19 @@ class IndexMeta(Meta):
     excluded_per_shard: list[int]
     seconds: float
     config: dict[str, Any]
+    pool_rows: bool = Field(
+        False,
+        description="ids.parquet holds each vector's global pool row (column 'row'); "
+        "False: an index of an older vlselect, which searches cannot use",
+    )
+    trained_once: bool = Field(
+        False, description="the shards copy one trained template (shared IVF quantizer, PQ)"
+    )
 
 
 class Index(Artifact[IndexMeta]):
-    """FAISS shards ``shard-NNNNN.faiss`` with ``shard-NNNNN.ids.parquet`` beside each."""
+    """FAISS shards ``shard-NNNNN.faiss`` with ``shard-NNNNN.ids.parquet`` (id, pool row)
+    beside each."""
 
     KIND, META, FOLDER, NAMED = "index", IndexMeta, ("index",), True
 

@@ -5,7 +5,7 @@ two spaces, concept (CLIP image) and skill (an LLM's skill description, embedded
 predicts from how the two neighbour lists rank each other which space the benchmark
 leans on. The paper's exact formula is not public; this module defines one, precisely.
 
-Per benchmark sample i, with its concept list C_i and skill list S_i (pool ids, best
+Per benchmark sample i, with its concept list C_i and skill list S_i (pool rows, best
 first, each ``depth`` long, scores float32):
 
     R_c|s(i) = the competition rank of S_i[0] (the top-1 skill neighbour) within C_i:
@@ -81,9 +81,15 @@ class CrossRanks:
         return aggregate(self.r_cs, self.r_sc, self.censored_cs, self.censored_sc)
 
 
+def absent(ids: np.ndarray) -> np.ndarray:
+    """bool, ``ids``' shape: no result here (row -1, or None in string ids)."""
+    ids = np.asarray(ids)
+    return np.equal(ids, None) if ids.dtype == object else ids < 0
+
+
 def _valid(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """bool (q, k): entries that hold a result (an id, a finite score)."""
-    return ~np.equal(ids, None) & np.isfinite(scores)
+    """bool (q, k): entries that hold a result (a row, a finite score)."""
+    return ~absent(ids) & np.isfinite(scores)
 
 
 def rank_within(
@@ -92,8 +98,9 @@ def rank_within(
     """The competition rank of ``target[i]`` within the ranked list ``ids[i]``.
 
     Args:
-        target: object (q,), one pool id per query (None: nothing to rank).
-        ids: object (q, k), each row best first; None marks a missing result (tail).
+        target: int64 (q,), one pool row per query (-1: nothing to rank); or string ids
+            (object, None) with ``ids`` of strings.
+        ids: int64 (q, k), each row best first; -1 marks a missing result (tail).
         scores: float32 (q, k), matching scores (-inf for missing results).
         tol: scores within ``tol`` of the target's count as tied with it.
     Returns:
@@ -101,12 +108,12 @@ def rank_within(
         entries scoring more than the target's score + tol; where the target is not in
         the list (or is None) rank = depth + 1 and censored is True.
     """
-    ids = np.asarray(ids, dtype=object)
+    ids, target = np.asarray(ids), np.asarray(target)
     scores = np.asarray(scores, dtype=np.float64)
     valid = _valid(ids, scores)
     depth = valid.sum(axis=1).astype(np.int64)
-    hit = (ids == np.asarray(target, dtype=object)[:, None]) & valid
-    found = hit.any(axis=1) & ~np.equal(target, None)
+    hit = (ids == target[:, None]) & valid
+    found = hit.any(axis=1) & ~absent(target)
     pos = hit.argmax(axis=1)
     own = scores[np.arange(len(ids)), pos]
     better = ((scores > own[:, None] + tol) & valid).sum(axis=1)
@@ -124,16 +131,18 @@ def cross_ranks(
     """R_c|s and R_s|c of every query from its two neighbour lists.
 
     Args:
-        concept_ids, concept_scores: object / float32 (q, k_c), the concept-space lists,
+        concept_ids, concept_scores: int64 / float32 (q, k_c), the concept-space lists,
             best first (``RetrievalService.search`` output).
-        skill_ids, skill_scores: object / float32 (q, k_s), the skill-space lists.
+        skill_ids, skill_scores: int64 / float32 (q, k_s), the skill-space lists (pool
+            rows, the coordinate both spaces share).
     Raises:
         ValueError: the two spaces answer a different number of queries.
     """
     if len(concept_ids) != len(skill_ids):
         raise ValueError(f"{len(concept_ids)} concept rows but {len(skill_ids)} skill rows")
-    top_s = np.asarray(skill_ids, dtype=object)[:, 0] if len(skill_ids) else np.array([], object)
-    top_c = np.asarray(concept_ids, dtype=object)[:, 0] if len(concept_ids) else top_s
+    skill_ids, concept_ids = np.asarray(skill_ids), np.asarray(concept_ids)
+    top_s = skill_ids[:, 0] if len(skill_ids) else np.zeros(0, skill_ids.dtype)
+    top_c = concept_ids[:, 0] if len(concept_ids) else top_s
     r_cs, cens_cs, depth_c = rank_within(top_s, concept_ids, concept_scores, tol)
     r_sc, cens_sc, depth_s = rank_within(top_c, skill_ids, skill_scores, tol)
     return CrossRanks(r_cs, r_sc, cens_cs, cens_sc, depth_c, depth_s)
@@ -145,15 +154,15 @@ def drop_self(
     """Lists of pool samples used as queries, with each query's own id removed.
 
     Args:
-        ids, scores: object / float32 (q, k + 1), searched with one extra neighbour.
-        own: object (q,), each query's pool id.
+        ids, scores: int64 / float32 (q, k + 1), searched with one extra neighbour.
+        own: int64 (q,), each query's pool row.
         k: the width to return.
     Returns:
-        ``(ids (q, k) object, scores (q, k) float32)``: the row without ``own[i]`` (or its
-        first k entries where the query's id was not found).
+        ``(ids (q, k) int64, scores (q, k) float32)``: the list without ``own[i]`` (or
+        its first k entries where the query's row was not found).
     """
-    ids = np.asarray(ids, dtype=object)
-    keep = ids != np.asarray(own, dtype=object)[:, None]
+    ids = np.asarray(ids)
+    keep = ids != np.asarray(own, dtype=ids.dtype)[:, None]
     # Stable: the first k kept entries of each row, in order.
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)

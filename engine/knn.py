@@ -1,28 +1,40 @@
 """Sharded nearest-neighbour search: the maths and the on-disk contract, without Ray.
 
 - ``merge_topk``: per-shard top-k lists -> the exact global top-k (ties: shard order, then rank).
-- ``labels_to_ids``: a shard's faiss labels (row positions) -> the pool's string ids.
+- ``labels_to_ids`` / ``labels_to_rows``: a shard's faiss labels (its own row positions) ->
+  the pool's string ids, or the pool's global row positions (int64: what travels).
+- ``pool_positions``: a shard's ids -> their global row positions in the pool (the
+  common coordinate of every space: the concept and skill indexes hold different rows).
 - ``shard_ranges`` / ``file_slices``: N rows -> contiguous balanced shards -> the embedding
   files and row slices each shard reads.
-- ``make_index`` / ``build_index`` / ``set_search_params`` / ``to_gpu``: one faiss index
-  from a factory string, inner product (vectors are L2-normalised, so IP is cosine).
+- ``make_index`` / ``train_index`` / ``build_index`` / ``set_search_params`` / ``to_gpu``:
+  one faiss index from a factory string, inner product (vectors are L2-normalised, so IP
+  is cosine); a trained empty index is the template every shard of a sharded IVF or PQ
+  index copies, so the shards share one coarse quantizer and one codebook.
+- ``load_index``: one shard's file, read or memory-mapped.
 - ``open_index``: what ``vlselect index`` wrote in ``<ws>/index/<space>/``, checked.
 
 Scores are float32 inner products; a missing result (faiss label -1, score -FLT_MAX:
 a shard with fewer than k rows, or an IVF probe that found too few) becomes id None
-and score -inf and sorts after every real result.
+(row -1) and score -inf and sorts after every real result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from engine.artifacts import Index, IndexMeta
 from engine.embeddings import SPACES
@@ -90,19 +102,79 @@ def merge_topk(
     )
 
 
-def labels_to_ids(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def labels_to_ids(labels: np.ndarray, table: np.ndarray) -> np.ndarray:
     """A shard's faiss labels int64 (q, k) (row positions, -1 = none) -> object (q, k) ids.
 
-    ``ids`` is the shard's object (n,) array of string pool ids, in the order the vectors
-    were added. A label of -1 becomes None.
+    ``table`` is ``id_table(ids)``: object (n + 1,), the shard's string ids in the order
+    the vectors were added, then None (what label -1 becomes). Built once per shard.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.size and labels.max(initial=-1) >= len(ids):
-        raise ValueError(f"label {labels.max()} out of range for a shard of {len(ids)} ids")
+    n = len(table) - 1
+    if labels.size and labels.max(initial=-1) >= n:
+        raise ValueError(f"label {labels.max()} out of range for a shard of {n} ids")
+    return table[np.where(labels < 0, n, labels)]
+
+
+def id_table(ids: Sequence[str | None]) -> np.ndarray:
+    """object (n + 1,): ``ids`` then None, the lookup ``labels_to_ids`` takes."""
     table = np.empty(len(ids) + 1, dtype=object)
     table[:-1] = ids
     table[-1] = None
-    return table[np.where(labels < 0, len(ids), labels)]
+    return table
+
+
+def labels_to_rows(labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A shard's faiss labels int64 (q, k) (-1 = none) -> int64 (q, k) pool row positions.
+
+    ``rows`` is int64 (n + 1,): the pool row of each of the shard's vectors, then -1
+    (``row_table``). One gather, no Python objects.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(rows) - 1
+    if labels.size and labels.max(initial=-1) >= n:
+        raise ValueError(f"label {labels.max()} out of range for a shard of {n} rows")
+    return rows[np.where(labels < 0, n, labels)]
+
+
+def row_table(rows: np.ndarray) -> np.ndarray:
+    """int64 (n + 1,): a shard's pool rows then -1, the lookup ``labels_to_rows`` takes."""
+    return np.append(np.asarray(rows, np.int64), np.int64(MISSING_LABEL))
+
+
+def pool_positions(ids: pa.Array, pool_ids: pa.Array, offset: int = 0) -> np.ndarray:
+    """int64 (n,): the global pool row of each of ``ids`` (string (n,)), found in
+    ``pool_ids`` (string (m,): the pool's ids from global row ``offset`` on).
+
+    Raises:
+        ValueError: an id that shard does not hold (the embeddings are of another pool).
+    """
+    local = pc.index_in(ids, value_set=pool_ids)
+    if local.null_count:
+        missing = pc.filter(ids, pc.is_null(local)).slice(0, 3).to_pylist()
+        raise ValueError(
+            f"{local.null_count} ids are not in the pool (e.g. {missing}): the space was "
+            f"embedded from another pool; embed it again"
+        )
+    return local.to_numpy(zero_copy_only=False).astype(np.int64) + np.int64(offset)
+
+
+def find_pool_rows(ws: Workspace, pool_files: Sequence[str], ids: Sequence[str]) -> np.ndarray:
+    """int64 (n,): the global pool row of each of ``ids``, reading the pool's id column one
+    shard at a time (never the whole column at once). Raises ValueError for an id the
+    pool does not hold."""
+    wanted = pa.array(list(ids), pa.string())
+    rows = np.full(len(wanted), -1, np.int64)
+    offset = 0
+    for f in pool_files:
+        shard = pq.read_table(f, columns=["id"], filesystem=ws.fs).column("id").combine_chunks()
+        at = pc.fill_null(pc.index_in(wanted, value_set=shard), -1).to_numpy()
+        hit = at >= 0
+        rows[hit] = at[hit] + offset
+        offset += len(shard)
+    if (rows < 0).any():
+        missing = [ids[i] for i in np.flatnonzero(rows < 0)[:3]]
+        raise ValueError(f"{int((rows < 0).sum())} ids are not in the pool (e.g. {missing})")
+    return rows
 
 
 # -- splitting rows into shards ------------------------------------------------------------
@@ -205,65 +277,95 @@ def suggest_nlist(rows: int) -> int:
     return max(1, 2 ** int(math.log2(max(1, rows // 39))))
 
 
-def check_trainable(factory: str, dim: int, rows: int, shards: int) -> faiss.Index:
-    """Parse ``factory`` and check that the smallest shard of ``rows`` can train it.
+def check_trainable(factory: str, dim: int, rows: int) -> faiss.Index:
+    """Parse ``factory`` and check that ``rows`` can train it (the shards share one
+    trained template, so the whole space trains it, not each shard).
 
     Returns the empty index (for its ``is_trained``). Raises InputError naming the
-    factory, the rows per shard and the fix.
+    factory, the rows and the fix.
     """
     index = make_index(factory, dim)
     need = min_train_rows(index)
-    smallest = rows // shards
-    if need > smallest:
-        raise InputError(too_few_rows_message(factory, smallest, need, rows, shards))
+    if need > rows:
+        raise InputError(too_few_rows_message(factory, rows, need))
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and smallest < 39 * ivf.nlist:
+    if ivf is not None and rows < 39 * ivf.nlist:
         log.warning(
-            "%s: %d training rows per shard for %d lists; faiss trains best with >= %d",
+            "%s: %d training rows for %d lists; faiss trains best with >= %d",
             factory,
-            smallest,
+            rows,
             ivf.nlist,
             39 * ivf.nlist,
         )
     return index
 
 
-def too_few_rows_message(factory: str, have: int, need: int, rows: int, shards: int) -> str:
-    fixes = [f"use fewer shards (at most {rows // need})" if rows >= need else None]
+def too_few_rows_message(factory: str, have: int, need: int) -> str:
+    fixes = []
     if "IVF" in factory:
         fixes.append(f"fewer IVF lists (e.g. 'IVF{suggest_nlist(have)},...')")
     fixes.append("or 'Flat' / 'HNSW32', which need no training")
     return (
-        f"factory {factory!r} needs at least {need} training rows per shard, but a shard of "
-        f"{rows} rows split {shards} ways holds {have}; " + ", ".join(f for f in fixes if f)
+        f"factory {factory!r} needs at least {need} training rows, but the space holds "
+        f"{have}; use " + ", ".join(fixes)
     )
 
 
-def build_index(vectors: np.ndarray, factory: str, *, gpu: bool = False) -> faiss.Index:
-    """A CPU faiss index over ``vectors`` float32 (n, d), trained where needed; label i = row i.
+def train_index(vectors: np.ndarray, factory: str, *, gpu: bool = False) -> faiss.Index:
+    """An empty CPU index of ``factory``, trained on ``vectors`` float32 (n, d).
 
-    With ``gpu`` (and faiss sees one) training and adding run on GPU 0; the index returned
-    is on the CPU either way, ready for ``faiss.serialize_index``.
+    The template of a sharded index: every shard copies it and only adds, so an IVF's
+    shards share one coarse quantizer (a query probes the same lists in every shard, and
+    the shards together answer as one index would) and a PQ's one codebook.
 
     Raises:
-        InputError: a bad factory string, or fewer rows than training needs (named, with
-            the fix).
+        InputError: a bad factory string, or fewer rows than training needs.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     index = make_index(factory, dim)
     need = min_train_rows(index)
     if need > n:
-        raise InputError(too_few_rows_message(factory, n, need, n, 1))
+        raise InputError(too_few_rows_message(factory, n, need))
+    if index.is_trained:
+        return index
     work, resources = to_gpu(index, gpu)
-    if not work.is_trained:
-        try:
-            work.train(vectors)
-        except RuntimeError as err:
-            raise InputError(
-                f"factory {factory!r} could not train on {n} rows ({_faiss_message(err)}); "
-                f"give each shard more rows (fewer shards) or use a factory that needs fewer"
-            ) from None
+    try:
+        work.train(vectors)
+    except RuntimeError as err:
+        raise InputError(
+            f"factory {factory!r} could not train on {n} rows ({_faiss_message(err)}); "
+            f"train on more rows or use a factory that needs fewer"
+        ) from None
+    return faiss.index_gpu_to_cpu(work) if resources is not None else work
+
+
+def train_rows(index: faiss.Index, rows: int) -> int:
+    """How many rows to train ``index`` on, of ``rows``: all of them up to what faiss
+    uses (256 points per IVF list, 256 per PQ centroid, at least 65,536), since faiss
+    subsamples beyond that anyway."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return min(rows, max(256 * (ivf.nlist if ivf is not None else 1), 65_536))
+
+
+def build_index(
+    vectors: np.ndarray, factory: str, *, gpu: bool = False, template: faiss.Index | None = None
+) -> faiss.Index:
+    """A CPU faiss index over ``vectors`` float32 (n, d); label i = row i.
+
+    ``template``: a trained empty index (``train_index``) to copy instead of training on
+    ``vectors``. With ``gpu`` (and faiss sees one) training and adding run on GPU 0; the
+    index returned is on the CPU either way, ready for ``faiss.serialize_index``.
+
+    Raises:
+        InputError: a bad factory string, or fewer rows than training needs (named, with
+            the fix).
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.clone_index(template) if template is not None else None
+    if index is None:
+        index = train_index(vectors, factory, gpu=gpu)
+    work, resources = to_gpu(index, gpu)
     work.add(vectors)
     if resources is not None:
         work = faiss.index_gpu_to_cpu(work)
@@ -323,6 +425,44 @@ def set_search_params(
     return applied
 
 
+# -- loading a shard ----------------------------------------------------------------------
+
+
+def index_cache_root() -> str:
+    """Where a node keeps local copies of object-store shards it memory-maps."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "vlselect", "index")
+    return os.environ.get("VLSELECT_INDEX_CACHE", default)
+
+
+def local_copy(fs: pafs.FileSystem, path: str) -> str:
+    """A local file with the bytes of ``path``: itself on a local filesystem, else this
+    node's copy, keyed by the URI and size, written beside its name and renamed in."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    size = fs.get_file_info(path).size
+    key = hashlib.sha256(f"{fs.type_name}:{path}:{size}".encode()).hexdigest()[:24]
+    final = os.path.join(index_cache_root(), f"{key}-{os.path.basename(path)}")
+    if os.path.exists(final) and os.path.getsize(final) == size:
+        return final
+    os.makedirs(index_cache_root(), exist_ok=True)
+    partial = f"{final}.partial-{os.getpid()}"
+    pafs.copy_files(path, partial, source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+    os.replace(partial, final)
+    return final
+
+
+def load_index(ws: Workspace, path: str, *, mmap: bool = False) -> faiss.Index:
+    """The faiss index in ``path``: read into memory, or with ``mmap`` memory-mapped
+    (``IO_FLAG_MMAP_IFC``: the codes and inverted lists stay on disk, paged in as
+    queries touch them), from a node-local copy when ``path`` is on an object store."""
+    if not mmap:
+        with ws.fs.open_input_stream(path) as f:
+            return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    return faiss.read_index(local_copy(ws.fs, path), flags)
+
+
 # -- the index on disk ---------------------------------------------------------------------
 
 
@@ -343,6 +483,7 @@ class IndexInfo:
     meta: IndexMeta
     fingerprint: str
     built_from: str | None  # the fingerprint of the embeddings it was built from
+    pool: str | None = None  # the fingerprint of the pool whose rows it holds
 
     def index_file(self, shard: int) -> str:
         return f"{self.dir}/{shard_name(shard)}.faiss"
@@ -362,6 +503,12 @@ def open_index(ws: Workspace, space: str) -> IndexInfo:
         raise InputError(f"unknown space {space!r}; the spaces are {', '.join(SPACES)}")
     found = Index.open(ws, space)
     meta = found.meta
+    if not meta.pool_rows:
+        raise InputError(
+            f"the index of space {space!r} ({found.dir}) was built by an older vlselect "
+            f"without pool rows: rebuild it with `vlselect index --workspace {ws.uri} "
+            f"--space {space} --shards {meta.shards} --overwrite`"
+        )
     return IndexInfo(
         space,
         found.dir,
@@ -372,4 +519,5 @@ def open_index(ws: Workspace, space: str) -> IndexInfo:
         meta,
         found.fingerprint,
         found.manifest.inputs.get("embeddings"),
+        found.manifest.inputs.get("pool"),
     )

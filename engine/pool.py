@@ -27,6 +27,11 @@ IMAGE_TOKEN = "<image>"
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
+# Rows per Parquet row group of a pool shard: a stage that reads a few rows (PROGRESS's
+# reveal, a selection's records) reads only their groups, so image bytes of the rest
+# stay unread; 1024 rows of LLaVA's ~100 KB images make groups of ~100 MB.
+POOL_ROW_GROUP_ROWS = 1024
+
 POOL_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import PurePosixPath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -105,3 +106,29 @@ def finished_shards(fs: pafs.FileSystem, out_dir: str) -> set[str]:
     return {
         stem(i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
     }
+
+
+def read_rows(
+    fs: pafs.FileSystem, path: str, positions: np.ndarray, columns: list[str]
+) -> pa.Table:
+    """The rows at ``positions`` (int64 (n,), sorted, local to the file) of one Parquet
+    file, only ``columns``, reading only the row groups that hold them.
+
+    Selecting a few rows of a pool shard this way never reads the image bytes of the
+    row groups it does not touch (the pool is written in small row groups for it).
+    """
+    positions = np.asarray(positions, np.int64)
+    pf = pq.ParquetFile(path, filesystem=fs)
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if positions.size and (positions[0] < 0 or positions[-1] >= starts[-1]):
+        raise IndexError(f"rows {positions[0]}..{positions[-1]} outside {path}'s {starts[-1]}")
+    groups = np.unique(np.searchsorted(starts, positions, side="right") - 1)
+    if not groups.size:
+        return pf.schema_arrow.empty_table().select(columns)
+    table = pf.read_row_groups(groups.tolist(), columns=columns)
+    # Where each wanted row sits in the concatenation of the groups read.
+    base = np.cumsum([0] + [sizes[g] for g in groups[:-1]])
+    group_of = np.searchsorted(starts, positions, side="right") - 1
+    local = positions - starts[group_of] + base[np.searchsorted(groups, group_of)]
+    return table.take(pa.array(local))

@@ -1,11 +1,16 @@
 """What a targeted selection leaves for people and for LLaVA's trainer.
 
 ``<ws>/selections/<name>/``: ``selected.json`` (LLaVA conversation format: id, image,
-conversations; an image that came in by reference keeps its reference, relative to the
-pool's image root; an inline image is written to ``images/<id>.png``), ``ids.txt``,
+conversations, in pool order; an image that came in by reference keeps its reference,
+relative to the pool's image root; an inline image is written to ``images/<id>.png``),
+``ids.txt`` (in the order the selection took them),
 ``report.json``, ``crossranks.parquet`` (per benchmark sample: its two cross-ranks,
 censoring flags, top neighbours and skill text) and ``crossranks.png`` (the paper's
 Figure 1: the benchmark's samples by their two cross-ranks, the reference behind them).
+
+The records, ids and cluster counts are gathered per pool shard in tasks
+(``shard_part``), each reading only the row groups that hold its selected rows; the
+driver streams the parts into ``selected.json`` one shard at a time.
 """
 
 from __future__ import annotations
@@ -23,37 +28,58 @@ import pyarrow.parquet as pq
 from engine.artifacts import Clustering
 from engine.crossrank import CrossRanks, Decision
 from engine.pool import llava_record
+from engine.shards import read_rows
 from engine.workspace import Workspace
 
 TOP_CLUSTERS = 20
 
 
-def pool_records(ws: Workspace, pool_file: str, wanted: dict[str, set[str]], out_dirs: dict):
-    """LLaVA records of the ``wanted`` ids found in one pool shard, per selection.
+def shard_part(
+    ws: Workspace,
+    pool_file: str,
+    wanted: dict[str, np.ndarray],
+    shown: dict[str, np.ndarray],
+    out_dirs: dict[str, str],
+) -> dict[str, dict]:
+    """One pool shard's share of every selection's outputs (a task per shard).
 
     Args:
-        wanted: selection key -> the ids it selected.
+        wanted: selection key -> int64 (n,) sorted rows of this shard it selected (local).
+        shown: selection key -> int64 (m,) local rows whose ids the cross-rank table shows.
         out_dirs: selection key -> its output folder (inline images are written there).
     Returns:
-        ``{key: {id: record}}`` for the ids of this shard.
+        Per key: ``ids`` (string (n,), the selected rows' ids in row order), ``json``
+        (bytes: their LLaVA records, comma-separated, for ``selected.json``) and
+        ``shown`` (string (m,) ids).
     """
-    ids = pq.read_table(pool_file, columns=["id"], filesystem=ws.fs).column("id")
-    every = set().union(*wanted.values()) if wanted else set()
-    mask = pc.is_in(ids, pa.array(sorted(every), pa.string()))
-    if not pc.any(mask).as_py():
-        return {key: {} for key in wanted}
-    table = pq.read_table(
-        pool_file, columns=["id", "image", "image_ref", "conversations"], filesystem=ws.fs
-    ).filter(mask)
-    out: dict[str, dict] = {key: {} for key in wanted}
-    for row in table.to_pylist():
-        for key, chosen in wanted.items():
-            if row["id"] not in chosen:
-                continue
-            out_dir = out_dirs[key]
-            out[key][row["id"]] = llava_record(
-                row, lambda rel, data, d=out_dir: ws.write_bytes(f"{d}/{rel}", data)
-            )
+    every = np.unique(np.concatenate([*wanted.values(), *shown.values(), np.zeros(0, np.int64)]))
+    ids = read_rows(ws.fs, pool_file, every, ["id"]).column("id").combine_chunks()
+    out = {}
+    for key, rows in wanted.items():
+        where = pa.array(np.searchsorted(every, rows))
+        records = read_rows(ws.fs, pool_file, rows, RECORD_COLUMNS).to_pylist()
+        write = lambda rel, data, d=out_dirs[key]: ws.write_bytes(f"{d}/{rel}", data)  # noqa: E731
+        text = ",\n".join(json.dumps(llava_record(r, write)) for r in records)
+        out[key] = {
+            "ids": ids.take(where),
+            "json": text.encode(),
+            "shown": ids.take(pa.array(np.searchsorted(every, shown.get(key, every[:0])))),
+        }
+    return out
+
+
+RECORD_COLUMNS = ["id", "image", "image_ref", "conversations"]
+
+
+def cluster_tally(ws: Workspace, assignments: str, selected: dict[str, pa.Array]) -> dict:
+    """Rows per cluster of each selection (key -> string ids) found in one assignments
+    file (a task per file): ``{key: {cluster: rows}}``."""
+    table = pq.read_table(assignments, columns=["id", "cluster"], filesystem=ws.fs)
+    out = {}
+    for key, ids in selected.items():
+        mine = table.filter(pc.is_in(table.column("id"), value_set=ids)).column("cluster")
+        values, counts = np.unique(mine.to_numpy(), return_counts=True)
+        out[key] = dict(zip(values.tolist(), counts.tolist(), strict=True))
     return out
 
 
@@ -70,33 +96,22 @@ def clusterings(ws: Workspace) -> dict[str, Clustering]:
     return found
 
 
-def cluster_counts(ws: Workspace, found: dict[str, Clustering], selections: dict[str, list[str]]):
-    """Per selection and clustering: rows per cluster (the largest ``TOP_CLUSTERS``), the
-    clusters touched, and how evenly (normalised entropy, 1.0 = spread over every cluster)."""
-    out: dict[str, dict] = {key: {} for key in selections}
-    for name, clustering in found.items():
-        files = clustering.assignments
-        if not files:
-            continue
-        table = pa.concat_tables(
-            pq.read_table(f, columns=["id", "cluster"], filesystem=ws.fs) for f in files
-        )
-        label = dict(zip(table["id"].to_pylist(), table["cluster"].to_pylist(), strict=True))
-        for key, ids in selections.items():
-            counts = Counter(label[i] for i in ids if i in label)
-            n = sum(counts.values())
-            p = np.array(list(counts.values()), float) / max(n, 1)
-            k = clustering.meta.k or len(counts)
-            entropy = float(-(p * np.log(p)).sum() / np.log(k)) if k > 1 and n else 0.0
-            out[key][name] = {
-                "spaces": clustering.meta.spaces,
-                "k": k,
-                "rows_with_cluster": n,
-                "clusters_touched": len(counts),
-                "evenness": round(entropy, 4),
-                "top": {str(c): m for c, m in counts.most_common(TOP_CLUSTERS)},
-            }
-    return out
+def cluster_report(clustering: Clustering, counts: Counter) -> dict:
+    """One selection's spread over one clustering: rows per cluster (the largest
+    ``TOP_CLUSTERS``), the clusters touched, and how evenly (normalised entropy, 1.0 =
+    spread over every cluster)."""
+    n = sum(counts.values())
+    p = np.array(list(counts.values()), float) / max(n, 1)
+    k = clustering.meta.k or len(counts)
+    entropy = float(-(p * np.log(p)).sum() / np.log(k)) if k > 1 and n else 0.0
+    return {
+        "spaces": clustering.meta.spaces,
+        "k": k,
+        "rows_with_cluster": n,
+        "clusters_touched": len(counts),
+        "evenness": round(entropy, 4),
+        "top": {str(c): m for c, m in counts.most_common(TOP_CLUSTERS)},
+    }
 
 
 def crossrank_table(
@@ -170,17 +185,9 @@ def scatter_png(
     return buf.getvalue()
 
 
-def write_selection(
-    ws: Workspace, out_dir: str, order: list[str], records: dict[str, dict], report: dict
-) -> None:
-    """selected.json (in selection order), ids.txt and report.json under ``out_dir``."""
-    missing = [i for i in order if i not in records]
-    if missing:
-        raise RuntimeError(
-            f"{len(missing)} selected ids are not in the pool (e.g. {missing[:3]}): the index "
-            f"is older than the pool; rebuild it with `vlselect embed` and `vlselect index`"
-        )
-    rows = [records[i] for i in order]
-    ws.write_bytes(f"{out_dir}/selected.json", json.dumps(rows, indent=1).encode())
-    ws.write_bytes(f"{out_dir}/ids.txt", "".join(i + "\n" for i in order).encode())
-    ws.write_json(f"{out_dir}/report.json", report)
+def ids_text(ids: pa.Array) -> bytes:
+    """``ids`` (string (n,)) as ids.txt: one per line, joined by Arrow (no Python strings)."""
+    if not len(ids):
+        return b""
+    one = pa.ListArray.from_arrays(pa.array([0, len(ids)], pa.int32()), ids)
+    return pc.binary_join(one, "\n")[0].as_py().encode() + b"\n"

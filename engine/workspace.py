@@ -250,10 +250,13 @@ def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[str]:
         raise
 
 
-def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    """Write ``table`` as Parquet (zstd) to ``path`` through :func:`atomic_output`."""
+def write_table_atomic(
+    fs: pafs.FileSystem, path: str, table: pa.Table, row_group_rows: int | None = None
+) -> None:
+    """Write ``table`` as Parquet (zstd) to ``path`` through :func:`atomic_output`;
+    ``row_group_rows`` caps a row group (None: pyarrow's default, up to 1Mi rows)."""
     with atomic_output(fs, path) as tmp:
-        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd", row_group_size=row_group_rows)
 
 
 def _quiet_delete(fs: pafs.FileSystem, path: str) -> None:

@@ -2,30 +2,35 @@
 
 What it does:
     1. checks in the driver, before Ray starts, that the space is embedded and committed,
-       that 1 <= shards <= rows, and that
-       the factory string parses and each shard has the rows its training needs;
+       that 1 <= shards <= rows, and that the factory string parses and the space has
+       the rows its training needs;
     2. splits the space's N rows (in embedding-file order) into ``--shards`` contiguous,
-       balanced ranges and compares the fingerprint (the embeddings' fingerprint, the
-       factory, the shard count, the bad-row policy, faiss's version; engine.commit):
-       a committed index with it is kept, an unfinished attempt with it resumes (its
-       finished shards kept), a change or ``--overwrite`` builds a new attempt;
-    3. builds each unfinished shard in a Ray task (resources from ``task``): reads only
-       the embedding files that hold its range, refuses NaN, inf or all-zero vectors (or
-       leaves them out with ``on_bad_rows: exclude``, counted in the meta), trains
-       where the factory needs it, adds the vectors (label i = the shard's i-th id), and
-       writes ``shard-XXXX.ids.parquet`` then ``shard-XXXX.faiss`` (atomically: the
-       ``.faiss`` file marks the shard finished);
-    4. commits the index (engine.artifacts.Index: dim, rows per shard, factory, metric,
+       balanced ranges and compares the fingerprint (the embeddings' and the pool's
+       fingerprints, the factory, the shard count, the bad-row policy, faiss's version;
+       engine.commit): a committed index with it is kept, an unfinished attempt with it
+       resumes (its finished shards kept), a change or ``--overwrite`` builds a new attempt;
+    3. a factory that trains (IVF, PQ) is trained once, in one task, on a seeded sample
+       of the whole space (``engine.knn.train_rows``); the empty trained index
+       (``trained.faiss``) is the template every shard copies, so the shards share one
+       coarse quantizer and recall does not fall with the shard count;
+    4. builds each unfinished shard in a Ray task (resources from ``task``): reads only
+       the embedding files that hold its range, finds each id's global pool row, refuses
+       NaN, inf or all-zero vectors (or leaves them out with ``on_bad_rows: exclude``,
+       counted in the meta), adds the vectors to a copy of the template (label i = the
+       shard's i-th id), and writes ``shard-XXXX.ids.parquet`` then ``shard-XXXX.faiss``
+       (atomically: the ``.faiss`` file marks the shard finished);
+    5. commits the index (engine.artifacts.Index: dim, rows per shard, factory, metric,
        seconds) and prints a summary.
 
 Output: ``<ws>/index/<space>/shard-XXXX.faiss`` (``faiss.serialize_index``, inner product:
-the vectors are L2-normalised, so scores are cosine similarities) and
-``shard-XXXX.ids.parquet`` (id string, in label order).
+the vectors are L2-normalised, so scores are cosine similarities),
+``shard-XXXX.ids.parquet`` (id string and row int64, the global pool row, in label
+order) and, for a trained factory, ``trained.faiss``.
 
 Raises:
     InputError: no finished embeddings for the space, an unknown space, shards < 1 or
-        more than the rows, a factory that does not parse or that a shard's rows cannot
-        train, bad vectors (named with their count) when ``on_bad_rows`` is ``error``
+        more than the rows, a factory that does not parse or that the space's rows cannot
+        train, vectors whose ids are not in the pool, bad vectors (named with their count) when ``on_bad_rows`` is ``error``
         (exit 2; what this run wrote is discarded).
     RuntimeError / a Ray task error: a build failed (exit 1; finished shards are kept
         and a re-run resumes).
@@ -46,16 +51,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from actors.adapter import ray_options
-from engine.artifacts import Index, IndexMeta, Ref
+from engine.artifacts import Index, IndexMeta, Pool, Ref
 from engine.commit import Attempt, operational
 from engine.embeddings import EmbeddedSpace, open_space, read_vectors, unusable_rows
 from engine.errors import InputError
-from engine.knn import build_index, check_trainable, file_slices, shard_name, shard_ranges
+from engine.kmeans import sample_positions, split_positions
+from engine.knn import (
+    build_index,
+    check_trainable,
+    file_slices,
+    make_index,
+    pool_positions,
+    shard_name,
+    shard_ranges,
+    train_index,
+    train_rows,
+)
 from engine.resources import Resources
 from engine.workspace import Workspace
 from jobs.runtime import Timer, connect, print_summary
 
 STAGE = "index"
+TEMPLATE = "trained.faiss"
 DEFAULT_WORKSPACE = None
 log = logging.getLogger("vlselect.index")
 
@@ -116,26 +133,37 @@ def build_shard(
     shard: int,
     files: list[str],
     slices: list[tuple[int, int, int]],
+    pool_files: list[str],
     dim: int,
     cfg: dict,
 ) -> dict:
     """Read a shard's rows, check them, build and write its index. Returns its stats.
 
-    An input problem (bad vectors, a wrong length, too few rows to train) is returned
-    as ``problem`` with nothing written, so the driver can report every shard's at once.
+    Each vector's global pool row (in ``pool_files`` order) is stored beside its id: the
+    row is what searches return, and the one coordinate the spaces share (the skill
+    space holds only the rows with a skill description). An input problem (bad vectors,
+    a wrong length, ids not in the pool) is returned as ``problem`` with nothing written,
+    so the driver can report every shard's at once.
     """
     timer = Timer()
     if cfg["threads"]:
         faiss.omp_set_num_threads(cfg["threads"])
-    id_parts, vector_parts = [], []
+    pool_ids = pa.concat_arrays([
+        pq.read_table(f, columns=["id"], filesystem=ws.fs).column("id").combine_chunks()
+        for f in pool_files
+    ])  # fmt: skip
+    id_parts, row_parts, vector_parts = [], [], []
     for f, lo, hi in slices:
         try:
             ids, vectors = read_vectors(ws.fs, files[f], dim)
+            ids = ids.slice(lo, hi - lo)
+            row_parts.append(pool_positions(ids, pool_ids, 0))
         except ValueError as err:
-            return {"shard": shard, "problem": str(err)}
-        id_parts.append(ids.slice(lo, hi - lo))
+            return {"shard": shard, "problem": f"{files[f]}: {err}"}
+        id_parts.append(ids)
         vector_parts.append(vectors[lo:hi])
     ids = pa.concat_arrays(id_parts)
+    rows = np.concatenate(row_parts)
     vectors = np.concatenate(vector_parts)
     bad = unusable_rows(vectors)
     n_bad = int(bad.sum())
@@ -143,19 +171,46 @@ def build_shard(
         examples = ids.filter(pa.array(bad)).slice(0, 5).to_pylist()
         return {"shard": shard, "bad": n_bad, "bad_examples": examples}
     if n_bad:
-        ids, vectors = ids.filter(pa.array(~bad)), vectors[~bad]
+        ids, rows, vectors = ids.filter(pa.array(~bad)), rows[~bad], vectors[~bad]
+    template = None
+    if cfg["template"]:
+        with ws.fs.open_input_stream(cfg["template"]) as fh:
+            template = faiss.deserialize_index(np.frombuffer(fh.read(), dtype=np.uint8))
     try:
-        index = build_index(vectors, cfg["factory"], gpu=cfg["gpu"])
+        index = build_index(vectors, cfg["factory"], gpu=cfg["gpu"], template=template)
     except InputError as err:
         return {"shard": shard, "problem": f"shard {shard}: {err}"}
     name = shard_name(shard)
     out_dir = cfg["out_dir"]
-    ws.write_table(f"{out_dir}/{name}.ids.parquet", pa.table({"id": ids}))
+    ws.write_table(f"{out_dir}/{name}.ids.parquet", pa.table({"id": ids, "row": rows}))
     ws.write_bytes(f"{out_dir}/{name}.faiss", memoryview(faiss.serialize_index(index)))
     return {"shard": shard, "rows": len(ids), "excluded": n_bad, "seconds": timer.seconds}
 
 
+def train_template(
+    ws: Workspace, files: list[str], positions: list[np.ndarray], dim: int, cfg: dict
+) -> dict:
+    """Train the factory once on the sampled rows (``positions``: local rows per file) and
+    write the empty trained index to ``cfg['template']``; every shard then copies it."""
+    timer = Timer()
+    if cfg["threads"]:
+        faiss.omp_set_num_threads(cfg["threads"])
+    parts = []
+    for f, local in zip(files, positions, strict=True):
+        if len(local):
+            parts.append(read_vectors(ws.fs, f, dim)[1][local])
+    sample = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    sample = sample[~unusable_rows(sample)]  # the shards report bad rows; training skips them
+    try:
+        index = train_index(sample, cfg["factory"], gpu=cfg["gpu"])
+    except InputError as err:
+        return {"problem": str(err)}
+    ws.write_bytes(cfg["template"], memoryview(faiss.serialize_index(index)))
+    return {"rows": len(sample), "seconds": timer.seconds}
+
+
 _build_shard = ray.remote(build_shard)
+_train_template = ray.remote(train_template)
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -171,7 +226,7 @@ def check_inputs(cfg: IndexConfig, ws: Workspace) -> EmbeddedSpace:
             f"--shards {cfg.shards} is more than the {space.rows} vectors of space "
             f"{cfg.space!r}; use at most {space.rows} shards"
         )
-    check_trainable(cfg.factory, space.dim, space.rows, cfg.shards)
+    check_trainable(cfg.factory, space.dim, space.rows)
     if cfg.gpu and not cfg.task.num_gpus:
         raise InputError("gpu: true needs a GPU per build task: set task.num_gpus (e.g. 1)")
     return space
@@ -200,10 +255,11 @@ def build(cfg: IndexConfig, ws: Workspace, space: EmbeddedSpace) -> dict:
     """Build the unfinished shards, resuming an attempt of the same fingerprint."""
     timer = Timer()
     name = space.space
+    pool = Pool.open(ws)
     plan = Index.begin(
         ws,
         name,
-        inputs={"embeddings": space.fingerprint},
+        inputs={"embeddings": space.fingerprint, "pool": pool.fingerprint},
         config=cfg,
         faiss=faiss.__version__,
         overwrite=cfg.overwrite,
@@ -219,7 +275,8 @@ def build(cfg: IndexConfig, ws: Workspace, space: EmbeddedSpace) -> dict:
     pending = [s for s in range(cfg.shards) if s not in done_shards]
     ranges = shard_ranges(space.rows, cfg.shards)
     connect()
-    results = _run(cfg, ws, space, pending, ranges, attempt.dir)
+    template = _template(cfg, ws, space, attempt) if pending else None
+    results = _run(cfg, ws, space, pool.shards, pending, ranges, attempt.dir, template)
     _refuse_problems(ws, name, results, attempt)
     per_shard, excluded = [], []
     for s, (start, stop) in enumerate(ranges):
@@ -239,6 +296,8 @@ def build(cfg: IndexConfig, ws: Workspace, space: EmbeddedSpace) -> dict:
         excluded_per_shard=excluded,
         seconds=round(timer.seconds, 2),
         config=cfg.model_dump(mode="json"),
+        pool_rows=True,
+        trained_once=not make_index(cfg.factory, space.dim).is_trained,
     )
     done = Index.committed(ws, name, attempt.commit(meta))
     seconds = {r["shard"]: round(r["seconds"], 2) for r in results}
@@ -255,8 +314,39 @@ def _result(done: Index, built: int, kept: int, seconds: dict) -> dict:
     }
 
 
-def _run(cfg, ws, space, pending, ranges, out_dir: str) -> list[dict]:
-    rows_per_file = [pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in space.files]
+def _template(cfg: IndexConfig, ws: Workspace, space: EmbeddedSpace, attempt: Attempt):
+    """The trained empty index every shard copies (None for a factory that needs no
+    training), trained in one task on a seeded sample of the whole space; kept in the
+    attempt, so a resumed build adds to the same quantizer."""
+    empty = make_index(cfg.factory, space.dim)
+    if empty.is_trained:
+        return None
+    path = attempt.path(TEMPLATE)
+    if attempt.exists(TEMPLATE):
+        return path
+    rows_per_file = _rows_per_file(ws, space)
+    wanted = sample_positions(space.rows, train_rows(empty, space.rows), seed=0)
+    per_file = split_positions(wanted, rows_per_file)
+    files = [f for f, p in zip(space.files, per_file, strict=True) if len(p)]
+    local = [p for p in per_file if len(p)]
+    task_cfg = {"factory": cfg.factory, "gpu": cfg.gpu, "threads": cfg.threads, "template": path}
+    log.info("%s: training %s once on %d of %d rows", space.space, cfg.factory, len(wanted),
+             space.rows)  # fmt: skip
+    done = ray.get(
+        _train_template.options(**ray_options(cfg.task)).remote(
+            ws, files, local, space.dim, task_cfg
+        )
+    )
+    _refuse_problems(ws, space.space, [done], attempt)
+    return path
+
+
+def _rows_per_file(ws: Workspace, space: EmbeddedSpace) -> list[int]:
+    return [pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in space.files]
+
+
+def _run(cfg, ws, space, pool_files, pending, ranges, out_dir: str, template) -> list[dict]:
+    rows_per_file = _rows_per_file(ws, space)
     task_cfg = {
         "space": space.space,
         "factory": cfg.factory,
@@ -264,6 +354,7 @@ def _run(cfg, ws, space, pending, ranges, out_dir: str) -> list[dict]:
         "gpu": cfg.gpu,
         "threads": cfg.threads,
         "out_dir": out_dir,
+        "template": template,
     }
     opts = ray_options(cfg.task)
     refs = []
@@ -271,7 +362,10 @@ def _run(cfg, ws, space, pending, ranges, out_dir: str) -> list[dict]:
         slices = file_slices(rows_per_file, *ranges[s])
         files = [space.files[f] for f, _, _ in slices]
         local = [(i, lo, hi) for i, (_, lo, hi) in enumerate(slices)]
-        refs.append(_build_shard.options(**opts).remote(ws, s, files, local, space.dim, task_cfg))
+        refs.append(
+            _build_shard.options(**opts).remote(ws, s, files, local, pool_files, space.dim,
+                                                task_cfg)
+        )  # fmt: skip
     results = []
     with tqdm(total=len(refs), unit="shard", desc=f"index {space.space}") as bar:
         while refs:

@@ -41,7 +41,7 @@ from engine.ingest import (
     normalize_chunk,
     source_files,
 )
-from engine.pool import ImagePolicy
+from engine.pool import POOL_ROW_GROUP_ROWS, ImagePolicy
 from engine.resources import Resources
 from engine.workspace import Location, Workspace, write_table_atomic
 from jobs.flags import path_field
@@ -111,7 +111,7 @@ def _normalize_and_write(
     pool, rejects = normalize_chunk(items, source_name, ImagePolicy(**policy_args))
     name = f"part-{index:06d}.parquet"
     if pool.num_rows:
-        write_table_atomic(fs, f"{out_dir}/{name}", pool)
+        write_table_atomic(fs, f"{out_dir}/{name}", pool, POOL_ROW_GROUP_ROWS)
     if rejects.num_rows:
         write_table_atomic(fs, f"{out_dir}/{REJECTS}/{name}", rejects)
     return {

@@ -171,7 +171,7 @@ def main(cfg: SearchConfig, ws: Workspace) -> dict:
             atomic_output(fs, out) as tmp,
             pq.ParquetWriter(tmp, RESULT_SCHEMA, filesystem=fs) as writer,
         ):
-            for start, ids, scores in service.iter_search(queries, cfg.k):
+            for start, ids, scores in service.iter_search(queries, cfg.k, ids=True):
                 found = ~np.equal(ids, None)
                 short += int((~found).any(axis=1).sum())
                 rows, ranks = np.nonzero(found)

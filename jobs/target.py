@@ -31,16 +31,21 @@ Raises:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
 
 from actors.retrieval import RetrievalService, ServiceConfig
 from engine.artifacts import EmbeddingSpace, Pool, Ref, Selection, SelectionMeta, Skills, World
@@ -49,7 +54,8 @@ from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self
 from engine.embeddings import EmbeddedSpace, open_space
 from engine.errors import InputError
 from engine.ingest import source_files
-from engine.knn import IndexInfo, open_index
+from engine.kmeans import split_positions
+from engine.knn import IndexInfo, find_pool_rows, open_index
 from engine.progress import rows_of
 from engine.resources import Resources
 from engine.target_input import (
@@ -60,15 +66,16 @@ from engine.target_input import (
     require_usable,
 )
 from engine.target_report import (
-    cluster_counts,
+    cluster_report,
+    cluster_tally,
     clusterings,
     crossrank_table,
-    pool_records,
+    ids_text,
     scatter_png,
-    write_selection,
+    shard_part,
 )
-from engine.targeted import MODES, select
-from engine.workspace import Workspace
+from engine.targeted import MODES, fill_at_random, select
+from engine.workspace import Workspace, atomic_output
 from jobs import target_embed as te
 from jobs.flags import path_field
 from jobs.runtime import Timer, connect, print_summary
@@ -112,6 +119,19 @@ class TargetConfig(BaseModel):
         1000, ge=1, description="Neighbours per sample and space for the cross-ranks; a rank "
         "beyond it is censored at depth + 1.",
     )  # fmt: skip
+    max_candidates: int = Field(
+        50_000_000, ge=1,
+        description="Most neighbour-list entries (samples x depth) one space's lists may "
+        "hold while deepening to reach the budget: 12 bytes each in the driver, so 50M is "
+        "600 MB. The deepest list is max(depth, max_candidates // samples), at most the pool.",
+    )  # fmt: skip
+    fill: Literal["random", "refuse"] = Field(
+        "random",
+        description="When the deepest lists hold fewer distinct rows than the budget (a "
+        "benchmark on a rare concept): random takes the rest uniformly at random (seeded) "
+        "from the pool rows not selected, and the report and summary count them; refuse "
+        "stops with the count the lists reach.",
+    )
     reference: int = Field(
         200, ge=0, description="Pool samples used as reference queries (0: no calibration)."
     )
@@ -173,6 +193,7 @@ class Plan:
     inputs: dict[str, str]  # upstream fingerprints by role
     digests: dict[str, str]  # each benchmark file's sha256
     pool_files: list[str]
+    pool_rows: list[int]  # rows per pool file, in order (pool rows are global positions)
 
 
 def _file_digest(path: str) -> str:
@@ -197,6 +218,12 @@ def _space(ws: Workspace, space: str) -> tuple[EmbeddedSpace, IndexInfo]:
         index = open_index(ws, space)
     except InputError as err:
         raise InputError(f"{err} (`vlselect index --workspace {ws.uri} --space {space}`)") from None
+    if index.pool != Pool.open(ws).fingerprint:
+        raise InputError(
+            f"the index of space {space!r} holds the rows of another pool (the pool was "
+            f"ingested again since): rebuild it with `vlselect index --workspace {ws.uri} "
+            f"--space {space}`"
+        )
     if index.built_from != embedded.fingerprint:
         raise InputError(
             f"the index of space {space!r} was built from older embeddings: rebuild it with "
@@ -243,38 +270,57 @@ def check_inputs(cfg: TargetConfig, ws: Workspace) -> Plan:
         inputs.update({f"{space} space": e.fingerprint, f"{space} index": i.fingerprint})
     return Plan(pool, budget, {s: e for s, (e, _) in found.items()},
                 {s: i for s, (_, i) in found.items()}, benches, inputs,
-                {b.name: _file_digest(b.path) for b in benches}, found_pool.shards)  # fmt: skip
+                {b.name: _file_digest(b.path) for b in benches}, found_pool.shards,
+                [pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows
+                 for f in found_pool.shards])  # fmt: skip
 
 
-def _lists(services, queries: dict[str, np.ndarray], k: int) -> dict[str, tuple]:
-    return {space: services[space].search(queries[space], k) for space in ("concept", "skill")}
+def _lists(services, queries: dict[str, np.ndarray], k: int, spaces=("concept", "skill")):
+    return {space: services[space].search(queries[space], k) for space in spaces}
+
+
+MODE_SPACES = {"concept": ("concept",), "skill": ("skill",), "sum": ("concept", "skill"),
+               "max": ("concept", "skill"), "split": ("concept", "skill")}  # fmt: skip
 
 
 def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, staged) -> dict:
-    """Cross-ranks, decision, selection and outputs of one benchmark; its report."""
+    """Cross-ranks, decision, selection and outputs of one benchmark; its report.
+
+    The lists are deepened (doubling, only in the spaces the mode reads) until they hold
+    the budget or reach ``max(depth, max_candidates // samples)``; what they cannot
+    reach is filled by ``cfg.fill`` or refused.
+    """
     timer = Timer()
     rows = min(plan.indexes["clip"].rows, plan.indexes["skill"].rows)
     depth = min(cfg.depth, rows)
     lists = _lists(services, vecs, depth)
+    top = {space: ids[:, 0].copy() for space, (ids, _) in lists.items()}
     ranks = cross_ranks(*lists["concept"], *lists["skill"])
     decision = decide(ranks, reference, n_boot=cfg.bootstrap, seed=cfg.seed)
     mode = decision.prediction if cfg.mode == "auto" else cfg.mode
-    k = min(rows, max(depth, math.ceil(2 * plan.budget / len(bench))))
+    deepest = min(rows, max(depth, cfg.max_candidates // len(bench)))
+    k = min(deepest, max(depth, math.ceil(2 * plan.budget / len(bench))))
     while True:
         if k > depth:
-            lists = _lists(services, vecs, k)
+            lists = _lists(services, vecs, k, MODE_SPACES[mode])
         chosen = select(mode, plan.budget, lists, aggregation=cfg.aggregation, quota=cfg.quota,
                         split_share=cfg.split_share)  # fmt: skip
-        if len(chosen) == plan.budget or k == rows:
+        if len(chosen) == plan.budget or k == deepest:
             break
-        k = min(rows, 2 * k)
-    if len(chosen) != plan.budget:
-        raise RuntimeError(
-            f"{bench.name}: the neighbour lists of the whole index hold {len(chosen)} distinct "
-            f"ids, fewer than the budget {plan.budget} (an approximate index missed rows): "
-            f"raise search nprobe/ef_search or index with 'Flat'"
-        )
-    staged.put(bench.name, ranks, decision, lists, vecs, chosen, reference)
+        k = min(deepest, 2 * k)
+    del lists
+    reached = len(chosen)
+    if reached < plan.budget:
+        short = (f"{bench.name}: its neighbour lists at depth {k} ({len(bench)} samples) hold "
+                 f"{reached} distinct pool rows, fewer than the budget {plan.budget}")  # fmt: skip
+        if cfg.fill == "refuse":
+            raise InputError(
+                f"{short}: lower --budget to at most {reached}, raise max_candidates (deeper "
+                f"lists), or set fill: random to take the rest at random"
+            )
+        fill_at_random(chosen, plan.pool, plan.budget, cfg.seed)
+        log.warning("%s; %d rows filled at random (fill: random)", short, plan.budget - reached)
+    staged.put(bench.name, ranks, decision, top, vecs, chosen, reference)
     per = chosen.per_sample(len(bench))
     return {
         "benchmark": bench.name, "file": bench.path, "records": bench.records,
@@ -283,10 +329,11 @@ def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, st
         **decision.as_dict(), "ranks": ranks.aggregate(),
         "reference_ranks": reference.aggregate() if reference is not None else None,
         "depth": depth, "selection_depth": k, "budget": plan.budget, "selected": len(chosen),
+        "from_lists": reached, "filled_at_random": len(chosen) - reached,
         "aggregation": cfg.aggregation, "quota": cfg.quota, "quota_lifted": chosen.quota_lifted,
         "picks_per_sample": {"min": int(per.min()), "median": float(np.median(per)),
                              "max": int(per.max())},
-        "picks_by_space": {s: chosen.space.count(s) for s in sorted(set(chosen.space))},
+        "picks_by_space": chosen.space_counts(),
         "seconds": round(timer.seconds, 2),
     }  # fmt: skip
 
@@ -300,9 +347,9 @@ class Staged:
     def dir(self, name: str) -> str:
         return self.root if self.single else f"{self.root}/{name}"
 
-    def put(self, name, ranks: CrossRanks, decision, lists, vecs, chosen, reference) -> None:
-        c_ids, s_ids = lists["concept"][0], lists["skill"][0]
-        self.items[name] = (ranks, decision, c_ids[:, 0], s_ids[:, 0], vecs["skill_text"], chosen)
+    def put(self, name, ranks: CrossRanks, decision, top, vecs, chosen, reference) -> None:
+        self.items[name] = (ranks, decision, top["concept"], top["skill"], vecs["skill_text"],
+                            chosen)  # fmt: skip
         self.ws.write_bytes(f"{self.dir(name)}/crossranks.png",
                             scatter_png(name, ranks, reference, decision))  # fmt: skip
 
@@ -354,34 +401,72 @@ def _reference(cfg, ws, plan, svc) -> CrossRanks | None:
     if not ids:
         return None
     depth = min(cfg.depth, plan.indexes["clip"].rows - 1, plan.indexes["skill"].rows - 1)
-    own = np.array(ids, dtype=object)
+    own = find_pool_rows(ws, plan.pool_files, ids)
     c = drop_self(*svc["concept"].search(qc, depth + 1), own, depth)
     s = drop_self(*svc["skill"].search(qs, depth + 1), own, depth)
     return cross_ranks(*c, *s)
 
 
 def _write(cfg, ws, plan, staged: Staged, reports, embed_stats, timer, attempt) -> dict:
-    wanted = {b: set(item[-1].ids) for b, item in staged.items.items()}
-    dirs = {b: staged.dir(b) for b in wanted}
-    records: dict[str, dict] = {b: {} for b in wanted}
-    task = ray.remote(num_cpus=0.25)(pool_records)
-    parts = ray.get([task.remote(ws, f, wanted, dirs) for f in plan.pool_files])
-    for part in parts:
-        for b, found in part.items():
-            records[b].update(found)
-    counts = cluster_counts(
-        ws, clusterings(ws), {b: item[-1].ids for b, item in staged.items.items()}
-    )
+    """Every benchmark's outputs: one task per pool shard gathers its share of the
+    records, ids and cluster counts (``shard_part``), and the driver streams the parts
+    into each ``selected.json`` shard by shard, so it never holds a selection's records."""
+    names = list(staged.items)
+    dirs = {b: staged.dir(b) for b in names}
+    chosen = {b: staged.items[b][-1] for b in names}
+    shown = {b: np.unique(np.concatenate(staged.items[b][2:4])) for b in names}
+    shown = {b: rows[rows >= 0] for b, rows in shown.items()}
+    per_file = {b: split_positions(np.sort(chosen[b].rows), plan.pool_rows) for b in names}
+    shown_per_file = {b: split_positions(shown[b], plan.pool_rows) for b in names}
+    task = ray.remote(num_cpus=0.25)(shard_part)
+    refs = [
+        task.remote(ws, f, {b: per_file[b][i] for b in names},
+                    {b: shown_per_file[b][i] for b in names}, dirs)
+        for i, f in enumerate(plan.pool_files)
+    ]  # fmt: skip
+    ids = {b: [] for b in names}
+    shown_ids = {b: [] for b in names}
+    with contextlib.ExitStack() as stack:
+        streams = {}
+        for b in names:
+            tmp = stack.enter_context(atomic_output(ws.fs, f"{dirs[b]}/selected.json"))
+            streams[b] = stack.enter_context(ws.fs.open_output_stream(tmp))
+            streams[b].write(b"[\n")
+        started = dict.fromkeys(names, False)
+        for ref in tqdm(refs, unit="shard", desc="records", mininterval=1.0):
+            part = ray.get(ref)
+            for b, got in part.items():
+                ids[b].append(got["ids"])
+                shown_ids[b].append(got["shown"])
+                if got["json"]:
+                    streams[b].write((b",\n" if started[b] else b"") + got["json"])
+                    started[b] = True
+            del part
+        for b in names:
+            streams[b].write(b"\n]\n")
+            streams[b].close()
+    ids = {b: pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+           for b, parts in ids.items()}  # fmt: skip
+    counts = _cluster_counts(ws, ids)
     for report, bench in zip(reports, plan.benchmarks, strict=True):
-        ranks, decision, top_c, top_s, text, chosen = staged.items[bench.name]
+        ranks, decision, top_c, top_s, text, picked = staged.items[bench.name]
         out_dir = staged.dir(bench.name)
+        in_row_order = ids[bench.name]
+        if len(in_row_order) != len(picked):
+            raise RuntimeError(
+                f"{len(picked) - len(in_row_order)} selected rows are not in the pool: the "
+                f"index is older than the pool; rebuild it with `vlselect index`"
+            )
+        order = np.searchsorted(np.sort(picked.rows), picked.rows)
         report["clusters"] = counts[bench.name]
         report["skills"] = embed_stats
-        ws.write_table(
-            f"{out_dir}/crossranks.parquet", crossrank_table(bench.ids, ranks, top_c, top_s, text)
-        )
+        shown_table = pa.concat_arrays(shown_ids[bench.name]) if shown[bench.name].size else None
+        top_ids = [_ids_of(top, shown[bench.name], shown_table) for top in (top_c, top_s)]
+        ws.write_table(f"{out_dir}/crossranks.parquet",
+                       crossrank_table(bench.ids, ranks, *top_ids, text))  # fmt: skip
         ws.write_json(f"{out_dir}/rejects.json", bench.rejects)
-        write_selection(ws, out_dir, chosen.ids, records[bench.name], report)
+        ws.write_bytes(f"{out_dir}/ids.txt", ids_text(in_row_order.take(pa.array(order))))
+        ws.write_json(f"{out_dir}/report.json", report)
     summary = {"name": cfg.name, "pool": plan.pool, "budget": plan.budget,
                "benchmarks": [{k: r[k] for k in ("benchmark", "usable", "rejected", "prediction",
                                "confidence", "margin", "mode", "selected", "seconds")} for r in reports],
@@ -399,6 +484,34 @@ def _write(cfg, ws, plan, staged: Staged, reports, embed_stats, timer, attempt) 
     )
     attempt.commit(meta)
     return summary
+
+
+def _cluster_counts(ws: Workspace, ids: dict[str, pa.Array]) -> dict[str, dict]:
+    """Each selection's spread over every committed clustering: a task per assignments
+    file tallies the selected ids it holds (the ids go to the object store once)."""
+    found = {c: cl for c, cl in clusterings(ws).items() if cl.assignments}
+    selected = ray.put(ids)
+    task = ray.remote(num_cpus=0.25)(cluster_tally)
+    refs = {c: [task.remote(ws, f, selected) for f in cl.assignments] for c, cl in found.items()}
+    out: dict[str, dict] = {b: {} for b in ids}
+    for c, parts in refs.items():
+        tallies = {b: Counter() for b in ids}
+        for part in ray.get(parts):
+            for b, tally in part.items():
+                tallies[b].update(tally)
+        for b, tally in tallies.items():
+            out[b][c] = cluster_report(found[c], tally)
+    return out
+
+
+def _ids_of(rows: np.ndarray, shown: np.ndarray, shown_ids: pa.Array | None) -> list:
+    """The string id of each of ``rows`` (int64 (q,), -1: None) from the sorted rows
+    ``shown`` and their ids."""
+    if shown_ids is None:
+        return [None] * len(rows)
+    at = np.searchsorted(shown, np.maximum(rows, 0))
+    got = shown_ids.take(pa.array(np.minimum(at, len(shown) - 1))).to_pylist()
+    return [g if r >= 0 else None for g, r in zip(got, rows, strict=True)]
 
 
 def _print(summary: dict, out: str, reused: bool) -> None:

@@ -6,7 +6,8 @@ use them so that they need no encoder run: a committed ``EmbeddingSpace`` artifa
 (id string, vector list<float32>) and whose manifest carries a full ``SpaceMeta``, the
 embed stage's contract (``engine.embeddings.open_space`` reads them). Its fingerprint is
 a digest of what was written, so writing the same space again keeps what downstream
-stages built on it, and writing other vectors makes them run again.
+stages built on it, and writing other vectors makes them run again. A workspace without
+a pool that holds the ids gets one (``ensure_pool``): indexes store pool rows.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.artifacts import EmbeddingSpace, SpaceMeta
+from engine.artifacts import EmbeddingSpace, Pool, PoolMeta, SpaceMeta
+from engine.pool import POOL_SCHEMA
 from engine.vectors import l2_normalize, to_arrow
 from engine.workspace import Workspace, write_table_atomic
 
@@ -105,7 +107,39 @@ def write_space(
         write_table_atomic(workspace.fs, attempt.path(f"part-{f:06d}.parquet"), table)
         shards += 1
     attempt.commit(synthetic_meta(space, dim, n - len(drop), shards, tag))
+    ensure_pool(workspace, ids)
     return ids
+
+
+def ensure_pool(ws: Workspace, ids: list[str]) -> None:
+    """Commit a pool that holds ``ids`` (text-only records, one per id) when the workspace's
+    pool lacks any of them: an index stores each vector's pool row, so synthetic vectors
+    need pool rows as real ones have. A pool of real records (a world's) is left alone
+    when it already holds every id."""
+    found = Pool.find(ws)
+    have = found.read_table(["id"]).column("id").to_pylist() if found is not None else []
+    known = set(have)
+    new = [i for i in dict.fromkeys(ids) if i not in known]
+    if not new:
+        return
+    every = have + new
+    begun = Pool.begin(ws, synthetic="ids", content=hashlib.sha256("\n".join(every).encode())
+                       .hexdigest(), overwrite=True)  # fmt: skip
+    turns = [[{"from": "human", "value": f"q {i}"}, {"from": "gpt", "value": f"a {i}"}]
+             for i in every]  # fmt: skip
+    table = pa.table({
+        "id": every, "image": pa.nulls(len(every), pa.binary()),
+        "image_ref": pa.nulls(len(every), pa.string()), "width": pa.nulls(len(every), pa.int32()),
+        "height": pa.nulls(len(every), pa.int32()), "question": [f"q {i}" for i in every],
+        "answer": [f"a {i}" for i in every], "conversations": turns,
+        "source": ["synthetic"] * len(every), "record_index": list(range(len(every))),
+    }, schema=POOL_SCHEMA)  # fmt: skip
+    write_table_atomic(ws.fs, begun.attempt.path("part-000000.parquet"), table)
+    begun.attempt.commit(PoolMeta(
+        source="synthetic", format="synthetic", image_root=None, records_in=len(every),
+        accepted=len(every), rejected=0, rejected_by_reason={}, source_fingerprint={},
+        seconds=0.0, config={},
+    ))  # fmt: skip
 
 
 def brute_force(x: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,14 +15,21 @@ from engine.knn import (
     build_index,
     check_trainable,
     file_slices,
+    id_table,
     labels_to_ids,
+    labels_to_rows,
+    load_index,
     make_index,
     merge_topk,
     min_train_rows,
     open_index,
+    pool_positions,
+    row_table,
     set_search_params,
     shard_ranges,
     to_gpu,
+    train_index,
+    train_rows,
 )
 from engine.workspace import Workspace
 from tests.synthetic_space import brute_force, clustered
@@ -93,25 +101,80 @@ def test_faiss_flat_shards_merge_to_the_exact_answer():
     whole.add(x)
     want_scores, want_labels = whole.search(q, 10)
     for shards in (1, 2, 3, 8):
-        parts = []
+        parts, row_parts = [], []
         for lo, hi in shard_ranges(len(x), shards):
             index = build_index(x[lo:hi], "Flat")
             s, labels = index.search(q, 10)
-            parts.append((s, labels_to_ids(labels, ids[lo:hi])))
+            parts.append((s, labels_to_ids(labels, id_table(ids[lo:hi]))))
+            pool_rows = row_table(np.arange(lo, hi))  # a shard's rows are pool rows lo..hi
+            row_parts.append((s, labels_to_rows(labels, pool_rows)))
         scores, got = merge_topk([p[0] for p in parts], [p[1] for p in parts], 10)
+        row_scores, got_rows = merge_topk([p[0] for p in row_parts], [p[1] for p in row_parts], 10)
         rows, exact = brute_force(x, q, 10)
         assert got.tolist() == ids[rows].tolist()
         np.testing.assert_allclose(scores, exact, rtol=0, atol=2e-7)
         np.testing.assert_array_equal(scores, want_scores)  # bit-equal to one index
         assert got.tolist() == ids[want_labels].tolist()
+        # Rows on the wire merge to the same answer as string ids, and name the same rows.
+        np.testing.assert_array_equal(row_scores, scores)
+        assert got_rows.dtype == np.int64 and ids[got_rows].tolist() == got.tolist()
 
 
-def test_labels_to_ids_maps_positions_and_minus_one():
-    ids = np.array(["a", "b", "c"], dtype=object)
-    out = labels_to_ids(np.array([[2, 0, -1]]), ids)
+def test_labels_map_to_ids_and_pool_rows_and_minus_one():
+    table = id_table(["a", "b", "c"])
+    out = labels_to_ids(np.array([[2, 0, -1]]), table)
     assert out.tolist() == [["c", "a", None]] and out.dtype == object
     with pytest.raises(ValueError, match="out of range"):
-        labels_to_ids(np.array([[3]]), ids)
+        labels_to_ids(np.array([[3]]), table)
+    rows = row_table(np.array([70, 10, 40]))
+    got = labels_to_rows(np.array([[2, 0, -1]]), rows)
+    assert got.tolist() == [[40, 70, -1]] and got.dtype == np.int64
+    with pytest.raises(ValueError, match="out of range"):
+        labels_to_rows(np.array([[3]]), rows)
+
+
+def test_pool_positions_find_ids_and_name_the_strangers():
+    pool = pa.array(["p0", "p1", "p2", "p3"])
+    assert pool_positions(pa.array(["p2", "p0"]), pool, 100).tolist() == [102, 100]
+    with pytest.raises(ValueError, match=r"1 ids are not in the pool \(e.g. \['zz'\]\)"):
+        pool_positions(pa.array(["p1", "zz"]), pool)
+
+
+def test_shards_of_one_trained_template_answer_as_one_ivf_index():
+    """Every shard adds to a copy of one trained IVF: a query probes the same lists in
+    each, so the merged answer is the single index's answer at the same nprobe."""
+    x = clustered(4000, 16, 40, seed=5)
+    q = clustered(60, 16, 40, seed=6)
+    template = train_index(x, "IVF32,Flat")
+    assert template.is_trained and template.ntotal == 0
+    whole = build_index(x, "IVF32,Flat", template=template)
+    set_search_params(whole, nprobe=4)
+    want_scores, want = whole.search(q, 10)
+    parts = []
+    for lo, hi in shard_ranges(len(x), 4):
+        shard = build_index(x[lo:hi], "IVF32,Flat", template=template)
+        set_search_params(shard, nprobe=4)
+        s, labels = shard.search(q, 10)
+        parts.append((s, labels_to_rows(labels, row_table(np.arange(lo, hi)))))
+    scores, got = merge_topk([p[0] for p in parts], [p[1] for p in parts], 10)
+    np.testing.assert_array_equal(scores, want_scores)
+    assert got.tolist() == want.tolist()
+    assert train_rows(make_index("IVF32,Flat", 16), 10**6) == 65_536
+    assert train_rows(make_index("IVF1024,PQ8", 16), 10**6) == 262_144
+    assert train_rows(make_index("IVF32,Flat", 16), 500) == 500
+
+
+def test_a_memory_mapped_shard_answers_like_a_loaded_one(tmp_path):
+    x = clustered(2000, 16, 10, seed=7)
+    ws = Workspace.open(str(tmp_path / "ws"))
+    for factory in ("Flat", "IVF16,Flat"):
+        index = build_index(x, factory)
+        ws.write_bytes(ws.path("shard.faiss"), memoryview(faiss.serialize_index(index)))
+        loaded = load_index(ws, ws.path("shard.faiss"))
+        mapped = load_index(ws, ws.path("shard.faiss"), mmap=True)
+        for got in (loaded, mapped):
+            set_search_params(got, nprobe=16)
+            np.testing.assert_array_equal(got.search(x[:20], 5)[1], loaded.search(x[:20], 5)[1])
 
 
 @given(rows=st.integers(0, 10_000), shards=st.integers(1, 64))
@@ -165,16 +228,16 @@ def test_inner_product_metric_and_training_needs():
     assert min_train_rows(make_index("IVF16,PQ4", 8)) == 256
 
 
-def test_a_shard_too_small_to_train_names_factory_rows_and_fix():
+def test_a_space_too_small_to_train_names_factory_rows_and_fix():
     with pytest.raises(InputError) as err:
-        check_trainable("IVF4096,Flat", 32, rows=6000, shards=2)
+        check_trainable("IVF4096,Flat", 32, rows=3000)
     message = str(err.value)
-    for word in ("IVF4096,Flat", "4096", "3000", "fewer shards (at most 1)", "IVF"):
+    for word in ("IVF4096,Flat", "4096", "3000", "fewer IVF lists (e.g. 'IVF64,...')"):
         assert word in message
     x = clustered(100, 8, 4)
     with pytest.raises(InputError, match="needs at least 256 training rows"):
         build_index(x, "PQ4")
-    check_trainable("IVF16,Flat", 32, rows=64, shards=4)  # exactly enough
+    check_trainable("IVF16,Flat", 32, rows=16)  # exactly enough: the shards share it
 
 
 def test_ivf_and_hnsw_build_and_find_neighbours():

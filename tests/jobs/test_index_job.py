@@ -86,8 +86,16 @@ def test_flat_shards_answer_exactly_like_brute_force(ray_session, tmp_path, data
     assert max(m["rows_per_shard"]) - min(m["rows_per_shard"]) <= 1
 
     with RetrievalService.start(Workspace.open(str(ws)), "text", SERVICE) as service:
-        got_ids, got_scores = service.search(q, 10)
+        got_ids, got_scores = service.search_ids(q, 10)
+        got_rows, row_scores = service.search(q, 10)
     assert got_scores.dtype == np.float32 and got_ids.dtype == object
+    # Rows are the pool's rows (write_space made the pool from these ids, in order).
+    assert got_rows.dtype == np.int64 and np.array(ids, dtype=object)[got_rows].tolist() == (
+        got_ids.tolist()
+    )
+    np.testing.assert_array_equal(row_scores, got_scores)
+    stored = pq.read_table(committed(ws).dir + "/shard-0000.ids.parquet")
+    assert stored.column_names == ["id", "row"] and stored["row"].type == "int64"
     # numpy's answer up to float32 rounding; ids exact wherever there is no near-tie.
     assert assert_exact_topk(got_ids, got_scores, ids, x, q, 10, tol=2e-7) > 0.9 * len(q)
     # Bit-equal to one exact faiss index over all vectors, searched in the same batches.
@@ -105,7 +113,7 @@ def test_flat_shards_are_exact_on_integer_vectors_with_ties(ray_session, tmp_pat
     ws, ids = make_ws(tmp_path, x)
     assert index(ws, "--shards", "3") == 0
     with RetrievalService.start(Workspace.open(str(ws)), "text", SERVICE) as service:
-        got_ids, got_scores = service.search(q, 10)
+        got_ids, got_scores = service.search_ids(q, 10)
     assert_exact_topk(got_ids, got_scores, ids, x, q, 10, tol=0)
 
 
@@ -141,11 +149,36 @@ def test_ivf_and_hnsw_shards_have_high_recall(ray_session, tmp_path, factory, pa
     cfg = SERVICE.model_copy(update=params)
     with RetrievalService.start(Workspace.open(str(ws)), "text", cfg) as service:
         assert all(i["params"] for i in service.shard_info())
-        got, _ = service.search(q, 10)
+        got, _ = service.search_ids(q, 10)
     rows, _ = brute_force(x, q, 10)
     truth = np.array(ids, dtype=object)[rows]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)])
     assert recall > 0.9, recall
+
+
+def test_ivf_shards_share_one_quantizer_and_answer_as_one_index(ray_session, tmp_path):
+    """Trained once (trained.faiss), the 4 IVF shards answer what one IVF index of the same
+    template answers at the same nprobe: recall no longer falls with the shard count.
+    Memory-mapped shards answer the same."""
+    x = clustered(4000, DIM, 60, seed=5)
+    q = clustered(200, DIM, 60, seed=6)
+    ws, _ = make_ws(tmp_path, x)
+    assert index(ws, "--shards", "4", "--factory", "IVF32,Flat") == 0
+    done = committed(ws)
+    assert done.meta.trained_once and done.meta.pool_rows
+    with Workspace.open(str(ws)).fs.open_input_stream(done.dir + "/trained.faiss") as f:
+        template = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+    whole = faiss.clone_index(template)
+    whole.add(x)
+    faiss.extract_index_ivf(whole).nprobe = 4
+    want_scores, want = whole.search(q, 10)
+    for mmap in (False, True):
+        cfg = SERVICE.model_copy(update={"nprobe": 4, "mmap": mmap})
+        with RetrievalService.start(Workspace.open(str(ws)), "text", cfg) as service:
+            assert {i["mmap"] for i in service.shard_info()} == {mmap}
+            got, scores = service.search(q, 10)
+        np.testing.assert_array_equal(scores, want_scores)
+        assert got.tolist() == want.tolist()
 
 
 def test_k_above_rows_pads_and_the_job_writes_only_real_hits(ray_session, tmp_path):
@@ -153,7 +186,7 @@ def test_k_above_rows_pads_and_the_job_writes_only_real_hits(ray_session, tmp_pa
     ws, _ = make_ws(tmp_path, x)
     assert index(ws, "--shards", "4") == 0
     with RetrievalService.start(Workspace.open(str(ws)), "text", SERVICE) as service:
-        got, scores = service.search(x[:2], 20)
+        got, scores = service.search_ids(x[:2], 20)
     assert (got[:, :12] != None).all() and (got[:, 12:] == None).all()  # noqa: E711
     assert np.isneginf(scores[:, 12:]).all()
     np.save(tmp_path / "q.npy", x[:2])
@@ -211,7 +244,7 @@ def test_bad_vectors_are_refused_or_excluded_and_counted(ray_session, tmp_path, 
     assert m["excluded"] == 5 and m["rows"] == N - 5 and sum(m["excluded_per_shard"]) == 5
     bad_ids = {ids[i] for i in (5, 600, 700, 900, 1100)}
     with RetrievalService.start(Workspace.open(str(ws)), "text", SERVICE) as service:
-        got, _ = service.search(clustered(50, DIM, 40, seed=1), N)
+        got, _ = service.search_ids(clustered(50, DIM, 40, seed=1), N)
     assert not bad_ids & set(got.reshape(-1)) and (got[:, : N - 5] != None).all()  # noqa: E711
 
 
