@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import astuple
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.artifacts import Pool, Selection, World
+from actors.retrieval import RetrievalService, ServiceConfig
+from engine.artifacts import EmbeddingSpace, Pool, Selection, World
+from engine.crossrank import cross_ranks
 from engine.skills import PROMPT_VERSION, cache_key
 from engine.skills_config import SkillsConfig
 from engine.skills_store import CacheWriter
+from engine.targeted import select
 from engine.text import instruction_text
+from engine.vectors import from_arrow
 from engine.workspace import Workspace
 from jobs import skills
 from jobs.cli import main
+from jobs.target import SPACE_OF
+from tests.engine import targeted_reference as before
 from tests.synthetic_space import clustered, write_space
 from tests.tiny_llm import tiny_llm_dir
 
@@ -189,6 +197,67 @@ def test_uncached_questions_are_described_by_the_skills_backend(world, tmp_path)
     assert target(ws, *args, "--name", "llm-again") == 0
     again = json.loads((selection_dir(ws, "llm-again") / "report.json").read_text())
     assert again["skills"]["generated"] == writer["failed"]  # only failures are asked again
+
+
+def test_rows_select_what_the_string_ids_selected_on_the_world(world):
+    """The world's two real indexes searched both ways: the rows name the ids, and every
+    mode, aggregation and quota picks the same pool samples in the same order, from the
+    same benchmark samples and ranks, as the string-id code did; so do the cross-ranks."""
+    ws = Workspace.open(str(world[0]))
+    pool = np.array(pool_ids(world[0]), dtype=object)
+    queries = {}
+    for space in ("clip", "skill"):
+        table = EmbeddingSpace.open(ws, space).read_table(["vector"]).slice(0, 25)
+        queries[space] = from_arrow(table.column("vector")) + 0.05  # not pool rows themselves
+    cfg = ServiceConfig(shard={"num_cpus": 0.1, "max_retries": -1}, batch_size=7)
+    services = {n: RetrievalService.start(ws, s, cfg) for n, s in SPACE_OF.items()}
+    try:
+        rows, ids = {}, {}
+        for name, space in SPACE_OF.items():
+            rows[name] = services[name].search(queries[space], 60)
+            ids[name] = services[name].search_ids(queries[space], 60)
+            np.testing.assert_array_equal(rows[name][1], ids[name][1])
+            assert pool[rows[name][0]].tolist() == ids[name][0].tolist()
+    finally:
+        for service in services.values():
+            service.stop()
+    new, old = cross_ranks(*rows["concept"], *rows["skill"]), cross_ranks(*ids["concept"],
+                                                                           *ids["skill"])  # fmt: skip
+    for a, b in zip(astuple(new), astuple(old), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for mode in ("concept", "skill", "sum", "max", "split"):
+        for aggregation in ("round_robin", "score"):
+            for quota in (None, 2):
+                args = {"aggregation": aggregation, "quota": quota}
+                got = select(mode, 120, rows, **args)
+                want = before.select(mode, 120, ids, **args)
+                assert pool[got.rows].tolist() == want.ids, (mode, aggregation, quota)
+                assert got.sample.tolist() == want.sample and got.rank.tolist() == want.rank
+                assert got.space == want.space
+
+
+def test_a_budget_the_lists_cannot_reach_is_filled_or_refused(world, capsys):
+    """Five samples with lists of at most 8 (max_candidates 40) cannot reach 150 rows:
+    ``fill: random`` takes the rest at random and says how many; ``refuse`` names the
+    count the lists reach and the knobs."""
+    ws, files = world
+    bench = bench_file(ws, "bench_space", 5, files)
+    args = ["--benchmark", str(bench), "--budget", "150", "--depth", "8", "--reference", "0",
+            "--set", "max_candidates=40", "--mode", "concept"]  # fmt: skip
+    assert target(ws, *args, "--name", "filled") == 0
+    report = json.loads((selection_dir(ws, "filled") / "report.json").read_text())
+    reached = report["from_lists"]
+    assert report["selection_depth"] == 8 and 5 <= reached <= 40
+    assert report["filled_at_random"] == 150 - reached and report["selected"] == 150
+    assert report["picks_by_space"] == {"concept": reached, "random fill": 150 - reached}
+    ids = (selection_dir(ws, "filled") / "ids.txt").read_text().split()
+    assert len(ids) == len(set(ids)) == 150
+    capsys.readouterr()
+    assert target(ws, *args, "--name", "refused", "--set", "fill=refuse") == 2
+    err = capsys.readouterr().err
+    assert f"hold {reached} distinct pool rows, fewer than the budget 150" in err
+    assert "max_candidates" in err and "fill: random" in err
+    assert Selection.find(Workspace.open(str(ws)), "refused") is None
 
 
 def test_bad_input_is_refused_with_the_fix(world, tmp_path, capsys):
