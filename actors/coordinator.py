@@ -6,8 +6,9 @@ rows that PROGRESS may select, in file order, position i = i-th row) and keeps a
 order and each atomically:
 
     1. the round's rows with their answers (the reveal: the pool is unlabeled until
-       then): ``<run>/rounds/round-NNNN.parquet`` (pool columns + cluster), written
-       once; a retried round finds it and checks that it holds the same ids;
+       then): ``<run>/rounds/round-NNNN.parquet`` (the pool's columns but the image
+       bytes, + pool_row + cluster), read by pool row from only the row groups that hold
+       them, written once; a retried round finds it and checks that it holds the same ids;
     2. the checkpoint ``<run>/coordinator/state.npz``;
     3. ``<run>/rounds.jsonl`` (rewritten whole from the state, so it never holds a
        round twice).
@@ -33,8 +34,10 @@ from ray.util.metrics import Counter, Gauge
 from actors.adapter import NAMESPACE, ray_options
 from engine.artifacts import Clustering, Pool
 from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings
+from engine.pool import POOL_SCHEMA
 from engine.progress import PoolClusters
 from engine.resources import Resources
+from engine.shards import read_global_rows, rows_of_ids
 from engine.workspace import Workspace
 
 log = logging.getLogger("vlselect.progress")
@@ -43,6 +46,10 @@ STATE_FILE = "coordinator/state.npz"
 
 def round_file(run_dir: str, round_index: int) -> str:
     return f"{run_dir}/rounds/round-{round_index:04d}.parquet"
+
+
+# A round file holds the pool's columns but the image bytes, which only training reads.
+REVEALED_COLUMNS = [f.name for f in POOL_SCHEMA if f.name != "image"]
 
 
 def load_pool_clusters(
@@ -70,6 +77,13 @@ class Coordinator:
     ):
         self.ws, self.run_dir, self.pool_files = ws, run_dir, pool_files
         self.ids, clusters = load_pool_clusters(ws, clustering["assignments"], clustering["k"])
+        try:
+            self.pool_sizes, self.pool_rows = rows_of_ids(ws.fs, pool_files, self.ids)
+        except ValueError as err:
+            raise ValueError(
+                f"the clustering holds rows the pool does not: {err}; the pool changed after "
+                "clustering: run `vlselect cluster` again"
+            ) from None
         wanted = ProgressSettings(**settings)
         path = f"{run_dir}/{STATE_FILE}"
         if ws.fs.get_file_info(path).type.name != "NotFound":
@@ -162,7 +176,7 @@ class Coordinator:
         path = round_file(self.run_dir, round_index)
         ids = self.ids.take(pa.array(positions))
         if self.ws.fs.get_file_info(path).type.name == "NotFound":
-            self._reveal(path, ids, self.state.clusters.labels[positions])
+            self._reveal(path, positions, ids)
         else:
             written = pads.dataset(path, filesystem=self.ws.fs).to_table(columns=["id"])
             if set(written.column("id").to_pylist()) != set(ids.to_pylist()):
@@ -173,17 +187,23 @@ class Coordinator:
         self._persist()
         return {"round": round_index, "rows": len(ids), "path": path, **self.status()}
 
-    def _reveal(self, path: str, ids: pa.Array, labels: np.ndarray) -> None:
-        """Read the selected rows' records (answers included) from the pool: the oracle."""
-        dataset = pads.dataset(self.pool_files, filesystem=self.ws.fs, format="parquet")
-        table = dataset.to_table(filter=pc.field("id").isin(ids))
-        if table.num_rows != len(ids):
+    def _reveal(self, path: str, positions: np.ndarray, ids: pa.Array) -> None:
+        """Read the selected rows' records (answers included) from the pool: the oracle.
+
+        By pool row, from only the row groups that hold them, every column but the image
+        bytes (the trainer workers read those for their own rows): a round costs its
+        rows, not a scan of the pool."""
+        rows = self.pool_rows[positions]
+        table = read_global_rows(self.ws.fs, self.pool_files, self.pool_sizes, rows,
+                                 REVEALED_COLUMNS)  # fmt: skip
+        if table.column("id").to_pylist() != ids.to_pylist():
             raise RuntimeError(
-                f"the pool holds {table.num_rows} of the {len(ids)} rows "
-                "selected: the pool changed after clustering; run `vlselect cluster` again"
+                f"the pool rows of round {path} hold other ids than the clustering: the pool "
+                "changed after clustering; run `vlselect cluster` again"
             )
-        order = pc.index_in(ids, value_set=table.column("id"))
-        table = table.take(order).append_column("cluster", pa.array(labels, pa.int32()))
+        labels = self.state.clusters.labels[positions]
+        table = table.append_column("pool_row", pa.array(rows, pa.int64()))
+        table = table.append_column("cluster", pa.array(labels, pa.int32()))
         self.ws.write_table(path, table)
         self._reveals.inc(len(ids), tags=self._tags)
 

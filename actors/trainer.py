@@ -48,6 +48,7 @@ import ray.train
 
 from actors.coordinator import get_coordinator, round_file
 from actors.progress import tell
+from engine.artifacts import Pool
 from engine.coordinator import BASELINE
 from engine.llava import (
     answer_correct,
@@ -61,6 +62,7 @@ from engine.llava.finetune import steps_for
 from engine.llava.train import deepspeed_stepper, resolve_attention, resolve_precision
 from engine.progress import balanced_share
 from engine.progress_config import ProgressConfig, TrainPlan
+from engine.shards import read_global_rows
 from engine.workspace import Workspace
 
 CHECKPOINT_TAG = "state"
@@ -83,8 +85,16 @@ def micro_batches(
     return [stream[i, rank] for i in range(stream.shape[0])]
 
 
-def _examples(table: pa.Table) -> list[dict]:
-    """Chat examples of round-file rows: the image and the whole conversation."""
+def _examples(table: pa.Table, ws: Workspace, pool: tuple[list[str], list[int]]) -> list[dict]:
+    """Chat examples of round-file rows: the image and the whole conversation.
+
+    A round file holds no image bytes (the reveal leaves them in the pool): each worker
+    reads those of its own rows, by pool row, from the row groups that hold them."""
+    if "image" not in table.column_names:
+        files, sizes = pool
+        rows = table.column("pool_row").to_numpy()
+        images = read_global_rows(ws.fs, files, sizes, rows, ["image"]).column("image")
+        table = table.append_column("image", images)
     return table.select(["id", "image", "conversations", "cluster"]).to_pylist()
 
 
@@ -98,6 +108,9 @@ class RoundTrainer:
         self.plan = plan = TrainPlan.model_validate(config["plan"])
         self.progress = config.get("progress")
         self.ws = Workspace.open(plan.workspace)
+        shards = Pool.open(self.ws).shards
+        self.pool = (shards, [pq.ParquetFile(f, filesystem=self.ws.fs).metadata.num_rows
+                              for f in shards])  # fmt: skip
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.manual_seed(cfg.seed)
@@ -167,7 +180,7 @@ class RoundTrainer:
         )
         mine = np.unique(np.concatenate(plan))
         table = pq.read_table(info["path"], filesystem=self.ws.fs).take(pa.array(mine))
-        examples = _examples(table)
+        examples = _examples(table, self.ws, self.pool)
         where = {int(row): i for i, row in enumerate(mine)}
         losses = []
         for rows in plan:
@@ -205,7 +218,8 @@ class RoundTrainer:
             # The round files so far, named: never a file the coordinator is writing.
             files = [round_file(self.plan.run_dir, r) for r in range(max(t, 0) + 1)]
             dataset = pads.dataset(files, filesystem=self.ws.fs, format="parquet")
-            found = _examples(dataset.to_table(filter=pc.field("id").isin(sorted(set(ids)))))
+            wanted = dataset.to_table(filter=pc.field("id").isin(sorted(set(ids))))
+            found = _examples(wanted, self.ws, self.pool)
             by_id = {ex["id"]: ex for ex in found}
             examples = [by_id[i] for i in ids]
             values = self._values(examples)

@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from engine.artifacts import Index, IndexMeta
 from engine.embeddings import SPACES
@@ -156,25 +155,6 @@ def pool_positions(ids: pa.Array, pool_ids: pa.Array, offset: int = 0) -> np.nda
             f"embedded from another pool; embed it again"
         )
     return local.to_numpy(zero_copy_only=False).astype(np.int64) + np.int64(offset)
-
-
-def find_pool_rows(ws: Workspace, pool_files: Sequence[str], ids: Sequence[str]) -> np.ndarray:
-    """int64 (n,): the global pool row of each of ``ids``, reading the pool's id column one
-    shard at a time (never the whole column at once). Raises ValueError for an id the
-    pool does not hold."""
-    wanted = pa.array(list(ids), pa.string())
-    rows = np.full(len(wanted), -1, np.int64)
-    offset = 0
-    for f in pool_files:
-        shard = pq.read_table(f, columns=["id"], filesystem=ws.fs).column("id").combine_chunks()
-        at = pc.fill_null(pc.index_in(wanted, value_set=shard), -1).to_numpy()
-        hit = at >= 0
-        rows[hit] = at[hit] + offset
-        offset += len(shard)
-    if (rows < 0).any():
-        missing = [ids[i] for i in np.flatnonzero(rows < 0)[:3]]
-        raise ValueError(f"{int((rows < 0).sum())} ids are not in the pool (e.g. {missing})")
-    return rows
 
 
 # -- splitting rows into shards ------------------------------------------------------------

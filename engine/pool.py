@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
@@ -409,3 +410,11 @@ def llava_record(row: dict[str, Any], write_image: Callable[[str, bytes], None])
         record["image"] = f"images/{row['id']}.png"
         write_image(record["image"], row["image"])
     return record
+
+
+def ids_text(ids: pa.Array) -> bytes:
+    """``ids`` (string (n,)) as ids.txt: one per line, joined by Arrow (no Python strings)."""
+    if not len(ids):
+        return b""
+    one = pa.ListArray.from_arrays(pa.array([0, len(ids)], pa.int32()), ids)
+    return pc.binary_join(one, "\n")[0].as_py().encode() + b"\n"

@@ -1,7 +1,8 @@
 """What a PROGRESS run leaves for people and for LLaVA's trainer: ``selected.json``,
 ``ids.txt`` and the plots of its rounds.
 
-``selected.json`` is LLaVA's conversation format (id, image, conversations), so
+``selected.json`` is LLaVA's conversation format (id, image, conversations), in round
+order, so
 LLaVA's own training scripts take it as-is. A row whose image came in by reference
 keeps that reference (relative to the image root the pool was ingested with); an
 inline image is written to ``<run>/images/<id>.png`` and referenced from there.
@@ -14,10 +15,13 @@ import json
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.pool import llava_record
-from engine.workspace import Workspace
+from engine.artifacts import Pool
+from engine.pool import ids_text, llava_record
+from engine.shards import read_global_rows
+from engine.workspace import Workspace, atomic_output
 
 TOP_CLUSTERS = 12  # Δk lines drawn: more is unreadable
 
@@ -26,18 +30,22 @@ def read_rounds(jsonl: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in jsonl.splitlines() if line.strip()]
 
 
-def llava_records(ws: Workspace, run_dir: str) -> list[dict[str, Any]]:
-    """Every revealed row, in round order, as a LLaVA record; writes inline images."""
-    records = []
-    for path in ws.list_files(run_dir, "rounds", suffix=".parquet"):
-        table = pq.read_table(
-            path, filesystem=ws.fs, columns=["id", "image", "image_ref", "conversations"]
+def round_records(ws: Workspace, run_dir: str, path: str, pool: tuple[list[str], list[int]]):
+    """One round file's rows as LLaVA records (writes inline images). The image bytes
+    stay in the pool (the reveal leaves them there): read by pool row from ``pool``
+    (its files and their row counts)."""
+    table = pq.read_table(path, filesystem=ws.fs)
+    if "image" not in table.column_names:
+        files, sizes = pool
+        rows = table.column("pool_row").to_numpy()
+        table = table.append_column(
+            "image", read_global_rows(ws.fs, files, sizes, rows, ["image"]).column("image")
         )
-        for row in table.to_pylist():
-            records.append(
-                llava_record(row, lambda rel, data: ws.write_bytes(f"{run_dir}/{rel}", data))
-            )
-    return records
+    table = table.select(["id", "image", "image_ref", "conversations"])
+    return [
+        llava_record(row, lambda rel, data: ws.write_bytes(f"{run_dir}/{rel}", data))
+        for row in table.to_pylist()
+    ]
 
 
 def _figure_bytes(fig) -> bytes:
@@ -97,10 +105,29 @@ def plot_rounds(rounds: list[dict[str, Any]]) -> dict[str, bytes]:
 
 
 def write_outputs(ws: Workspace, run_dir: str, rounds_jsonl: str) -> dict[str, str]:
-    """selected.json, ids.txt and plots/*.png under ``run_dir``; their paths."""
-    records = llava_records(ws, run_dir)
-    ws.write_bytes(f"{run_dir}/selected.json", json.dumps(records, indent=1).encode())
-    ws.write_bytes(f"{run_dir}/ids.txt", "".join(r["id"] + "\n" for r in records).encode())
+    """selected.json, ids.txt and plots/*.png under ``run_dir``; their paths.
+
+    Round by round: selected.json (in round order) is streamed, so the driver holds one
+    round's records at a time, never the selection's."""
+    shards = Pool.open(ws).shards
+    pool = (shards, [pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows for f in shards])
+    ids: list[pa.Array] = []
+    with (
+        atomic_output(ws.fs, f"{run_dir}/selected.json") as tmp,
+        ws.fs.open_output_stream(tmp) as out,
+    ):
+        out.write(b"[")
+        first = True
+        for path in ws.list_files(run_dir, "rounds", suffix=".parquet"):
+            for record in round_records(ws, run_dir, path, pool):
+                out.write((b"\n" if first else b",\n") + json.dumps(record).encode())
+                first = False
+            ids.append(pq.read_table(path, columns=["id"], filesystem=ws.fs).column("id"))
+        out.write(b"\n]\n")
+    every = (
+        pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
+    )
+    ws.write_bytes(f"{run_dir}/ids.txt", ids_text(every))
     paths = {"selected": f"{run_dir}/selected.json", "ids": f"{run_dir}/ids.txt"}
     rounds = read_rounds(rounds_jsonl)
     if rounds:

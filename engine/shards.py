@@ -132,3 +132,71 @@ def read_rows(
     group_of = np.searchsorted(starts, positions, side="right") - 1
     local = positions - starts[group_of] + base[np.searchsorted(groups, group_of)]
     return table.take(pa.array(local))
+
+
+def read_global_rows(
+    fs: pafs.FileSystem,
+    files: list[str],
+    sizes: list[int],
+    rows: np.ndarray,
+    columns: list[str],
+) -> pa.Table:
+    """The rows at global positions ``rows`` (int64 (n,), any order, distinct) of the
+    Parquet ``files`` read as one table (``sizes``: rows per file), in the order given,
+    only ``columns``, through ``read_rows`` (only the row groups that hold them)."""
+    rows = np.asarray(rows, np.int64)
+    order = np.argsort(rows, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    cuts = np.searchsorted(rows[order], starts)
+    parts = []
+    for f, path in enumerate(files):
+        local = rows[order[cuts[f] : cuts[f + 1]]] - starts[f]
+        if local.size:
+            parts.append(read_rows(fs, path, local, columns))
+    if rows.size and (rows.min() < 0 or rows.max() >= starts[-1]):
+        raise IndexError(f"rows outside the {starts[-1]} rows of the files")
+    if not parts:
+        return pq.read_schema(files[0], filesystem=fs).empty_table().select(columns)
+    table = pa.concat_tables(parts)  # in sorted row order: undo the sort
+    return table.take(pa.array(np.argsort(order, kind="stable")))
+
+
+def rows_of_ids(
+    fs: pafs.FileSystem, files: list[str], ids: pa.Array
+) -> tuple[list[int], np.ndarray]:
+    """Rows per file, and the global row (int64 (n,)) of each of ``ids`` (string (n,)) in
+    the Parquet ``files`` read as one table: one hash lookup against the whole id column
+    (for many ids: PROGRESS's coordinator maps its clustered pool once per start).
+
+    Raises:
+        ValueError: an id the files do not hold.
+    """
+    columns = [pq.read_table(f, columns=["id"], filesystem=fs).column("id").combine_chunks()
+               for f in files]  # fmt: skip
+    every = pa.concat_arrays(columns) if columns else pa.array([], pa.string())
+    at = pc.index_in(ids, value_set=every)
+    if at.null_count:
+        missing = pc.filter(ids, pc.is_null(at)).slice(0, 3).to_pylist()
+        raise ValueError(f"{at.null_count} ids are not in the pool (e.g. {missing})")
+    return [len(c) for c in columns], at.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def find_rows(fs: pafs.FileSystem, files: list[str], ids: list[str]) -> np.ndarray:
+    """The global row (int64 (n,)) of each of a few ``ids`` in the Parquet ``files`` read
+    as one table, one file's id column at a time (a driver never holds the whole column).
+
+    Raises:
+        ValueError: an id the files do not hold.
+    """
+    wanted = pa.array(list(ids), pa.string())
+    rows = np.full(len(wanted), -1, np.int64)
+    offset = 0
+    for f in files:
+        shard = pq.read_table(f, columns=["id"], filesystem=fs).column("id").combine_chunks()
+        at = pc.fill_null(pc.index_in(wanted, value_set=shard), -1).to_numpy()
+        rows[at >= 0] = at[at >= 0] + offset
+        offset += len(shard)
+    if (rows < 0).any():
+        missing = [ids[i] for i in np.flatnonzero(rows < 0)[:3]]
+        raise ValueError(f"{int((rows < 0).sum())} ids are not in the pool (e.g. {missing})")
+    return rows

@@ -183,11 +183,3 @@ def scatter_png(
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-def ids_text(ids: pa.Array) -> bytes:
-    """``ids`` (string (n,)) as ids.txt: one per line, joined by Arrow (no Python strings)."""
-    if not len(ids):
-        return b""
-    one = pa.ListArray.from_arrays(pa.array([0, len(ids)], pa.int32()), ids)
-    return pc.binary_join(one, "\n")[0].as_py().encode() + b"\n"

@@ -55,9 +55,11 @@ from engine.embeddings import EmbeddedSpace, open_space
 from engine.errors import InputError
 from engine.ingest import source_files
 from engine.kmeans import split_positions
-from engine.knn import IndexInfo, find_pool_rows, open_index
+from engine.knn import IndexInfo, open_index
+from engine.pool import ids_text
 from engine.progress import rows_of
 from engine.resources import Resources
+from engine.shards import find_rows
 from engine.target_input import (
     Benchmark,
     benchmark_name,
@@ -70,7 +72,6 @@ from engine.target_report import (
     cluster_tally,
     clusterings,
     crossrank_table,
-    ids_text,
     scatter_png,
     shard_part,
 )
@@ -401,7 +402,7 @@ def _reference(cfg, ws, plan, svc) -> CrossRanks | None:
     if not ids:
         return None
     depth = min(cfg.depth, plan.indexes["clip"].rows - 1, plan.indexes["skill"].rows - 1)
-    own = find_pool_rows(ws, plan.pool_files, ids)
+    own = find_rows(ws.fs, plan.pool_files, ids)
     c = drop_self(*svc["concept"].search(qc, depth + 1), own, depth)
     s = drop_self(*svc["skill"].search(qs, depth + 1), own, depth)
     return cross_ranks(*c, *s)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -98,8 +99,18 @@ def test_progress_runs_rounds_to_the_exact_budget(ray_session, tiny_ws, capsys, 
     assert len(files) == 5  # one per round, none for the empty ask that ends the run
     ids = [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
     assert len(ids) == len(set(ids)) == 60  # nothing picked or revealed twice
+    # The reveal read rows by pool row and left the image bytes in the pool: a round
+    # file names each row's pool row, which holds that id.
+    revealed = pa.concat_tables(pq.read_table(f) for f in files)
+    assert "image" not in revealed.column_names and revealed["pool_row"].type == pa.int64()
+    pool = Pool.open(Workspace.open(str(ws))).read_table(["id", "image"])
+    rows = revealed["pool_row"].to_numpy()
+    assert pool["id"].take(pa.array(rows)).to_pylist() == ids
     selected = json.loads((run_dir / "selected.json").read_text())
     assert [r["id"] for r in selected] == ids
+    with_image = [r for r, row in zip(selected, rows, strict=True) if pool["image"][row].as_py()]
+    assert with_image and all((run_dir / r["image"]).read_bytes()[:4] == b"\x89PNG"
+                              for r in with_image)  # fmt: skip
     assert all(r["conversations"][1]["from"] == "gpt" for r in selected)
     assert (run_dir / "ids.txt").read_text().split() == ids
     for plot in ("delta.png", "picks.png", "budget.png"):
