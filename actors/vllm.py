@@ -112,7 +112,7 @@ def build_vllm_processor(config, *, max_new_tokens: int, temperature: float, map
 
 
 def generate_vllm(
-    ds,
+    pending: pa.Table,
     config,
     *,
     max_new_tokens: int,
@@ -120,14 +120,14 @@ def generate_vllm(
     retry_temperature: float,
     map_cpus: float,
 ):
-    """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` rows of ``ds``.
+    """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` rows of ``pending``.
 
     A pass per attempt: the first greedy, the next ones sampled at
     ``retry_temperature`` over the rows still failing (an engine error or an
-    unparseable answer); rows failing the last pass are yielded as failed.
+    unparseable answer); rows failing the last pass are yielded as failed. The rows to
+    retry are taken from ``pending`` (Arrow), not collected back from the cluster.
     """
-    questions = {r["key"]: r["question"] for r in ds.take_all()}
-    todo = ds
+    todo = ray.data.from_arrow(pending)
     for attempt in range(1, max_attempts + 1):
         processor = build_vllm_processor(
             config,
@@ -138,14 +138,15 @@ def generate_vllm(
         out = processor(todo).map_batches(
             vllm_rows_to_results, batch_format="pandas", fn_kwargs={"attempt": attempt}
         )
-        failed: list[str] = []
+        failed: list[pa.Array] = []
         for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
             batch = batch.cast(RESULT_SCHEMA)
             ok = pc.equal(batch.column("status"), "ok")
             if attempt < max_attempts:
-                failed += batch.filter(pc.invert(ok)).column("key").to_pylist()
+                failed.append(batch.filter(pc.invert(ok)).column("key").combine_chunks())
                 batch = batch.filter(ok)
             yield batch
-        if not failed:
+        if not sum(len(f) for f in failed):
             return
-        todo = ray.data.from_items([{"key": k, "question": questions[k]} for k in failed])
+        again = pc.is_in(pending.column("key"), value_set=pa.concat_arrays(failed))
+        todo = ray.data.from_arrow(pending.filter(again))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -20,22 +21,24 @@ from engine.workspace import Workspace, read_parquet_dir, write_table_atomic
 CACHE_DIR = ("cache", "skills")
 
 
-def read_cache(ws: Workspace, keys: set[str] | None = None) -> pa.Table:
-    """Cached successes (``CACHE_SCHEMA``), one row per key, optionally only ``keys``."""
+def read_cache(ws: Workspace, keys: pa.Array | set[str] | None = None) -> pa.Table:
+    """Cached successes (``CACHE_SCHEMA``), one row per key (its first), optionally only
+    ``keys`` (string array or set). Arrow throughout: no Python object per row."""
     if not ws.list_files(*CACHE_DIR, suffix=".parquet"):
         return CACHE_SCHEMA.empty_table()
     table = read_parquet_dir(ws.path(*CACHE_DIR), ws.fs).cast(CACHE_SCHEMA)
     if keys is not None:
-        table = table.filter(pc.is_in(table.column("key"), pa.array(sorted(keys), pa.string())))
-    _, first = _first_index(table.column("key").to_pylist())
-    return table.take(pa.array(first, pa.int64()))
+        wanted = keys if isinstance(keys, pa.Array) else pa.array(sorted(keys), pa.string())
+        table = table.filter(pc.is_in(table.column("key"), value_set=wanted))
+    return table.take(first_rows(table.column("key")))
 
 
-def _first_index(keys: list[str]) -> tuple[dict[str, int], list[int]]:
-    index: dict[str, int] = {}
-    for i, key in enumerate(keys):
-        index.setdefault(key, i)
-    return index, sorted(index.values())
+def first_rows(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """int64: the row of each distinct key's first occurrence, in row order."""
+    numbered = pa.table({"key": keys, "row": pa.array(np.arange(len(keys), dtype=np.int64))})
+    first = numbered.group_by("key", use_threads=False).aggregate([("row", "min")])
+    first_row = first.column("row_min").combine_chunks()
+    return first_row.take(pc.array_sort_indices(first_row))
 
 
 class CacheWriter:
@@ -53,8 +56,8 @@ class CacheWriter:
             n = ok.num_rows
             self.buffer.append(
                 ok.select(["key", "skills", "skill_text", "raw"])
-                .append_column("prompt_version", pa.array([PROMPT_VERSION] * n, pa.string()))
-                .append_column("model", pa.array([self.model] * n, pa.string()))
+                .append_column("prompt_version", pa.repeat(pa.scalar(PROMPT_VERSION), n))
+                .append_column("model", pa.repeat(pa.scalar(self.model), n))
                 .cast(CACHE_SCHEMA)
             )
             self.rows += n
@@ -92,26 +95,27 @@ def assemble(ids: pa.Table, cached: pa.Table, failures: pa.Table, model: str) ->
             "raw": pa.concat_arrays(
                 [cached.column("raw").combine_chunks(), failures.column("raw").combine_chunks()]
             ),
-            "status": pa.array(["ok"] * n_ok + ["failed"] * n_bad, pa.string()),
+            "status": pa.concat_arrays(
+                [pa.repeat(pa.scalar("ok"), n_ok), pa.repeat(pa.scalar("failed"), n_bad)]
+            ),
             "reason": pa.concat_arrays(
                 [pa.nulls(n_ok, pa.string()), failures.column("reason").combine_chunks()]
             ),
         }
     )
-    index, _ = _first_index(results.column("key").to_pylist())
-    rows = [index.get(k) for k in ids.column("key").to_pylist()]
-    missing = rows.count(None)
-    if missing:
+    # index_in finds a key's first row: a key is in cached once, and failures are not cached.
+    rows = pc.index_in(ids.column("key"), value_set=results.column("key"))
+    if rows.null_count:
         raise RuntimeError(
-            f"{missing} pool ids got no skills row (rows lost); nothing was committed"
+            f"{rows.null_count} pool ids got no skills row (rows lost); nothing was committed"
         )
-    out = results.take(pa.array(rows, pa.int64()))
+    out = results.take(rows)
     n = ids.num_rows
     return pa.table(
         {
             "id": ids.column("id"),
             **{c: out.column(c) for c in ("skills", "skill_text", "raw", "status", "reason")},
-            "prompt_version": pa.array([PROMPT_VERSION] * n, pa.string()),
-            "model": pa.array([model] * n, pa.string()),
+            "prompt_version": pa.repeat(pa.scalar(PROMPT_VERSION), n),
+            "model": pa.repeat(pa.scalar(model), n),
         }
     ).cast(SKILLS_SCHEMA)

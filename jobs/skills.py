@@ -52,7 +52,7 @@ from engine.errors import InputError
 from engine.resources import Resources
 from engine.skills import PROMPT_VERSION, RESULT_SCHEMA, cache_key
 from engine.skills_config import SkillsConfig
-from engine.skills_store import CACHE_DIR, CacheWriter, assemble, read_cache
+from engine.skills_store import CACHE_DIR, CacheWriter, assemble, first_rows, read_cache
 from engine.text import instruction_text
 from engine.workspace import Workspace, write_table_atomic
 from jobs import embed
@@ -151,8 +151,9 @@ def _add_keys(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
     return pa.table({"id": batch.column("id"), "key": keys, "question": questions})
 
 
-def read_keys(cfg: SkillsConfig, pool: Pool, model: str) -> tuple[pa.Table, dict[str, str]]:
-    """``(id, key)`` of every pool sample in pool order, and each unique key's question."""
+def read_keys(cfg: SkillsConfig, pool: Pool, model: str) -> tuple[pa.Table, pa.Table]:
+    """``(id, key)`` of every pool sample in pool order, and ``(key, question)`` once per
+    unique key, in order of first appearance: Arrow tables, no Python object per row."""
     # Pool order in, pool order out, and --limit takes the *first* N: this cheap pass
     # preserves order (a dataset keeps the context it was created with).
     ctx = ray.data.DataContext.get_current()
@@ -172,29 +173,21 @@ def read_keys(cfg: SkillsConfig, pool: Pool, model: str) -> tuple[pa.Table, dict
         )
     finally:
         ctx.execution_options.preserve_order = preserve
-    parts, questions = [], {}
+    parts, unique = [], []
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         parts.append(batch.select(["id", "key"]))
-        for key, q in zip(
-            batch.column("key").to_pylist(), batch.column("question").to_pylist(), strict=True
-        ):
-            questions.setdefault(key, q)
-    ids = (
-        pa.concat_tables(parts)
-        if parts
-        else pa.table({"id": pa.array([], pa.string()), "key": pa.array([], pa.string())})
-    )
-    return ids, questions
+        unique.append(batch.select(["key", "question"]).take(first_rows(batch.column("key"))))
+    empty = pa.array([], pa.string())
+    ids = pa.concat_tables(parts) if parts else pa.table({"id": empty, "key": empty})
+    questions = pa.concat_tables(unique) if unique else pa.table({"key": empty, "question": empty})
+    return ids, questions.take(first_rows(questions.column("key")))
 
 
 def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
     """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` rows of ``pending``."""
-    step = max(cfg.batch_size, 1)
-    blocks = [pending.slice(i, step) for i in range(0, pending.num_rows, step)]
-    ds = ray.data.from_arrow(blocks)
     if cfg.backend == "vllm":
         yield from generate_vllm(
-            ds,
+            pending,
             vllm_processor_config(model, **cfg.vllm.model_dump(exclude={"map_cpus"})),
             max_new_tokens=cfg.max_new_tokens,
             max_attempts=cfg.max_attempts,
@@ -202,6 +195,8 @@ def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
             map_cpus=cfg.vllm.map_cpus,
         )
         return
+    step = max(cfg.batch_size, 1)
+    ds = ray.data.from_arrow([pending.slice(i, step) for i in range(0, pending.num_rows, step)])
     if cfg.backend == "transformers":
         t = cfg.transformers
         cls, kwargs = TransformersSkillWriter, {
@@ -256,19 +251,19 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         return _then_embed(cfg, ws, done.meta.summary, done.meta.ok)
     connect()
     ids, questions = read_keys(cfg, pool, model)
-    cached_keys = set(read_cache(ws, set(questions)).column("key").to_pylist())
-    todo = [k for k in questions if k not in cached_keys]
-    pending = pa.table(
-        {"key": todo, "question": [questions[k] for k in todo]},
-        schema=pa.schema([("key", pa.string()), ("question", pa.string())]),
-    )
+    keys = questions.column("key").combine_chunks()
+    known = read_cache(ws, keys).column("key")
+    n_cached = len(known)
+    pending = questions.filter(pc.invert(pc.is_in(keys, value_set=known)))
+    pending = pending.cast(pa.schema([("key", pa.string()), ("question", pa.string())]))
+    todo = pending.column("key")
     writer = CacheWriter(ws, model, cfg.cache_flush_rows)
     failures: list[pa.Table] = [RESULT_SCHEMA.empty_table()]
     tokens, reasons = Counter(), Counter()
     gen_timer = Timer()
     try:
         with tqdm(total=len(todo), unit="question", desc="skills", mininterval=1.0) as bar:
-            for batch in generate(cfg, pending, model) if todo else ():
+            for batch in generate(cfg, pending, model) if len(todo) else ():
                 writer.add(batch)
                 failed = batch.filter(pc.equal(batch.column("status"), "failed"))
                 failures.append(failed)
@@ -280,7 +275,7 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         writer.flush()  # what succeeded stays cached, however the loop ended
     gen_seconds = gen_timer.seconds
     failed_table = pa.concat_tables(failures)
-    cached = read_cache(ws, set(questions))
+    cached = read_cache(ws, keys)
     table = assemble(ids, cached, failed_table, model)
     attempt = plan.attempt
     for i, start in enumerate(range(0, max(table.num_rows, 1), cfg.shard_rows)):
@@ -292,18 +287,20 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
             f"skills wrote {ws.parquet_rows(attempt.dir)} rows for {ids.num_rows} ids; "
             "nothing was committed"
         )
-    status = Counter(table.column("status").to_pylist())
+    status = Counter(
+        {v["values"]: v["counts"] for v in pc.value_counts(table["status"]).to_pylist()}
+    )
     seconds = timer.seconds
     summary = {
         "backend": cfg.backend,
         "model": model,
         "prompt_version": PROMPT_VERSION,
         "samples": ids.num_rows,
-        "unique_questions": len(questions),
-        "dedup_ratio": round(ids.num_rows / max(len(questions), 1), 3),
+        "unique_questions": questions.num_rows,
+        "dedup_ratio": round(ids.num_rows / max(questions.num_rows, 1), 3),
         "ok": status["ok"],
         "failed": status["failed"],
-        "cached": len(cached_keys),
+        "cached": n_cached,
         "generated": len(todo),
         "generated_ok": writer.rows,
         "failed_by_reason": dict(sorted(reasons.items())),
@@ -333,11 +330,11 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         ("prompt", PROMPT_VERSION),
         (
             "samples",
-            f"{ids.num_rows} ({len(questions)} unique questions, x{summary['dedup_ratio']})",
+            f"{ids.num_rows} ({questions.num_rows} unique questions, x{summary['dedup_ratio']})",
         ),
         ("ok / failed", f"{status['ok']} / {status['failed']}"),
         *[(f"  {r} (questions)", n) for r, n in summary["failed_by_reason"].items()],
-        ("cached / generated", f"{len(cached_keys)} / {len(todo)} questions"),
+        ("cached / generated", f"{n_cached} / {len(todo)} questions"),
         ("time", f"{summary['seconds']} s ({summary['samples_per_s']} samples/s)"),
         (
             "generation",

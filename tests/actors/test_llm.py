@@ -192,16 +192,15 @@ def test_vllm_rows_normalise_errors_and_answers():
 def test_vllm_backend_runs_on_a_gpu(ray_session):
     """On a GPU node with vLLM: VLSELECT_VLLM_MODEL (a hub id or local folder) answers."""
     pytest.importorskip("vllm")
-    import ray
 
     from actors.vllm import generate_vllm
 
     model = os.environ.get("VLSELECT_VLLM_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
     config = vllm_processor_config(model, engine_kwargs={"max_model_len": 2048}, batch_size=8)
-    ds = ray.data.from_arrow(batch("How many dogs are there?", "What does the sign say?"))
+    pending = batch("How many dogs are there?", "What does the sign say?")
     out = pa.concat_tables(
         generate_vllm(
-            ds, config, max_new_tokens=24, max_attempts=2, retry_temperature=0.7, map_cpus=0.25
+            pending, config, max_new_tokens=24, max_attempts=2, retry_temperature=0.7, map_cpus=0.25
         )
     )
     assert out.num_rows == 2 and set(out.column("status").to_pylist()) <= {"ok", "failed"}
