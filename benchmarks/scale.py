@@ -1,0 +1,354 @@
+"""Every stage at two pool sizes on this machine: wall time, rows/s, and the peak memory of
+the driver and of every Ray process, with the growth from the smaller size to the larger.
+
+    python benchmarks/scale.py --sizes 100000,1000000 [--stages world,ingest,...]
+
+Each stage is the real ``vlselect`` command, run in its own process (``python -m
+jobs.cli``) on one workspace per size, so a stage's driver peak is its own and not what
+an earlier stage left: ``driver_peak_mib`` samples that process, ``all_peak_mib`` it and
+every process under it (the local Ray it starts: raylet, GCS, workers, actors).
+
+Stages, in order (each reads what the ones before wrote):
+
+============  ============================================================================
+world         ``vlselect world``: the pool, and one held-out benchmark of ``--questions``
+              samples leaning on the rare snow concept (the targeted case that may not
+              fill its budget inside its neighbourhood)
+ingest        ``vlselect ingest``
+embed:clip    ``vlselect embed --spaces clip`` (tiny open_clip tower)
+embed:dino    ``vlselect embed --spaces dino`` (tiny DINO)
+embed:text    ``vlselect embed --spaces text`` on a world of ``--text-rows`` rows only
+              (MiniLM on 2 cores runs ~180 rows/s); its rows/s is reported at that
+              size and the report says so
+skills        ``vlselect skills`` with every answer already cached: what is measured is
+              the stage's own path at pool scale (keys of every row, the cache join, the
+              assembly, the skill space's embedding); the LLM's throughput is
+              ``benchmarks/skills_throughput.py``'s. The cache is filled beforehand with
+              one description per question family, outside the timing.
+index:*       ``vlselect index`` of the clip and skill spaces (IVF, 2 shards)
+cluster:K     ``vlselect cluster`` on dino at K=1000 and K=5000
+target        ``vlselect target``: the benchmark's questions, a budget of 20% of the pool
+progress      the coordinator actor over cluster:5000 (``actors.coordinator``): a 9%
+              warm-up, then rounds of 7,500 picks to a 20% budget, each ``next_round``
+              with its reveal (the rows read from the pool) and checkpoint, and each
+              ``report``; ``seconds`` is their sum, ``round_max_ms`` the slowest round
+============  ============================================================================
+
+Writes ``--out`` (JSON: ``rows`` of ``{stage, n, seconds, rows_per_s, driver_peak_mib,
+all_peak_mib, ...}`` and ``targets`` of ``{name, value, target, met}``), the markdown
+table beside it and a plot of seconds and driver peak against N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine  # noqa: E402
+from engine.quality import markdown_table  # noqa: E402
+
+STAGES = ("world", "ingest", "embed:clip", "embed:dino", "embed:text", "skills", "index:clip",
+          "index:skill", "cluster:1000", "cluster:5000", "target", "progress")  # fmt: skip
+BENCH = "bench_rare_snow"
+ROUND = 7_500
+
+
+def measure(cmd: list[str], log: Path, interval: float = 0.25) -> dict:
+    """Run ``cmd`` in its own process: wall seconds, its peak RSS and that of it and every
+    descendant together (MiB). Raises RuntimeError naming the log on failure."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        me, driver, total = psutil.Process(proc.pid), 0, 0
+        while proc.poll() is None:
+            try:
+                own = me.memory_info().rss
+                every = own + sum(_rss(c) for c in me.children(recursive=True))
+                driver, total = max(driver, own), max(total, every)
+            except psutil.Error:
+                pass
+            time.sleep(interval)
+        seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` exited {proc.returncode}: see {log}")
+    return {"seconds": round(seconds, 2), "driver_peak_mib": round(driver / 2**20),
+            "all_peak_mib": round(total / 2**20)}  # fmt: skip
+
+
+def _rss(p) -> int:
+    try:
+        return p.memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def run_stage(argv: list[str], log: Path) -> dict:
+    """``vlselect argv`` in its own process, measured."""
+    return measure([sys.executable, "-m", "jobs.cli", *argv], log)
+
+
+def world_args(ws: Path, n: int, questions: int) -> list[str]:
+    bench = (f"[{{name: {BENCH}, size: {questions}, leans_on: concept, domains: {{snow: 1.0}}, "
+             f"description: 'rare concept, scale benchmark'}}]")  # fmt: skip
+    return ["world", "--out", str(ws), "--size", str(n), "--seed", "0",
+            "--set", "test_size=0", "--set", f"benchmarks={bench}"]  # fmt: skip
+
+
+def fill_skill_cache(ws: Path) -> int:
+    """One cached description per question family, for every question of the pool and
+    the benchmark (outside the timing; the LLM is benchmarks/skills_throughput.py's)."""
+    import pyarrow.parquet as pq
+
+    from engine.artifacts import Pool, World
+    from engine.text import instruction_text
+    from engine.workspace import Workspace
+    from tests.jobs.test_target_job import cache_skills
+
+    w = Workspace.open(str(ws))
+    questions = set()
+    for f in Pool.open(w).shards:
+        for turns in pq.read_table(f, columns=["conversations"]).column(0).to_pylist():
+            questions.add(instruction_text(turns))
+    bench = World.open(w).benchmark(BENCH)
+    for turns in pq.read_table(bench, columns=["conversations"]).column(0).to_pylist():
+        questions.add(instruction_text(turns))
+    cache_skills(ws, sorted(questions))
+    return len(questions)
+
+
+def progress_rounds(ws: Path, out: Path) -> dict:
+    """The coordinator actor over cluster:5000: warm-up, then every round to 20% of the
+    pool, with synthetic per-cluster scores; run in its own process by ``run_stage``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from actors.coordinator import start_coordinator
+    from engine.artifacts import Clustering, Pool
+    from engine.coordinator import BASELINE, ProgressSettings, SelectionRule
+    from engine.resources import Resources
+    from engine.workspace import Workspace
+
+    w = Workspace.open(str(ws))
+    clustering, pool = Clustering.open(w, "k5000"), Pool.open(w)
+    n, k = pool.rows, clustering.meta.k
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    settings = ProgressSettings(budget=n // 5, round_size=ROUND, seed=0,
+                                rule=SelectionRule(metric="accuracy"))  # fmt: skip
+    run_dir = w.path("progress", "scale")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    actor = start_coordinator(w, run_dir, clustering, pool, settings, "scale-coordinator",
+                              Resources(num_cpus=0.5, max_retries=0))  # fmt: skip
+    rng = np.random.default_rng(0)
+    skill = rng.uniform(0.2, 0.8, k)
+    ray.get(actor.status.remote())  # the actor is up: its start is not a round
+    every = pa.concat_arrays([pq.read_table(f, columns=["id"]).column("id").combine_chunks()
+                              for f in clustering.assignments])  # fmt: skip
+    pick = np.sort(rng.choice(len(every), size=int(0.09 * len(every)), replace=False))
+    warm = every.take(pa.array(pick)).to_pylist()
+    timings = {"warmup": 0.0, "rounds": [], "reports": []}
+    a = time.perf_counter()
+    ray.get(actor.warmup.remote(warm))
+    timings["warmup"] = time.perf_counter() - a
+    t = BASELINE
+    while True:
+        ids = ray.get(actor.eval_ids.remote(t))
+        scores = np.clip(skill + 0.02 * rng.standard_normal(k), 0, 1)
+        evaluated = np.full(k, max(1, len(ids) // k))
+        a = time.perf_counter()
+        ray.get(actor.report.remote(t, scores.tolist(), evaluated.tolist(), None))
+        timings["reports"].append(time.perf_counter() - a)
+        t = 0 if t == BASELINE else t + 1
+        if t == 0:
+            continue  # round 0 is the warm-up, already revealed
+        a = time.perf_counter()
+        got = ray.get(actor.next_round.remote(t))
+        timings["rounds"].append(time.perf_counter() - a)
+        if got["rows"] == 0:
+            timings["rounds"].pop()
+            break
+    out.write_text(json.dumps(timings))
+    return timings
+
+
+def sizes_of(text: str) -> list[int]:
+    return [int(float(s)) for s in text.split(",") if s]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--questions", type=int, default=10_000)
+    parser.add_argument("--text-rows", type=int, default=20_000)
+    parser.add_argument("--workdir", default="/tmp/vlselect-scale")
+    parser.add_argument("--out", default="benchmarks/results/scale.json")
+    parser.add_argument("--progress-only", help=argparse.SUPPRESS)  # the progress stage's process
+    args = parser.parse_args()
+    if args.progress_only:
+        ws, out = args.progress_only.split(",")
+        progress_rounds(Path(ws), Path(out))
+        return
+    stages = args.stages.split(",")
+    rows: list[dict] = []
+    out = Path(args.out)
+    started = time.perf_counter()
+    for n in sizes_of(args.sizes):
+        root = Path(args.workdir) / f"n{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        rows += run_size(root, n, stages, args)
+        write(out, rows, args, time.perf_counter() - started)  # what is done is kept
+    write(out, rows, args, time.perf_counter() - started)
+
+
+def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
+    ws, log = root / "ws", root / "stages.log"
+    w = ["--workspace", str(ws)]
+    rows = []
+
+    def add(stage: str, measured: dict, rows_done: int, **extra) -> None:
+        row = {"stage": stage, "n": n, **measured,
+               "rows_per_s": round(rows_done / measured["seconds"], 1), **extra}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    commands = {
+        "world": world_args(ws, n, args.questions),
+        "ingest": ["ingest", *w],
+        "embed:clip": ["embed", *w, "--spaces", "clip"],
+        "embed:dino": ["embed", *w, "--spaces", "dino"],
+        "index:clip": ["index", *w, "--space", "clip", "--shards", "2", "--factory",
+                       "IVF1024,Flat"],
+        "index:skill": ["index", *w, "--space", "skill", "--shards", "2", "--factory",
+                        "IVF256,Flat"],
+        "cluster:1000": ["cluster", *w, "--name", "k1000", "--spaces", "dino", "--k", "1000"],
+        "cluster:5000": ["cluster", *w, "--name", "k5000", "--spaces", "dino", "--k", "5000"],
+        "target": ["target", *w, "--from-world", "--budget", "0.2", "--name", "scale",
+                   "--reference", "200"],
+    }  # fmt: skip
+    for stage in [s for s in STAGES if s in stages]:
+        if stage in commands:
+            add(stage, run_stage(commands[stage], log), n)
+        elif stage == "embed:text":
+            small = min(n, args.text_rows)
+            text_ws = root / "text-ws"
+            run_stage(world_args(text_ws, small, 10), log)
+            run_stage(["ingest", "--workspace", str(text_ws)], log)
+            add(stage, run_stage(["embed", "--workspace", str(text_ws), "--spaces", "text"], log),
+                small, note=f"run on {small:,} rows; its rows/s applies at {n:,}")  # fmt: skip
+        elif stage == "skills":
+            unique = fill_skill_cache(ws)
+            add(stage, run_stage(["skills", *w], log), n,
+                note=f"{unique:,} unique questions, all cached: no LLM call timed")  # fmt: skip
+        elif stage == "progress":
+            timings_file = root / "progress.json"
+            me = [sys.executable, str(Path(__file__).resolve()), "--progress-only"]
+            measured = measure([*me, f"{ws},{timings_file}"], log)
+            t = json.loads(timings_file.read_text())
+            rounds = t["rounds"]
+            measured["seconds"] = round(t["warmup"] + sum(rounds) + sum(t["reports"]), 2)
+            add(stage, measured, n, rounds=len(rounds),
+                round_mean_ms=round(1000 * sum(rounds) / max(len(rounds), 1), 1),
+                round_max_ms=round(1000 * max(rounds, default=0), 1),
+                report_max_ms=round(1000 * max(t["reports"], default=0), 1),
+                note=f"K=5000, rounds of {ROUND:,} with reveal and checkpoint")  # fmt: skip
+    return rows
+
+
+def growth(rows: list[dict]) -> list[dict]:
+    """Per stage, the smallest and largest N: the log-log slope of seconds (1 linear in
+    the pool, 0 flat) and the driver peak's ratio."""
+    out = []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        mine = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["n"])
+        if len(mine) < 2 or mine[0]["n"] == mine[-1]["n"]:
+            continue
+        lo, hi = mine[0], mine[-1]
+        slope = math.log(hi["seconds"] / lo["seconds"]) / math.log(hi["n"] / lo["n"])
+        out.append({"stage": stage, "from": lo["n"], "to": hi["n"], "exponent": round(slope, 2),
+                    "driver_ratio": round(hi["driver_peak_mib"] / lo["driver_peak_mib"], 2)})  # fmt: skip
+    return out
+
+
+def targets(rows: list[dict], grown: list[dict]) -> list[dict]:
+    """The issue's targets that this benchmark measures, each met or missed."""
+    out = []
+    for g in grown:
+        out.append({"name": f"driver peak at {g['to']:,} / at {g['from']:,}: {g['stage']}",
+                    "value": g["driver_ratio"], "target": "<= 1.5",
+                    "met": g["driver_ratio"] <= 1.5})  # fmt: skip
+    for r in rows:
+        if r["stage"] == "progress":
+            out.append({"name": f"coordinator round with reveal and checkpoint, N={r['n']:,}, "
+                        "K=5000 (slowest)", "value": r["round_max_ms"], "target": "<= 1000 ms",
+                        "met": r["round_max_ms"] <= 1000})  # fmt: skip
+        if r["stage"] == "target":
+            out.append({"name": f"targeted selection completes, N={r['n']:,}, driver peak",
+                        "value": r["driver_peak_mib"], "target": "<= 2048 MiB",
+                        "met": r["driver_peak_mib"] <= 2048})  # fmt: skip
+    return out
+
+
+HEADER = ["stage", "n", "seconds", "rows_per_s", "driver_peak_mib", "all_peak_mib", "note"]
+
+
+def write(out: Path, rows: list[dict], args, seconds: float) -> None:
+    grown = growth(rows)
+    doc = {"benchmark": "scale", "machine": machine(), "sizes": sizes_of(args.sizes),
+           "seconds": round(seconds, 1), "rows": rows, "growth": grown,
+           "targets": targets(rows, grown)}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    lines = ["# vlselect scale", "", f"{doc['machine']['cpus']} CPUs, "
+             f"{doc['machine']['memory_gib']} GiB; sizes {', '.join(f'{n:,}' for n in doc['sizes'])}"
+             f"; {seconds:.0f} s in all.", "",
+             markdown_table(HEADER, [[r.get(h, "") for h in HEADER] for r in rows]), ""]  # fmt: skip
+    if grown:
+        lines += ["## Growth", "", markdown_table(["stage", "from", "to", "exponent",
+                  "driver_ratio"], [[g[h] for h in ("stage", "from", "to", "exponent",
+                  "driver_ratio")] for g in grown]), ""]  # fmt: skip
+    lines += ["## Targets", "", markdown_table(["name", "value", "target", "met"],
+              [[t["name"], t["value"], t["target"], "yes" if t["met"] else "no"]
+               for t in doc["targets"]]), ""]  # fmt: skip
+    out.with_suffix(".md").write_text("\n".join(lines))
+    plot(out.with_suffix(".png"), rows)
+    print("\n".join(lines), flush=True)
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        mine = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["n"])
+        a.plot([r["n"] for r in mine], [r["seconds"] for r in mine], "o-", label=stage)
+        b.plot([r["n"] for r in mine], [r["driver_peak_mib"] for r in mine], "o-", label=stage)
+    a.set(xscale="log", yscale="log", xlabel="pool rows", ylabel="seconds", title="wall time")
+    b.set(xscale="log", xlabel="pool rows", ylabel="MiB", title="driver peak RSS")
+    b.legend(fontsize=7, loc="upper left")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
