@@ -53,6 +53,38 @@ def bare_generate(questions: list[str], max_new_tokens: int, batch: int = 8) -> 
     return time.perf_counter() - start
 
 
+def bare_embed(ws_path: Path, space: str, limit: int) -> tuple[int, float]:
+    """The embed job's work without Ray over the first ``limit`` pool rows, in this one
+    process: read, decode and preprocess, encode with the configured encoder and batch
+    size, nothing written. Returns (rows, seconds), the model's load included."""
+    import pyarrow.parquet as pq
+
+    from engine.artifacts import Pool
+    from engine.config import build_config
+    from engine.encoders import load_encoder, preprocess_images
+    from engine.text import instruction_text
+    from jobs import embed
+
+    ws = Workspace.open(str(ws_path))
+    cfg = build_config(embed.STAGE, embed.CONFIG, ws.read_config())
+    space_cfg = getattr(cfg, space)
+    start = time.perf_counter()
+    encoder = load_encoder(space_cfg.encoder)
+    column = "image" if space in embed.IMAGE_SPACES else "conversations"
+    n = 0
+    for file in Pool.open(ws).shards:
+        for batch in pq.ParquetFile(file).iter_batches(space_cfg.batch_size, columns=[column]):
+            values = batch.column(0).to_pylist()[: limit - n]
+            if column == "image":
+                encoder(preprocess_images(values, encoder.prep)[0])
+            else:
+                encoder([instruction_text(c) for c in values])
+            n += len(values)
+            if n >= limit:
+                return n, time.perf_counter() - start
+    return n, time.perf_counter() - start
+
+
 def space_features(ws: Workspace, spaces: list[str]) -> np.ndarray:
     """Every row's combined feature of the committed ``spaces`` (weights 1), float32
     (n, sum of dims), shard by shard as the cluster job computes it."""
@@ -76,15 +108,15 @@ def clustering_figures(clustering: Clustering) -> dict[str, Any]:
     return {**meta.summary, **meta.model_dump(exclude={"summary"})}
 
 
-def bare_kmeans(ws: Workspace, k: int, meta: dict, seed: int) -> float:
-    """Seconds to load dino+text from the workspace, fit faiss.Kmeans on a sample of the
+def bare_kmeans(ws: Workspace, k: int, meta: dict, seed: int, spaces: list[str]) -> float:
+    """Seconds to load ``spaces`` from the workspace, fit faiss.Kmeans on a sample of the
     job's size with its iterations, and assign every row."""
     import faiss
 
     from engine.kmeans import CentroidIndex, sample_positions
 
     start = time.perf_counter()
-    x = space_features(ws, ["dino", "text"])
+    x = space_features(ws, spaces)
     sample = np.ascontiguousarray(x[sample_positions(len(x), meta["sample_rows"], seed)])
     kmeans = faiss.Kmeans(x.shape[1], k, niter=len(meta["objective"]), seed=seed, spherical=True)
     kmeans.train(sample)

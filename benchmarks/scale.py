@@ -34,6 +34,12 @@ progress      the coordinator actor over cluster:5000 (``actors.coordinator``): 
               ``report``; ``seconds`` is their sum, ``round_max_ms`` the slowest round
 ============  ============================================================================
 
+Beside its stage, embed:dino, embed:clip and embed:text run the same model's bare loop in
+one process (``--reference-rows`` rows) and cluster:1000 direct ``faiss.Kmeans`` with the
+job's sample and iterations: ``ratio_to_bare`` is the job's rows/s over the loop's (k-means:
+the job's seconds over faiss's). ``--keep`` reruns some stages on the workspaces an earlier
+run left and replaces only their rows.
+
 Writes ``--out`` (JSON: ``rows`` of ``{stage, n, seconds, rows_per_s, driver_peak_mib,
 all_peak_mib, ...}`` and ``targets`` of ``{name, value, target, met}``), the markdown
 table beside it and a plot of seconds and driver peak against N.
@@ -199,6 +205,11 @@ def main() -> None:
     parser.add_argument("--text-rows", type=int, default=20_000)
     parser.add_argument("--workdir", default="/tmp/vlselect-scale")
     parser.add_argument("--out", default="benchmarks/results/scale.json")
+    parser.add_argument("--reference-rows", type=int, default=20_000,
+                        help="rows the bare embedding loops run on")  # fmt: skip
+    parser.add_argument("--keep", action="store_true",
+                        help="rerun --stages on the workspaces an earlier run left (no world "
+                        "stage), replacing their rows in --out and keeping the others")  # fmt: skip
     parser.add_argument("--progress-only", help=argparse.SUPPRESS)  # the progress stage's process
     args = parser.parse_args()
     if args.progress_only:
@@ -206,16 +217,27 @@ def main() -> None:
         progress_rounds(Path(ws), Path(out))
         return
     stages = args.stages.split(",")
-    rows: list[dict] = []
+    if unknown := sorted(set(stages) - set(STAGES)):
+        parser.error(f"unknown stages {unknown}; the stages are {', '.join(STAGES)}")
     out = Path(args.out)
+    rows: list[dict] = []
+    if args.keep:
+        if "world" in stages:
+            parser.error("--keep reruns stages on kept workspaces: leave world out of --stages")
+        rerun = {(s, n) for s in stages for n in sizes_of(args.sizes)}
+        rows = [r for r in json.loads(out.read_text())["rows"] if (r["stage"], r["n"]) not in rerun]
     started = time.perf_counter()
     for n in sizes_of(args.sizes):
         root = Path(args.workdir) / f"n{n}"
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        rows += run_size(root, n, stages, args)
+        if args.keep:
+            if not (root / "ws").is_dir():
+                parser.error(f"--keep: no workspace at {root / 'ws'} from an earlier run")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+        fresh = run_size(root, n, stages, args)
+        rows = sorted(rows + fresh, key=lambda r: (r["n"], STAGES.index(r["stage"])))
         write(out, rows, args, time.perf_counter() - started)  # what is done is kept
-    write(out, rows, args, time.perf_counter() - started)
 
 
 def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
@@ -231,7 +253,7 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
 
     commands = {
         "world": world_args(ws, n, args.questions),
-        "ingest": ["ingest", *w],
+        "ingest": ["ingest", *w, "--set", "overwrite=true"],
         "embed:clip": ["embed", *w, "--spaces", "clip"],
         "embed:dino": ["embed", *w, "--spaces", "dino"],
         "index:clip": ["index", *w, "--space", "clip", "--shards", "2", "--factory",
@@ -244,15 +266,23 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
                    "--reference", "200"],
     }  # fmt: skip
     for stage in [s for s in STAGES if s in stages]:
-        if stage in commands:
+        if stage in ("embed:clip", "embed:dino"):
+            measured = run_stage(commands[stage], log)
+            space = stage.split(":")[1]
+            add(stage, measured, n, **bare_figures(ws, space, n, measured, args.reference_rows))
+        elif stage == "cluster:1000":
+            measured = run_stage(commands[stage], log)
+            add(stage, measured, n, **kmeans_figures(ws, measured))
+        elif stage in commands:
             add(stage, run_stage(commands[stage], log), n)
         elif stage == "embed:text":
             small = min(n, args.text_rows)
             text_ws = root / "text-ws"
             run_stage(world_args(text_ws, small, 10), log)
             run_stage(["ingest", "--workspace", str(text_ws)], log)
-            add(stage, run_stage(["embed", "--workspace", str(text_ws), "--spaces", "text"], log),
-                small, note=f"run on {small:,} rows; its rows/s applies at {n:,}")  # fmt: skip
+            measured = run_stage(["embed", "--workspace", str(text_ws), "--spaces", "text"], log)
+            add(stage, measured, small, **bare_figures(text_ws, "text", small, measured, small),
+                note=f"run on {small:,} rows; its rows/s applies at {n:,}")  # fmt: skip
         elif stage == "skills":
             unique = fill_skill_cache(ws)
             add(stage, run_stage(["skills", *w], log), n,
@@ -270,6 +300,30 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
                 report_max_ms=round(1000 * max(t["reports"], default=0), 1),
                 note=f"K=5000, rounds of {ROUND:,} with reveal and checkpoint")  # fmt: skip
     return rows
+
+
+def bare_figures(ws: Path, space: str, n: int, measured: dict, limit: int) -> dict:
+    """The embed job's rows/s against the same model's bare loop in one process on the
+    first ``limit`` rows (``benchmarks.references.bare_embed``)."""
+    from benchmarks.references import bare_embed
+
+    rows, seconds = bare_embed(ws, space, min(n, limit))
+    bare = rows / seconds
+    return {"bare_rows_per_s": round(bare, 1),
+            "ratio_to_bare": round(n / measured["seconds"] / bare, 3)}  # fmt: skip
+
+
+def kmeans_figures(ws: Path, measured: dict) -> dict:
+    """The cluster job's seconds against direct ``faiss.Kmeans`` with its sample size and
+    iterations, the load of the features and the assignment of every row included."""
+    from benchmarks.references import bare_kmeans, clustering_figures
+    from engine.artifacts import Clustering
+    from engine.workspace import Workspace
+
+    w = Workspace.open(str(ws))
+    meta = clustering_figures(Clustering.open(w, "k1000"))
+    bare = bare_kmeans(w, 1000, meta, 0, ["dino"])
+    return {"bare_seconds": round(bare, 2), "ratio_to_bare": round(measured["seconds"] / bare, 3)}
 
 
 def growth(rows: list[dict]) -> list[dict]:
@@ -295,6 +349,14 @@ def targets(rows: list[dict], grown: list[dict]) -> list[dict]:
                     "value": g["driver_ratio"], "target": "<= 1.5",
                     "met": g["driver_ratio"] <= 1.5})  # fmt: skip
     for r in rows:
+        if r["stage"] in ("embed:dino", "embed:text") and "ratio_to_bare" in r:
+            out.append({"name": f"{r['stage']} rows/s / bare loop, N={r['n']:,}",
+                        "value": r["ratio_to_bare"], "target": ">= 0.9",
+                        "met": r["ratio_to_bare"] >= 0.9})  # fmt: skip
+        if r["stage"] == "cluster:1000" and "ratio_to_bare" in r:
+            out.append({"name": f"k-means seconds / faiss.Kmeans, N={r['n']:,}, K=1000",
+                        "value": r["ratio_to_bare"], "target": "<= 1.15",
+                        "met": r["ratio_to_bare"] <= 1.15})  # fmt: skip
         if r["stage"] == "progress":
             out.append({"name": f"coordinator round with reveal and checkpoint, N={r['n']:,}, "
                         "K=5000 (slowest)", "value": r["round_max_ms"], "target": "<= 1000 ms",
@@ -311,7 +373,7 @@ HEADER = ["stage", "n", "seconds", "rows_per_s", "driver_peak_mib", "all_peak_mi
 
 def write(out: Path, rows: list[dict], args, seconds: float) -> None:
     grown = growth(rows)
-    doc = {"benchmark": "scale", "machine": machine(), "sizes": sizes_of(args.sizes),
+    doc = {"benchmark": "scale", "machine": machine(), "sizes": sorted({r["n"] for r in rows}),
            "seconds": round(seconds, 1), "rows": rows, "growth": grown,
            "targets": targets(rows, grown)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)

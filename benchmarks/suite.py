@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from benchmarks.common import PeakRSS, timed_cli
 from benchmarks.progress_round import ROUND
 from benchmarks.references import (
     auto_factory,
+    bare_embed,
     bare_generate,
     bare_kmeans,
     bare_rounds,
@@ -186,7 +186,7 @@ class SizeRun:
     def embed(self) -> None:
         for space in ("dino", "text"):
             seconds, mem = timed_cli(["embed", "--workspace", str(self.ws), "--spaces", space])
-            m, bare_seconds = self._bare_embed(space, min(self.n, self.opts.reference_rows))
+            m, bare_seconds = bare_embed(self.ws, space, min(self.n, self.opts.reference_rows))
             self._add(
                 Figure(
                     f"embed:{space}", self.n, "rows/s", "rows/s", _rate(self.n, seconds),
@@ -195,32 +195,6 @@ class SizeRun:
                 ),
                 e2e=f"embed:{space}",
             )  # fmt: skip
-
-    def _bare_embed(self, space: str, limit: int) -> tuple[int, float]:
-        """The reference loop over the first ``limit`` pool rows: (rows, seconds)."""
-        from engine.config import build_config
-        from engine.encoders import load_encoder, preprocess_images
-        from engine.text import instruction_text
-        from jobs import embed
-
-        ws = Workspace.open(str(self.ws))
-        cfg = build_config(embed.STAGE, embed.CONFIG, ws.read_config())
-        space_cfg = getattr(cfg, space)
-        start = time.perf_counter()
-        encoder = load_encoder(space_cfg.encoder)
-        column = "image" if space in embed.IMAGE_SPACES else "conversations"
-        n = 0
-        for file in Pool.open(ws).shards:
-            for batch in pq.ParquetFile(file).iter_batches(space_cfg.batch_size, columns=[column]):
-                values = batch.column(0).to_pylist()[: limit - n]
-                if column == "image":
-                    encoder(preprocess_images(values, encoder.prep)[0])
-                else:
-                    encoder([instruction_text(c) for c in values])
-                n += len(values)
-                if n >= limit:
-                    return n, time.perf_counter() - start
-        return n, time.perf_counter() - start
 
     def skills(self) -> None:
         from benchmarks.skills_throughput import measure
@@ -251,7 +225,7 @@ class SizeRun:
         seconds, mem = timed_cli([*argv, "--spaces", "dino,text", "--seed", str(self.opts.seed)])
         ws = Workspace.open(str(self.ws))
         meta = clustering_figures(Clustering.open(ws, "bench"))
-        bare = bare_kmeans(ws, k, meta, self.opts.seed)
+        bare = bare_kmeans(ws, k, meta, self.opts.seed, ["dino", "text"])
         self._add(
             Figure(
                 "cluster", self.n, "k-means time", "s", round(seconds, 2),

@@ -116,13 +116,13 @@ def test_the_answer_check_tells_a_wrong_answer_from_a_reordered_tie():
 
 
 def test_a_client_whose_reference_differs_from_the_index_counts_mismatches(workdir):
-    # The clients' exact reference maps label i to ids[i]; shifting the ids by one makes
-    # every answer differ, so a check that compared nothing would pass here and fail this.
+    # The clients' exact reference takes its label i as pool row i; rolling its vectors by
+    # one row makes every answer's rows differ by one (the scores stay equal), so a check
+    # that compared nothing, or only scores, would pass here and fail this.
     work, ws = workdir
     wrong = work / "wrong"
     wrong.mkdir()
-    (wrong / "vectors.npy").symlink_to(work / "vectors.npy")
-    np.save(wrong / "ids.npy", np.roll(np.load(work / "ids.npy"), 1))
+    np.save(wrong / "vectors.npy", np.roll(np.load(work / "vectors.npy"), 1, axis=0))
     load = dataclasses.replace(LOAD, clients=1, seconds=2.0)
     got = run_load(wrong, ws, load, ray.get_runtime_context().gcs_address)["summary"]
     assert got["errors"] == 0 and got["checked"] > 0
