@@ -1,25 +1,23 @@
-"""Streaming readers for LLaVA-format sources and the per-chunk normalisation of ingestion.
+"""Ingest's per-split logic: duplicate ids found across the whole source, and the
+normalisation of a chunk of records into pool rows and rejects.
 
-Sources: LLaVA JSON (one array, parsed incrementally with ijson so a 1 GB file is
-never held whole), JSONL (one record per line; a malformed line is one reject),
-and Parquet (a file or a directory of files, read batch by batch).
+Duplicates ("the first occurrence wins") are found without one process seeing every id:
+each split's task hashes its ids into ``buckets`` tables (:func:`id_buckets`), one task
+per bucket finds the repeated ids among them (:func:`find_duplicates`), and only the
+duplicates' record indices come back, so the driver holds O(duplicates), not O(pool).
+The readers are ``engine.sources``.
 """
 
 from __future__ import annotations
 
-import io
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any, Literal
 
-import ijson
+import numpy as np
+import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from engine.errors import InputError
 from engine.pool import (
     POOL_SCHEMA,
     REJECT_SCHEMA,
@@ -28,206 +26,65 @@ from engine.pool import (
     normalize_record,
     record_id,
 )
-from engine.workspace import Location
+from engine.sources import RawItem
 
-SourceFormat = Literal["json", "jsonl", "parquet"]
-MALFORMED = object()  # stands in for a JSONL line that does not parse
-# LLaVA records nest three levels (record, turns, turn). A deeper one is refused before
-# pickling it to a Ray task or rendering it for the rejects file, both of which recurse.
-MAX_DEPTH = 64
-BOM = b"\xef\xbb\xbf"  # what Windows tools put before UTF-8 JSON
+# ids as UTF-8 bytes, lone surrogates passed through: such a record is rejected later, but
+# its id still counts for "first occurrence wins"
+ID_SCHEMA = pa.schema([("id", pa.binary()), ("index", pa.int64())])
 
 
-@dataclass
-class RawItem:
-    """One record as read from the source, before normalisation.
-
-    ``record`` is the parsed value (any JSON type) or MALFORMED with ``error`` set;
-    ``duplicate_of`` is the record index of an earlier record with the same id.
-    """
-
-    index: int
-    record: Any
-    error: str | None = None
-    duplicate_of: int | None = None
-
-
-def detect_format(source: str | Location) -> SourceFormat:
-    """Guess the source format from its name and first bytes; InputError if it is none of them."""
-    src = Location.of(source)
-    kind = src.kind()
-    if kind == pafs.FileType.NotFound:
-        raise InputError(
-            f"source not found: {src.uri} (pass --source with a LLaVA JSON, JSONL or Parquet "
-            "path or URI)"
-        )
-    if kind == pafs.FileType.Directory:
-        if not source_files(src):
-            raise InputError(f"source directory {src.uri} holds no .parquet files")
-        return "parquet"
-    lower = src.path.lower()
-    if lower.endswith(".parquet"):
-        return "parquet"
-    with src.open() as f:
-        head = f.read(4096).removeprefix(BOM).lstrip()
-    path = src.uri
-    if lower.endswith((".jsonl", ".ndjson")) or head.startswith(b"{"):
-        first_line = head.split(b"\n", 1)[0].strip()
-        if first_line in (b"{", b"["):
-            # Pretty-printed JSON read line by line would reject every line on its own.
-            raise InputError(
-                f"{path} is read as JSONL (one record per line), but its first line is a lone "
-                f"{first_line.decode()!r}: it looks like pretty-printed JSON; write one record "
-                "per line (jq -c '.[]' FILE > FILE.jsonl) or give a JSON array of records as .json"
-            )
-        return "jsonl"
-    if head.startswith(b"["):
-        return "json"
-    if lower.endswith(".json"):
-        shown = head[:40].decode("utf-8", "replace")
-        raise InputError(
-            f"{path} does not start with '[' or '{{': expected a LLaVA JSON array of records or "
-            f"JSONL; it starts with {shown!r}"
-        )
-    raise InputError(f"cannot tell the format of {path}: name it .json, .jsonl or .parquet")
+def id_buckets(items: Iterable[RawItem], buckets: int) -> tuple[int, list[pa.Table]]:
+    """(records read, ``buckets`` tables of (id bytes, index int64)): the ids of the
+    parseable records that have one, each in the bucket its hash picks."""
+    ids, indices, n = [], [], 0
+    for item in items:
+        n += 1
+        key = None if item.error is not None else record_id(item.record)
+        if key is not None:
+            ids.append(key.encode("utf-8", "surrogatepass"))
+            indices.append(item.index)
+    table = pa.table([pa.array(ids, pa.binary()), pa.array(indices, pa.int64())], schema=ID_SCHEMA)
+    if buckets == 1:
+        return n, [table]
+    which = pd.util.hash_array(np.asarray(ids, dtype=object)) % np.uint64(buckets)
+    return n, [table.filter(pa.array(which == b)) for b in range(buckets)]
 
 
-def source_files(source: str | Location) -> list[Location]:
-    """The files a source consists of: itself, or the sorted ``*.parquet`` files of a folder."""
-    src = Location.of(source)
-    if src.is_dir():
-        return [Location(src.uri_of(p), src.fs, p) for p in src.files(".parquet")]
-    return [src]
-
-
-def count_records(source: str | Location, fmt: SourceFormat) -> int | None:
-    """Rows in a Parquet source from its footers (free); None for JSON, which must be parsed."""
-    if fmt != "parquet":
-        return None
-    return sum(
-        pq.ParquetFile(f.path, filesystem=f.fs).metadata.num_rows for f in source_files(source)
+def find_duplicates(tables: Iterable[pa.Table], offsets: Iterable[int] = ()) -> np.ndarray:
+    """The repeated ids among one bucket's tables: int64 (d, 2) of (record index, index of
+    the first record with that id), sorted by record index. ``offsets``, one per table,
+    are added to its indices (a JSONL split learns its first index only after every
+    split before it is counted)."""
+    tables, offsets = list(tables), list(offsets) or None
+    if offsets:
+        tables = [t.set_column(1, "index", pc.add(t["index"], o))
+                  for t, o in zip(tables, offsets, strict=True)]  # fmt: skip
+    every = (
+        pa.concat_tables([t.cast(ID_SCHEMA) for t in tables]) if tables else ID_SCHEMA.empty_table()
     )
+    firsts = every.group_by("id").aggregate([("index", "min"), ("index", "count")])
+    repeated = firsts.filter(pc.greater(firsts["index_count"], 1)).select(["id", "index_min"])
+    if not repeated.num_rows:
+        return np.empty((0, 2), np.int64)
+    joined = every.join(repeated, "id")
+    dups = joined.filter(pc.not_equal(joined["index"], joined["index_min"]))
+    pairs = np.stack([dups["index"].to_numpy(), dups["index_min"].to_numpy()], axis=1)
+    return pairs[np.argsort(pairs[:, 0], kind="stable")]
 
 
-def iter_records(
-    source: str | Location, fmt: SourceFormat, batch_rows: int = 2048
-) -> Iterator[RawItem]:
-    """Yield every record of the source in order, numbered from 0.
-
-    Raises:
-        InputError: the file as a whole is not what its format says (a truncated JSON
-            array, a JSON object where an array was expected, an unreadable Parquet file).
-    """
-    src = Location.of(source)
-    if fmt == "json":
-        yield from _iter_json_array(src)
-    elif fmt == "jsonl":
-        yield from _iter_jsonl(src)
-    else:
-        yield from _iter_parquet(src, batch_rows)
-
-
-def _iter_json_array(src: Location) -> Iterator[RawItem]:
-    index = 0
-    try:
-        with src.open() as f:
-            if f.read(len(BOM)) != BOM:
-                f.seek(0)
-            for index, record in enumerate(ijson.items(f, "item", use_float=True)):  # noqa: B007
-                yield _checked_depth(RawItem(index, record))
-    except ijson.JSONError as err:
-        raise InputError(
-            f"{src.uri} is not a well-formed JSON array (after record {index}): "
-            f"{' '.join(str(err).split())}; "
-            "fix or re-export the file, or convert it to JSONL to reject bad lines one by one"
-        ) from None
-    except UnicodeDecodeError as err:  # ijson cannot go on past it, so the file is refused
-        raise InputError(
-            f"{src.uri} holds text that is not Unicode after record {index} ({err}): bytes that "
-            "are not UTF-8, or a \\u escape of a lone surrogate (\\uD800-\\uDFFF); fix them, "
-            "or convert the file to JSONL, where only the records holding them are rejected"
-        ) from None
-
-
-def _iter_jsonl(src: Location) -> Iterator[RawItem]:
-    index = 0
-    with src.open() as raw, io.BufferedReader(raw) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                item = _checked_depth(RawItem(index, json.loads(line)))
-            # ValueError: an integer of more than 4,300 digits; RecursionError: deep nesting.
-            except (ValueError, RecursionError) as err:
-                text = line[:200].decode("utf-8", "replace")
-                item = RawItem(index, text, error=f"line is not valid JSON: {err}")
-            yield item
-            index += 1
-
-
-def _checked_depth(item: RawItem) -> RawItem:
-    """``item``, or an error item in its place when its record nests deeper than MAX_DEPTH."""
-    level, depth = [item.record], 0
-    while level:  # breadth first, one level at a time: about 5 us for a LLaVA record
-        depth += 1
-        if depth > MAX_DEPTH:
-            return RawItem(
-                item.index,
-                f"<a record nested more than {MAX_DEPTH} levels deep>",
-                error=f"record is nested more than {MAX_DEPTH} levels deep (a LLaVA record "
-                "nests 3: record, turns, turn)",
-            )
-        level = [
-            child
-            for value in level
-            if type(value) in (dict, list)
-            for child in (value.values() if type(value) is dict else value)
-            if type(child) in (dict, list)
-        ]
-    return item
-
-
-def _iter_parquet(src: Location, batch_rows: int) -> Iterator[RawItem]:
-    index = 0
-    for file in source_files(src):
-        try:
-            reader = pq.ParquetFile(file.path, filesystem=file.fs)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(f"{file.uri} is not a readable Parquet file: {err}") from None
-        for batch in reader.iter_batches(batch_size=batch_rows):
-            for record in batch.to_pylist():
-                yield RawItem(index, record)
-                index += 1
-
-
-def peek_first(source: str | Location, fmt: SourceFormat) -> Any:
-    """The first record, read to fail fast on a file that is wrong as a whole."""
-    for item in iter_records(source, fmt, batch_rows=1):
-        return item.record
-    return None
-
-
-class DuplicateTracker:
-    """Marks records whose id was already seen; the first occurrence wins.
-
-    Holds one Python string per distinct id (about 80 MB per million ids).
-    """
-
-    def __init__(self) -> None:
-        self._first: dict[str, int] = {}
-
-    def mark(self, item: RawItem) -> None:
-        if item.error is not None:
-            return
-        key = record_id(item.record)
-        if key is None:
-            return
-        first = self._first.setdefault(key, item.index)
-        if first != item.index:
-            item.duplicate_of = first
+def mark_duplicates(items: list[RawItem], duplicates: np.ndarray | None = None) -> list[RawItem]:
+    """Set ``duplicate_of`` on ``items`` from (record index, first index) pairs; with none
+    given, from the items' own ids (one process, first occurrence wins). Returns items."""
+    if duplicates is None:
+        duplicates = find_duplicates(id_buckets(items, 1)[1])
+    first_of = dict(zip(duplicates[:, 0].tolist(), duplicates[:, 1].tolist(), strict=True))
+    for item in items:
+        item.duplicate_of = first_of.get(item.index)
+    return items
 
 
 def chunked(items: Iterator[RawItem], size: int) -> Iterator[list[RawItem]]:
+    """Lists of ``size`` items (the last one shorter)."""
     while chunk := list(islice(items, size)):
         yield chunk
 

@@ -1,6 +1,6 @@
 """Reading a target benchmark: image + question per sample, each bad record with its reason.
 
-A benchmark file is LLaVA JSON, JSONL or Parquet (the ingest readers, ``engine.ingest``).
+A benchmark file is LLaVA JSON, JSONL or Parquet (the ingest readers, ``engine.sources``).
 A record needs an image and a question; its answer is not read. The question is
 ``question`` (or ``text`` / ``prompt``) when the record has one, else the human turns of
 ``conversations`` (an answer turn is optional), cleaned as the pool's are
@@ -29,7 +29,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.errors import InputError
-from engine.ingest import detect_format, iter_records
 from engine.pool import (
     ImagePolicy,
     Rejected,
@@ -40,6 +39,7 @@ from engine.pool import (
     raw_snippet,
     record_id,
 )
+from engine.sources import detect_format, iter_records
 from engine.text import instruction_text
 from engine.workspace import Location
 

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -191,6 +192,19 @@ def bounded_submit(
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         yield ray.get(done[0])
+
+
+@contextmanager
+def unwrap_input_errors() -> Iterator[None]:
+    """Re-raise a task's InputError as itself: its message, not Ray's traceback around it."""
+    from engine.errors import InputError
+
+    try:
+        yield
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, InputError):
+            raise err.cause from None
+        raise
 
 
 class Timer:

@@ -53,13 +53,13 @@ from engine.commit import operational
 from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self
 from engine.embeddings import EmbeddedSpace, open_space
 from engine.errors import InputError
-from engine.ingest import source_files
 from engine.kmeans import split_positions
 from engine.knn import IndexInfo, open_index
 from engine.pool import ids_text
 from engine.progress import rows_of
 from engine.resources import Resources
 from engine.shards import find_rows
+from engine.sources import source_files
 from engine.target_input import (
     Benchmark,
     benchmark_name,

@@ -9,17 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.errors import InputError
-from engine.ingest import (
-    DuplicateTracker,
-    chunked,
-    count_records,
-    detect_format,
-    iter_records,
-    normalize_chunk,
-    peek_first,
-    source_files,
-)
+from engine.ingest import chunked, mark_duplicates, normalize_chunk
 from engine.pool import ImagePolicy
+from engine.sources import count_records, detect_format, iter_records, peek_first, source_files
 
 CONV = [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a"}]
 
@@ -130,10 +122,7 @@ def test_duplicates_first_wins_and_chunk_keeps_every_row(tmp_path):
     path = tmp_path / "a.jsonl"
     lines = [json.dumps(r) for r in records(4)] + [json.dumps(records(1)[0]), "{oops"]
     path.write_text("\n".join(lines) + "\n")
-    tracker = DuplicateTracker()
-    items = list(iter_records(str(path), "jsonl"))
-    for item in items:
-        tracker.mark(item)
+    items = mark_duplicates(list(iter_records(str(path), "jsonl")))
     assert items[4].duplicate_of == 0 and items[0].duplicate_of is None
     chunks = list(chunked(iter(items), 4))
     assert [len(c) for c in chunks] == [4, 2]

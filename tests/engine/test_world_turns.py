@@ -193,8 +193,9 @@ def test_follow_ups_are_in_the_world_tokenizer_vocabulary() -> None:
 
 
 def test_ingest_of_multi_turn_llava_json_keeps_all_turns(cfg3: WorldConfig, tmp_path: Path) -> None:
-    from engine.ingest import detect_format, iter_records, normalize_chunk
+    from engine.ingest import normalize_chunk
     from engine.pool import ImagePolicy, llava_record
+    from engine.sources import detect_format, iter_records
     from engine.text import instruction_text
 
     rec, lab = generate_rows(cfg3, "pool", 30, 20)  # holds text-only pool-0000039

@@ -19,14 +19,9 @@ from PIL import Image
 from engine.artifacts import Pool
 from engine.config import build_config, load_yaml_file, parse_set_overrides
 from engine.errors import InputError
-from engine.ingest import (
-    MAX_DEPTH,
-    DuplicateTracker,
-    detect_format,
-    iter_records,
-    normalize_chunk,
-)
+from engine.ingest import mark_duplicates, normalize_chunk
 from engine.pool import REJECT_SCHEMA, ImagePolicy, normalize_record
+from engine.sources import MAX_DEPTH, detect_format, iter_records
 from engine.target_input import read_benchmark
 from engine.workspace import Workspace
 from jobs.cli import main
@@ -66,10 +61,7 @@ def nested(depth: int):
 
 def ingest_chunk(path: Path, root: Path | None = None) -> tuple[int, pa.Table, pa.Table]:
     """Read ``path`` as ingest does (format, records, duplicates) and normalise one chunk."""
-    items = list(iter_records(str(path), detect_format(str(path))))
-    dedup = DuplicateTracker()
-    for item in items:
-        dedup.mark(item)
+    items = mark_duplicates(list(iter_records(str(path), detect_format(str(path)))))
     pool, rejects = normalize_chunk(items, path.name, ImagePolicy(str(root) if root else None))
     assert len(items) == pool.num_rows + rejects.num_rows  # rows in = accepted + rejected
     return len(items), pool, rejects

@@ -26,8 +26,9 @@ from PIL import Image
 
 from engine.config import build_config, load_yaml_file, parse_set_overrides
 from engine.errors import InputError
-from engine.ingest import DuplicateTracker, RawItem, detect_format, iter_records, normalize_chunk
+from engine.ingest import mark_duplicates, normalize_chunk
 from engine.pool import ImagePolicy
+from engine.sources import RawItem, detect_format, iter_records
 from engine.target_input import read_benchmark, require_usable
 from jobs.ingest import IngestConfig
 from jobs.registry import STAGES
@@ -159,9 +160,7 @@ def storable(table: pa.Table) -> None:
 
 
 def check_chunk(items: list[RawItem], root: Path) -> tuple[pa.Table, pa.Table]:
-    dedup = DuplicateTracker()
-    for item in items:
-        dedup.mark(item)
+    mark_duplicates(items)
     pool, rejects = normalize_chunk(items, "fuzz", ImagePolicy(str(root)))
     assert pool.num_rows + rejects.num_rows == len(items)  # rows in = accepted + rejected
     indices = pool.column("record_index").to_pylist() + rejects.column("record_index").to_pylist()

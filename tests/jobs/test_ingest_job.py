@@ -184,3 +184,31 @@ def test_bad_file_as_a_whole_exits_2_and_writes_nothing(case, tmp_path, ray_sess
     if case == "no_images_dir":
         assert "image root not found" in errors[0]
     assert not ws.exists()  # nothing written: no pool, no attempt of one
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_many_splits_keep_source_order_and_find_duplicates_across_them(fmt, tmp_path):
+    # 90 records in ~30 splits parsed by parallel tasks: a duplicate whose first occurrence
+    # is in another split is still rejected, naming that record, and the pool keeps the
+    # source's order (record_index ascending across its shards).
+    turns = [{"from": "human", "value": 'say "a, [b]"'}, {"from": "gpt", "value": "c\\"}]
+    ids = [f"t{i}" for i in range(80)] + ["t3", "t77", "t3", "t40"] + [f"u{i}" for i in range(6)]
+    records = [{"id": i, "conversations": turns} for i in ids]
+    source = tmp_path / f"s.{fmt}"
+    text = json.dumps(records) if fmt == "json" else "\n".join(map(json.dumps, records))
+    source.write_text(text)
+    ws = tmp_path / "ws"
+    argv = ["ingest", "--workspace", str(ws), "--source", str(source)]
+    assert main([*argv, "--set", "split_bytes=300", "--set", "chunk_size=2"]) == 0
+    pool = pool_of(ws)
+    table = pool.read_table(["id", "record_index"])
+    assert table.column("id").to_pylist() == [i for n, i in enumerate(ids) if i not in ids[:n]]
+    assert table.column("record_index").to_pylist() == sorted(
+        table.column("record_index").to_pylist()
+    )
+    dups = sorted((r["record_index"], r["reason"]) for r in rejects_of(pool))
+    assert [d[0] for d in dups] == [80, 81, 82, 83]
+    for (_, reason), first in zip(dups, [3, 77, 3, 40], strict=True):
+        assert f"first seen at record {first}" in reason
+    assert pool.meta.records_in == 90 == pool.meta.accepted + pool.meta.rejected
+    assert len(pool.shards) > 20  # the split size took effect
