@@ -263,7 +263,7 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
         "cluster:1000": ["cluster", *w, "--name", "k1000", "--spaces", "dino", "--k", "1000"],
         "cluster:5000": ["cluster", *w, "--name", "k5000", "--spaces", "dino", "--k", "5000"],
         "target": ["target", *w, "--from-world", "--budget", "0.2", "--name", "scale",
-                   "--reference", "200"],
+                   "--reference", "200", "--overwrite"],
     }  # fmt: skip
     for stage in [s for s in STAGES if s in stages]:
         if stage in ("embed:clip", "embed:dino"):

@@ -121,10 +121,11 @@ class TargetConfig(BaseModel):
         "beyond it is censored at depth + 1.",
     )  # fmt: skip
     max_candidates: int = Field(
-        50_000_000, ge=1,
+        16_000_000, ge=1,
         description="Most neighbour-list entries (samples x depth) one space's lists may "
-        "hold while deepening to reach the budget: 12 bytes each in the driver, so 50M is "
-        "600 MB. The deepest list is max(depth, max_candidates // samples), at most the pool.",
+        "hold while deepening to reach the budget: 12 bytes each in the driver, and the "
+        "selection's sort about as much again, so 16M is about 0.4 GB. The deepest list is "
+        "max(depth, max_candidates // samples), at most the pool.",
     )  # fmt: skip
     fill: Literal["random", "refuse"] = Field(
         "random",
@@ -303,6 +304,7 @@ def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, st
     k = min(deepest, max(depth, math.ceil(2 * plan.budget / len(bench))))
     while True:
         if k > depth:
+            lists = None  # the shallower lists go before the deeper ones arrive
             lists = _lists(services, vecs, k, MODE_SPACES[mode])
         chosen = select(mode, plan.budget, lists, aggregation=cfg.aggregation, quota=cfg.quota,
                         split_share=cfg.split_share)  # fmt: skip
