@@ -322,8 +322,7 @@ def _normalize(cfg, ws, source, splits, fmt, counts, duplicates, policy_args, ou
         return task.remote(splits[i], shard_bases[i], fmt, firsts[i], mine, cfg.chunk_size, source_name,
                            policy_args, out_dir, ws.fs)  # fmt: skip
 
-    total = int(sum(s.records or 0 for s in splits)) if fmt != "jsonl" else None
-    with tqdm(total=total, unit="rec", desc="ingest", mininterval=1.0) as bar:
+    with tqdm(total=sum(counts), unit="rec", desc="ingest", mininterval=1.0) as bar:
         for result in bounded_submit(submit, range(len(splits)), max_in_flight):
             totals.update({k: result[k] for k in ("records", "accepted", "rejected")})
             reasons.update(result["reasons"])
