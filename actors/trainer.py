@@ -62,7 +62,7 @@ from engine.llava.finetune import steps_for
 from engine.llava.train import deepspeed_stepper, resolve_attention, resolve_precision
 from engine.progress import balanced_share
 from engine.progress_config import ProgressConfig, TrainPlan
-from engine.shards import read_global_rows
+from engine.shards import with_pool_columns
 from engine.workspace import Workspace
 
 CHECKPOINT_TAG = "state"
@@ -86,15 +86,10 @@ def micro_batches(
 
 
 def _examples(table: pa.Table, ws: Workspace, pool: tuple[list[str], list[int]]) -> list[dict]:
-    """Chat examples of round-file rows: the image and the whole conversation.
-
-    A round file holds no image bytes (the reveal leaves them in the pool): each worker
-    reads those of its own rows, by pool row, from the row groups that hold them."""
-    if "image" not in table.column_names:
-        files, sizes = pool
-        rows = table.column("pool_row").to_numpy()
-        images = read_global_rows(ws.fs, files, sizes, rows, ["image"]).column("image")
-        table = table.append_column("image", images)
+    """Chat examples of round-file rows: the image and the whole conversation, which
+    each worker reads for its own rows from the pool (a round file holds ids, pool rows
+    and answers: the reveal reads no more)."""
+    table = with_pool_columns(ws.fs, table, *pool, ["image", "conversations"])
     return table.select(["id", "image", "conversations", "cluster"]).to_pylist()
 
 

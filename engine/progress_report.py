@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from engine.artifacts import Pool
 from engine.pool import ids_text, llava_record
-from engine.shards import read_global_rows
+from engine.shards import with_pool_columns
 from engine.workspace import Workspace, atomic_output
 
 TOP_CLUSTERS = 12  # Δk lines drawn: more is unreadable
@@ -31,16 +31,11 @@ def read_rounds(jsonl: str) -> list[dict[str, Any]]:
 
 
 def round_records(ws: Workspace, run_dir: str, path: str, pool: tuple[list[str], list[int]]):
-    """One round file's rows as LLaVA records (writes inline images). The image bytes
-    stay in the pool (the reveal leaves them there): read by pool row from ``pool``
-    (its files and their row counts)."""
+    """One round file's rows as LLaVA records (writes inline images). A round file holds
+    ids, pool rows and answers: the image and the conversation are read by pool row from
+    ``pool`` (its files and their row counts)."""
     table = pq.read_table(path, filesystem=ws.fs)
-    if "image" not in table.column_names:
-        files, sizes = pool
-        rows = table.column("pool_row").to_numpy()
-        table = table.append_column(
-            "image", read_global_rows(ws.fs, files, sizes, rows, ["image"]).column("image")
-        )
+    table = with_pool_columns(ws.fs, table, *pool, ["image", "image_ref", "conversations"])
     table = table.select(["id", "image", "image_ref", "conversations"])
     return [
         llava_record(row, lambda rel, data: ws.write_bytes(f"{run_dir}/{rel}", data))

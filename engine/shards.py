@@ -13,6 +13,7 @@ recomputes the rest, so no id is written twice and none is lost.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -109,16 +110,21 @@ def finished_shards(fs: pafs.FileSystem, out_dir: str) -> set[str]:
 
 
 def read_rows(
-    fs: pafs.FileSystem, path: str, positions: np.ndarray, columns: list[str]
+    fs: pafs.FileSystem,
+    path: str,
+    positions: np.ndarray,
+    columns: list[str],
+    footer: pq.FileMetaData | None = None,
 ) -> pa.Table:
     """The rows at ``positions`` (int64 (n,), sorted, local to the file) of one Parquet
-    file, only ``columns``, reading only the row groups that hold them.
+    file, only ``columns``, reading only the row groups that hold them (``footer``: the
+    file's metadata when the caller kept it, saving a read of it).
 
     Selecting a few rows of a pool shard this way never reads the image bytes of the
     row groups it does not touch (the pool is written in small row groups for it).
     """
     positions = np.asarray(positions, np.int64)
-    pf = pq.ParquetFile(path, filesystem=fs)
+    pf = pq.ParquetFile(path, filesystem=fs, metadata=footer)
     sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     if positions.size and (positions[0] < 0 or positions[-1] >= starts[-1]):
@@ -126,7 +132,7 @@ def read_rows(
     groups = np.unique(np.searchsorted(starts, positions, side="right") - 1)
     if not groups.size:
         return pf.schema_arrow.empty_table().select(columns)
-    table = pf.read_row_groups(groups.tolist(), columns=columns)
+    table = pf.read_row_groups(groups.tolist(), columns=columns, use_threads=False)
     # Where each wanted row sits in the concatenation of the groups read.
     base = np.cumsum([0] + [sizes[g] for g in groups[:-1]])
     group_of = np.searchsorted(starts, positions, side="right") - 1
@@ -140,25 +146,63 @@ def read_global_rows(
     sizes: list[int],
     rows: np.ndarray,
     columns: list[str],
+    threads: int = 1,
+    footers: dict[str, pq.FileMetaData] | None = None,
 ) -> pa.Table:
     """The rows at global positions ``rows`` (int64 (n,), any order, distinct) of the
     Parquet ``files`` read as one table (``sizes``: rows per file), in the order given,
-    only ``columns``, through ``read_rows`` (only the row groups that hold them)."""
+    only ``columns``, through ``read_rows`` (only the row groups that hold them).
+
+    ``threads`` files are read at once (Arrow's decoding releases the GIL: a few hundred
+    files' row groups per call, as PROGRESS's reveal asks, decode in parallel);
+    ``footers``, a dict the caller keeps between calls, holds each file's metadata once
+    read, so a file's footer is fetched once per process, not once per call."""
     rows = np.asarray(rows, np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= sum(sizes)):
+        raise IndexError(f"rows outside the {sum(sizes)} rows of the files")
     order = np.argsort(rows, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     cuts = np.searchsorted(rows[order], starts)
-    parts = []
-    for f, path in enumerate(files):
-        local = rows[order[cuts[f] : cuts[f + 1]]] - starts[f]
-        if local.size:
-            parts.append(read_rows(fs, path, local, columns))
-    if rows.size and (rows.min() < 0 or rows.max() >= starts[-1]):
-        raise IndexError(f"rows outside the {starts[-1]} rows of the files")
-    if not parts:
+    touched = [f for f in range(len(files)) if cuts[f + 1] > cuts[f]]
+    if not touched:
         return pq.read_schema(files[0], filesystem=fs).empty_table().select(columns)
+
+    def read(f: int) -> pa.Table:
+        path, local = files[f], rows[order[cuts[f] : cuts[f + 1]]] - starts[f]
+        if footers is None:
+            return read_rows(fs, path, local, columns)
+        if path not in footers:
+            footers[path] = pq.read_metadata(path, filesystem=fs)
+        return read_rows(fs, path, local, columns, footers[path])
+
+    if threads > 1 and len(touched) > 1:
+        with ThreadPoolExecutor(min(threads, len(touched))) as pool:
+            parts = list(pool.map(read, touched))
+    else:
+        parts = [read(f) for f in touched]
     table = pa.concat_tables(parts)  # in sorted row order: undo the sort
     return table.take(pa.array(np.argsort(order, kind="stable")))
+
+
+def with_pool_columns(
+    fs: pafs.FileSystem,
+    table: pa.Table,
+    files: list[str],
+    sizes: list[int],
+    columns: list[str],
+) -> pa.Table:
+    """``table`` (with an int64 ``pool_row`` column: global rows of ``files``) with every
+    one of ``columns`` it lacks read from the pool rows it names, appended in its order:
+    PROGRESS's round files hold ids, rows and answers, and each reader takes the rest
+    (image, conversation) of only its own rows."""
+    wanted = [c for c in columns if c not in table.column_names]
+    if not wanted:
+        return table
+    rows = table.column("pool_row").to_numpy()
+    read = read_global_rows(fs, files, sizes, rows, wanted)
+    for column in wanted:
+        table = table.append_column(column, read.column(column))
+    return table
 
 
 def rows_of_ids(
