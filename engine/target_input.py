@@ -199,35 +199,71 @@ def reference_sample(
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Up to ``n`` pool samples with a vector in both spaces, seeded, as reference queries.
 
-    Reads skill shards in a seeded order until it has ``4n`` candidate ids (the skill space
-    may lack rows whose description failed), draws ``n`` of them, then reads the concept
-    vectors of those ids shard by shard (only the id column of shards without any).
+    Reads the ids of skill shards in a seeded order until it has ``4n`` candidates (the
+    skill space may lack rows whose description failed), draws ``n`` of them, then
+    streams the vectors of only the drawn rows from each space, shard by shard: the
+    driver holds O(n) vectors and one shard's ids, never a whole space.
     Returns ``(ids, concept (m, d_c) float32, skill (m, d_s) float32)``, m <= n.
     """
-    from engine.embeddings import read_vectors
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     rng = np.random.default_rng(seed)
-    ids, vecs = [], []
+    id_parts, files, count = [], [], 0
     for f in rng.permutation(len(skill_files)):
-        got_ids, got = read_vectors(ws.fs, skill_files[f])
-        ids.extend(got_ids.to_pylist())
-        vecs.append(got)
-        if len(ids) >= 4 * n:
+        id_parts.append(_id_column(ws.fs, skill_files[f]))
+        files.append(skill_files[f])
+        count += len(id_parts[-1])
+        if count >= 4 * n:
             break
-    if not ids:
+    if not count:
         return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    skill = np.concatenate(vecs)
-    pick = np.sort(rng.choice(len(ids), min(n, len(ids)), replace=False))
-    wanted = {ids[i]: j for j, i in enumerate(pick)}
-    concept: dict[int, np.ndarray] = {}
+    pick = np.sort(rng.choice(count, min(n, count), replace=False))
+    wanted = pa.concat_arrays(id_parts).take(pa.array(pick))
+    starts = np.cumsum([0] + [len(c) for c in id_parts])
+    per_file = [
+        pick[(pick >= a) & (pick < b)] - a for a, b in zip(starts[:-1], starts[1:], strict=True)
+    ]
+    skill = np.concatenate(
+        [_vectors_at(ws.fs, f, rows) for f, rows in zip(files, per_file, strict=True) if rows.size]
+    )
+    concept = None
+    found = np.zeros(len(pick), bool)
     for f in clip_files:
-        col = pq.read_table(f, columns=["id"], filesystem=ws.fs).column("id").to_pylist()
-        if not wanted.keys() & set(col):
+        at = pc.index_in(_id_column(ws.fs, f), value_set=wanted)  # place among the drawn
+        rows = np.flatnonzero(at.is_valid().to_numpy(zero_copy_only=False))
+        if not rows.size:
             continue
-        got_ids, got = read_vectors(ws.fs, f)
-        for row, pool_id in enumerate(got_ids.to_pylist()):
-            if pool_id in wanted:
-                concept[wanted[pool_id]] = got[row]
-    keep = sorted(concept)
-    out_ids = [ids[pick[j]] for j in keep]
-    return out_ids, np.stack([concept[j] for j in keep]), skill[pick[keep]]
+        got = _vectors_at(ws.fs, f, rows)
+        if concept is None:
+            concept = np.zeros((len(pick), got.shape[1]), np.float32)
+        places = at.take(pa.array(rows)).to_numpy()
+        concept[places], found[places] = got, True
+    keep = np.flatnonzero(found)
+    if concept is None:
+        return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return wanted.take(pa.array(keep)).to_pylist(), concept[keep], skill[keep]
+
+
+def _id_column(fs: pafs.FileSystem, path: str):
+    return pq.read_table(path, columns=["id"], filesystem=fs).column("id").combine_chunks()
+
+
+def _vectors_at(fs: pafs.FileSystem, path: str, rows: np.ndarray, batch_rows: int = 16_384):
+    """float32 (len(rows), d) vectors of one embedding shard at the sorted local ``rows``
+    (int64), streamed a batch at a time: a shard may be one row group of 200k x 384."""
+    import pyarrow as pa
+
+    from engine.vectors import from_arrow
+
+    pf = pq.ParquetFile(path, filesystem=fs, buffer_size=1 << 20, pre_buffer=False)
+    parts, start = [], 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["vector"]):
+        lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
+        if hi > lo:
+            taken = batch.column(0).take(pa.array(rows[lo:hi] - start))
+            parts.append(from_arrow(taken).reshape(hi - lo, -1))
+        start += batch.num_rows
+        if hi == len(rows):
+            break
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)

@@ -72,6 +72,8 @@ from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_sum
 
 STAGE = "cluster"
 DEFAULT_WORKSPACE = None
+# Most shards one assignment call takes: a retried call redoes this many.
+SHARDS_PER_CALL = 16
 log = logging.getLogger("vlselect.cluster")
 
 
@@ -398,7 +400,13 @@ def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_
     pending = [s for s in spaces[0].stems if s not in done]
     if not pending:
         return
-    ds = ray.data.from_items([{"stem": s} for s in pending], override_num_blocks=len(pending))
+    # A few calls per actor, each a run of shards: at 4k-row shards the per-call cost of
+    # Ray Data (a task, a block, a round trip) is larger than assigning the shard.
+    actors = max(cfg.min_actors, cfg.max_actors)
+    per_call = max(1, min(SHARDS_PER_CALL, -(-len(pending) // (4 * actors))))
+    ds = ray.data.from_items(
+        [{"stem": s} for s in pending], override_num_blocks=-(-len(pending) // per_call)
+    )
     ds = ds.map_batches(
         CentroidAssigner,
         fn_constructor_kwargs={
@@ -413,12 +421,12 @@ def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_
         compute=ray.data.ActorPoolStrategy(
             min_size=cfg.min_actors, max_size=max(cfg.min_actors, cfg.max_actors)
         ),
-        batch_size=1,
+        batch_size=per_call,
         **ray_data_options(cfg.actor),
     )
     with tqdm(total=len(pending), unit="shard", desc=f"cluster {cfg.name}: assign") as bar:
-        for _ in ds.iter_batches(batch_size=1):
-            bar.update()
+        for batch in ds.iter_batches(batch_size=None):
+            bar.update(len(batch["stem"]))
 
 
 _NOT_IN_SUMMARY = ("sizes", "iterations", "objective", "objective_runs", "config")

@@ -85,8 +85,10 @@ def embed_images(
 ) -> tuple[np.ndarray, list[str | None]]:
     """Encoded images -> (L2-normalised float32 (n, d), per image None or why it is unusable)."""
     prep = preprocess_for(space_cfg.encoder).__dict__
-    items = [{"row": i, "image": img} for i, img in enumerate(images)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 256, 16)))
+    # One Arrow table sliced into blocks: no Python dict per image in the driver.
+    table = pa.table({"row": np.arange(len(images)), "image": pa.array(images, pa.binary())})
+    step = max(256, -(-len(images) // 16))
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, max(len(images), 1), step)])
     ds = ds.map_batches(
         _prepare, fn_kwargs={"prep": prep}, batch_size=256, num_cpus=preprocess_cpus
     )
