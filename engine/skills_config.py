@@ -131,7 +131,10 @@ class SkillsConfig(BaseModel):
         256, ge=1, description="Successes buffered before a cache shard is written."
     )
     shard_rows: int = operational(
-        200_000, ge=1, description="Rows per output shard of <ws>/skills."
+        200_000,
+        ge=1,
+        description="Rows per output shard of <ws>/skills (the last one shorter); one task "
+        "builds each shard, holding its rows' ids and answers.",
     )
     embed: bool = operational(
         True,

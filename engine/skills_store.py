@@ -4,6 +4,12 @@
 keyed by ``engine.skills.cache_key``; a run appends shards as answers arrive, so an
 interrupted run keeps what it finished, and a key found there is never asked again.
 Failures are not cached: the next run retries them.
+
+The stage reads the pool twice and holds nothing per pool row in its driver: pass 1
+keeps one (key, question) row per unique key (``keyed_questions`` ->
+``unique_questions`` in tasks, ``UniqueQuestions`` in the driver); pass 2 rebuilds
+each output part's (id, key) rows from the pool (``part_slices``, ``part_keys``) and
+joins them to the answers of the unique keys (``results_table``, ``assemble``).
 """
 
 from __future__ import annotations
@@ -14,11 +20,19 @@ import uuid
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
-from engine.skills import CACHE_SCHEMA, PROMPT_VERSION, SKILLS_SCHEMA
+from engine.shards import read_rows
+from engine.skills import CACHE_SCHEMA, PROMPT_VERSION, SKILLS_SCHEMA, cache_key
+from engine.text import instruction_text
 from engine.workspace import Workspace, read_parquet_dir, write_table_atomic
 
 CACHE_DIR = ("cache", "skills")
+KEYS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("key", pa.string())])
+QUESTIONS_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("question", pa.string())])
+RESULT_COLUMNS = ("skills", "skill_text", "raw", "status", "reason")
+# Failed rows a part reports back to the driver, which prints the first few of the pool.
+EXAMPLES = 5
 
 
 def read_cache(ws: Workspace, keys: pa.Array | set[str] | None = None) -> pa.Table:
@@ -72,29 +86,124 @@ class CacheWriter:
         self.buffer, self.shards = [], self.shards + 1
 
 
-def assemble(ids: pa.Table, cached: pa.Table, failures: pa.Table, model: str) -> pa.Table:
-    """One ``SKILLS_SCHEMA`` row per id: its key's cached success, else its recorded failure."""
+def keyed_questions(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
+    """``(id, key, question)`` strings, one row per row of ``batch`` (columns id and
+    conversations, the pool's): the instruction text and its ``cache_key``."""
+    questions = [instruction_text(c) for c in batch.column("conversations").to_pylist()]
+    keys = [cache_key(q, prompt_version, model) for q in questions]
+    return pa.table(
+        {"id": batch.column("id"), "key": pa.array(keys, pa.string()), "question": questions}
+    )
+
+
+def unique_questions(keyed: pa.Table) -> pa.Table:
+    """``(key, question, rows int64)``: each key's first row of ``keyed`` (columns key and
+    question), in order of first appearance, with how many rows of ``keyed`` hold it."""
+    numbered = pa.table(
+        {"key": keyed.column("key"), "row": pa.array(np.arange(keyed.num_rows, dtype=np.int64))}
+    )
+    groups = numbered.group_by("key", use_threads=False).aggregate(
+        [("row", "min"), ("row", "count")]
+    )
+    order = pc.array_sort_indices(groups.column("row_min"))
+    first = groups.column("row_min").take(order)
+    unique = keyed.select(["key", "question"]).take(first)
+    return unique.append_column("rows", groups.column("row_count").take(order).cast(pa.int64()))
+
+
+class UniqueQuestions:
+    """The driver's half of pass 1: ``unique_questions`` tables of consecutive batches
+    in, one ``(key, question)`` row per key (its first, in order of first appearance) out.
+
+    A key repeats across batches (a templated pool asks the same few thousand questions
+    in every shard), so the batches' rows are compacted whenever they reach twice what
+    the last compaction kept: memory stays about twice the unique keys, however many
+    rows the pool has, at a cost amortised linear in the rows added.
+    """
+
+    MIN_COMPACT_ROWS = 65_536
+
+    def __init__(self) -> None:
+        self.parts: list[pa.Table] = []
+        self.samples = 0  # pool rows the batches stood for
+        self.buffered = self.kept = 0
+
+    def add(self, batch: pa.Table) -> None:
+        """``batch``: ``(key, question, rows)``, as ``unique_questions`` returns."""
+        self.samples += pc.sum(batch.column("rows")).as_py() or 0
+        self.parts.append(batch.select(["key", "question"]).cast(QUESTIONS_SCHEMA))
+        self.buffered += batch.num_rows
+        if self.buffered >= 2 * self.kept + self.MIN_COMPACT_ROWS:
+            self._compact()
+
+    def _compact(self) -> None:
+        table = pa.concat_tables([QUESTIONS_SCHEMA.empty_table(), *self.parts])
+        table = table.take(first_rows(table.column("key"))).combine_chunks()
+        self.parts, self.buffered, self.kept = [table], table.num_rows, table.num_rows
+
+    def table(self) -> pa.Table:
+        """``QUESTIONS_SCHEMA``: one row per unique key, in order of first appearance."""
+        self._compact()
+        return self.parts[0]
+
+
+def part_slices(sizes: list[int], total: int, part_rows: int) -> list[list[tuple[int, int, int]]]:
+    """Output parts of ``part_rows`` rows over the first ``total`` rows of files holding
+    ``sizes`` rows each, in order: per part, its ``(file, begin, end)`` row ranges
+    (local to the file, end exclusive). At least one part, empty when ``total`` is 0.
+
+    Part ``i`` holds rows ``[i * part_rows, (i + 1) * part_rows)`` of the files read as
+    one table, so the parts are those that slicing that table would give.
+    """
+    if total > sum(sizes):
+        raise ValueError(f"{total} rows asked of files holding {sum(sizes)}")
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    parts = []
+    for lo in range(0, max(total, 1), part_rows):
+        hi = min(lo + part_rows, total)
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        ranges = []
+        for f in range(first, len(sizes)):
+            if starts[f] >= hi:
+                break
+            begin, end = max(lo, starts[f]) - starts[f], min(hi, starts[f + 1]) - starts[f]
+            if end > begin:
+                ranges.append((f, int(begin), int(end)))
+        parts.append(ranges)
+    return parts
+
+
+def part_keys(
+    fs: pafs.FileSystem, ranges: list[tuple[str, int, int]], prompt_version: str, model: str
+) -> pa.Table:
+    """``KEYS_SCHEMA`` (id, key) of the pool rows ``[begin, end)`` of each ``(path, begin,
+    end)``, in order: the pool read again rather than pass 1's keys kept, which would be
+    a row per pool sample in the driver."""
+    tables = [KEYS_SCHEMA.empty_table()]
+    for path, begin, end in ranges:
+        rows = read_rows(fs, path, np.arange(begin, end, dtype=np.int64), ["id", "conversations"])
+        keyed = keyed_questions(rows, prompt_version, model)
+        tables.append(keyed.select(["id", "key"]).cast(KEYS_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def results_table(cached: pa.Table, failures: pa.Table) -> pa.Table:
+    """The answer of each unique key, to join pool rows against: ``(key, skills,
+    skill_text, raw, status, reason)``, the cached successes (``CACHE_SCHEMA``) first, then
+    the run's failures (``RESULT_SCHEMA``); one row per key of the stage, not per pool row."""
     n_ok, n_bad = cached.num_rows, failures.num_rows
-    results = pa.table(
+
+    def both(column: str) -> pa.Array:
+        return pa.concat_arrays(
+            [cached.column(column).combine_chunks(), failures.column(column).combine_chunks()]
+        )
+
+    return pa.table(
         {
-            "key": pa.concat_arrays(
-                [cached.column("key").combine_chunks(), failures.column("key").combine_chunks()]
-            ),
-            "skills": pa.concat_arrays(
-                [
-                    cached.column("skills").combine_chunks(),
-                    failures.column("skills").combine_chunks(),
-                ]
-            ),
-            "skill_text": pa.concat_arrays(
-                [
-                    cached.column("skill_text").combine_chunks(),
-                    failures.column("skill_text").combine_chunks(),
-                ]
-            ),
-            "raw": pa.concat_arrays(
-                [cached.column("raw").combine_chunks(), failures.column("raw").combine_chunks()]
-            ),
+            "key": both("key"),
+            "skills": both("skills"),
+            "skill_text": both("skill_text"),
+            "raw": both("raw"),
             "status": pa.concat_arrays(
                 [pa.repeat(pa.scalar("ok"), n_ok), pa.repeat(pa.scalar("failed"), n_bad)]
             ),
@@ -103,6 +212,11 @@ def assemble(ids: pa.Table, cached: pa.Table, failures: pa.Table, model: str) ->
             ),
         }
     )
+
+
+def assemble(ids: pa.Table, results: pa.Table, model: str) -> pa.Table:
+    """One ``SKILLS_SCHEMA`` row per row of ``ids`` (id, key), in its order: its key's row
+    of ``results`` (``results_table``: a cached success, else a recorded failure)."""
     # index_in finds a key's first row: a key is in cached once, and failures are not cached.
     rows = pc.index_in(ids.column("key"), value_set=results.column("key"))
     if rows.null_count:
@@ -114,8 +228,20 @@ def assemble(ids: pa.Table, cached: pa.Table, failures: pa.Table, model: str) ->
     return pa.table(
         {
             "id": ids.column("id"),
-            **{c: out.column(c) for c in ("skills", "skill_text", "raw", "status", "reason")},
+            **{c: out.column(c) for c in RESULT_COLUMNS},
             "prompt_version": pa.repeat(pa.scalar(PROMPT_VERSION), n),
             "model": pa.repeat(pa.scalar(model), n),
         }
     ).cast(SKILLS_SCHEMA)
+
+
+def part_counts(table: pa.Table) -> dict:
+    """What a written part tells the driver: rows, ok, failed, and its first
+    ``EXAMPLES`` failed rows as ``{"id", "reason"}`` dicts (``table``: ``SKILLS_SCHEMA``)."""
+    failed = table.filter(pc.equal(table.column("status"), "failed"))
+    return {
+        "rows": table.num_rows,
+        "ok": pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0,
+        "failed": failed.num_rows,
+        "examples": failed.select(["id", "reason"]).slice(0, EXAMPLES).to_pylist(),
+    }

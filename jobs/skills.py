@@ -5,13 +5,16 @@ What it does:
        in the driver, before Ray starts;
     2. reads ``<ws>/pool`` with Ray Data, computes each sample's instruction text and
        its cache key (question, prompt version, model), and deduplicates by key:
-       templated pools repeat questions, so each unique question is asked once;
+       templated pools repeat questions, so each unique question is asked once (the
+       driver holds one row per unique key, nothing per pool row);
     3. skips the keys already in ``<ws>/cache/skills/`` (successes only, written as
        they arrive, so an interrupted run or a dead server loses nothing done);
     4. generates the rest through the backend (``transformers`` | ``openai`` | ``vllm``);
        every row ends "ok" or "failed" with its reason after ``max_attempts`` tries;
     5. writes one row per pool id to ``<ws>/skills/`` (id, skills, skill_text, raw,
-       status, reason, prompt_version, model), committed (engine.artifacts.Skills),
+       status, reason, prompt_version, model) in pool order, ``shard_rows`` rows per
+       part file, each part built by a task that reads its pool rows again and joins
+       them to the answers of the unique keys; committed (engine.artifacts.Skills),
        and prints counts: ok / failed / cached / generated, samples/s, tokens/s.
 
 A re-run regenerates nothing that succeeded; it retries only what failed or was
@@ -34,6 +37,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
@@ -47,16 +51,29 @@ from actors.llm import (
 )
 from actors.vllm import generate_vllm, vllm_processor_config
 from engine.artifacts import Pool, Ref, Skills, SkillsMeta
+from engine.commit import Attempt
 from engine.config import build_config
 from engine.errors import InputError
 from engine.resources import Resources
-from engine.skills import PROMPT_VERSION, RESULT_SCHEMA, cache_key
+from engine.skills import PROMPT_VERSION, RESULT_SCHEMA
 from engine.skills_config import SkillsConfig
-from engine.skills_store import CACHE_DIR, CacheWriter, assemble, first_rows, read_cache
-from engine.text import instruction_text
+from engine.skills_store import (
+    CACHE_DIR,
+    EXAMPLES,
+    CacheWriter,
+    UniqueQuestions,
+    assemble,
+    keyed_questions,
+    part_counts,
+    part_keys,
+    part_slices,
+    read_cache,
+    results_table,
+    unique_questions,
+)
 from engine.workspace import Workspace, write_table_atomic
 from jobs import embed
-from jobs.runtime import Timer, connect, print_summary
+from jobs.runtime import Timer, bounded_submit, cluster_cpus, connect, print_summary
 
 STAGE = "skills"
 DEFAULT_WORKSPACE = None
@@ -145,15 +162,14 @@ def check_input(cfg: SkillsConfig, ws: Workspace) -> Pool:
     return pool
 
 
-def _add_keys(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
-    questions = [instruction_text(c) for c in batch.column("conversations").to_pylist()]
-    keys = [cache_key(q, prompt_version, model) for q in questions]
-    return pa.table({"id": batch.column("id"), "key": keys, "question": questions})
+def _unique_questions(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
+    return unique_questions(keyed_questions(batch, prompt_version, model))
 
 
-def read_keys(cfg: SkillsConfig, pool: Pool, model: str) -> tuple[pa.Table, pa.Table]:
-    """``(id, key)`` of every pool sample in pool order, and ``(key, question)`` once per
-    unique key, in order of first appearance: Arrow tables, no Python object per row."""
+def read_questions(cfg: SkillsConfig, pool: Pool, model: str) -> tuple[int, pa.Table]:
+    """Pass 1: the pool samples read (the first ``limit``) and ``(key, question)`` once per
+    unique key, in order of first appearance; a batch's rows are deduplicated in its task,
+    so no id and no repeated question reaches the driver."""
     # Pool order in, pool order out, and --limit takes the *first* N: this cheap pass
     # preserves order (a dataset keeps the context it was created with).
     ctx = ray.data.DataContext.get_current()
@@ -166,21 +182,50 @@ def read_keys(cfg: SkillsConfig, pool: Pool, model: str) -> tuple[pa.Table, pa.T
         if cfg.limit:
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(
-            _add_keys,
+            _unique_questions,
             batch_format="pyarrow",
             fn_kwargs={"prompt_version": PROMPT_VERSION, "model": model},
             num_cpus=0.25,
         )
     finally:
         ctx.execution_options.preserve_order = preserve
-    parts, unique = [], []
+    unique = UniqueQuestions()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        parts.append(batch.select(["id", "key"]))
-        unique.append(batch.select(["key", "question"]).take(first_rows(batch.column("key"))))
-    empty = pa.array([], pa.string())
-    ids = pa.concat_tables(parts) if parts else pa.table({"id": empty, "key": empty})
-    questions = pa.concat_tables(unique) if unique else pa.table({"key": empty, "question": empty})
-    return ids, questions.take(first_rows(questions.column("key")))
+        unique.add(batch)
+    return unique.samples, unique.table()
+
+
+@ray.remote(num_cpus=0.25)
+def _write_part(fs, ranges: list[tuple[str, int, int]], results: pa.Table, model: str, path: str):
+    """Pass 2: one output part from its pool rows (``ranges``: path, begin, end) and the
+    answers of the unique keys; returns ``part_counts`` with the path, nothing per row."""
+    table = assemble(part_keys(fs, ranges, PROMPT_VERSION, model), results, model)
+    write_table_atomic(fs, path, table)
+    return {"path": path, **part_counts(table)}
+
+
+def write_parts(
+    cfg: SkillsConfig, pool: Pool, samples: int, results: pa.Table, model: str, attempt: Attempt
+) -> list[dict]:
+    """Pass 2 in tasks: part-00000.parquet, ... of ``cfg.shard_rows`` rows of the first
+    ``samples`` pool rows, in pool order. Returns the parts' ``part_counts`` in part order."""
+    files = pool.shards
+    sizes = [pq.read_metadata(f, filesystem=pool.ws.fs).num_rows for f in files]
+    parts = part_slices(sizes, min(samples, sum(sizes)), cfg.shard_rows)
+    results_ref = ray.put(results)  # once into the object store, not once per task
+    names = [attempt.path(f"part-{i:05d}.parquet") for i in range(len(parts))]
+
+    def submit(i: int):
+        ranges = [(files[f], begin, end) for f, begin, end in parts[i]]
+        return _write_part.remote(pool.ws.fs, ranges, results_ref, model, names[i])
+
+    # Results arrive as tasks finish; the failure examples are wanted in pool order.
+    counts: dict[str, dict] = {}
+    with tqdm(total=samples, unit="row", desc="skills rows", mininterval=1.0) as bar:
+        for done in bounded_submit(submit, range(len(parts)), 2 * cluster_cpus()):
+            counts[done["path"]] = done
+            bar.update(done["rows"])
+    return [counts[name] for name in names]
 
 
 def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
@@ -250,12 +295,11 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         print_summary(STAGE, [("skills", f"current, nothing asked again ({done.dir})")])
         return _then_embed(cfg, ws, done.meta.summary, done.meta.ok)
     connect()
-    ids, questions = read_keys(cfg, pool, model)
+    samples, questions = read_questions(cfg, pool, model)
     keys = questions.column("key").combine_chunks()
     known = read_cache(ws, keys).column("key")
     n_cached = len(known)
     pending = questions.filter(pc.invert(pc.is_in(keys, value_set=known)))
-    pending = pending.cast(pa.schema([("key", pa.string()), ("question", pa.string())]))
     todo = pending.column("key")
     writer = CacheWriter(ws, model, cfg.cache_flush_rows)
     failures: list[pa.Table] = [RESULT_SCHEMA.empty_table()]
@@ -274,30 +318,23 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     finally:
         writer.flush()  # what succeeded stays cached, however the loop ended
     gen_seconds = gen_timer.seconds
-    failed_table = pa.concat_tables(failures)
-    cached = read_cache(ws, keys)
-    table = assemble(ids, cached, failed_table, model)
+    results = results_table(read_cache(ws, keys), pa.concat_tables(failures))
     attempt = plan.attempt
-    for i, start in enumerate(range(0, max(table.num_rows, 1), cfg.shard_rows)):
-        write_table_atomic(
-            ws.fs, attempt.path(f"part-{i:05d}.parquet"), table.slice(start, cfg.shard_rows)
-        )
-    if ws.parquet_rows(attempt.dir) != ids.num_rows:
+    parts = write_parts(cfg, pool, samples, results, model, attempt)
+    if ws.parquet_rows(attempt.dir) != samples:
         raise RuntimeError(
-            f"skills wrote {ws.parquet_rows(attempt.dir)} rows for {ids.num_rows} ids; "
+            f"skills wrote {ws.parquet_rows(attempt.dir)} rows for {samples} ids; "
             "nothing was committed"
         )
-    status = Counter(
-        {v["values"]: v["counts"] for v in pc.value_counts(table["status"]).to_pylist()}
-    )
+    status = Counter({s: sum(p[s] for p in parts) for s in ("ok", "failed")})
     seconds = timer.seconds
     summary = {
         "backend": cfg.backend,
         "model": model,
         "prompt_version": PROMPT_VERSION,
-        "samples": ids.num_rows,
+        "samples": samples,
         "unique_questions": questions.num_rows,
-        "dedup_ratio": round(ids.num_rows / max(questions.num_rows, 1), 3),
+        "dedup_ratio": round(samples / max(questions.num_rows, 1), 3),
         "ok": status["ok"],
         "failed": status["failed"],
         "cached": n_cached,
@@ -308,7 +345,7 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         "completion_tokens": tokens["completion"],
         "seconds": round(seconds, 2),
         "generate_seconds": round(gen_seconds, 2),
-        "samples_per_s": round(ids.num_rows / max(seconds, 1e-9), 2),
+        "samples_per_s": round(samples / max(seconds, 1e-9), 2),
         "generated_per_s": round(len(todo) / max(gen_seconds, 1e-9), 2) if todo else None,
         "tokens_per_s": round(tokens["completion"] / max(gen_seconds, 1e-9), 1) if todo else None,
         "cache": ws.path(*CACHE_DIR),
@@ -317,7 +354,7 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         backend=cfg.backend,
         model=model,
         prompt_version=PROMPT_VERSION,
-        samples=ids.num_rows,
+        samples=samples,
         ok=status["ok"],
         failed=status["failed"],
         summary=summary,
@@ -330,7 +367,7 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         ("prompt", PROMPT_VERSION),
         (
             "samples",
-            f"{ids.num_rows} ({questions.num_rows} unique questions, x{summary['dedup_ratio']})",
+            f"{samples} ({questions.num_rows} unique questions, x{summary['dedup_ratio']})",
         ),
         ("ok / failed", f"{status['ok']} / {status['failed']}"),
         *[(f"  {r} (questions)", n) for r, n in summary["failed_by_reason"].items()],
@@ -343,7 +380,7 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         ("skills", out_dir),
     ]
     print_summary(STAGE, rows, extra=summary)
-    for row in table.filter(pc.equal(table.column("status"), "failed")).slice(0, 5).to_pylist():
+    for row in [e for p in parts for e in p["examples"]][:EXAMPLES]:
         print(f"  failed {row['id']!r}: {row['reason']}")
     return _then_embed(cfg, ws, summary, status["ok"])
 

@@ -7,19 +7,27 @@ server on loopback that answers by rules (well, garbage, refusal, 500, hang, dea
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from engine.artifacts import EmbeddingSpace, Pool, Skills
 from engine.commit import MANIFEST
-from engine.skills import PROMPT_VERSION
+from engine.skills import PROMPT_VERSION, RESULT_SCHEMA, SKILLS_SCHEMA, cache_key, result_row
+from engine.skills_store import read_cache
+from engine.text import instruction_text
 from engine.workspace import Workspace
+from jobs import skills as skills_job
 from jobs.cli import main
+from tests.engine.skills_reference import assemble as old_assemble
 from tests.fake_openai import API_KEY, FakeOpenAI, default_rule
 from tests.tiny_llm import tiny_llm_dir
-from tests.world_workspace import world_source
+from tests.world_workspace import ingested, world_source
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +227,81 @@ def test_bad_input_exits_2_and_writes_nothing(pool_ws, tmp_path, capsys, monkeyp
     assert main(["skills", "--workspace", str(ws), "--set", "bogus=1"]) == 2
     assert not (ws / "skills").exists() and not (ws / "cache").exists()
     assert Skills.find(Workspace.open(str(ws))) is None
+
+
+def old_parts(ws: Path, limit: int | None, failures: pa.Table, model: str, shard_rows: int):
+    """The old stage's part files (rows ``[i * shard_rows, ...)`` of the assembled table),
+    from the pool and the cache as the run left it."""
+    pool = Pool.open(Workspace.open(str(ws)))
+    rows = pa.concat_tables(pq.read_table(f, columns=["id", "conversations"]) for f in pool.shards)
+    rows = rows.slice(0, limit or rows.num_rows)
+    keys = [
+        cache_key(instruction_text(c), PROMPT_VERSION, model)
+        for c in rows.column("conversations").to_pylist()
+    ]
+    ids = pa.table({"id": rows.column("id"), "key": pa.array(keys, pa.string())})
+    cached = read_cache(Workspace.open(str(ws)), pa.array(sorted(set(keys)), pa.string()))
+    table = old_assemble(ids, cached, failures, model)
+    parts = [table.slice(s, shard_rows) for s in range(0, max(table.num_rows, 1), shard_rows)]
+    return table, parts, len(set(keys))
+
+
+def fake_backend(broken: bool, asked: list[pa.Table]):
+    """A ``generate`` that answers every question by rule, without a server: with
+    ``broken``, "cross" questions fail without an answer (HTTP 500) and "ring" ones get an
+    unparseable one; the rest get skills that depend on the question, so a row joined to
+    another row's answer shows. Yields ``RESULT_SCHEMA`` batches of 50, records them."""
+
+    def generate(cfg, pending, model):
+        for start in range(0, pending.num_rows, 50):
+            rows = []
+            for r in pending.slice(start, 50).to_pylist():
+                question = r["question"]
+                if broken and "cross" in question:
+                    rows.append(result_row(r["key"], None, error="HTTP 500"))
+                elif broken and "ring" in question:
+                    rows.append(result_row(r["key"], "I'm sorry, I can't see images."))
+                else:
+                    words = len(question.split())
+                    rows.append(result_row(r["key"], f"skill {words}, object recognition"))
+            batch = pa.Table.from_pylist(rows, RESULT_SCHEMA)
+            asked.append(batch)
+            yield batch
+
+    return generate
+
+
+def test_parts_written_by_tasks_equal_the_old_whole_table_assembly(
+    small_world, tmp_path, monkeypatch, capsys
+):
+    # Pool shards of 300 rows and parts of 450: parts start and end inside pool shards.
+    ws = ingested(small_world, tmp_path / "ws", 300)
+    args = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "fake"]
+    args += ["--set", "shard_rows=450"]
+    for limit, broken in ((1234, True), (None, False)):
+        asked: list[pa.Table] = []
+        monkeypatch.setattr(skills_job, "generate", fake_backend(broken, asked))
+        capsys.readouterr()
+        meta = run(ws, *args, *(["--limit", str(limit)] if limit else []))
+        printed = capsys.readouterr().out
+        recorded = pa.concat_tables([RESULT_SCHEMA.empty_table(), *asked])
+        failures = recorded.filter(pc.equal(recorded.column("status"), "failed"))
+        assert (failures.num_rows > 0) == broken
+        table, expected, unique = old_parts(ws, limit, failures, "fake", 450)
+        files = skills(ws).files(suffix=".parquet")
+        assert [Path(f).name for f in files] == [
+            f"part-{i:05d}.parquet" for i in range(len(expected))
+        ]
+        for f, part in zip(files, expected, strict=True):
+            got = pq.read_table(f)
+            assert got.schema == SKILLS_SCHEMA
+            assert got.equals(part), f  # every row and column, in pool order
+        n = table.num_rows
+        assert n == (limit or 2000) and meta["samples"] == n and meta["unique_questions"] == unique
+        assert meta["dedup_ratio"] == round(n / unique, 3)
+        failed = table.filter(pc.equal(table.column("status"), "failed"))
+        assert (meta["ok"], meta["failed"]) == (n - failed.num_rows, failed.num_rows)
+        shown = re.findall(r"^  failed ('[^']*'): (.*)$", printed, re.MULTILINE)
+        assert shown == [(repr(r["id"]), r["reason"]) for r in failed.slice(0, 5).to_pylist()]
+        assert meta["generated"] == recorded.num_rows
+    assert meta["failed"] == 0 and meta["cached"] > 0  # the rerun kept the first run's answers
