@@ -260,8 +260,10 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
                        "IVF1024,Flat"],
         "index:skill": ["index", *w, "--space", "skill", "--shards", "2", "--factory",
                         "IVF256,Flat"],
-        "cluster:1000": ["cluster", *w, "--name", "k1000", "--spaces", "dino", "--k", "1000"],
-        "cluster:5000": ["cluster", *w, "--name", "k5000", "--spaces", "dino", "--k", "5000"],
+        "cluster:1000": ["cluster", *w, "--name", "k1000", "--spaces", "dino", "--k", "1000",
+                         "--set", "overwrite=true"],
+        "cluster:5000": ["cluster", *w, "--name", "k5000", "--spaces", "dino", "--k", "5000",
+                         "--set", "overwrite=true"],
         "target": ["target", *w, "--from-world", "--budget", "0.2", "--name", "scale",
                    "--reference", "200", "--overwrite"],
     }  # fmt: skip
@@ -285,7 +287,7 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
                 note=f"run on {small:,} rows; its rows/s applies at {n:,}")  # fmt: skip
         elif stage == "skills":
             unique = fill_skill_cache(ws)
-            add(stage, run_stage(["skills", *w], log), n,
+            add(stage, run_stage(["skills", *w, "--set", "overwrite=true"], log), n,
                 note=f"{unique:,} unique questions, all cached: no LLM call timed")  # fmt: skip
         elif stage == "progress":
             timings_file = root / "progress.json"

@@ -142,6 +142,11 @@ class SkillsConfig(BaseModel):
         "'skill' space, configured in its section); False leaves it to `vlselect embed "
         "--spaces skill`.",
     )
+    overwrite: bool = operational(
+        False,
+        description="Build the per-row table again even if current (answers already in the "
+        "cache are not asked again), and re-embed the skill space with it.",
+    )
     transformers: TransformersBackend = Field(
         default_factory=TransformersBackend, description="Settings of the transformers backend."
     )

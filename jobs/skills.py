@@ -287,7 +287,7 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     if cfg.backend == "openai":
         api_key(cfg)  # refuse a missing key variable before Ray starts
     how = {"inputs": {"pool": pool.fingerprint}, "config": cfg, "model": model}
-    plan = Skills.begin(ws, prompt=PROMPT_VERSION, **how)
+    plan = Skills.begin(ws, prompt=PROMPT_VERSION, overwrite=cfg.overwrite, **how)
     if plan.action == "current" and Skills.committed(ws, None, plan.manifest).meta.failed:
         plan = Skills.begin(ws, prompt=PROMPT_VERSION, overwrite=True, **how)  # retry failures
     if plan.action == "current":
@@ -388,7 +388,10 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
 def _then_embed(cfg: SkillsConfig, ws: Workspace, summary: dict, ok: int) -> dict:
     if cfg.embed and ok:
         embed_cfg = build_config(
-            embed.STAGE, embed.CONFIG, ws.read_config(), {"embed": {"spaces": ["skill"]}}
+            embed.STAGE,
+            embed.CONFIG,
+            ws.read_config(),
+            {"embed": {"spaces": ["skill"], "overwrite": cfg.overwrite}},
         )
         summary = {**summary, "embed": embed.main(embed_cfg, ws)["spaces"][0]}
     return summary
