@@ -62,3 +62,45 @@ def test_a_wrong_shard_is_never_finished(tmp_path, parts, expected, message):
         finish_shard(fs, out, "s", pa.array(expected))
     assert finished_shards(fs, out) == set()
     assert part_files(fs, out, "s")  # kept for inspection
+
+
+def _numbered_files(tmp_path, sizes: list[int], group: int) -> list[str]:
+    files, start = [], 0
+    for i, n in enumerate(sizes):
+        path = str(tmp_path / f"part-{i:06d}.parquet")
+        rows = np.arange(start, start + n)
+        table = pa.table({"id": [f"r{r}" for r in rows], "pool_row": rows, "answer": rows * 3})
+        pq.write_table(table, path, row_group_size=group)
+        files.append(path)
+        start += n
+    return files
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_global_rows_read_in_threads_with_kept_footers_equal_a_plain_read(tmp_path, threads):
+    from engine.shards import read_global_rows
+
+    sizes = [5, 0, 17, 1, 40]
+    files = _numbered_files(tmp_path, sizes, group=4)
+    fs, footers = pafs.LocalFileSystem(), {}
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # footers kept from the first call serve the later ones
+        rows = rng.choice(sum(sizes), size=20, replace=False)
+        got = read_global_rows(fs, files, sizes, rows, ["id", "answer"], threads, footers)
+        assert got.column("id").to_pylist() == [f"r{r}" for r in rows]
+        assert got.column("answer").to_pylist() == (rows * 3).tolist()
+    assert set(footers) <= set(files) and footers
+    with pytest.raises(IndexError):
+        read_global_rows(fs, files, sizes, np.array([sum(sizes)]), ["id"], threads, footers)
+
+
+def test_pool_columns_are_joined_by_pool_row_in_the_tables_order(tmp_path):
+    from engine.shards import with_pool_columns
+
+    sizes = [6, 9]
+    files = _numbered_files(tmp_path, sizes, group=2)
+    rows = np.array([11, 0, 7, 3], np.int64)
+    table = pa.table({"pool_row": rows, "cluster": [1, 2, 3, 4]})
+    got = with_pool_columns(pafs.LocalFileSystem(), table, files, sizes, ["id", "cluster"])
+    assert got.column_names == ["pool_row", "cluster", "id"]  # what it had is kept
+    assert got.column("id").to_pylist() == [f"r{r}" for r in rows]
