@@ -61,3 +61,21 @@ def test_whole_file_problems(tmp_path):
     with pytest.raises(InputError, match="none of its 1 records is usable"):
         require_usable(read_benchmark(str(bad)))
     assert benchmark_name("/x/MME.parquet") == "MME"
+
+
+@pytest.mark.parametrize("batch_rows", [1, 7, 64, 10_000])
+def test_vectors_of_some_rows_stream_out_of_one_large_row_group(tmp_path, batch_rows):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from engine.target_input import _vectors_at
+    from engine.vectors import to_arrow
+
+    vectors = np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32)
+    path = str(tmp_path / "space.parquet")
+    pq.write_table(pa.table({"vector": to_arrow(vectors)}), path, row_group_size=300)
+    rows = np.array([0, 6, 7, 150, 299], np.int64)
+    got = _vectors_at(pafs.LocalFileSystem(), path, rows, batch_rows)
+    assert np.array_equal(got, vectors[rows])
