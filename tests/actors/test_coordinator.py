@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors.coordinator import start_coordinator
+from actors.coordinator import round_file, start_coordinator
 from engine.artifacts import Clustering, ClusteringMeta, Pool, PoolMeta
 from engine.coordinator import ProgressSettings, SelectionRule
 from engine.pool import POOL_SCHEMA
@@ -113,3 +113,27 @@ def test_settings_changed_under_a_run_are_refused(ray_session, tmp_path):
     with pytest.raises(ray.exceptions.RayTaskError, match="not in the clustered pool"):
         fresh = start(ws, clustering, pool, "run-c")
         ray.get(fresh.warmup.remote(["nope"]))
+
+
+def test_a_round_file_holds_the_rows_answers_and_nothing_more(ray_session, tmp_path):
+    """The reveal reads one column: the round file is (id, pool_row, cluster, answer), the
+    answers and rows those of the pool for exactly the ids the state drew."""
+    ray = ray_session
+    ws, clustering, pool = write_pool_and_clusters(tmp_path / "ws")
+    actor = start(ws, clustering, pool, "run-reveal")
+    ray.get(actor.warmup.remote(["p0003", "p0150", "p0099"]))
+    report(ray, actor, -1)
+    report(ray, actor, 0)
+    got = ray.get(actor.next_round.remote(1))
+    table = pq.read_table(got["path"])
+    assert table.column_names == ["id", "pool_row", "cluster", "answer"]
+    assert table.num_rows == got["rows"] == SETTINGS.round_size
+    ids = table.column("id").to_pylist()
+    rows = table.column("pool_row").to_pylist()
+    assert ids == [f"p{r:04d}" for r in rows]  # pool row i holds id p{i}
+    assert table.column("answer").to_pylist() == [str(r + 1) for r in rows]
+    assert table.column("cluster").to_pylist() == [(r * 7) % K for r in rows]
+    warm = pq.read_table(round_file(ws.path("progress", "run-reveal"), 0))
+    assert sorted(warm.column("id").to_pylist()) == ["p0003", "p0099", "p0150"]
+    assert not set(ids) & set(warm.column("id").to_pylist())
+    ray.kill(actor, no_restart=True)
