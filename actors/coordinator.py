@@ -27,6 +27,7 @@ Ray dashboard.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -131,9 +132,17 @@ class Coordinator:
         return self.status()
 
     def next_round(self, round_index: int) -> dict:
-        """Round ``round_index``'s rows, drawn now or before; the file that holds them."""
+        """Round ``round_index``'s rows, drawn now or before; the file that holds them,
+        and the seconds the draw (``select_s``) and the reveal and checkpoint took."""
+        start = time.perf_counter()
         picked = self.state.next_round(round_index)
-        return self._commit(round_index, picked)
+        select_s = time.perf_counter() - start
+        committed = self._commit(round_index, picked)
+        return {
+            **committed,
+            "select_s": select_s,
+            "commit_s": time.perf_counter() - start - select_s,
+        }
 
     def eval_ids(self, round_index: int) -> list[str]:
         """Ids to score after training on ``round_index`` (BASELINE: the warm-up's)."""

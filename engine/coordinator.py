@@ -81,9 +81,9 @@ class RoundRecord:
 
 def _sparse(values: np.ndarray, keep: np.ndarray, digits: int | None = 6) -> dict[str, float]:
     """{cluster: value} where ``keep``; ints when ``digits`` is None."""
-    if digits is None:
-        return {str(int(c)): int(values[c]) for c in np.flatnonzero(keep)}
-    return {str(int(c)): round(float(values[c]), digits) for c in np.flatnonzero(keep)}
+    clusters = np.flatnonzero(keep)
+    kept = values[clusters] if digits is None else np.round(values[clusters], digits)
+    return dict(zip(clusters.astype(str).tolist(), kept.tolist(), strict=True))
 
 
 class CoordinatorState:
@@ -192,17 +192,11 @@ class CoordinatorState:
     def eval_positions(self, round_index: int) -> np.ndarray:
         """Selected rows to score after training on ``round_index``: per cluster, a seeded
         random min(n_k, eval_per_cluster) of its selected rows; int64, ascending."""
-        selected = np.flatnonzero(self.ledger.selected & (self.ledger.round_of <= round_index))
-        if selected.size == 0:
-            return selected
+        round_of = self.ledger.round_of
+        scored = (round_of >= 0) & (round_of <= round_index)
         rng = np.random.default_rng([self.settings.seed, round_index, 1])
-        shuffled = rng.permutation(selected)
-        labels = self.clusters.labels[shuffled]
-        order = np.argsort(labels, kind="stable")
-        labels_sorted = labels[order]
-        starts = np.searchsorted(labels_sorted, labels_sorted, side="left")
-        rank = np.arange(labels_sorted.size) - starts
-        return np.sort(shuffled[order][rank < self.settings.rule.eval_per_cluster])
+        cap = np.full(self.clusters.k, self.settings.rule.eval_per_cluster)
+        return self.clusters.sample_where(scored, cap, rng)
 
     def _record(self, round_index, kind, positions, delta, probabilities, explore) -> None:
         per_cluster = np.bincount(self.clusters.labels[positions], minlength=self.clusters.k)

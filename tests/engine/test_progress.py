@@ -18,6 +18,7 @@ from engine.progress import (
     relative_progress,
     round_rows,
     rows_of,
+    sample_segments,
     select_round,
 )
 
@@ -139,6 +140,49 @@ def test_rounds_never_overspend_repeat_or_come_up_short(case):
         positive = np.isfinite(delta) & (delta > 0)
         assert not plan.quota[~positive].any()
         assert (np.bincount(labels[picks], minlength=k) >= plan.quota).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=20),
+    st.lists(st.integers(0, 50), min_size=20, max_size=20),
+    st.integers(0, 2**31),
+)
+def test_segment_draws_take_min_of_ask_and_size_from_each_segment(sizes, take, seed):
+    segments = np.repeat(np.arange(len(sizes)), sizes)
+    take = np.array(take[: len(sizes)])
+    picked = sample_segments(segments, take, np.random.default_rng(seed))
+    assert np.unique(picked).size == picked.size and (np.diff(picked) > 0).all()
+    got = np.bincount(segments[picked], minlength=len(sizes))
+    assert got.tolist() == np.minimum(take, sizes).tolist()
+
+
+class _HighKeys:
+    """Keys that all land above every limit: each segment takes the exact fallback."""
+
+    def random(self, n):
+        return np.linspace(0.9, 0.5, n)
+
+
+def test_segment_draws_fall_back_to_every_key_when_the_limit_holds_too_few():
+    segments = np.repeat(np.arange(3), [1000, 50, 7])
+    picked = sample_segments(segments, np.array([3, 10, 7]), _HighKeys())
+    assert np.bincount(segments[picked], minlength=3).tolist() == [3, 10, 7]
+    # The smallest keys win: the last places of each segment (keys fall along the array).
+    assert picked[:3].tolist() == [997, 998, 999]
+
+
+def test_segment_draws_are_uniform_subsets():
+    rng = np.random.default_rng(0)
+    segments = np.repeat(np.arange(2), [5, 400])
+    counts = np.zeros(405)
+    draws = 4000
+    for _ in range(draws):
+        counts[sample_segments(segments, np.array([2, 3]), rng)] += 1
+    # Each place of segment 0 is in 2 of 5 draws, of segment 1 in 3 of 400.
+    np.testing.assert_allclose(counts[:5] / draws, 0.4, atol=0.04)
+    assert abs(counts[5:].mean() / draws - 3 / 400) < 1e-9  # exactly 3 a draw
+    assert counts[5:].max() / draws < 3 / 400 + 0.012  # no place favoured
 
 
 def test_sizes_are_fractions_or_counts_and_rounds_cover_the_budget():
