@@ -117,7 +117,10 @@ class EncoderSpec(BaseModel):
         "always written as float32.",
     )
     torch_threads: int = Field(
-        0, ge=0, description="torch intra-op threads per worker; 0 keeps Ray's setting."
+        0,
+        ge=0,
+        description="torch intra-op threads of each encoder actor; 0: the node's cores divided "
+        "among the pool's actors (max_actors), at least 1.",
     )
 
     def fingerprint(self) -> dict[str, Any]:

@@ -412,17 +412,26 @@ def _pipeline(
     else:
         ds = ds.map_batches(_prepare_text, batch_size=cfg.preprocess_batch_size, **pre)
         column = "text"
-    ds = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={"spec": space_cfg.encoder.model_dump(), "input_column": column},
-        compute=ray.data.ActorPoolStrategy(
-            min_size=space_cfg.min_actors, max_size=max(space_cfg.min_actors, space_cfg.max_actors)
-        ),
-        batch_size=space_cfg.batch_size,
-        **ray_data_options(space_cfg.actor),
-    )
+    ds = encoder_stage(ds, space_cfg, column)
     return ds.map_batches(
         _write_parts, fn_kwargs={"out_dir": out_dir, "fs": ws.fs}, batch_size=None, **pre
+    )
+
+
+def encoder_stage(ds, space_cfg: SpaceConfig, column: str):
+    """``ds`` through a pool of ``EmbedActor`` with the space's encoder, batch size and
+    resources: adds ``vector`` float32 (n, dim) from ``column``."""
+    actors = max(space_cfg.min_actors, space_cfg.max_actors)
+    return ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={
+            "spec": space_cfg.encoder.model_dump(),
+            "input_column": column,
+            "actors": actors,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=space_cfg.min_actors, max_size=actors),
+        batch_size=space_cfg.batch_size,
+        **ray_data_options(space_cfg.actor),
     )
 
 

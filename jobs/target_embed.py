@@ -19,8 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from actors.adapter import ray_data_options
-from actors.encoder import EmbedActor
 from engine.artifacts import EmbeddingSpace, Skills
 from engine.config import build_config
 from engine.encoders import ImagePreprocess, preprocess_for, preprocess_images
@@ -68,18 +66,6 @@ def _vectors(ds, rows: int) -> np.ndarray:
     return out if out is not None else np.zeros((0, 0), np.float32)
 
 
-def _encoder_stage(ds, space_cfg: embed.SpaceConfig, column: str):
-    return ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={"spec": space_cfg.encoder.model_dump(), "input_column": column},
-        compute=ray.data.ActorPoolStrategy(
-            min_size=space_cfg.min_actors, max_size=max(space_cfg.min_actors, space_cfg.max_actors)
-        ),
-        batch_size=space_cfg.batch_size,
-        **ray_data_options(space_cfg.actor),
-    )
-
-
 def embed_images(
     images: list[bytes], space_cfg: embed.SpaceConfig, preprocess_cpus: float = 0.5
 ) -> tuple[np.ndarray, list[str | None]]:
@@ -94,7 +80,7 @@ def embed_images(
     )
     status = np.ones(len(images), np.int8)
     vectors = np.zeros((0, 0), np.float32)
-    out = _encoder_stage(ds, space_cfg, "pixels")
+    out = embed.encoder_stage(ds, space_cfg, "pixels")
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         v = np.asarray(np.stack(batch["vector"]), np.float32)
         if not vectors.size:
@@ -109,7 +95,7 @@ def embed_texts(texts: list[str], space_cfg: embed.SpaceConfig) -> np.ndarray:
     """Texts -> L2-normalised float32 (n, d) with the space's text encoder (an actor pool)."""
     items = [{"row": i, "text": t} for i, t in enumerate(texts)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 256, 16)))
-    return _vectors(_encoder_stage(ds, space_cfg, "text"), len(texts))
+    return _vectors(embed.encoder_stage(ds, space_cfg, "text"), len(texts))
 
 
 def describe_skills(
