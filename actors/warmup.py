@@ -11,7 +11,6 @@ per cluster its size, density and the ids in the order they would be taken.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -54,7 +53,7 @@ def shard_cluster_features(
 
 def order_cluster(
     group: dict[str, np.ndarray], limit: int, sigma: float, max_kernel_rows: int, seed: int
-) -> pd.DataFrame:
+) -> pa.Table:
     """One warm-up cluster: its size, density and ids in the order they are taken."""
     cluster = int(group["cluster"][0])
     rng = cluster_rng(seed, cluster)
@@ -63,11 +62,11 @@ def order_cluster(
     ids = group["id"][order_by_id]
     features = np.asarray(group["feature"], np.float32)[order_by_id]
     density, order = cluster_order(features, limit, sigma, max_kernel_rows, rng)
-    return pd.DataFrame(
+    return pa.table(
         {
-            "cluster": [cluster],
-            "size": [len(ids)],
-            "density": [density],
-            "order": [[str(i) for i in ids[order]]],
+            "cluster": pa.array([cluster], pa.int64()),
+            "size": pa.array([len(ids)], pa.int64()),
+            "density": pa.array([density], pa.float64()),
+            "order": pa.array([ids[order].astype(str).tolist()], pa.list_(pa.string())),
         }
     )

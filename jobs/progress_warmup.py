@@ -10,6 +10,7 @@ per cluster for its density and prototype order. The driver then scores the clus
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from actors.adapter import ray_data_options
@@ -57,13 +58,33 @@ def select_warmup_ids(cfg, ws: Workspace, total: int) -> list[str]:
             "seed": cfg.seed,
         },
     )
-    rows = groups.take_all()
+    # The orders stay in the object store: every cluster's whole order is about one id per
+    # pool row, and only the quotas' heads (the warm-up) come to the driver.
+    groups = groups.materialize()
+    figures = groups.select_columns(["cluster", "size", "density"]).to_pandas()
     centroids = load_centroids(ws, clustering.path("centroids.npy"))
     k = centroids.shape[0]
     sizes, density = np.zeros(k, np.int64), np.zeros(k)
-    orders: dict[int, list[str]] = {}
-    for r in rows:
-        c = int(r["cluster"])
-        sizes[c], density[c], orders[c] = int(r["size"]), float(r["density"]), list(r["order"])
+    clusters = figures["cluster"].to_numpy(np.int64)
+    sizes[clusters], density[clusters] = figures["size"], figures["density"]
     quotas = cluster_quotas(warmup_scores(centroids, density), sizes, total, cfg.warmup_temperature)
-    return [i for c in np.flatnonzero(quotas) for i in orders[int(c)][: int(quotas[c])]]
+    heads = groups.map_batches(
+        _heads, fn_kwargs={"quotas": quotas}, batch_format="pyarrow", batch_size=None
+    )
+    taken: dict[int, list[str]] = {}
+    for batch in heads.iter_batches(batch_format="pyarrow", batch_size=None):
+        for c, ids in zip(batch["cluster"].to_pylist(), batch["ids"].to_pylist(), strict=True):
+            taken[c] = ids
+    return [i for c in sorted(taken) for i in taken[c]]
+
+
+def _heads(batch: pa.Table, quotas: np.ndarray) -> pa.Table:
+    """Each cluster's first ``quotas[cluster]`` ids of its order; clusters with none left out."""
+    clusters = batch.column("cluster").to_numpy().astype(np.int64)
+    keep = quotas[clusters] > 0
+    ids = [
+        order[: int(quotas[c])]
+        for c, order, kept in zip(clusters, batch.column("order").to_pylist(), keep, strict=True)
+        if kept
+    ]
+    return pa.table({"cluster": clusters[keep], "ids": pa.array(ids, pa.list_(pa.string()))})

@@ -113,4 +113,4 @@ def test_the_in_memory_warmup_takes_what_the_job_s_per_cluster_tasks_take():
                              "feature": x[members]}, limit=80, sigma=1.0, max_kernel_rows=40,
                             seed=3)  # fmt: skip
         _, order = cluster_order(x[members], 80, 1.0, 40, cluster_rng(3, c))
-        assert job["order"][0] == [str(i) for i in ids[members][order]]
+        assert job["order"][0].as_py() == [str(i) for i in ids[members][order]]

@@ -136,3 +136,32 @@ def test_bad_budgets_are_refused(tiny_ws, capsys):
     assert "not a multiple of micro_batch" in capsys.readouterr().err
     assert main(["progress", "--workspace", str(ws), "--config", str(config)]) == 2
     assert "--name" in capsys.readouterr().err
+
+
+def test_the_warmup_job_takes_what_the_in_memory_selector_takes(ray_session, tiny_ws):
+    """select_warmup_ids (shard tasks, a shuffle by cluster, a task per cluster, the
+    orders left in the object store and only their heads read) picks exactly the rows
+    engine.warmup.select_warmup picks from the same features in one process."""
+    from benchmarks.references import space_features
+    from engine.artifacts import Clustering
+    from engine.progress_config import ProgressConfig
+    from engine.warmup import select_warmup
+    from jobs.progress import ensure_clustering
+    from jobs.progress_warmup import select_warmup_ids
+
+    w = Workspace.open(str(tiny_ws[0]))
+    cfg = ProgressConfig(name="warm-check", seed=3, warmup_sigma=0.5, max_kernel_rows=20)
+    clustering = ensure_clustering(cfg, w, cfg.warmup_clusters, (10, 10, 5000))
+    ids = pa.concat_tables(pq.read_table(f, columns=["id", "cluster"]) for f in
+                           Clustering.open(w, cfg.warmup_clusters).assignments)  # fmt: skip
+    features = space_features(w, clustering.meta.spaces)
+    pool_ids = Pool.open(w).read_table(["id"]).column("id").to_pylist()
+    assert ids["id"].to_pylist() == pool_ids == sorted(pool_ids)  # rows in id order
+    centroids = np.load(clustering.path("centroids.npy"))
+    for total in (27, 1000):
+        rows = select_warmup(features, ids["cluster"].to_numpy(), centroids, total,
+                             cfg.warmup_temperature, cfg.warmup_sigma, cfg.max_kernel_rows,
+                             cfg.seed)  # fmt: skip
+        picked = select_warmup_ids(cfg, w, total)
+        assert len(picked) == min(total, POOL) and len(set(picked)) == len(picked)
+        assert sorted(picked) == [pool_ids[r] for r in rows]
