@@ -131,3 +131,16 @@ def sample_shard(
         stats["ids"], stats["rejected"] = found.ids, found.rejected
     positions = positions[positions < len(found.ids)]
     return stats, np.ascontiguousarray(found.features[positions])
+
+
+def sample_shards(
+    ws: Workspace,
+    run: list[tuple[str, dict[str, str], np.ndarray]],
+    dims: dict[str, int],
+    weights: dict[str, float],
+    keep_rows: bool = False,
+) -> tuple[list[dict], np.ndarray]:
+    """``sample_shard`` over a run of (stem, files, positions): the shards' stats, and
+    their sampled features float32 (sum of positions, D) concatenated in run order."""
+    found = [sample_shard(ws, stem, files, dims, weights, at, keep_rows) for stem, files, at in run]
+    return [stats for stats, _ in found], np.concatenate([features for _, features in found])

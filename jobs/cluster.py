@@ -47,7 +47,7 @@ from actors.adapter import ray_data_options, ray_options
 from actors.kmeans import (
     CentroidAssigner,
     load_centroids,
-    sample_shard,
+    sample_shards,
     save_centroids,
     write_shard_assignments,
 )
@@ -282,16 +282,20 @@ def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir
     # When the sample is every row (pools up to K x max_points_per_centroid), the fit
     # holds all features already: it assigns them too, and the streaming pass is skipped.
     whole = n_sample >= total
-    task = ray.remote(sample_shard).options(num_returns=2, **ray_options(cfg.read))
+    task = ray.remote(sample_shards).options(num_returns=2, **ray_options(cfg.read))
     jobs = []
     for i, stem in enumerate(spaces[0].stems):
         files = {s.space: f"{s.dir}/{stem}.parquet" for s in spaces}
         jobs.append((stem, files, per_shard[i]))
+    # Runs of shards per task, as the assignment calls: a 4k-row shard is read in less
+    # time than a task costs. A few runs per CPU keep every core busy.
+    per_task = max(1, min(SHARDS_PER_CALL, -(-len(jobs) // (4 * cluster_cpus()))))
+    runs = [jobs[i : i + per_task] for i in range(0, len(jobs), per_task)]
     feature_refs = []
     shard_rows: dict[str, dict] = {}
 
-    def submit(job):
-        stats_ref, features_ref = task.remote(ws, job[0], job[1], dims, weights, job[2], whole)
+    def submit(run):
+        stats_ref, features_ref = task.remote(ws, run, dims, weights, whole)
         feature_refs.append(features_ref)
         return stats_ref
 
@@ -301,18 +305,19 @@ def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir
     errors: list[str] = []
     max_in_flight = max(2, 2 * cluster_cpus())
     with tqdm(total=len(jobs), unit="shard", desc=f"cluster {cfg.name}: read") as bar:
-        for stats in bounded_submit(submit, jobs, max_in_flight):
-            if "error" in stats:
-                errors.append(stats["error"])
-                continue
-            rows_in += stats["rows_in"]
-            usable += stats["usable"]
-            for reason, count in stats["reasons"].items():
-                reasons[reason] = reasons.get(reason, 0) + count
-            examples += stats["examples"][: max(0, 10 - len(examples))]
-            if whole:
-                shard_rows[stats["stem"]] = stats
-            bar.update()
+        for run_stats in bounded_submit(submit, runs, max_in_flight):
+            for stats in run_stats:
+                if "error" in stats:
+                    errors.append(stats["error"])
+                    continue
+                rows_in += stats["rows_in"]
+                usable += stats["usable"]
+                for reason, count in stats["reasons"].items():
+                    reasons[reason] = reasons.get(reason, 0) + count
+                examples += stats["examples"][: max(0, 10 - len(examples))]
+                if whole:
+                    shard_rows[stats["stem"]] = stats
+            bar.update(len(run_stats))
     if errors:
         raise InputError(
             f"{len(errors)} embedding shard(s) are malformed: {'; '.join(errors[:3])}; "
