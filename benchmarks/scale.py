@@ -256,8 +256,8 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
     commands = {
         "world": world_args(ws, n, args.questions),
         "ingest": ["ingest", *w, "--set", "overwrite=true"],
-        "embed:clip": ["embed", *w, "--spaces", "clip"],
-        "embed:dino": ["embed", *w, "--spaces", "dino"],
+        "embed:clip": ["embed", *w, "--spaces", "clip", "--set", "overwrite=true"],
+        "embed:dino": ["embed", *w, "--spaces", "dino", "--set", "overwrite=true"],
         "index:clip": ["index", *w, "--space", "clip", "--shards", "2", "--factory",
                        "IVF1024,Flat"],
         "index:skill": ["index", *w, "--space", "skill", "--shards", "2", "--factory",
@@ -284,8 +284,10 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
             text_ws = root / "text-ws"
             run_stage(world_args(text_ws, small, 10), log)
             run_stage(["ingest", "--workspace", str(text_ws)], log)
-            measured = run_stage(["embed", "--workspace", str(text_ws), "--spaces", "text"], log)
-            add(stage, measured, small, **bare_figures(text_ws, "text", small, measured, small),
+            measured = run_stage(["embed", "--workspace", str(text_ws), "--spaces", "text",
+                                  "--set", "overwrite=true"], log)  # fmt: skip
+            bare = bare_figures(text_ws, "text", small, measured, args.reference_rows)
+            add(stage, measured, small, **bare,
                 note=f"run on {small:,} rows; its rows/s applies at {n:,}")  # fmt: skip
         elif stage == "skills":
             unique = fill_skill_cache(ws)

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from engine.workspace import Workspace
@@ -179,11 +181,21 @@ def assignment_files(ws: Workspace, out_dir: str) -> list[str]:
     return ws.list_files(out_dir, "assignments", suffix=".parquet")
 
 
+def _assignment_batches(ws: Workspace, out_dir: str, column: str):
+    """One column of every assignment file, streamed in record batches: files are read
+    ahead on Arrow's threads (hundreds of small files), and memory stays a few batches."""
+    files = assignment_files(ws, out_dir)
+    if not files:
+        return
+    dataset = pads.dataset(files, filesystem=ws.fs, format="parquet")
+    for batch in dataset.to_batches(columns=[column]):
+        yield batch.column(0)
+
+
 def cluster_sizes(ws: Workspace, out_dir: str, k: int) -> np.ndarray:
     """Rows per cluster, int64 (k,), from the assignment files (one int32 column read)."""
     sizes = np.zeros(k, dtype=np.int64)
-    for f in assignment_files(ws, out_dir):
-        labels = pq.read_table(f, columns=["cluster"], filesystem=ws.fs).column("cluster")
+    for labels in _assignment_batches(ws, out_dir, "cluster"):
         sizes += np.bincount(labels.to_numpy(), minlength=k)[:k]
     return sizes
 
@@ -203,11 +215,10 @@ def describe_assignments(
         pq.ParquetFile(f, filesystem=ws.fs).metadata.num_rows
         for f in ws.list_files(out_dir, "excluded", suffix=".parquet")
     )
-    similarity = []
-    for f in assignment_files(ws, out_dir):
-        column = pq.read_table(f, columns=["similarity"], filesystem=ws.fs).column("similarity")
-        if len(column):
-            similarity.append(pc.mean(column).as_py() * len(column))
+    similarity = [
+        float(pc.sum(column.cast(pa.float64())).as_py() or 0.0)
+        for column in _assignment_batches(ws, out_dir, "similarity")
+    ]
     assigned = int(sizes.sum())
     return {
         "rows_assigned": assigned,
