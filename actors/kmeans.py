@@ -1,4 +1,4 @@
-"""The clustering stage's workers: per-shard feature sampling (a task) and the assignment pool."""
+"""The clustering stage's tasks: per-shard feature sampling and nearest-centroid assignment."""
 
 from __future__ import annotations
 
@@ -55,49 +55,36 @@ def write_shard_assignments(
     ws.write_table(f"{out_dir}/assignments/{stem}.parquet", table)
 
 
-class CentroidAssigner:
-    """A Ray Data callable class: one batch = one shard stem; writes that shard's assignments.
+def assign_shards(
+    ws: Workspace,
+    out_dir: str,
+    stems: list[str],
+    space_dirs: dict[str, str],
+    dims: dict[str, int],
+    weights: dict[str, float],
+    centroids: np.ndarray,
+    threads: int,
+    gpu: bool = False,
+) -> list[tuple[str, int, int]]:
+    """One task of the assignment pass: a run of shards against ``centroids`` float32 (K, D).
 
-    The centroids load once per actor, from ``centroids_path`` in the workspace, into an
-    exact inner-product index (on the GPU when ``gpu``). Each call reads the shard of
-    every space, joins them by id, assigns the usable rows, and writes
-    ``<out>/assignments/<stem>.parquet`` (id, cluster int32, similarity float32) and,
-    if any, ``<out>/excluded/<stem>.parquet`` (id, reason), each atomically: the
-    assignments file is the shard's completion marker, so it is written last.
+    Each shard of every space is read, joined by id, and its usable rows assigned to
+    their nearest centroid in an exact inner-product index (on the GPU when ``gpu``);
+    ``<out>/assignments/<stem>.parquet`` (id, cluster int32, similarity float32) and, if
+    any, ``<out>/excluded/<stem>.parquet`` (id, reason) are written atomically, the
+    assignments last: they are the shard's completion marker, so a retried task
+    rewrites the same files. Returns (stem, rows assigned, rows excluded) per shard.
     """
-
-    def __init__(
-        self,
-        ws: Workspace,
-        out_dir: str,
-        space_dirs: dict[str, str],
-        dims: dict[str, int],
-        weights: dict[str, float],
-        threads: int,
-        gpu: bool = False,
-    ):
-        faiss.omp_set_num_threads(max(1, threads))
-        self.ws, self.out_dir = ws, out_dir
-        self.space_dirs, self.dims, self.weights = space_dirs, dims, weights
-        self.index = CentroidIndex(load_centroids(ws, f"{out_dir}/centroids.npy"), gpu=gpu)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stems = list(batch["stem"])
-        rows, excluded = [], []
-        for shard in stems:
-            files = {s: f"{d}/{shard}.parquet" for s, d in self.space_dirs.items()}
-            found = shard_features(self.ws.fs, files, self.dims, self.weights)
-            cluster, similarity = self.index.assign(found.features)
-            write_shard_assignments(
-                self.ws, self.out_dir, shard, found.ids, cluster, similarity, found.rejected
-            )
-            rows.append(len(found.ids))
-            excluded.append(found.rejected.num_rows)
-        return {
-            "stem": np.array(stems, dtype=object),
-            "rows": np.array(rows),
-            "excluded": np.array(excluded),
-        }
+    faiss.omp_set_num_threads(max(1, threads))
+    index = CentroidIndex(centroids, gpu=gpu)
+    done = []
+    for shard in stems:
+        files = {s: f"{d}/{shard}.parquet" for s, d in space_dirs.items()}
+        found = shard_features(ws.fs, files, dims, weights)
+        cluster, similarity = index.assign(found.features)
+        write_shard_assignments(ws, out_dir, shard, found.ids, cluster, similarity, found.rejected)
+        done.append((shard, len(found.ids), found.rejected.num_rows))
+    return done
 
 
 def sample_shard(

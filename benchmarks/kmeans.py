@@ -97,7 +97,7 @@ def run_job(ws: Workspace, name: str, k: int, niter: int, seed: int) -> tuple[di
 
     flags = [
         *("--set", f"niter={niter}", "--set", f"fit_threads={CPUS}"),
-        *("--set", "max_actors=2", "--set", "actor.num_cpus=0.5"),
+        *("--set", "assign.num_cpus=0.5"),
     ]
     start = time.perf_counter()
     with PeakRSS() as peak:

@@ -38,8 +38,10 @@ progress      the coordinator actor over cluster:5000 (``actors.coordinator``): 
 Beside its stage, embed:dino, embed:clip and embed:text run the same model's bare loop in
 one process (``--reference-rows`` rows) and cluster:1000 direct ``faiss.Kmeans`` with the
 job's sample and iterations: ``ratio_to_bare`` is the job's rows/s over the loop's (k-means:
-the job's seconds over faiss's). ``--keep`` reruns some stages on the workspaces an earlier
-run left and replaces only their rows.
+the job's seconds over faiss's; ``passes_ratio_to_bare`` its read, fit and assignment passes
+alone, without the process's and Ray's start). ``--keep`` reruns some stages on the
+workspaces an earlier run left and replaces only their rows. The retrieval targets come
+from ``benchmarks/retrieval.py``'s own 1M-row run (``--retrieval``).
 
 Writes ``--out`` (JSON: ``rows`` of ``{stage, n, seconds, rows_per_s, driver_peak_mib,
 all_peak_mib, ...}`` and ``targets`` of ``{name, value, target, met}``), the markdown
@@ -209,6 +211,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/scale.json")
     parser.add_argument("--reference-rows", type=int, default=20_000,
                         help="rows the bare embedding loops run on")  # fmt: skip
+    parser.add_argument("--retrieval", default="benchmarks/results/retrieval_1m.json",
+                        help="benchmarks/retrieval.py's JSON whose targets join this table")  # fmt: skip
     parser.add_argument("--keep", action="store_true",
                         help="rerun --stages on the workspaces an earlier run left (no world "
                         "stage), replacing their rows in --out and keeping the others")  # fmt: skip
@@ -330,7 +334,11 @@ def kmeans_figures(ws: Path, measured: dict) -> dict:
     w = Workspace.open(str(ws))
     meta = clustering_figures(Clustering.open(w, "k1000"))
     bare = bare_kmeans(w, 1000, meta, 0, ["dino"])
-    return {"bare_seconds": round(bare, 2), "ratio_to_bare": round(measured["seconds"] / bare, 3)}
+    # The job's own read, fit and assignment passes, without the process's and Ray's start
+    work = meta["read_seconds"] + meta["fit_seconds"] + meta["assign_seconds"]
+    return {"bare_seconds": round(bare, 2), "ratio_to_bare": round(measured["seconds"] / bare, 3),
+            "read_s": meta["read_seconds"], "fit_s": meta["fit_seconds"],
+            "assign_s": meta["assign_seconds"], "passes_ratio_to_bare": round(work / bare, 3)}  # fmt: skip
 
 
 def growth(rows: list[dict]) -> list[dict]:
@@ -379,6 +387,29 @@ def targets(rows: list[dict], grown: list[dict]) -> list[dict]:
     return out
 
 
+def retrieval_targets(path: Path) -> list[dict]:
+    """The retrieval targets from ``benchmarks/retrieval.py``'s JSON at 1M rows (its own
+    run: the service beside one in-process index at the same threads and batch)."""
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    rows, n = doc["rows"], doc["data"]["rows"]
+    out = []
+    for r in rows:
+        if r["how"] != "service":
+            continue
+        where = f"{r['factory']}, {r['shards']} shard(s), batch {r['batch']}, N={n:,}"
+        out.append({"name": f"retrieval queries/s / one in-process index, {where}",
+                    "value": r["ratio_to_in_process"], "target": ">= 0.8",
+                    "met": r["ratio_to_in_process"] >= 0.8})  # fmt: skip
+        single = [x for x in rows if x["factory"] == r["factory"] and x["how"] != "service"]
+        if r["factory"].startswith("IVF") and single:
+            gap = round(single[0]["recall@10"] - r["recall@10"], 4)
+            out.append({"name": f"sharded IVF recall@10 below the single index's, {where}",
+                        "value": gap, "target": "<= 0.01", "met": gap <= 0.01})  # fmt: skip
+    return out
+
+
 HEADER = ["stage", "n", "seconds", "rows_per_s", "driver_peak_mib", "all_peak_mib", "note"]
 
 
@@ -386,7 +417,7 @@ def write(out: Path, rows: list[dict], args, seconds: float) -> None:
     grown = growth(rows)
     doc = {"benchmark": "scale", "machine": machine(), "sizes": sorted({r["n"] for r in rows}),
            "seconds": round(seconds, 1), "rows": rows, "growth": grown,
-           "targets": targets(rows, grown)}  # fmt: skip
+           "targets": targets(rows, grown) + retrieval_targets(Path(args.retrieval))}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# vlselect scale", "", f"{doc['machine']['cpus']} CPUs, "

@@ -14,9 +14,9 @@ What it does:
     4. fits spherical k-means (faiss, on a GPU when ``gpu``) in one Ray task; when the
        sample is every row (pools up to ``k * max_points_per_centroid``), that task also
        assigns them, and the driver writes the shards' assignments (step 5 finds them done);
-    5. assigns every row to its nearest centroid with a Ray Data actor pool streaming
-       the shards, one output file per shard (resumable: finished shards are kept when
-       the run is started again with the same inputs and config);
+    5. assigns every row to its nearest centroid in tasks, each a run of shards, one
+       output file per shard (resumable: finished shards are kept when the run is
+       started again with the same inputs and config);
     6. handles clusters smaller than ``min_cluster_size``: ``keep`` reports them,
        ``merge`` drops their centroids and assigns their rows again to the others;
     7. commits the clustering (engine.artifacts.Clustering: K, sizes, objective per
@@ -43,9 +43,9 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from actors.adapter import ray_data_options, ray_options
+from actors.adapter import ray_options
 from actors.kmeans import (
-    CentroidAssigner,
+    assign_shards,
     load_centroids,
     sample_shards,
     save_centroids,
@@ -132,13 +132,10 @@ class ClusterConfig(BaseModel):
         default_factory=lambda: Resources(num_cpus=0.5),
         description="Resources of one shard-reading task of the sampling pass.",
     )
-    min_actors: int = operational(
-        1, ge=1, description="Smallest size of the assignment actor pool."
-    )
-    max_actors: int = operational(2, ge=1, description="Largest size of the assignment actor pool.")
-    actor: Resources = operational(
+    assign: Resources = operational(
         default_factory=lambda: Resources(num_cpus=0.5),
-        description="Resources of one assignment actor (its faiss threads = max(1, num_cpus)).",
+        description="Resources of one assignment task, a run of up to 16 shards (its faiss "
+        "threads = max(1, num_cpus); num_gpus=1 with gpu=true).",
     )
     on_bad_rows: Literal["error", "exclude"] = Field(
         "error",
@@ -182,7 +179,7 @@ def writes(cfg: ClusterConfig) -> list[Ref]:
 
 
 def resources(cfg: ClusterConfig) -> dict[str, Resources]:
-    return {"read task": cfg.read, "fit task": cfg.fit, "assignment actor": cfg.actor}
+    return {"read task": cfg.read, "fit task": cfg.fit, "assignment task": cfg.assign}
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -400,38 +397,31 @@ def _fit_task(cfg: ClusterConfig, assign_sample: bool, *parts: np.ndarray):
 
 
 def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir: str) -> None:
-    """Stream the unfinished shards through the assignment pool."""
+    """Assign the unfinished shards in tasks, each a run of shards, the centroids put in
+    the object store once. Tasks, not an actor pool: they start on the workers the
+    sampling pass warmed (faiss and the readers imported), where new actors pay a
+    process start and the imports."""
     done = {f.rsplit("/", 1)[1].removesuffix(".parquet") for f in assignment_files(ws, out_dir)}
     pending = [s for s in spaces[0].stems if s not in done]
     if not pending:
         return
-    # A few calls per actor, each a run of shards: at 4k-row shards the per-call cost of
-    # Ray Data (a task, a block, a round trip) is larger than assigning the shard.
-    actors = max(cfg.min_actors, cfg.max_actors)
-    per_call = max(1, min(SHARDS_PER_CALL, -(-len(pending) // (4 * actors))))
-    ds = ray.data.from_items(
-        [{"stem": s} for s in pending], override_num_blocks=-(-len(pending) // per_call)
-    )
-    ds = ds.map_batches(
-        CentroidAssigner,
-        fn_constructor_kwargs={
-            "ws": ws,
-            "out_dir": out_dir,
-            "space_dirs": {s.space: s.dir for s in spaces},
-            "dims": {s.space: s.dim for s in spaces},
-            "weights": {s.space: cfg.weight_of(s.space) for s in spaces},
-            "threads": max(1, int(cfg.actor.num_cpus)),
-            "gpu": cfg.gpu,
-        },
-        compute=ray.data.ActorPoolStrategy(
-            min_size=cfg.min_actors, max_size=max(cfg.min_actors, cfg.max_actors)
-        ),
-        batch_size=per_call,
-        **ray_data_options(cfg.actor),
-    )
+    # A few runs per CPU: at 4k-row shards a task costs more than assigning one shard.
+    per_task = max(1, min(SHARDS_PER_CALL, -(-len(pending) // (4 * cluster_cpus()))))
+    runs = [pending[i : i + per_task] for i in range(0, len(pending), per_task)]
+    centroids = ray.put(load_centroids(ws, f"{out_dir}/centroids.npy"))
+    task = ray.remote(assign_shards).options(**ray_options(cfg.assign))
+    space_dirs = {s.space: s.dir for s in spaces}
+    dims = {s.space: s.dim for s in spaces}
+    weights = {s.space: cfg.weight_of(s.space) for s in spaces}
+    threads = max(1, int(cfg.assign.num_cpus))
+
+    def submit(run: list[str]):
+        return task.remote(ws, out_dir, run, space_dirs, dims, weights, centroids, threads,
+                           cfg.gpu)  # fmt: skip
+
     with tqdm(total=len(pending), unit="shard", desc=f"cluster {cfg.name}: assign") as bar:
-        for batch in ds.iter_batches(batch_size=None):
-            bar.update(len(batch["stem"]))
+        for finished in bounded_submit(submit, runs, max(2, 2 * cluster_cpus())):
+            bar.update(len(finished))
 
 
 _NOT_IN_SUMMARY = ("sizes", "iterations", "objective", "objective_runs", "config")
