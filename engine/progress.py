@@ -191,8 +191,8 @@ class PoolClusters:
         without replacement; int64 positions, ascending.
 
         mask: bool (n,) the rows that may be drawn; take: int (K,) rows wanted per cluster.
-        One vectorised pass (``sample_segments``), not a draw per cluster: at K=5000 the
-        per-cluster loop cost more than the rest of a round at a million rows.
+        One vectorised pass (``sample_segments``), not a draw per cluster: at K=5000 and
+        a million rows a loop over the clusters took 50 ms of a round's draw, this 15-20.
         """
         in_order = mask[self.order]
         picked = sample_segments(self.sorted_labels[in_order], np.asarray(take), rng)
