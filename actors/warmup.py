@@ -4,8 +4,9 @@ cluster, then one task per cluster for its density and prototype order.
 The pipeline (wired by ``jobs.progress``) is ``from_items(shard stems)`` ->
 ``map_batches(shard_cluster_features)`` -> ``groupby("cluster").map_groups(order_cluster)``,
 so a million rows are spread over the cluster by Ray Data's shuffle and no process
-holds more than one cluster's features. What comes back to the driver is small:
-per cluster its size, density and the ids in the order they would be taken.
+holds more than one cluster's features. Each cluster's result (its size, density and
+the ids in the order they would be taken) stays in the object store; the driver reads
+the sizes and densities, then only the head of each order that its quota takes.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ skills        ``vlselect skills`` with every answer already cached: what is meas
 index:*       ``vlselect index`` of the clip and skill spaces (IVF, 2 shards)
 cluster:K     ``vlselect cluster`` on dino at K=1000 and K=5000
 target        ``vlselect target``: the benchmark's questions, a budget of 20% of the pool
+warmup        PROGRESS's warm-up selection (``jobs.progress_warmup``) of 9% of the pool
+              over cluster:5000: features by shard, Ray Data's shuffle by cluster, a task
+              per cluster, the quotas' heads read back
 progress      the coordinator actor over cluster:5000 (``actors.coordinator``): a 9%
               warm-up, then rounds of 7,500 picks to a 20% budget, each ``next_round``
               with its reveal (the rows read from the pool) and checkpoint, and each
@@ -69,7 +72,7 @@ from benchmarks.common import machine  # noqa: E402
 from engine.quality import markdown_table  # noqa: E402
 
 STAGES = ("world", "ingest", "embed:clip", "embed:dino", "embed:text", "skills", "index:clip",
-          "index:skill", "cluster:1000", "cluster:5000", "target", "progress")  # fmt: skip
+          "index:skill", "cluster:1000", "cluster:5000", "target", "warmup", "progress")  # fmt: skip
 BENCH = "bench_rare_snow"
 ROUND = 7_500
 
@@ -197,6 +200,26 @@ def progress_rounds(ws: Path, out: Path) -> dict:
     return timings
 
 
+def warmup_selection(ws: Path) -> None:
+    """The warm-up selection of 9% of the pool over cluster:5000, as ``vlselect progress``
+    runs it; run in its own process by ``measure``."""
+    import ray
+
+    from engine.artifacts import Pool
+    from engine.progress_config import ProgressConfig
+    from engine.workspace import Workspace
+    from jobs.progress_warmup import select_warmup_ids
+
+    w = Workspace.open(str(ws))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cfg = ProgressConfig(name="scale", warmup_clusters="k5000")
+    total = int(0.09 * Pool.open(w).rows)
+    picked = select_warmup_ids(cfg, w, total)
+    if len(picked) != total or len(set(picked)) != total:
+        raise RuntimeError(f"the warm-up picked {len(picked)} rows ({len(set(picked))} distinct) "
+                           f"of {total}")  # fmt: skip
+
+
 def sizes_of(text: str) -> list[int]:
     return [int(float(s)) for s in text.split(",") if s]
 
@@ -220,7 +243,11 @@ def main() -> None:
                         help="rerun --stages on the workspaces an earlier run left (no world "
                         "stage), replacing their rows in --out and keeping the others")  # fmt: skip
     parser.add_argument("--progress-only", help=argparse.SUPPRESS)  # the progress stage's process
+    parser.add_argument("--warmup-only", help=argparse.SUPPRESS)  # the warm-up stage's process
     args = parser.parse_args()
+    if args.warmup_only:
+        warmup_selection(Path(args.warmup_only))
+        return
     if args.progress_only:
         ws, out = args.progress_only.split(",")
         progress_rounds(Path(ws), Path(out))
@@ -301,6 +328,9 @@ def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
             unique = fill_skill_cache(ws)
             add(stage, run_stage(["skills", *w, "--set", "overwrite=true"], log), n,
                 note=f"{unique:,} unique questions, all cached: no LLM call timed")  # fmt: skip
+        elif stage == "warmup":
+            me = [sys.executable, str(Path(__file__).resolve()), "--warmup-only", str(ws)]
+            add(stage, measure(me, log), n, note="9% of the pool over K=5000")
         elif stage == "progress":
             timings_file = root / "progress.json"
             me = [sys.executable, str(Path(__file__).resolve()), "--progress-only"]

@@ -117,7 +117,11 @@ class ClusterConfig(BaseModel):
         description="Cap on the fit's sample whatever K, which bounds the fit's memory "
         "(500k x 1408-d float32 = 2.8 GB); None: K x max_points_per_centroid only.",
     )
-    gpu: bool = operational(False, description="Fit and assign on GPUs (faiss-gpu; give num_gpus).")
+    gpu: bool = operational(
+        False,
+        description="Fit on a GPU (faiss-gpu; needs fit.num_gpus), and assign on GPUs where "
+        "assign.num_gpus is given (else on CPUs).",
+    )
     fit: Resources = operational(
         default_factory=lambda: Resources(num_cpus=1),
         description="Resources of the fitting task (num_gpus=1 with gpu=true).",
@@ -135,7 +139,7 @@ class ClusterConfig(BaseModel):
     assign: Resources = operational(
         default_factory=lambda: Resources(num_cpus=0.5),
         description="Resources of one assignment task, a run of up to 16 shards (its faiss "
-        "threads = max(1, num_cpus); num_gpus=1 with gpu=true).",
+        "threads = max(1, num_cpus); with gpu=true and num_gpus it assigns on its GPU).",
     )
     on_bad_rows: Literal["error", "exclude"] = Field(
         "error",
@@ -161,6 +165,12 @@ class ClusterConfig(BaseModel):
             raise ValueError(f"weights given for spaces not clustered: {unknown}")
         if any(w <= 0 for w in self.weights.values()):
             raise ValueError(f"weights must be positive; got {self.weights}")
+        if self.gpu and not self.fit.num_gpus:
+            # Ray hides the GPUs from a task that asked for none: it would fail on the node
+            raise ValueError(
+                "gpu=true fits on a GPU, but the fit task asks for none: set fit.num_gpus=1 "
+                "(assign.num_gpus=1 puts the assignment on GPUs too)"
+            )
         return self
 
     def weight_of(self, space: str) -> float:
@@ -417,7 +427,7 @@ def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_
 
     def submit(run: list[str]):
         return task.remote(ws, out_dir, run, space_dirs, dims, weights, centroids, threads,
-                           cfg.gpu)  # fmt: skip
+                           cfg.gpu and cfg.assign.num_gpus > 0)  # fmt: skip
 
     with tqdm(total=len(pending), unit="shard", desc=f"cluster {cfg.name}: assign") as bar:
         for finished in bounded_submit(submit, runs, max(2, 2 * cluster_cpus())):

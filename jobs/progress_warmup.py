@@ -2,9 +2,11 @@
 
 ``select_warmup_ids`` streams the pool's shards through ``actors.warmup``: each shard's
 combined features joined with its warm-up cluster, a shuffle by cluster, and one task
-per cluster for its density and prototype order. The driver then scores the clusters
-(transferability over density, from the centroids), apportions the warm-up count
-(``engine.warmup.cluster_quotas``) and takes each cluster's order up to its quota.
+per cluster for its density and prototype order. The orders stay in the object store;
+the driver reads each cluster's size and density, scores the clusters (transferability
+over density, from the centroids), apportions the warm-up count
+(``engine.warmup.cluster_quotas``), and reads back only each order's head up to its
+quota: what reaches the driver is K figures and the warm-up's ids.
 """
 
 from __future__ import annotations

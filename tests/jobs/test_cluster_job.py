@@ -173,6 +173,7 @@ def test_small_clusters_merged_into_their_neighbours(ray_session, planted, tmp_p
         (["--k", "4"], "no clustering name"),
         (["--name", "x", "--spaces", "dino,nope"], "invalid cluster config"),
         (["--name", "x", "--set", "weights={clip: 2}"], "weights given for spaces not clustered"),
+        (["--name", "x", "--set", "gpu=true"], "the fit task asks for none: set fit.num_gpus=1"),
     ],
 )
 def test_bad_input_exits_2_with_the_reason(ray_session, planted, flags, message, capsys):
