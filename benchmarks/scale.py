@@ -239,6 +239,9 @@ def main() -> None:
                         help="benchmarks/retrieval.py's JSON whose targets join this table")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of cluster:1000 and of its faiss reference; the fastest counts")  # fmt: skip
+    parser.add_argument("--note", default="",
+                        help="provenance written into the JSON and markdown: which rows come "
+                        "from which run (with --keep, rows of earlier runs stay)")  # fmt: skip
     parser.add_argument("--keep", action="store_true",
                         help="rerun --stages on the workspaces an earlier run left (no world "
                         "stage), replacing their rows in --out and keeping the others")  # fmt: skip
@@ -459,13 +462,13 @@ HEADER = ["stage", "n", "seconds", "rows_per_s", "driver_peak_mib", "all_peak_mi
 def write(out: Path, rows: list[dict], args, seconds: float) -> None:
     grown = growth(rows)
     doc = {"benchmark": "scale", "machine": machine(), "sizes": sorted({r["n"] for r in rows}),
-           "seconds": round(seconds, 1), "rows": rows, "growth": grown,
+           "seconds": round(seconds, 1), "note": args.note, "rows": rows, "growth": grown,
            "targets": targets(rows, grown) + retrieval_targets(Path(args.retrieval))}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# vlselect scale", "", f"{doc['machine']['cpus']} CPUs, "
              f"{doc['machine']['memory_gib']} GiB; sizes {', '.join(f'{n:,}' for n in doc['sizes'])}"
-             f"; {seconds:.0f} s in all.", "",
+             f"; {seconds:.0f} s in all.", "", *([f"Provenance: {args.note}", ""] if args.note else []),
              markdown_table(HEADER, [[r.get(h, "") for h in HEADER] for r in rows]), ""]  # fmt: skip
     if grown:
         lines += ["## Growth", "", markdown_table(["stage", "from", "to", "exponent",
