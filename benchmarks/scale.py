@@ -265,7 +265,6 @@ def main() -> None:
             parser.error("--keep reruns stages on kept workspaces: leave world out of --stages")
         rerun = {(s, n) for s in stages for n in sizes_of(args.sizes)}
         rows = [r for r in json.loads(out.read_text())["rows"] if (r["stage"], r["n"]) not in rerun]
-    started = time.perf_counter()
     for n in sizes_of(args.sizes):
         root = Path(args.workdir) / f"n{n}"
         if args.keep:
@@ -276,7 +275,7 @@ def main() -> None:
             root.mkdir(parents=True)
         fresh = run_size(root, n, stages, args)
         rows = sorted(rows + fresh, key=lambda r: (r["n"], STAGES.index(r["stage"])))
-        write(out, rows, args, time.perf_counter() - started)  # what is done is kept
+        write(out, rows, args)  # what is done is kept
 
 
 def run_size(root: Path, n: int, stages: list[str], args) -> list[dict]:
@@ -364,8 +363,8 @@ def bare_figures(ws: Path, space: str, n: int, measured: dict, limit: int) -> di
 def kmeans_figures(ws: Path, run_job, repeat: int) -> tuple[dict, dict]:
     """The cluster job against direct ``faiss.Kmeans`` with its sample size and iterations,
     the load of the features and the assignment of every row included: each run
-    ``repeat`` times, the fastest of each kept (the fit's time varies by a third from run
-    to run on this machine). Returns (the job's measure, the figures)."""
+    ``repeat`` times, the fastest of each kept (the same fit took 11-20 s over nine runs
+    in a row on this machine). Returns (the job's measure, the figures)."""
     from benchmarks.references import bare_kmeans, clustering_figures
     from engine.artifacts import Clustering
     from engine.workspace import Workspace
@@ -459,8 +458,11 @@ def retrieval_targets(path: Path) -> list[dict]:
 HEADER = ["stage", "n", "seconds", "rows_per_s", "driver_peak_mib", "all_peak_mib", "note"]
 
 
-def write(out: Path, rows: list[dict], args, seconds: float) -> None:
+def write(out: Path, rows: list[dict], args) -> None:
+    """The JSON, the markdown beside it and the plot, from every row kept so far;
+    ``seconds`` is the stages' own seconds summed (with --keep, rows of earlier runs too)."""
     grown = growth(rows)
+    seconds = sum(r["seconds"] for r in rows)
     doc = {"benchmark": "scale", "machine": machine(), "sizes": sorted({r["n"] for r in rows}),
            "seconds": round(seconds, 1), "note": args.note, "rows": rows, "growth": grown,
            "targets": targets(rows, grown) + retrieval_targets(Path(args.retrieval))}  # fmt: skip
@@ -468,7 +470,7 @@ def write(out: Path, rows: list[dict], args, seconds: float) -> None:
     out.write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# vlselect scale", "", f"{doc['machine']['cpus']} CPUs, "
              f"{doc['machine']['memory_gib']} GiB; sizes {', '.join(f'{n:,}' for n in doc['sizes'])}"
-             f"; {seconds:.0f} s in all.", "", *([f"Provenance: {args.note}", ""] if args.note else []),
+             f"; {seconds:.0f} s of stages in all.", "", *([f"Provenance: {args.note}", ""] if args.note else []),
              markdown_table(HEADER, [[r.get(h, "") for h in HEADER] for r in rows]), ""]  # fmt: skip
     if grown:
         lines += ["## Growth", "", markdown_table(["stage", "from", "to", "exponent",
