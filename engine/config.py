@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -125,6 +125,61 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _sub_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``Model`` or ``Model | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def with_defaults(
+    model: type[BaseModel], values: Mapping[str, Any], default: BaseModel | None = None
+) -> dict[str, Any]:
+    """``values`` with each sub-config that adjusts a default filled in from that default.
+
+    A sub-config's default can set fields of its own (an embedding space's encoder, an
+    actor's half CPU). A mapping that names none of those fields adjusts the default
+    (``--set clip.max_actors=8`` keeps the default encoder, ``--set
+    text.encoder.torch_threads=2`` its model, ``clip.actor.num_gpus=1`` its half CPU);
+    one that names any of them is a new value and replaces it (``clip.encoder={kind:
+    open_clip, model: tiny-clip, weights: random}`` does not inherit ``pretrained:
+    openai``). Without this, a partial mapping lost the default: a missing encoder was
+    refused, a missing num_cpus took the class's 1 instead of the default's 0.5.
+    ``default``: the instance whose fields are the defaults here (None: the fields' own).
+    """
+    out = dict(values)
+    for name, field in model.model_fields.items():
+        given, sub = out.get(name), _sub_model(field.annotation)
+        if sub is None or not isinstance(given, Mapping):
+            continue
+        base = (
+            getattr(default, name)
+            if default is not None
+            else field.get_default(call_default_factory=True)
+        )
+        given = dict(given)
+        if isinstance(base, BaseModel) and _adjusts(sub, given, base):
+            kept = base.model_dump(exclude_unset=True)
+            given = {**{k: v for k, v in kept.items() if k not in given}, **given}
+        else:
+            base = None  # a new value: its own fields' defaults below, not the old one's
+        out[name] = with_defaults(sub, given, base)
+    return out
+
+
+def _adjusts(model: type[BaseModel], given: Mapping[str, Any], base: BaseModel) -> bool:
+    """Whether ``given`` names none of the plain fields ``base`` sets; a sub-config it
+    names with a mapping adjusts or replaces that one in turn."""
+    for key in set(given) & base.model_fields_set:
+        field = model.model_fields.get(key)
+        if field is None or _sub_model(field.annotation) is None:
+            return False
+        if not isinstance(given[key], Mapping):
+            return False
+    return True
+
+
 def build_config(stage: str, model: type[ModelT], *layers: Mapping[str, Any] | None) -> ModelT:
     """Merge the ``stage`` section of each layer (later wins) and validate it with ``model``.
 
@@ -140,6 +195,6 @@ def build_config(stage: str, model: type[ModelT], *layers: Mapping[str, Any] | N
             raise InputError(f"config section '{stage}' must be a mapping; found {section!r}")
         merged = deep_merge(merged, section)
     try:
-        return model.model_validate(merged)
+        return model.model_validate(with_defaults(model, merged))
     except ValidationError as err:
         raise InputError(describe_validation_error(stage, model, err)) from None

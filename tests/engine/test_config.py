@@ -76,3 +76,29 @@ def test_yaml_file_checks(tmp_path):
         load_yaml_file(listy)
     with pytest.raises(InputError, match="not found"):
         load_yaml_file(tmp_path / "missing.yaml")
+
+
+def test_a_partial_mapping_adjusts_a_default_sub_config_and_a_full_one_replaces_it():
+    from jobs import embed
+
+    def embed_cfg(section: dict):
+        return build_config("embed", embed.CONFIG, {"embed": section})
+
+    default = embed.CONFIG()
+    # A user's own workspace has no embed section: the README's GPU flags keep the encoder.
+    cfg = embed_cfg({"clip": {"max_actors": 8, "actor": {"num_gpus": 1}}})
+    assert cfg.clip.encoder == default.clip.encoder and cfg.clip.max_actors == 8
+    assert (cfg.clip.actor.num_cpus, cfg.clip.actor.num_gpus) == (0.5, 1)  # the default's 0.5
+    cfg = embed_cfg({"text": {"encoder": {"torch_threads": 2}}})
+    assert cfg.text.encoder.model == default.text.encoder.model
+    assert cfg.text.encoder.torch_threads == 2
+    # Naming the encoder's own fields is a new encoder: nothing of the default's leaks in.
+    tiny = {"kind": "open_clip", "model": "tiny-clip", "weights": "random"}
+    cfg = embed_cfg({"clip": {"encoder": tiny}})
+    assert cfg.clip.encoder.pretrained is None and default.clip.encoder.pretrained == "openai"
+    assert (
+        cfg.clip.encoder.fingerprint()
+        == embed.CONFIG.model_validate({"clip": {"encoder": tiny}}).clip.encoder.fingerprint()
+    )
+    with pytest.raises(InputError, match="kind"):
+        embed_cfg({"clip": {"encoder": {"model": "ViT-B-32", "device": "cpu"}}})
