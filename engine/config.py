@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from types import UnionType
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -129,6 +130,8 @@ def _sub_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model a field holds (``Model`` or ``Model | None``), else None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if get_origin(annotation) not in (Union, UnionType):  # dict[str, Model], list[Model]: no
+        return None
     models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
     return models[0] if len(models) == 1 else None
 
