@@ -195,6 +195,13 @@ def resources(cfg: ClusterConfig) -> dict[str, Resources]:
 # -- the driver ---------------------------------------------------------------------------
 
 
+def shard_runs(shards: list) -> list[list]:
+    """``shards`` in order, cut into runs of at most SHARDS_PER_CALL, a few runs per CPU of
+    the cluster: a 4k-row shard is read or assigned in less time than a task costs."""
+    per_task = max(1, min(SHARDS_PER_CALL, -(-len(shards) // (4 * cluster_cpus()))))
+    return [shards[i : i + per_task] for i in range(0, len(shards), per_task)]
+
+
 def check_inputs(cfg: ClusterConfig, ws: Workspace) -> list[EmbeddedSpace]:
     """The spaces, opened and checked to be sharded alike, before Ray starts."""
     if not cfg.name:
@@ -294,10 +301,7 @@ def _fit(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_dir
     for i, stem in enumerate(spaces[0].stems):
         files = {s.space: f"{s.dir}/{stem}.parquet" for s in spaces}
         jobs.append((stem, files, per_shard[i]))
-    # Runs of shards per task, as the assignment calls: a 4k-row shard is read in less
-    # time than a task costs. A few runs per CPU keep every core busy.
-    per_task = max(1, min(SHARDS_PER_CALL, -(-len(jobs) // (4 * cluster_cpus()))))
-    runs = [jobs[i : i + per_task] for i in range(0, len(jobs), per_task)]
+    runs = shard_runs(jobs)
     feature_refs = []
     shard_rows: dict[str, dict] = {}
 
@@ -415,9 +419,7 @@ def _assign(cfg: ClusterConfig, ws: Workspace, spaces: list[EmbeddedSpace], out_
     pending = [s for s in spaces[0].stems if s not in done]
     if not pending:
         return
-    # A few runs per CPU: at 4k-row shards a task costs more than assigning one shard.
-    per_task = max(1, min(SHARDS_PER_CALL, -(-len(pending) // (4 * cluster_cpus()))))
-    runs = [pending[i : i + per_task] for i in range(0, len(pending), per_task)]
+    runs = shard_runs(pending)
     centroids = ray.put(load_centroids(ws, f"{out_dir}/centroids.npy"))
     task = ray.remote(assign_shards).options(**ray_options(cfg.assign))
     space_dirs = {s.space: s.dir for s in spaces}
