@@ -177,10 +177,6 @@ class PoolClusters:
     def n(self) -> int:
         return int(self.labels.size)
 
-    def members(self, cluster: int) -> np.ndarray:
-        """int64 positions of ``cluster``'s rows."""
-        return self.order[self.offsets[cluster] : self.offsets[cluster + 1]]
-
     def unselected_counts(self, selected: np.ndarray) -> np.ndarray:
         """int64 (K,) rows left per cluster, given ``selected`` bool (n,)."""
         taken = np.bincount(self.labels[selected], minlength=self.k)
