@@ -116,18 +116,11 @@ class Coordinator:
         picked = self.state.warmup(positions)
         return self._commit(0, picked)
 
-    def report(
-        self,
-        round_index: int,
-        scores: list[float],
-        evaluated: list[int],
-        training: dict | None = None,
-    ) -> dict:
-        """Per-cluster scores (K,) after training on ``round_index`` (-1: before any),
-        with the round's training figures."""
-        self.state.report(
-            round_index, np.asarray(scores, np.float64), np.asarray(evaluated), training
-        )
+    def report(self, round_index: int, values: list[float], training: dict | None = None) -> dict:
+        """One value per row of ``eval_ids(round_index)``, in its order (NaN: not
+        scored), after training on ``round_index`` (-1: before any), with the round's
+        training figures."""
+        self.state.report(round_index, np.asarray(values, np.float64), training)
         self._persist()
         return self.status()
 
@@ -145,8 +138,12 @@ class Coordinator:
         }
 
     def eval_ids(self, round_index: int) -> list[str]:
-        """Ids to score after training on ``round_index`` (BASELINE: the warm-up's)."""
-        positions = self.state.eval_positions(max(round_index, 0))
+        """Ids of the probe rows to score after training on ``round_index`` (BASELINE:
+        the warm-up's); the probe sets grow on the first ask, which is persisted."""
+        grown = self.state.probes_built
+        positions = self.state.eval_positions(round_index)
+        if self.state.probes_built != grown:
+            self._persist()
         return self.ids.take(pa.array(positions)).to_pylist()
 
     def labels_of(self, ids: list[str]) -> list[int]:
@@ -163,7 +160,7 @@ class Coordinator:
             "spent": s.ledger.spent,
             "budget": s.ledger.budget,
             "left": s.ledger.left,
-            "revealed": int(sum(r.picks for r in s.records)),
+            "revealed": s.ledger.revealed,
             "finished": s.finished,
             "k": s.clusters.k,
             "pool": s.clusters.n,
@@ -194,6 +191,7 @@ class Coordinator:
         ids = self.ids.take(pa.array(positions))
         if self.ws.fs.get_file_info(path).type.name == "NotFound":
             self._reveal(path, positions, ids)
+            self.state.ledger.reveal(positions)
         else:
             written = pads.dataset(path, filesystem=self.ws.fs).to_table(columns=["id"])
             if set(written.column("id").to_pylist()) != set(ids.to_pylist()):
@@ -201,6 +199,8 @@ class Coordinator:
                     f"{path} holds other rows than round {round_index} draws now: the run's "
                     "workspace was changed under it; start a new run"
                 )
+            # written before a crash that lost the checkpoint: the answers are out
+            self.state.ledger.reveal(positions)
         self._persist()
         return {"round": round_index, "rows": len(ids), "path": path, **self.status()}
 

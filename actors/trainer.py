@@ -200,15 +200,15 @@ class RoundTrainer:
         }
 
     def score(self, t: int, training: dict | None) -> float:
-        """Score this worker's equal share of round t's evaluation rows; rank 0 reports
-        the per-cluster means (and ``training``, the round's figures, its loss averaged
-        over the ranks) to the coordinator, and every rank waits until it has. Returns
+        """Score this worker's equal share of round t's probe rows; rank 0 reports every
+        row's value, in the coordinator's order (and ``training``, the round's figures,
+        its loss averaged over the ranks), and every rank waits until it has. Returns
         the mean score over all rows."""
         import torch.distributed as dist
 
         every = ray.get(self.coordinator.eval_ids.remote(t))
         ids, real = balanced_share(every, self.rank, self.world)
-        pairs: list[tuple[int, float]] = []
+        mine = np.full(real, np.nan)
         if ids:  # every rank has ids, or none has: the forwards stay in lockstep
             # The round files so far, named: never a file the coordinator is writing.
             files = [round_file(self.plan.run_dir, r) for r in range(max(t, 0) + 1)]
@@ -216,30 +216,20 @@ class RoundTrainer:
             wanted = dataset.to_table(filter=pc.field("id").isin(sorted(set(ids))))
             found = _examples(wanted, self.ws, self.pool)
             by_id = {ex["id"]: ex for ex in found}
-            examples = [by_id[i] for i in ids]
-            values = self._values(examples)
-            pairs = [
-                (ex["cluster"], float(v))
-                for ex, v in zip(examples[:real], values[:real], strict=True)
-            ]
+            mine = np.asarray(self._values([by_id[i] for i in ids]), np.float64)[:real]
         loss = training["train_loss"] if training else float("nan")
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, (pairs, loss))
-        everything = [p for part, _ in gathered for p in part if np.isfinite(p[1])]
+        dist.all_gather_object(gathered, (mine, loss))
+        values = np.full(len(every), np.nan)
+        for rank, (part, _) in enumerate(gathered):
+            values[rank :: self.world] = part  # balanced_share's every world-th row
         if self.rank == 0:
-            k = self.plan.k
-            clusters = np.array([c for c, _ in everything], np.int64)
-            values = np.array([v for _, v in everything], np.float64)
-            evaluated = np.bincount(clusters, minlength=k)
-            sums = np.bincount(clusters, weights=values, minlength=k)
-            scores = np.where(evaluated > 0, sums / np.maximum(evaluated, 1), np.nan)
             if training is not None:
                 training = {**training, "train_loss": float(np.mean([lo for _, lo in gathered]))}
-            ray.get(
-                self.coordinator.report.remote(t, scores.tolist(), evaluated.tolist(), training)
-            )
+            ray.get(self.coordinator.report.remote(t, values.tolist(), training))
         dist.barrier()  # round t is reported before any rank asks for round t + 1
-        return float(np.mean([v for _, v in everything])) if everything else float("nan")
+        finite = values[np.isfinite(values)]
+        return float(finite.mean()) if finite.size else float("nan")
 
     def _values(self, examples: list[dict]) -> np.ndarray:
         """Per-example scores by the run's metric: the loss over every assistant turn, or

@@ -46,17 +46,18 @@ def run(pool: int, k: int, seed: int) -> dict:
     skill = rng.uniform(0.2, 0.8, k)
     timings = {"report": [], "next_round": [], "eval_positions": [], "checkpoint": []}
 
-    def scores(t: int) -> tuple[np.ndarray, np.ndarray]:
-        evaluated = np.bincount(labels[state.eval_positions(max(t, 0))], minlength=k)
+    def scores(t: int) -> np.ndarray:
+        """Right (1) or wrong (0) per probe row, at its cluster's accuracy."""
+        rows = state.eval_positions(t)
         acc = np.clip(skill + 0.02 * (t + 1) * rng.standard_normal(k), 0, 1)
-        return np.where(evaluated > 0, acc, np.nan), evaluated
+        return (rng.random(rows.size) < acc[labels[rows]]).astype(np.float64)
 
-    state.report(BASELINE, *scores(BASELINE))
+    state.report(BASELINE, scores(BASELINE))
     t = 0
     while not state.finished:
-        s, n = scores(t)
+        values = scores(t)
         a = time.perf_counter()
-        state.report(t, s, n)
+        state.report(t, values)
         b = time.perf_counter()
         picks = state.next_round(t + 1)
         c = time.perf_counter()

@@ -4,9 +4,10 @@ Plain Python and numpy, so that it is tested without Ray; ``actors.coordinator``
 one of these, persists it after every round and exports its counters.
 
 Rounds are numbered from 0 (the warm-up). After training on round t the trainer
-reports per-cluster scores ``scores[t]``; round t + 1 is drawn from Δk between
-``scores[t]`` and ``scores[t - gap]`` (``engine.progress``). Before the warm-up trains,
-the trainer reports the base model's scores as ``scores[-1]`` ("baseline"), so the
+scores the round's probe rows (``eval_positions(t)``: fixed per-cluster probe sets,
+``engine.probes``) and reports one value per row; round t + 1 is drawn from Δk between
+those values and the same rows' values ``gap`` rounds earlier. Before the warm-up
+trains, the trainer reports the base model's values as round -1 ("baseline"), so the
 first selection round already has a Δk.
 
 Every call is idempotent by round number: asking again for round t returns the rows
@@ -22,11 +23,20 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.progress import Ledger, Metric, PoolClusters, relative_progress, select_round
+from engine.probes import (
+    NOT_PROBED,
+    cluster_means,
+    cluster_progress,
+    grow_probes,
+    probe_positions,
+    standardise,
+)
+from engine.progress import Ledger, Metric, PoolClusters, select_round
 
 BASELINE = -1  # the scores of the model before any training (reported for "round -1")
 
@@ -39,13 +49,33 @@ class SelectionRule(BaseModel):
     metric: Metric = Field(
         "accuracy", description="Cluster score: greedy-answer accuracy, or mean per-token loss."
     )
-    temperature: float = Field(1.0, gt=0, description="τ of softmax(Δk / τ) (paper 1.0).")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="τ of softmax(Δk / τ); with scale 'std' in units of Δk's spread over "
+        "the clusters, so one τ means the same for both metrics (paper 1.0 on raw Δk).",
+    )
+    scale: Literal["std", "none"] = Field(
+        "std",
+        description="Δk before the softmax: 'std' divides it by its standard deviation over "
+        "the clusters; 'none' is the paper's raw Δk (accuracy's counts make the softmax "
+        "nearly an argmax, loss's fractions nearly uniform).",
+    )
+    prior: float = Field(
+        1.0,
+        ge=0,
+        description="a of the Beta(a, a) prior on a cluster's accuracy: (correct + a) / "
+        "(n + 2a); 0 is the raw share. Unused with metric loss.",
+    )
     explore: float = Field(
         0.1, ge=0, le=1, description="δ: share of a round drawn uniformly from the other clusters."
     )
     gap: int = Field(1, ge=1, description="γ: Δk compares scores this many rounds apart.")
     eval_per_cluster: int = Field(
-        100, ge=1, description="Selected rows scored per cluster each round: min(n_k, this)."
+        100,
+        ge=1,
+        description="Rows of a cluster's fixed probe set, scored every round: min(selected "
+        "rows before the round, this); a row that joins it stays.",
     )
 
 
@@ -98,7 +128,12 @@ class CoordinatorState:
         self.settings = settings
         self.clusters = clusters
         self.ledger = Ledger(clusters.n, settings.budget)
-        self.scores: dict[int, np.ndarray] = {}  # round -> float64 (K,), NaN = not scored
+        self.probe_round = np.full(clusters.n, NOT_PROBED, np.int32)  # engine.probes
+        self.probes_built = NOT_PROBED  # the last round whose probe set is grown
+        # round -> float64 (m,), the values of probe_positions(round), NaN = not scored;
+        # only the rounds a Δk still needs are kept (and checkpointed)
+        self.row_values: dict[int, np.ndarray] = {}
+        self.scores: dict[int, np.ndarray] = {}  # round -> float64 (K,) mean, NaN = none
         self.evaluated: dict[int, np.ndarray] = {}  # round -> int64 (K,) rows behind a score
         self.records: list[RoundRecord] = []
         self.training: dict[int, dict] = {}  # round -> the trainer's figures for it
@@ -123,37 +158,58 @@ class CoordinatorState:
         self._record(0, "warmup", positions, np.full(self.clusters.k, np.nan), None, 0)
         return self.ledger.rows_of_round(0)
 
-    def report(
-        self,
-        round_index: int,
-        scores: np.ndarray,
-        evaluated: np.ndarray,
-        training: dict | None = None,
-    ) -> None:
-        """Scores float (K,) (NaN = not scored) after training on ``round_index`` rows
-        (``BASELINE`` before any training); ``evaluated`` int (K,) rows behind each;
-        ``training`` the trainer's figures of the round (JSON values), kept with it."""
+    def report(self, round_index: int, values: np.ndarray, training: dict | None = None) -> None:
+        """The values float (m,) of ``eval_positions(round_index)``'s rows, in its order
+        (NaN = not scored), after training on ``round_index`` (``BASELINE`` before any
+        training); ``training`` the trainer's figures of the round (JSON values)."""
         if not BASELINE <= round_index < max(self.rounds, 1):
             raise ValueError(
                 f"scores for round {round_index}, but rounds 0..{self.rounds - 1} were handed out"
             )
-        scores = np.asarray(scores, np.float64)
-        if scores.shape != (self.clusters.k,):
-            raise ValueError(f"scores of shape {scores.shape}, expected ({self.clusters.k},)")
-        self.scores[round_index] = scores
-        self.evaluated[round_index] = np.asarray(evaluated, np.int64)
+        if round_index > self.probes_built:
+            raise ValueError(
+                f"scores for round {round_index} before its probe rows were handed out: "
+                "ask eval_positions first"
+            )
+        positions = probe_positions(self.probe_round, round_index)
+        values = np.asarray(values, np.float64)
+        if values.shape != positions.shape:
+            raise ValueError(
+                f"{values.size} values for round {round_index}'s {positions.size} probe rows"
+            )
+        self.row_values[round_index] = values
+        labels = self.clusters.labels[positions]
+        self.scores[round_index], self.evaluated[round_index] = cluster_means(
+            labels, values, self.clusters.k
+        )
         if training is not None:
             self.training[round_index] = dict(training)
+        oldest = round_index - self.settings.rule.gap  # what the next Δk compares with
+        for r in [r for r in self.row_values if r < oldest]:
+            del self.row_values[r]
 
     def delta(self, round_index: int) -> np.ndarray:
-        """Δk float64 (K,) from the scores after ``round_index`` and ``gap`` rounds earlier
-        (the baseline counts as round -1); all NaN when either is missing."""
+        """Δk float64 (K,) on the probe rows scored both after ``round_index`` and ``gap``
+        rounds earlier (the baseline counts as round -1); all NaN when either is missing."""
         now, then = round_index, round_index - self.settings.rule.gap
-        if now not in self.scores or then not in self.scores:
+        if now not in self.row_values or then not in self.row_values:
             return np.full(self.clusters.k, np.nan)
-        return relative_progress(
-            self.scores[now], self.scores[then], self.evaluated[now], self.settings.rule.metric
+        pos_now = probe_positions(self.probe_round, now)
+        pos_then = probe_positions(self.probe_round, then)
+        # a probe set only grows: the earlier set is a subset of the later
+        at = np.searchsorted(pos_now, pos_then)
+        v_now, v_then = self.row_values[now][at], self.row_values[then]
+        both = np.isfinite(v_now) & np.isfinite(v_then)
+        rule = self.settings.rule
+        delta, _ = cluster_progress(
+            self.clusters.labels[pos_then[both]],
+            v_now[both],
+            v_then[both],
+            self.clusters.k,
+            rule.metric,
+            rule.prior,
         )
+        return delta
 
     def next_round(self, round_index: int) -> np.ndarray:
         """The rows of round ``round_index``: drawn now if new, else the rows drawn before
@@ -179,7 +235,7 @@ class CoordinatorState:
         positions, plan = select_round(
             self.ledger,
             self.clusters,
-            delta,
+            standardise(delta) if s.rule.scale == "std" else delta,
             s.round_size,
             s.rule.temperature,
             s.rule.explore,
@@ -190,13 +246,23 @@ class CoordinatorState:
         return self.ledger.rows_of_round(round_index)
 
     def eval_positions(self, round_index: int) -> np.ndarray:
-        """Selected rows to score after training on ``round_index``: per cluster, a seeded
-        random min(n_k, eval_per_cluster) of its selected rows; int64, ascending."""
-        round_of = self.ledger.round_of
-        scored = (round_of >= 0) & (round_of <= round_index)
-        rng = np.random.default_rng([self.settings.seed, round_index, 1])
-        cap = np.full(self.clusters.k, self.settings.rule.eval_per_cluster)
-        return self.clusters.sample_where(scored, cap, rng)
+        """The probe rows to score after training on ``round_index`` (``BASELINE``: the
+        warm-up's, as round 0's): the fixed per-cluster probe sets, topped up now with
+        rows of earlier rounds if this round's are not grown yet; int64, ascending."""
+        round_index = max(round_index, 0)
+        if round_index > self.probes_built:
+            if round_index >= self.rounds:
+                raise ValueError(
+                    f"probe rows after round {round_index} asked, but rounds "
+                    f"0..{self.rounds - 1} were handed out"
+                )
+            rng = np.random.default_rng([self.settings.seed, round_index, 1])
+            cap = self.settings.rule.eval_per_cluster
+            grow_probes(
+                self.probe_round, self.clusters, self.ledger.round_of, round_index, cap, rng
+            )
+            self.probes_built = round_index
+        return probe_positions(self.probe_round, round_index)
 
     def _record(self, round_index, kind, positions, delta, probabilities, explore) -> None:
         per_cluster = np.bincount(self.clusters.labels[positions], minlength=self.clusters.k)
@@ -229,8 +295,15 @@ class CoordinatorState:
             "records": [r.to_json() for r in self.records],
             "training": {str(r): m for r, m in sorted(self.training.items())},
         }
+        values = sorted(self.row_values)
+        header["probes_built"] = self.probes_built
+        header["value_rounds"] = values
         arrays = {
             **self.ledger.state(),
+            "probe_round": self.probe_round,
+            "row_values": (
+                np.concatenate([self.row_values[r] for r in values]) if values else np.zeros(0)
+            ),
             "scores": np.stack([self.scores[r] for r in rounds]) if rounds else np.zeros((0, 0)),
             "evaluated": (
                 np.stack([self.evaluated[r] for r in rounds]) if rounds else np.zeros((0, 0))
@@ -257,6 +330,13 @@ class CoordinatorState:
         for i, r in enumerate(header["score_rounds"]):
             state.scores[r] = arrays["scores"][i]
             state.evaluated[r] = arrays["evaluated"][i]
+        if "probe_round" in arrays:
+            state.probe_round = arrays["probe_round"].astype(np.int32)
+            state.probes_built = int(header["probes_built"])
+            flat, at = arrays["row_values"], 0
+            for r in header["value_rounds"]:
+                m = probe_positions(state.probe_round, r).size
+                state.row_values[r], at = flat[at : at + m], at + m
         state.records = [RoundRecord(**r) for r in header["records"]]
         state.training = {int(r): m for r, m in header.get("training", {}).items()}
         return state

@@ -6,8 +6,9 @@ records from a list of dicts (O(N*M), minutes at 665K); here a round at a millio
 and K=5000 costs milliseconds (``benchmarks/progress_round.py``).
 
 A round, as the paper and its code do it, with the reference's two slips fixed:
-    1. Δk per cluster from its score now and ``gap`` rounds ago (``relative_progress``):
-       accuracy rises, loss drops (the reference rewards a rising loss);
+    1. Δk per cluster from its probe rows' scores now and ``gap`` rounds ago
+       (``engine.probes``: fixed probe sets, the same rows compared): accuracy rises,
+       loss drops (the reference rewards a rising loss);
     2. among clusters with Δk > 0 and unselected rows left, p = softmax(Δk / τ);
        ``1 - explore`` of the round's picks are apportioned by p, capped by what each
        cluster has left, and the shortfall of a full cluster is spread over the others
@@ -66,34 +67,6 @@ def balanced_share(items: list, rank: int, world: int) -> tuple[list, int]:
     per = -(-len(items) // world)
     fill = [items[i % len(items)] for i in range(per - len(own))] if items else []
     return own + fill, len(own)
-
-
-def relative_progress(
-    current: np.ndarray,
-    previous: np.ndarray,
-    evaluated: np.ndarray,
-    metric: Metric,
-    eps: float = 1e-8,
-) -> np.ndarray:
-    """Δk per cluster, float64 (K,); NaN where either score is missing.
-
-    Args:
-        current, previous: float (K,) scores now and ``gap`` rounds ago, NaN = not scored
-            (a cluster with no selected rows yet has no score).
-        evaluated: int (K,) rows behind each current score (n_k).
-        metric: ``accuracy``: Δk = (s_t - s_{t-γ}) / s_{t-γ}, with 1/n_k in place of a
-            previous accuracy of 0 (the reference's floor: one more right answer in n_k
-            is the smallest rise it can see); ``loss``: Δk = (s_{t-γ} - s_t) /
-            (s_{t-γ} + eps), the relative *drop*.
-    """
-    current = np.asarray(current, np.float64)
-    previous = np.asarray(previous, np.float64)
-    if metric == "accuracy":
-        floor = 1.0 / np.maximum(np.asarray(evaluated, np.float64), 1.0)
-        return (current - previous) / np.maximum(previous, floor)
-    if metric == "loss":
-        return (previous - current) / (previous + eps)
-    raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
 
 
 def progress_probabilities(delta: np.ndarray, eligible: np.ndarray, tau: float) -> np.ndarray:
@@ -303,9 +276,12 @@ class BudgetExceeded(ValueError):
 class Ledger:
     """The annotation budget: which pool positions are selected, in what round.
 
-    selected: bool (n,); round_of: int32 (n,) the round that selected a row, -1 = not.
-    Every selected row's answer is revealed exactly once (when it is selected), so the
-    spend is the count of selected rows; ``take`` refuses anything that would break it.
+    selected: bool (n,); round_of: int32 (n,) the round that selected a row, -1 = not;
+    answered: bool (n,) rows whose answers were read from the pool (``reveal``).
+    The spend is the count of selected rows; ``take`` refuses anything that would break
+    the budget, ``reveal`` refuses an answer of a row that is not selected. ``revealed``
+    counts what was read, apart from what was picked: a run whose reveals and picks
+    differ lost or leaked answers.
     """
 
     def __init__(self, n: int, budget: int):
@@ -313,6 +289,22 @@ class Ledger:
             raise ValueError(f"budget must be in 1..{n} (the pool), got {budget}")
         self.n, self.budget = int(n), int(budget)
         self.round_of = np.full(self.n, -1, np.int32)
+        self.answered = np.zeros(self.n, bool)
+
+    @property
+    def revealed(self) -> int:
+        return int(np.count_nonzero(self.answered))
+
+    def reveal(self, positions: np.ndarray) -> None:
+        """Record that the answers of ``positions`` int (m,) were read (again: no-op)."""
+        positions = np.asarray(positions, np.int64)
+        unpaid = positions[~self.selected[positions]]
+        if unpaid.size:
+            raise BudgetExceeded(
+                f"answers of {unpaid.size} rows that are not selected were asked "
+                f"(e.g. position {int(unpaid[0])}): they are not paid for by the budget"
+            )
+        self.answered[positions] = True
 
     @property
     def selected(self) -> np.ndarray:
@@ -352,7 +344,11 @@ class Ledger:
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to checkpoint (``np.savez``; no pickle)."""
-        return {"round_of": self.round_of, "budget": np.array([self.budget], np.int64)}
+        return {
+            "round_of": self.round_of,
+            "answered": self.answered,
+            "budget": np.array([self.budget], np.int64),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> Ledger:
@@ -361,6 +357,10 @@ class Ledger:
         if int(np.count_nonzero(round_of >= 0)) > ledger.budget:
             raise ValueError("checkpoint spends more than its budget: refusing it")
         ledger.round_of = round_of.copy()
+        if "answered" in state:  # checkpoints before the counter: as many as picked
+            ledger.answered = np.asarray(state["answered"], bool).copy()
+        else:
+            ledger.answered = ledger.selected.copy()
         return ledger
 
 

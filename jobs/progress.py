@@ -19,9 +19,10 @@ What it does:
        in bf16/fp16/fp32 over PEFT LoRA on transformers' LLaVA, the projector trained
        fully with its own lr, one cosine schedule over the whole budget; round by round
        it trains on the coordinator's selection (whole conversations, the loss on the
-       assistant's tokens), scores min(n_k, 100) selected rows per cluster (the loss
-       over every assistant turn, or the first turn's greedy answer judged by normalized
-       match), reports them and checkpoints the trainable weights (``checkpoints_to_keep``
+       assistant's tokens), scores each cluster's fixed probe set (up to 100 rows
+       selected in earlier rounds, never the round just trained on: engine.probes) by
+       the loss over every assistant turn, or the first turn's greedy answer judged by
+       normalized match, reports them and checkpoints the trainable weights (``checkpoints_to_keep``
        kept); failed workers restart from the last checkpoint (``max_failures``), and a
        new job of the same name resumes from it;
     5. writes ``selected.json`` (LLaVA format), ``ids.txt``, plots (Δk per cluster over

@@ -15,26 +15,11 @@ from engine.progress import (
     apportion,
     plan_round,
     progress_probabilities,
-    relative_progress,
     round_rows,
     rows_of,
     sample_segments,
     select_round,
 )
-
-
-def test_relative_progress_accuracy_loss_and_the_zero_floor():
-    current = np.array([0.6, 0.5, 0.2, np.nan, 0.3])
-    previous = np.array([0.4, 0.5, 0.0, 0.5, np.nan])
-    evaluated = np.array([10, 10, 20, 10, 10])
-    acc = relative_progress(current, previous, evaluated, "accuracy")
-    np.testing.assert_allclose(acc[:3], [0.5, 0.0, (0.2 - 0.0) / (1 / 20)])
-    assert np.isnan(acc[3]) and np.isnan(acc[4])
-    # A falling loss is progress; a rising loss (the reference code's reward) is not.
-    loss = relative_progress(np.array([1.5, 2.5]), np.array([2.0, 2.0]), np.ones(2), "loss")
-    np.testing.assert_allclose(loss, [0.25, -0.25], rtol=1e-6)
-    with pytest.raises(ValueError, match="metric"):
-        relative_progress(current, previous, evaluated, "f1")
 
 
 def test_probabilities_are_a_softmax_over_positive_eligible_clusters():
@@ -194,3 +179,16 @@ def test_sizes_are_fractions_or_counts_and_rounds_cover_the_budget():
         round_rows(133_000, 59_850, 7500)[-1] == 5650
         and sum(round_rows(133_000, 59_850, 7500)) == 133_000
     )
+
+
+def test_the_ledger_counts_reveals_apart_from_picks_and_refuses_unpaid_answers():
+    ledger = Ledger(10, 5)
+    ledger.take(np.array([1, 2, 3]), 0)
+    assert ledger.spent == 3 and ledger.revealed == 0  # picked, not yet read
+    ledger.reveal(np.array([1, 2]))
+    ledger.reveal(np.array([2, 3]))  # a second read of row 2 is no new answer
+    assert ledger.revealed == 3
+    with pytest.raises(BudgetExceeded, match="not selected"):
+        ledger.reveal(np.array([3, 7]))
+    restored = Ledger.from_state(ledger.state())
+    assert restored.revealed == 3 and (restored.answered == ledger.answered).all()
