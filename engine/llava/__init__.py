@@ -1,7 +1,7 @@
 """LLaVA models: the one loader of Hugging Face LLaVA checkpoints with their processors
 (the tiny world base is one, trained once per world and committed in the workspace),
 whole conversations through the checkpoint's chat template, the shared training step,
-scores (per-sample loss, greedy answers + match), LoRA fine-tuning, and the GPU memory
+scores (per-sample loss, EL2N, greedy answers + match), LoRA fine-tuning, and the GPU memory
 plan of a fine-tune."""
 
 from engine.llava.cache import (
@@ -29,7 +29,9 @@ from engine.llava.evaluate import (
     generate_answers,
     is_match,
     normalize_answer,
+    per_sample_el2n,
     per_sample_loss,
+    sample_el2n,
     sample_losses,
 )
 from engine.llava.finetune import finetune, param_groups, prepare_for_finetune
@@ -74,8 +76,10 @@ __all__ = [
     "model_inputs",
     "normalize_answer",
     "param_groups",
+    "per_sample_el2n",
     "per_sample_loss",
     "prepare_for_finetune",
+    "sample_el2n",
     "sample_losses",
     "tokenizer_of",
     "torch_stepper",

@@ -1,5 +1,6 @@
 """Scores of a model on samples: mean per-token loss per sample, and greedy answers
-judged by normalized match. These are what PROGRESS scores its clusters with."""
+judged by normalized match. These are what PROGRESS scores its clusters with. EL2N
+(mean error-vector norm per answer token) is the static baseline of PROGRESS's table."""
 
 from __future__ import annotations
 
@@ -52,10 +53,7 @@ def per_sample_loss(model, batch: Mapping[str, Any]):
 
     model.eval()
     with torch.no_grad():
-        inputs = model_inputs(batch, model)
-        labels = inputs.pop("labels")
-        logits = model(**inputs).logits.float()  # (B, L, V)
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        shift_logits, shift_labels = _shifted_logits(model, batch)
         nll = torch.nn.functional.cross_entropy(
             shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
         )  # (B, L-1), 0 where ignored
@@ -63,6 +61,49 @@ def per_sample_loss(model, batch: Mapping[str, Any]):
         loss = nll.sum(1) / counts.clamp(min=1)
         loss[counts == 0] = float("nan")
     return loss.cpu()
+
+
+def _shifted_logits(model, batch: Mapping[str, Any]):
+    """Logits at position t paired with the label of token t + 1 (what t predicts):
+    float32 torch (B, L-1, V) and int64 (B, L-1), on the model's device. Call under
+    no_grad."""
+    inputs = model_inputs(batch, model)
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits.float()  # (B, L, V)
+    return logits[:, :-1], labels[:, 1:]
+
+
+def per_sample_el2n(model, batch: Mapping[str, Any]):
+    """EL2N per sample: the mean over its answer tokens of ||softmax(logits) - onehot||_2,
+    float32 torch (B,) on CPU, each in [0, sqrt(2)].
+
+    Paul et al. 2021 score an example by how far the model's prediction is from its
+    target; per token here, averaged over the tokens the loss trains (labels != IGNORE),
+    so the score does not grow with the answer's length. Only the supervised positions'
+    probabilities are formed, (n_answer_tokens, V). ``batch`` from ``collate`` with
+    answers; a sample with no answer token gets NaN. No gradients; the model's
+    train/eval mode is restored.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shift_logits, shift_labels = _shifted_logits(model, batch)
+            mask = shift_labels != IGNORE  # (B, L-1)
+            rows = mask.nonzero()[:, 0]  # (N,) the sample of each answer token
+            err = torch.softmax(shift_logits[mask], dim=-1)  # (N, V)
+            target = shift_labels[mask]  # (N,)
+            err[torch.arange(len(target), device=err.device), target] -= 1.0
+            norms = torch.linalg.vector_norm(err, dim=-1)  # (N,)
+            counts = mask.sum(1)
+            total = torch.zeros(len(counts), device=norms.device).index_add_(0, rows, norms)
+            el2n = total / counts.clamp(min=1)
+            el2n[counts == 0] = float("nan")
+    finally:
+        model.train(was_training)
+    return el2n.cpu()
 
 
 def generate_answers(
@@ -134,6 +175,24 @@ def sample_losses(
         for chunk in _batches(examples, batch_size)
     ]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def sample_el2n(
+    model,
+    processor,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    max_length: int,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """EL2N of each example over every assistant turn (``per_sample_el2n``): float64 (n,)
+    in [0, sqrt(2)], NaN where no answer token is left after max_length. A low score is
+    an example the model already gets right; the data-diet ranking keeps the high ones."""
+    out = [
+        per_sample_el2n(model, collate(chunk, processor, max_length=max_length)).numpy()
+        for chunk in _batches(examples, batch_size)
+    ]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0, np.float64)
 
 
 def answer_correct(
