@@ -6,16 +6,32 @@ predicts from how the two neighbour lists rank each other which space the benchm
 leans on. The paper's exact formula is not public; this module defines one, precisely.
 
 Per benchmark sample i, with its concept list C_i and skill list S_i (pool rows, best
-first, each ``depth`` long, scores float32):
+first, each ``depth`` long, scores float32), the competition rank of a pool row x
+within a list L is
 
-    R_c|s(i) = the competition rank of S_i[0] (the top-1 skill neighbour) within C_i:
-               1 + #{x in C_i : score_c(x) > score_c(S_i[0]) + tol}
-    R_s|c(i) = symmetrically, the rank of C_i[0] within S_i.
+    rank_L(x) = 1 + #{y in L : score_L(y) > score_L(x) + tol}     (x in L)
+              = depth_L + 1, censored                            (x not in L)
 
-A rank counts only strictly better items, so a tie group shares its best rank (skill
-descriptions repeat word for word, and equal texts have equal vectors). An item absent
-from the other list ranks deeper than the list: it is *censored* at ``depth_i + 1``
-(``depth_i`` = the list's real entries), and flagged. Both ranks are >= 1.
+(``rank_within``; ``depth_L`` = the list's real entries). A rank counts only strictly
+better items, so a tie group shares its best rank.
+
+The "top-1" of a list is not one row but its whole top tie group,
+
+    T_s(i) = {x in S_i : max_S_i score_s <= score_s(x) + tol},   n_s(i) = |T_s(i)|,
+
+because skill descriptions repeat word for word (64 distinct texts for 2,000 pool
+rows in the shapes world), equal texts have equal vectors, and the best skill score
+is then shared by dozens of rows; which of them the index lists first is an accident
+of storage order (on a real pool, of the source order). So
+
+    R_c|s(i) = exp( (1 / n_s) * sum_{x in T_s(i)} log rank_C_i(x) ),
+
+the geometric mean of the group's ranks in the concept list (its log is the expected
+log-rank of the top-1 under a uniformly random tie-break among the tied top rows), a
+float >= 1 that does not change when tied rows are reordered. It is *censored* (a lower bound) when any member is
+absent from C_i; an empty S_i gives depth_c + 1, censored, n_s = 0. R_s|c(i)
+symmetrically, from the top group T_c(i) of C_i (n_c members) ranked within S_i.
+Without ties (n = 1) both are the integer rank of the single top row, exactly.
 
 The aggregate over the benchmark is the median of the log-ranks,
 ``m_cs = median log R_c|s`` and ``m_sc = median log R_s|c``, and
@@ -60,10 +76,17 @@ Space = str  # "concept" | "skill"
 class CrossRanks:
     """Per-sample cross-ranks of one set of queries.
 
-    r_cs: int64 (q,), R_c|s (>= 1; depth_c + 1 where censored).
-    r_sc: int64 (q,), R_s|c.
-    censored_cs / censored_sc: bool (q,), the rank is a lower bound (not in the list).
+    Ranks are floats because a tied top group contributes the geometric mean of its
+    members' ranks (module docstring); ``ties_*`` keep how many rows that mean is over,
+    so a rank averaged over dozens of interchangeable rows can be told from one row's.
+
+    r_cs: float64 (q,), R_c|s (>= 1; depth_c + 1 where no skill neighbour exists).
+    r_sc: float64 (q,), R_s|c.
+    censored_cs / censored_sc: bool (q,), a member of the top group is not in the
+        other list: the rank is a lower bound.
     depth_c / depth_s: int64 (q,), real entries of each sample's list.
+    ties_s: int64 (q,), members of the skill list's top group (what R_c|s averages).
+    ties_c: int64 (q,), members of the concept list's top group (what R_s|c averages).
     """
 
     r_cs: np.ndarray
@@ -72,13 +95,17 @@ class CrossRanks:
     censored_sc: np.ndarray
     depth_c: np.ndarray
     depth_s: np.ndarray
+    ties_c: np.ndarray
+    ties_s: np.ndarray
 
     def __len__(self) -> int:
         return len(self.r_cs)
 
     def aggregate(self) -> dict:
-        """Medians of log-ranks, Δ, censored shares and median ranks (JSON-ready)."""
-        return aggregate(self.r_cs, self.r_sc, self.censored_cs, self.censored_sc)
+        """Medians of log-ranks, Δ, censored shares, median ranks, tie-group sizes
+        (JSON-ready)."""
+        return aggregate(self.r_cs, self.r_sc, self.censored_cs, self.censored_sc,
+                         self.ties_c, self.ties_s)  # fmt: skip
 
 
 def absent(ids: np.ndarray) -> np.ndarray:
@@ -90,6 +117,138 @@ def absent(ids: np.ndarray) -> np.ndarray:
 def _valid(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """bool (q, k): entries that hold a result (a row, a finite score)."""
     return ~absent(ids) & np.isfinite(scores)
+
+
+def searchsorted_groups(
+    group: np.ndarray, a: np.ndarray, at_group: np.ndarray, v: np.ndarray, side: str = "left"
+) -> np.ndarray:
+    """``np.searchsorted`` of each ``v[j]`` within the group ``at_group[j]`` of ``a``, for
+    all j in one call.
+
+    NumPy has no batched searchsorted, and a loop per list is what 10k queries cannot
+    afford. Each value is replaced by its index among the distinct values, so
+    ``group * width + index`` is one sorted int64 key over all the groups and one
+    ``np.searchsorted`` answers every query exactly (no float offsets to lose bits).
+
+    Args:
+        group: int64 (m,), non-decreasing: each group's entries are contiguous.
+        a: float (m,), ascending within each group (±inf allowed, no NaN).
+        at_group: int64 (n,), the group each value is searched in.
+        v: float (n,), the values.
+        side: "left" (before entries == v) or "right" (after them).
+    Returns:
+        int64 (n,): positions in ``a`` (global): the group's first entry not before
+        ``v[j]``, or the next group's first entry (``m`` after the last group).
+    """
+    a = np.asarray(a, np.float64)
+    distinct = np.unique(a)
+    width = len(distinct) + 1  # > every index searchsorted can give: groups never overlap
+    keys = np.asarray(group, np.int64) * width + np.searchsorted(distinct, a)
+    at = np.searchsorted(distinct, np.asarray(v, np.float64), side=side)
+    return np.searchsorted(keys, np.asarray(at_group, np.int64) * width + at, side="left")
+
+
+def _codes(ids: np.ndarray, valid: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """int64, ``ids``' shape: each entry's index in the sorted ``wanted``, -1 if it is
+    none of them (or not valid). Pool rows no larger than a few times the entries go
+    through a lookup table (one pass); other ids (strings, a huge pool) are searched."""
+    if ids.dtype.kind in "iu" and wanted.dtype.kind in "iu" and wanted[0] >= 0:
+        top = int(max(ids.max(initial=0), wanted[-1]))
+        if top < 4 * max(ids.size, 1 << 16):
+            table = np.full(top + 1, -1, np.int64)
+            table[wanted] = np.arange(len(wanted))
+            return np.where(valid, table[np.maximum(ids, 0)], -1)
+    filled = np.where(valid, ids, wanted[0])  # None would not compare; masked out below
+    code = np.minimum(np.searchsorted(wanted, filled), len(wanted) - 1)
+    return np.where(valid & (wanted[code] == filled), code, -1)
+
+
+def _positions(ids: np.ndarray, valid: np.ndarray, row: np.ndarray, target: np.ndarray):
+    """Where ``target[j]`` sits in the list ``ids[row[j]]``: int64 (n,), -1 if absent.
+
+    A join through the (few) distinct targets: every list entry is looked up among
+    them, and only the entries that match are sorted, so a (q, k) of 10M entries is
+    scanned once, not sorted, and no (n, k) comparison is built (a top group can hold
+    hundreds of tied rows). A row listed twice is found at its first place, as
+    ``rank_within`` always did.
+    """
+    out = np.full(len(target), -1, np.int64)
+    present = ~absent(target)
+    wanted = np.unique(target[present])
+    if wanted.size == 0 or ids.size == 0:
+        return out
+    code = _codes(ids, valid, wanted)
+    r, c = np.nonzero(code >= 0)
+    have = r.astype(np.int64) * len(wanted) + code[r, c]
+    order = np.lexsort((c, have))  # equal keys: the first place first
+    have, c = have[order], c[order]
+    want = np.asarray(row, np.int64)[present] * len(wanted) + np.searchsorted(
+        wanted, target[present]
+    )
+    if len(have):
+        at = np.minimum(np.searchsorted(have, want), len(have) - 1)
+        hit = have[at] == want
+        out[np.flatnonzero(present)[hit]] = c[at[hit]]
+    return out
+
+
+def _better(desc: np.ndarray, row: np.ndarray, col: np.ndarray, tol: float) -> np.ndarray:
+    """int64 (n,): entries of the list ``desc[row[j]]`` scoring more than
+    ``desc[row[j], col[j]] + tol``.
+
+    ``desc``: float64 (q, k), each row non-increasing (-inf tail). In a sorted list
+    those entries are a prefix ending at the start of the entry's stretch of gaps <=
+    tol; a stretch whose scores span no more than tol (exact ties, the common case)
+    is that start exactly, and only the entries of wider stretches are searched.
+    """
+    q, k = desc.shape
+    flat = desc.ravel()
+    pos = np.asarray(row, np.int64) * k + np.asarray(col, np.int64)
+    gap = np.ones(flat.size, bool)
+    gap[1:] = flat[:-1] > flat[1:] + tol
+    gap[::k] = True  # every list starts a stretch
+    starts = np.flatnonzero(gap)
+    ends = np.r_[starts[1:], flat.size]  # one past each stretch's last entry
+    sid = np.searchsorted(starts, pos, side="right") - 1
+    out = starts[sid]
+    search = flat[out] > flat[ends[sid] - 1] + tol  # a stretch wider than tol
+    if search.any():
+        wide = np.unique(sid[search])
+        size = ends[wide] - starts[wide]
+        group = np.repeat(np.arange(len(wide)), size)
+        inside = (
+            starts[wide][group] + np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)
+        )
+        # The first entry of the stretch not better than the member: at or before it.
+        at = searchsorted_groups(group, -flat[inside], np.searchsorted(wide, sid[search]),
+                                 -(flat[pos[search]] + tol), "left")  # fmt: skip
+        out[search] = inside[at]
+    return out - np.asarray(row, np.int64) * k
+
+
+def _ranks_of(row, target, ids, scores, tol):
+    """``rank_within`` for targets in any rows (int64 rank, bool censored (n,), int64
+    depth (q,)): the one definition of a rank that both ``rank_within`` and the tie
+    groups of ``cross_ranks`` use."""
+    ids, target = np.asarray(ids), np.asarray(target)
+    scores = np.asarray(scores, dtype=np.float64)
+    if ids.ndim != 2 or ids.shape != scores.shape:
+        raise ValueError(f"ids {ids.shape} and scores {scores.shape} must be the same (q, k)")
+    valid = _valid(ids, scores)
+    depth = valid.sum(axis=1).astype(np.int64)
+    row = np.asarray(row, np.int64)
+    pos = _positions(ids, valid, row, target)
+    found = pos >= 0
+    rank = depth[row] + 1
+    if found.any():
+        masked = np.where(valid, scores, -np.inf)
+        own = masked[row[found], pos[found]]
+        if (masked[:, 1:] > masked[:, :-1]).any():  # not best first: compare with every entry
+            better = (masked[row[found]] > (own + tol)[:, None]).sum(axis=1)
+        else:
+            better = _better(masked, row[found], pos[found], tol)
+        rank[found] = 1 + better
+    return rank, ~found, depth
 
 
 def rank_within(
@@ -108,17 +267,47 @@ def rank_within(
         entries scoring more than the target's score + tol; where the target is not in
         the list (or is None) rank = depth + 1 and censored is True.
     """
-    ids, target = np.asarray(ids), np.asarray(target)
-    scores = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(ids)
+    return _ranks_of(np.arange(len(ids)), target, ids, scores, tol)
+
+
+def top_group(ids: np.ndarray, scores: np.ndarray, tol: float = TIE_TOL) -> np.ndarray:
+    """bool (q, k): the entries within ``tol`` of their list's best score, wherever
+    the index put them (the tied "top-1" of each list)."""
+    ids = np.asarray(ids)
+    scores = np.asarray(scores, np.float64)
     valid = _valid(ids, scores)
-    depth = valid.sum(axis=1).astype(np.int64)
-    hit = (ids == target[:, None]) & valid
-    found = hit.any(axis=1) & ~absent(target)
-    pos = hit.argmax(axis=1)
-    own = scores[np.arange(len(ids)), pos]
-    better = ((scores > own[:, None] + tol) & valid).sum(axis=1)
-    rank = np.where(found, 1 + better, depth + 1).astype(np.int64)
-    return rank, ~found, depth
+    masked = np.where(valid, scores, -np.inf)
+    best = masked.max(axis=1, initial=-np.inf)
+    return valid & ~(best[:, None] > masked + tol)  # tied as in rank_within
+
+
+def _group_rank(top_ids, top_scores, ids, scores, tol):
+    """R of each query's top group of ``top_ids`` within ``ids``: float64 rank,
+    bool censored, int64 depth, int64 members, all (q,)."""
+    top_ids = np.asarray(top_ids)
+    q = len(top_ids)
+    member = top_group(top_ids, top_scores, tol)
+    row, col = np.nonzero(member)
+    rank, cens, depth = _ranks_of(row, top_ids[row, col], ids, scores, tol)
+    ties = np.bincount(row, minlength=q).astype(np.int64)
+    out = depth + 1.0  # no top group (an empty list): censored just past the other list
+    censored = ties == 0
+    if len(row):
+        # Summed in (query, rank) order, so the float result cannot depend on the order
+        # the index listed the tied rows in.
+        order = np.lexsort((rank, row))
+        row, rank, cens = row[order], rank[order], cens[order]
+        mean_log = np.bincount(row, weights=np.log(rank), minlength=q) / np.maximum(ties, 1)
+        first = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+        last = np.r_[first[1:], len(row)] - 1
+        has = row[first]
+        # One rank shared by every member (no ties, most often) is that rank exactly,
+        # not exp(log(r)) a bit off it.
+        same = rank[first] == rank[last]
+        out[has] = np.where(same, rank[first], np.exp(mean_log[has]))
+        censored |= np.bincount(row, weights=cens, minlength=q) > 0
+    return out, censored, depth, ties
 
 
 def cross_ranks(
@@ -128,24 +317,26 @@ def cross_ranks(
     skill_scores: np.ndarray,
     tol: float = TIE_TOL,
 ) -> CrossRanks:
-    """R_c|s and R_s|c of every query from its two neighbour lists.
+    """R_c|s and R_s|c of every query from its two neighbour lists (tie-aware: module
+    docstring), independent of the order the index listed tied rows in.
 
     Args:
         concept_ids, concept_scores: int64 / float32 (q, k_c), the concept-space lists,
             best first (``RetrievalService.search`` output).
         skill_ids, skill_scores: int64 / float32 (q, k_s), the skill-space lists (pool
-            rows, the coordinate both spaces share).
+            rows, the coordinate both spaces share). String ids (object, None for a
+            missing result) work too.
+        tol: scores within ``tol`` count as tied (top group and ranks alike).
     Raises:
         ValueError: the two spaces answer a different number of queries.
     """
     if len(concept_ids) != len(skill_ids):
         raise ValueError(f"{len(concept_ids)} concept rows but {len(skill_ids)} skill rows")
-    skill_ids, concept_ids = np.asarray(skill_ids), np.asarray(concept_ids)
-    top_s = skill_ids[:, 0] if len(skill_ids) else np.zeros(0, skill_ids.dtype)
-    top_c = concept_ids[:, 0] if len(concept_ids) else top_s
-    r_cs, cens_cs, depth_c = rank_within(top_s, concept_ids, concept_scores, tol)
-    r_sc, cens_sc, depth_s = rank_within(top_c, skill_ids, skill_scores, tol)
-    return CrossRanks(r_cs, r_sc, cens_cs, cens_sc, depth_c, depth_s)
+    r_cs, cens_cs, depth_c, ties_s = _group_rank(skill_ids, skill_scores, concept_ids,
+                                                 concept_scores, tol)  # fmt: skip
+    r_sc, cens_sc, depth_s, ties_c = _group_rank(concept_ids, concept_scores, skill_ids,
+                                                 skill_scores, tol)  # fmt: skip
+    return CrossRanks(r_cs, r_sc, cens_cs, cens_sc, depth_c, depth_s, ties_c, ties_s)
 
 
 def drop_self(
@@ -173,9 +364,13 @@ def aggregate(
     r_sc: np.ndarray,
     censored_cs: np.ndarray | None = None,
     censored_sc: np.ndarray | None = None,
+    ties_c: np.ndarray | None = None,
+    ties_s: np.ndarray | None = None,
 ) -> dict:
     """``m_cs``, ``m_sc`` (medians of natural log-ranks), ``delta`` = m_cs - m_sc, the
-    median ranks, and the censored shares, for int (q,) rank arrays (q >= 1)."""
+    median ranks, the censored shares and the top groups' sizes (median and mean of
+    ``ties_c`` / ``ties_s``: how much of each rank is an average over tied rows), for
+    (q,) rank arrays (int or float, >= 1, q >= 1)."""
     if len(r_cs) == 0:
         raise ValueError("no ranks to aggregate")
     m_cs = float(np.median(np.log(r_cs)))
@@ -192,6 +387,10 @@ def aggregate(
         out["censored_cs"] = float(np.mean(censored_cs))
     if censored_sc is not None:
         out["censored_sc"] = float(np.mean(censored_sc))
+    for name, ties in (("ties_c", ties_c), ("ties_s", ties_s)):
+        if ties is not None:
+            out[f"median_{name}"] = float(np.median(ties))
+            out[f"mean_{name}"] = float(np.mean(ties))
     return out
 
 

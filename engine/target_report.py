@@ -5,7 +5,7 @@ conversations, in pool order; an image that came in by reference keeps its refer
 relative to the pool's image root; an inline image is written to ``images/<id>.png``),
 ``ids.txt`` (in the order the selection took them),
 ``report.json``, ``crossranks.parquet`` (per benchmark sample: its two cross-ranks,
-censoring flags, top neighbours and skill text) and ``crossranks.png`` (the paper's
+censoring flags, top-group sizes, top neighbours and skill text) and ``crossranks.png`` (the paper's
 Figure 1: the benchmark's samples by their two cross-ranks, the reference behind them).
 
 The records, ids and cluster counts are gathered per pool shard in tasks
@@ -121,8 +121,10 @@ def crossrank_table(
     top_skill: np.ndarray,
     skill_text: list[str | None],
 ) -> pa.Table:
-    """One row per benchmark sample: id, r_cs, r_sc (int64), censored_cs/_sc, depth_c/_s,
-    top_concept, top_skill (pool ids), skill_text."""
+    """One row per benchmark sample: id, r_cs, r_sc (float64: a tied top group's
+    geometric mean), censored_cs/_sc, depth_c/_s, ties_c/_s (int64: rows in each
+    list's top group), top_concept, top_skill (pool ids: the first of each top group
+    as the index listed it), skill_text."""
     return pa.table(
         {
             "id": pa.array(ids, pa.string()),
@@ -132,6 +134,8 @@ def crossrank_table(
             "censored_sc": ranks.censored_sc,
             "depth_c": ranks.depth_c,
             "depth_s": ranks.depth_s,
+            "ties_c": ranks.ties_c,
+            "ties_s": ranks.ties_s,
             "top_concept": pa.array(list(top_concept), pa.string()),
             "top_skill": pa.array(list(top_skill), pa.string()),
             "skill_text": pa.array(skill_text, pa.string()),
@@ -151,7 +155,7 @@ def scatter_png(
 
     rng = np.random.default_rng(0)
 
-    def jitter(r):  # equal integer ranks would hide each other
+    def jitter(r):  # equal ranks (integers, or a shared group's mean) would hide each other
         return r * np.exp(rng.uniform(-0.08, 0.08, len(r)))
 
     fig, ax = plt.subplots(figsize=(5.6, 5))

@@ -138,7 +138,10 @@ class TargetConfig(BaseModel):
         200, ge=0, description="Pool samples used as reference queries (0: no calibration)."
     )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the confidence.")
-    seed: int = Field(0, description="Seed of the reference sample and the bootstrap.")
+    seed: int = Field(
+        0, ge=0, description="Seed of the reference sample, the bootstrap, the random order "
+        "of equal-scored neighbours in the selection, and the random fill.",
+    )  # fmt: skip
     aggregation: Literal["round_robin", "score"] = Field(
         "round_robin",
         description="round_robin: benchmark samples take turns, each its next-best unselected "
@@ -307,7 +310,7 @@ def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, st
             lists = None  # the shallower lists go before the deeper ones arrive
             lists = _lists(services, vecs, k, MODE_SPACES[mode])
         chosen = select(mode, plan.budget, lists, aggregation=cfg.aggregation, quota=cfg.quota,
-                        split_share=cfg.split_share)  # fmt: skip
+                        split_share=cfg.split_share, seed=cfg.seed)  # fmt: skip
         if len(chosen) == plan.budget or k == deepest:
             break
         k = min(deepest, 2 * k)

@@ -1,6 +1,10 @@
-"""Cross-ranks against brute force over the whole pool, censoring, and the decision rule."""
+"""Cross-ranks against brute force over the whole pool, tie groups, censoring, and the
+decision rule."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -38,27 +42,129 @@ def pool():
     return concept, skill, queries_c, queries_s, ids
 
 
+def expected(top_ids, top_scores, lists, x, q, row, depth):
+    """The tie-aware rank by brute force: the top group (scores equal to the best, tol 0)
+    of one list, each member ranked over the whole pool in the other space (censored at
+    depth + 1 if the other list does not hold it), and the geometric mean."""
+    group = top_ids[top_scores == top_scores[0]]
+    held = set(lists)
+    ranks = [brute_rank(x, q, row[m], 0.0) if m in held else depth + 1 for m in group]
+    return np.exp(np.mean(np.log(ranks))), any(m not in held for m in group), len(group)
+
+
 @pytest.mark.parametrize("depth", [400, 50, 5])
 def test_cross_ranks_match_brute_force(pool, depth):
+    """Against the whole pool. Before the ranks were tie-aware this ranked s_ids[i, 0],
+    the first of the tied skill rows in the index's order; now the whole top group."""
     concept, skill, qc, qs, ids = pool
     row = {v: i for i, v in enumerate(ids)}
     c_ids, c_scores = topk(concept, qc, depth, ids)
     s_ids, s_scores = topk(skill, qs, depth, ids)
     got = cross_ranks(c_ids, c_scores, s_ids, s_scores, tol=0.0)
     for i in range(len(qc)):
-        for top, lists, x, q, rank, censored in (
-            (s_ids[i, 0], c_ids[i], concept, qc[i], got.r_cs[i], got.censored_cs[i]),
-            (c_ids[i, 0], s_ids[i], skill, qs[i], got.r_sc[i], got.censored_sc[i]),
-        ):
-            true = brute_rank(x, q, row[top], 0.0)
-            if top in set(lists):
-                assert not censored and rank == true
-            else:  # deeper than the list: censored just past it, a lower bound
-                assert censored and rank == depth + 1 and true >= rank - 1
+        for tops, lists, x, q, rank, censored, ties in (
+            ((s_ids[i], s_scores[i]), c_ids[i], concept, qc[i], got.r_cs[i],
+             got.censored_cs[i], got.ties_s[i]),
+            ((c_ids[i], c_scores[i]), s_ids[i], skill, qs[i], got.r_sc[i],
+             got.censored_sc[i], got.ties_c[i]),
+        ):  # fmt: skip
+            want, want_censored, members = expected(*tops, lists, x, q, row, depth)
+            assert rank == pytest.approx(want, rel=1e-12)
+            assert censored == want_censored and ties == members
+            if members == 1:
+                assert rank == int(rank)  # one row: its integer rank exactly
+    assert (got.ties_s > 1).any()  # the duplicated skill vectors do tie at the top
     if depth == len(ids):
         assert not got.censored_cs.any() and not got.censored_sc.any()
     assert (got.r_cs >= 1).all() and (got.r_sc >= 1).all()
     assert (got.depth_c == depth).all()
+
+
+def test_a_tied_top_group_ranks_as_the_geometric_mean():
+    """Three skill rows tie at the top; in the concept list (depth 10) they rank 1, 4
+    and absent (censored at 11)."""
+    c_ids = np.array([[10, 11, 12, 20, 13, 14, 15, 16, 17, 18]])
+    c_scores = np.linspace(1.0, 0.1, 10, dtype=np.float32)[None]
+    s_ids = np.array([[20, 30, 10, 40]])  # 30 is not in the concept list
+    s_scores = np.array([[0.9, 0.9, 0.9, 0.5]], np.float32)
+    got = cross_ranks(c_ids, c_scores, s_ids, s_scores)
+    assert got.r_cs[0] == pytest.approx(np.exp(np.mean(np.log([1, 4, 11]))))
+    assert got.censored_cs.tolist() == [True] and got.ties_s.tolist() == [3]
+    # The concept list's top (row 10) is tied first in the skill list: rank 1, alone.
+    assert got.r_sc.tolist() == [1.0] and got.ties_c.tolist() == [1]
+    assert not got.censored_sc[0] and got.r_cs.dtype == np.float64
+    # An empty list: nothing to rank, censored just past the other list.
+    empty = cross_ranks(c_ids, c_scores, np.array([[-1, -1]]), np.full((1, 2), -np.inf))
+    assert empty.r_cs.tolist() == [11.0] and empty.censored_cs[0] and empty.ties_s[0] == 0
+    assert empty.r_sc.tolist() == [1.0] and empty.censored_sc[0]  # depth 0 + 1
+
+
+def shuffled_within_ties(ids, scores, rng):
+    """The lists with the entries of equal score in another order (as another index
+    might have listed them)."""
+    order = np.lexsort((rng.random(scores.shape), -scores), axis=1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def heavily_tied(rng, q, k, pool=60):
+    ids = np.array([rng.choice(pool, k, replace=False) for _ in range(q)], np.int64)
+    scores = -np.sort(-np.round(rng.random((q, k)), 1), axis=1).astype(np.float32)
+    scores[:, :3] = scores[:, :1]  # at least three rows share every list's best score
+    return ids, scores
+
+
+def test_cross_ranks_do_not_depend_on_the_order_of_tied_rows():
+    """Tied entries listed in another order, and the pool's rows numbered in another
+    order: the same ranks, censoring and group sizes, to the last bit."""
+    rng = np.random.default_rng(7)
+    c, s = heavily_tied(rng, 200, 12), heavily_tied(rng, 200, 9)
+    base = cross_ranks(*c, *s)
+    assert (base.ties_c >= 3).all() and (base.ties_s >= 3).all()
+    relabel = rng.permutation(60)
+    for _ in range(5):
+        (c_ids, c_sc), (s_ids, s_sc) = shuffled_within_ties(*c, rng), shuffled_within_ties(*s, rng)
+        for got in (cross_ranks(c_ids, c_sc, s_ids, s_sc),
+                    cross_ranks(relabel[c_ids], c_sc, relabel[s_ids], s_sc)):  # fmt: skip
+            for a, b in zip(astuple(got), astuple(base), strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_without_ties_the_ranks_are_the_integer_ranks():
+    rng = np.random.default_rng(8)
+    q, k = 50, 20
+    c_ids = np.array([rng.choice(100, k, replace=False) for _ in range(q)], np.int64)
+    s_ids = np.array([rng.choice(100, k, replace=False) for _ in range(q)], np.int64)
+    c_sc = -np.sort(-rng.random((q, k)), axis=1)
+    s_sc = -np.sort(-rng.random((q, k)), axis=1)
+    got = cross_ranks(c_ids, c_sc, s_ids, s_sc)
+    r_cs, cens_cs, _ = rank_within(s_ids[:, 0], c_ids, c_sc)
+    r_sc, cens_sc, _ = rank_within(c_ids[:, 0], s_ids, s_sc)
+    assert got.r_cs.tolist() == r_cs.tolist() and got.r_sc.tolist() == r_sc.tolist()
+    assert (got.censored_cs == cens_cs).all() and (got.censored_sc == cens_sc).all()
+    assert (got.ties_c == 1).all() and (got.ties_s == 1).all()
+
+
+def test_rank_within_counts_only_strictly_better_across_near_ties():
+    """Scores 3e-7 apart chain past tol (1e-6), lists unsorted or with holes: the rank
+    is 1 + #{score > own + tol}, counted the slow way."""
+    rng = np.random.default_rng(9)
+    for _ in range(200):
+        q, k = int(rng.integers(1, 6)), int(rng.integers(1, 30))
+        ids = np.array([rng.choice(40, k, replace=False) for _ in range(q)], np.int64)
+        scores = 0.5 - np.cumsum(rng.choice([0.0, 3e-7, 2e-6], (q, k)), axis=1)
+        if rng.random() < 0.2:
+            scores = rng.permuted(scores, axis=1)
+        ids[rng.random((q, k)) < 0.1] = -1
+        target = np.where(rng.random(q) < 0.8, ids[:, rng.integers(0, k)], 99)
+        rank, cens, depth = rank_within(target, ids, scores)
+        for i in range(q):
+            real = ids[i] >= 0
+            here = real & (ids[i] == target[i])
+            if here.any():
+                own = scores[i][here][0]
+                assert not cens[i] and rank[i] == 1 + np.sum(real & (scores[i] > own + 1e-6))
+            else:
+                assert cens[i] and rank[i] == depth[i] + 1 == real.sum() + 1
 
 
 def test_ties_share_the_best_rank():
@@ -88,6 +194,14 @@ def test_drop_self_removes_the_query_and_keeps_order():
 def test_aggregate_is_median_of_log_ranks():
     agg = aggregate(np.array([1, 10, 100]), np.array([1, 1, 1000]))
     assert agg["median_log_r_cs"] == pytest.approx(np.log(10))
+    assert "median_ties_c" not in agg
+    agg = aggregate(np.array([1.5, 10.0]), np.array([1.0, 2.0]), ties_c=np.array([1, 4]),
+                    ties_s=np.array([2, 2, 5]))  # fmt: skip
+    assert agg["median_r_cs"] == pytest.approx(5.75)
+    assert (agg["median_ties_c"], agg["mean_ties_c"]) == (2.5, 2.5)
+    assert (agg["median_ties_s"], agg["mean_ties_s"]) == (2.0, 3.0)
+    json.dumps(agg)
+    agg = aggregate(np.array([1, 10, 100]), np.array([1, 1, 1000]))
     assert agg["median_log_r_sc"] == pytest.approx(0.0)
     assert agg["delta"] == pytest.approx(np.log(10))
     with pytest.raises(ValueError):
@@ -95,10 +209,11 @@ def test_aggregate_is_median_of_log_ranks():
 
 
 def ranks(r_cs, r_sc) -> CrossRanks:
-    r_cs, r_sc = np.asarray(r_cs, np.int64), np.asarray(r_sc, np.int64)
+    r_cs, r_sc = np.asarray(r_cs, np.float64), np.asarray(r_sc, np.float64)
     no = np.zeros(len(r_cs), bool)
     depth = np.full(len(r_cs), 1000)
-    return CrossRanks(r_cs, r_sc, no, no, depth, depth)
+    one = np.ones(len(r_cs), np.int64)
+    return CrossRanks(r_cs, r_sc, no, no, depth, depth, one, one)
 
 
 def test_decide_sign_confidence_and_reference():

@@ -1,6 +1,6 @@
 """Budgeted selection from neighbour lists: hand-worked round-robin, score, quota, hybrids,
-the random fill, and the row path equal, pick for pick, to the string-id code it replaced
-(``targeted_reference``)."""
+the random fill, the row path equal, pick for pick, to the string-id code it replaced
+(``targeted_reference``), and seeded tie-breaking (``shuffle_ties``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from engine.targeted import (
     fuse,
     select,
     select_from_lists,
+    shuffle_ties,
     standardise,
 )
 from tests.engine import targeted_reference as before
@@ -182,3 +183,113 @@ def test_random_fill_tops_up_with_unselected_rows_seeded():
     assert again.rows.tolist() == got.rows.tolist()
     with pytest.raises(ValueError, match="more than the pool"):
         fill_at_random(select_from_lists(IDS, 10), 8, 10, seed=0)
+
+
+def runs_of(scores: np.ndarray, tol: float = 1e-6) -> list[list[int]]:
+    """Each list's run number per real entry, the slow way: a run holds the entries
+    within tol of its first (-1 for missing entries)."""
+    out = []
+    for row in scores:
+        runs, anchor, n = [], None, -1
+        for s in row:
+            if not np.isfinite(s):
+                runs.append(-1)
+                continue
+            if anchor is None or anchor > s + tol:
+                anchor, n = s, n + 1
+            runs.append(n)
+        out.append(runs)
+    return out
+
+
+def tied_lists(rng, q: int, k: int, pool: int = 500):
+    ids = np.array([rng.choice(pool, k, replace=False) for _ in range(q)], np.int64)
+    scores = -np.sort(-np.round(rng.random((q, k)), 1), axis=1).astype(np.float32)
+    for i, n in enumerate(rng.integers(k // 2, k + 1, q)):  # some lists end early
+        ids[i, n:], scores[i, n:] = -1, -np.inf
+    return ids, scores
+
+
+def test_shuffle_ties_permutes_only_within_runs_of_tied_scores():
+    rng = np.random.default_rng(11)
+    ids, scores = tied_lists(rng, 300, 25)
+    got_ids, got_scores = shuffle_ties(ids, scores, np.random.default_rng(0))
+    assert got_ids.dtype == ids.dtype and got_scores.dtype == scores.dtype
+    # Runs keep their places (equal scores here, so the scores do not move at all) and
+    # each run keeps its rows; the missing tail stays last.
+    np.testing.assert_array_equal(got_scores, scores)
+    runs = np.array(runs_of(scores))
+    for i in range(len(ids)):
+        for r in np.unique(runs[i]):
+            assert sorted(got_ids[i, runs[i] == r]) == sorted(ids[i, runs[i] == r])
+    assert ((got_ids < 0) == (ids < 0)).all()
+    assert (got_ids != ids).any(axis=1).mean() > 0.5  # over 300 lists, most ties moved
+    # The same seed, the same order; another seed, another order of the same runs.
+    again = shuffle_ties(ids, scores, np.random.default_rng(0))
+    np.testing.assert_array_equal(again[0], got_ids)
+    other = shuffle_ties(ids, scores, np.random.default_rng(1))
+    assert (other[0] != got_ids).any()
+    np.testing.assert_array_equal(other[1], scores)
+
+
+def test_shuffle_ties_anchors_runs_and_moves_missing_entries_last():
+    # 0.6e-6 apart: a chain would make one run of seven; runs within 1e-6 of their first
+    # entry are [0, 1], [2, 3], [4, 5], [6].
+    scores = (1.0 - 0.6e-6 * np.arange(7))[None]
+    ids = np.arange(7)[None]
+    seen = set()
+    for seed in range(40):
+        got, got_scores = shuffle_ties(ids, scores, np.random.default_rng(seed))
+        assert [sorted(got[0, a:b]) for a, b in ((0, 2), (2, 4), (4, 6), (6, 7))] == [
+            [0, 1], [2, 3], [4, 5], [6]]  # fmt: skip
+        assert (scores[0, got[0]] == got_scores[0]).all()
+        seen.add(tuple(got[0]))
+    assert len(seen) > 4
+    # Random near-ties (steps of 0, 3e-7 or 2e-6): each run keeps its (id, score) pairs.
+    rng = np.random.default_rng(12)
+    steps = rng.choice([0.0, 3e-7, 2e-6], (200, 30))
+    scores = 0.5 - np.cumsum(steps, axis=1)
+    ids = np.array([rng.permutation(100)[:30] for _ in range(200)])
+    got, got_scores = shuffle_ties(ids, scores, np.random.default_rng(0))
+    for i, runs in enumerate(np.array(runs_of(scores))):
+        for r in np.unique(runs):
+            at = runs == r
+            assert sorted(zip(got[i, at], got_scores[i, at], strict=True)) == sorted(
+                zip(ids[i, at], scores[i, at], strict=True)
+            )
+    # A hole before the end (-1 id, or -inf score) goes behind every real entry.
+    ids = np.array([[5, -1, 6, 7, 8]])
+    scores = np.array([[0.5, 0.5, 0.5, -np.inf, 0.4]])
+    got, got_scores = shuffle_ties(ids, scores, np.random.default_rng(3))
+    assert sorted(got[0, :2]) == [5, 6] and got[0, 2] == 8 and got[0, 3:].tolist() == [-1, 7]
+    assert got_scores[0, 2] == 0.4
+    # Without ties a list is returned as it was, whatever the seed.
+    ids, scores = np.array([[3, 1, 2]]), np.array([[0.9, 0.5, 0.1]])
+    assert shuffle_ties(ids, scores, np.random.default_rng(5))[0].tolist() == [[3, 1, 2]]
+    with pytest.raises(ValueError, match="best first"):
+        shuffle_ties(ids, scores[:, ::-1], np.random.default_rng(0))
+
+
+def test_seeded_selection_breaks_ties_at_random_and_reproducibly():
+    """Every sample's neighbours tie: the unseeded selection takes the index's first
+    rows (the early pool rows); seeds take other tied rows, the same ones per seed."""
+    q, k = 6, 40
+    rng = np.random.default_rng(4)
+    ids = np.array([rng.permutation(200)[:k] for _ in range(q)], np.int64)
+    ids.sort(axis=1)  # the index lists tied rows in storage order: early rows first
+    lists = {"concept": (ids, np.full((q, k), 0.5, np.float32)),
+             "skill": (ids[:, ::-1].copy(), np.full((q, k), 0.7, np.float32))}  # fmt: skip
+    for mode in ("concept", "skill", "sum", "split"):
+        for aggregation in ("round_robin", "score"):
+            args = {"aggregation": aggregation}
+            plain = select(mode, 30, lists, **args)
+            one = select(mode, 30, lists, seed=1, **args)
+            assert select(mode, 30, lists, seed=1, **args).rows.tolist() == one.rows.tolist()
+            assert one.rows.tolist() != select(mode, 30, lists, seed=2, **args).rows.tolist()
+            assert one.rows.tolist() != plain.rows.tolist()
+            assert len(set(one.rows.tolist())) == 30
+    # Lists without ties: a seed changes nothing.
+    scores = np.tile(np.linspace(1, 0, k, dtype=np.float32), (q, 1))
+    distinct = {"concept": (ids, scores)}
+    assert (select("concept", 30, distinct, seed=3).rows.tolist()
+            == select("concept", 30, distinct).rows.tolist())  # fmt: skip
