@@ -1,14 +1,20 @@
-"""The selection-quality benchmark's report: summary over seeds, the tables, the plots.
+"""The selection-quality benchmark's report: summary over worlds and seeds, the tables,
+the targets' verdicts, the plots.
 
-A run result (``benchmarks/quality.py``) is a dict with ``seed``, ``train_seconds`` and
-``accuracy``: eval set -> {family: accuracy, "overall": accuracy}. Rel is taken over
-the held-out benchmarks only (the papers' columns); the in-distribution ``test`` split
-is reported beside it.
+A run result (``benchmarks/quality.py``) is a dict with ``world``, ``seed``,
+``train_seconds`` and ``accuracy``: eval set -> {family: accuracy, "overall": accuracy}.
+Results come as world seed -> label -> runs. A run's Rel is 100 x the mean, over the
+held-out benchmarks it was scored on, of its accuracy over *its own world's* full-data
+accuracy (that world's seeds' mean): worlds differ in how hard their benchmarks are, so
+a run is compared with the full data of the pool it was chosen from. A label's
+accuracy and Rel are mean ± std over all its (world, seed) runs; the in-distribution
+``test`` split is reported beside them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,98 +27,222 @@ def overall(acc: dict) -> dict[str, float]:
     return {name: a["overall"] for name, a in acc.items()}
 
 
-def summarize(results: dict[str, list[dict]], benchmarks: list[str]) -> dict:
-    """Per label: mean and std over seeds of each eval set's accuracy, and of Rel vs the
-    seeds' mean full-data accuracy (over the benchmarks the label was scored on)."""
-    full_runs = results["full"]
-    full = {e: float(np.mean([overall(r["accuracy"])[e] for r in full_runs]))
-            for e in full_runs[0]["accuracy"]}  # fmt: skip
+def _full(runs: list[dict]) -> dict[str, float]:
+    """Mean accuracy of each eval set over a world's full-data runs."""
+    return {
+        e: float(np.mean([overall(r["accuracy"])[e] for r in runs])) for e in runs[0]["accuracy"]
+    }
+
+
+def summarize(results: dict[int, dict[str, list[dict]]], benchmarks: list[str]) -> dict:
+    """Per label, over every (world, seed) run: mean and std of each eval set's accuracy
+    and of Rel (module docstring), the runs' Rel in ``rel_runs`` (aligned with ``runs``,
+    [world, seed] pairs), and per world the means (``per_world``, keyed by str(world))."""
+    full = {w: _full(labels["full"]) for w, labels in results.items()}
+    order = list(dict.fromkeys(label for labels in results.values() for label in labels))
     out = {}
-    for label, runs in results.items():
-        evals = list(runs[0]["accuracy"])
+    for label in order:
+        runs = [(w, r) for w, labels in results.items() for r in labels.get(label, [])]
+        evals = list(runs[0][1]["accuracy"])
         scored = [b for b in benchmarks if b in evals]
-        per_eval = {e: mean_std([overall(r["accuracy"])[e] for r in runs]) for e in evals}
-        rel = [relative_performance(overall(r["accuracy"]), full, scored) for r in runs]
+        rel = [relative_performance(overall(r["accuracy"]), full[w], scored) for w, r in runs]
+        per_eval = {e: mean_std([overall(r["accuracy"])[e] for _, r in runs]) for e in evals}
+        per_world = {}
+        for w in dict.fromkeys(w for w, _ in runs):
+            mine = [i for i, (ww, _) in enumerate(runs) if ww == w]
+            per_world[str(w)] = {
+                "rel": float(np.mean([rel[i] for i in mine])),
+                "accuracy": {
+                    e: float(np.mean([overall(runs[i][1]["accuracy"])[e] for i in mine]))
+                    for e in evals
+                },  # fmt: skip
+            }
         out[label] = {
-            "seeds": [r["seed"] for r in runs],
-            "rows": runs[0]["rows"],
+            "runs": [[w, r["seed"]] for w, r in runs],
+            "rows": runs[0][1]["rows"],
             "accuracy": {e: {"mean": m, "std": s} for e, (m, s) in per_eval.items()},
             "rel": dict(zip(("mean", "std"), mean_std(rel), strict=True)),
-            "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+            "rel_runs": rel,
+            "per_world": per_world,
+            "train_seconds": float(np.mean([r["train_seconds"] for _, r in runs])),
         }
     return out
 
 
+# Two spaces' accuracies this close are one result: means over seeds of equal counts of
+# right answers differ in the last bits (0.45111111111111120 vs 0.45111111111111110).
+TIE_ABS_TOL = 1e-9
+
+
+def better_space(acc: dict[str, float]) -> str:
+    """The space whose selection trained better, or "tie" (``max`` would crown whichever
+    came first)."""
+    if math.isclose(acc["concept"], acc["skill"], rel_tol=0.0, abs_tol=TIE_ABS_TOL):
+        return "tie"
+    return max(acc, key=acc.get)
+
+
 def targeted_summary(summary: dict, modes: list[str], predictions: dict, benchmarks: list[str]):
-    """Per mode, one row over the benchmarks (each column its own selection), plus
-    ``auto`` (each benchmark's predicted space) and whether it picked the better space."""
-    rows = {mode: {b: summary[f"target:{mode}:{b}"] for b in benchmarks} for mode in modes}
-    rows["auto"] = {b: rows[predictions[b]][b] for b in benchmarks}
+    """Per mode (``auto`` included: quality.py files each world's predicted space's runs
+    under ``target:auto:<benchmark>``), its cells per benchmark, each its own selection,
+    and its Rel over (world, seed) runs; and per (world, benchmark) whether ``auto``
+    picked the space that trained better there: ``right`` is None where the two tied.
+
+    predictions: world -> benchmark -> "concept" | "skill".
+    Returns ``(rows, choice)``: rows[mode] = {"cells": {benchmark: summary entry},
+    "rel": {"mean", "std"}}; choice["<world>/<benchmark>"] = {world, benchmark,
+    predicted, concept, skill, trained_better, right}.
+    """
+    rows = {}
+    for mode in [*modes, "auto"]:
+        cells = {b: summary[f"target:{mode}:{b}"] for b in benchmarks}
+        by_run = [{tuple(k): v for k, v in zip(c["runs"], c["rel_runs"], strict=True)}
+                  for c in cells.values()]  # fmt: skip
+        common = [k for k in by_run[0] if all(k in r for r in by_run)]
+        rel = [float(np.mean([r[k] for r in by_run])) for k in common]
+        rows[mode] = {"cells": cells, "rel": dict(zip(("mean", "std"), mean_std(rel), strict=True))}
     choice = {}
-    for b in benchmarks:
-        acc = {m: rows[m][b]["accuracy"][b]["mean"] for m in ("concept", "skill")}
-        better = max(acc, key=acc.get)
-        choice[b] = {"predicted": predictions[b], "trained_better": better, **acc,
-                     "right": predictions[b] == better}  # fmt: skip
+    for w, predicted in predictions.items():
+        for b in benchmarks:
+            acc = {m: summary[f"target:{m}:{b}"]["per_world"][str(w)]["accuracy"][b]
+                   for m in ("concept", "skill")}  # fmt: skip
+            better = better_space(acc)
+            choice[f"{w}/{b}"] = {
+                "world": w, "benchmark": b, "predicted": predicted[b], **acc,
+                "trained_better": better,
+                "right": None if better == "tie" else predicted[b] == better,
+            }  # fmt: skip
     return rows, choice
+
+
+def choice_score(choice: dict) -> dict:
+    """``{"right": n, "decided": m, "ties": t}``: hits among the benchmarks where one
+    space trained better (a tie can be neither)."""
+    decided = [c for c in choice.values() if c["right"] is not None]
+    return {"right": sum(bool(c["right"]) for c in decided), "decided": len(decided),
+            "ties": len(choice) - len(decided)}  # fmt: skip
+
+
+def choice_table(choice: dict) -> str:
+    """Markdown: per world and benchmark, the prediction, both accuracies, the better
+    space and whether ``auto`` picked it (yes / no, "—" for a tie); then the score."""
+    verdict = {True: "yes", False: "no", None: "—"}
+    table = markdown_table(
+        ["world", "benchmark", "predicted", "concept", "skill", "trained better", "right"],
+        [[c["world"], c["benchmark"], c["predicted"], f"{c['concept'] * 100:.1f}",
+          f"{c['skill'] * 100:.1f}", c["trained_better"], verdict[c["right"]]]
+         for c in choice.values()],
+    )  # fmt: skip
+    score = choice_score(choice)
+    return (
+        f"{table}\n\n`auto` picked the better space for {score['right']} of "
+        f"{score['decided']} benchmarks where one trained better ({score['ties']} tied)."
+    )
 
 
 def _cell(stat: dict) -> str:
     return f"{stat['mean'] * 100:.1f} ± {stat['std'] * 100:.1f}"
 
 
-def _rel_of_row(cells: dict, full: dict, benchmarks: list[str]) -> float:
-    """Rel of a targeted row, each benchmark scored by its own selection."""
-    row = {b: cells[b]["accuracy"][b]["mean"] for b in benchmarks}
-    return relative_performance(row, full, benchmarks)
+def _rel(stat: dict) -> str:
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def targets(doc: dict) -> list[dict]:
+    """The issue's targets on these worlds, each with its figures and whether it is met.
+
+    - PROGRESS at 20% (the better of the metrics run): Rel >= 98, and above random 20%
+      by more than twice the larger of their two Rel standard deviations;
+    - ``auto``: the better space on >= 80% of the decided (world, benchmark) pairs, and
+      a Rel above the best untargeted method's at 20%.
+    """
+    s, out = doc["summary"], []
+    progress = [m for m in ("progress-loss", "progress-accuracy") if f"{m}@0.2" in s]
+    if progress and "random@0.2" in s:
+        best = max(progress, key=lambda m: s[f"{m}@0.2"]["rel"]["mean"])
+        p, r = s[f"{best}@0.2"]["rel"], s["random@0.2"]["rel"]
+        margin, needed = p["mean"] - r["mean"], 2 * max(p["std"], r["std"])
+        out.append({"target": f"{best} at 20%: Rel >= 98", "value": round(p["mean"], 2),
+                    "met": p["mean"] >= 98, "by": round(p["mean"] - 98, 2)})  # fmt: skip
+        out.append({"target": f"{best} - random at 20% > 2 x max std", "value": round(margin, 2),
+                    "needed": round(needed, 2), "met": margin > needed,
+                    "by": round(margin - needed, 2)})  # fmt: skip
+    if doc.get("targeted"):
+        score = choice_score(doc["targeted"]["choice"])
+        share = score["right"] / score["decided"] if score["decided"] else float("nan")
+        out.append({"target": "auto: the better space on >= 80% of decided benchmarks",
+                    "value": f"{score['right']}/{score['decided']}", "met": share >= 0.8,
+                    "by": round(100 * (share - 0.8), 1)})  # fmt: skip
+        untargeted = {m: s[f"{m}@0.2"]["rel"]["mean"] for m in doc["methods"] if f"{m}@0.2" in s}
+        if untargeted:
+            best = max(untargeted, key=untargeted.get)
+            auto = doc["targeted"]["rows"]["auto"]["rel"]["mean"]
+            out.append({"target": f"auto above the best untargeted 20% ({best})",
+                        "value": round(auto, 2), "needed": round(untargeted[best], 2),
+                        "met": auto > untargeted[best],
+                        "by": round(auto - untargeted[best], 2)})  # fmt: skip
+    return out
 
 
 def write_report(out: str, doc: dict) -> str:
     """Write ``out`` (JSON), its ``.md`` tables and the plots; return the markdown."""
     s, evals, benchmarks = doc["summary"], doc["evals"], doc["benchmarks"]
     budgets, methods, prior = doc["budgets"], doc["methods"], doc["prior"]
+    worlds = [str(w) for w in doc["worlds"]]
     full = {e: s["full"]["accuracy"][e]["mean"] for e in evals}
+    labels = [("full data", "100%", "full")]
+    labels += [(m, f"{b:.0%}", f"{m}@{b:g}") for b in budgets for m in methods
+               if f"{m}@{b:g}" in s]  # fmt: skip
     header = ["method", "budget", *benchmarks, "Rel", "test"]
-    rows = [["full data", "100%", *(_cell(s["full"]["accuracy"][b]) for b in benchmarks),
-             "100.0", _cell(s["full"]["accuracy"]["test"])]]  # fmt: skip
-    for b in budgets:
-        for m in methods:
-            label = f"{m}@{b:g}"
-            if label in s:
-                x = s[label]
-                rows.append([m, f"{b:.0%}", *(_cell(x["accuracy"][e]) for e in benchmarks),
-                             f"{x['rel']['mean']:.1f} ± {x['rel']['std']:.1f}",
-                             _cell(x["accuracy"]["test"])])  # fmt: skip
+    rows = [[name, budget, *(_cell(s[label]["accuracy"][b]) for b in benchmarks),
+             _rel(s[label]["rel"]), _cell(s[label]["accuracy"]["test"])]
+            for name, budget, label in labels]  # fmt: skip
+    per_world = [[name, budget, *(f"{s[label]['per_world'][w]['rel']:.1f}" for w in worlds)]
+                 for name, budget, label in labels]  # fmt: skip
     if doc.get("targeted"):
-        for mode, cells in doc["targeted"]["rows"].items():
+        for mode, row in doc["targeted"]["rows"].items():
             rows.append([f"target: {mode}", f"{doc['target_budget']:.0%}",
-                         *(_cell(cells[b]["accuracy"][b]) for b in benchmarks),
-                         f"{_rel_of_row(cells, full, benchmarks):.1f}", ""])  # fmt: skip
+                         *(_cell(row["cells"][b]["accuracy"][b]) for b in benchmarks),
+                         _rel(row["rel"]), ""])  # fmt: skip
     p = overall(prior["accuracy"])
-    rows.append(["text-only prior (full data, image black)", "100%",
+    first = {e: s["full"]["per_world"][worlds[0]]["accuracy"][e] for e in evals}
+    rows.append([f"text-only prior (full data, image black; world {worlds[0]})", "100%",
                  *(f"{p[b] * 100:.1f}" for b in benchmarks),
-                 f"{relative_performance(p, full, benchmarks):.1f}",
+                 f"{relative_performance(p, first, benchmarks):.1f}",
                  f"{p['test'] * 100:.1f}"])  # fmt: skip
+    n_runs = len(s["full"]["runs"])
     parts = [
-        f"Accuracy (%), mean ± std over seeds {doc['seeds']}; pool {doc['pool']} rows; "
-        f"Rel = 100 x mean over the held-out benchmarks of accuracy / full data's "
-        f"(seeds' mean); test = the in-distribution split.",
+        f"**{doc['role']} worlds {doc['worlds']}** (calibration worlds "
+        f"{doc['calibration_worlds']}, evaluation worlds {doc['evaluation_worlds']}). "
+        f"Accuracy (%), mean ± std over {n_runs} runs: worlds x training seeds "
+        f"{doc['seeds']}; pool {doc['pool']} rows per world; Rel = 100 x mean over the "
+        "held-out benchmarks of accuracy / the run's own world's full data (its seeds' "
+        "mean); test = the in-distribution split.",
         markdown_table(header, rows),
+        "Rel per world (mean over seeds):",
+        markdown_table(["method", "budget", *(f"world {w}" for w in worlds)], per_world),
     ]
+    if doc.get("skipped"):
+        parts.append("Not run: " + "; ".join(
+            f"world {w}: {m} ({why})" for w, d in doc["skipped"].items() for m, why in d.items()))  # fmt: skip
     families = [*sorted(set(prior["accuracy"]["test"]) - {"overall"}), "overall"]
-    fam_rows = []
-    for label in ["full", *(f"{m}@0.2" for m in methods if f"{m}@0.2" in s)]:
-        fam_rows.append([label, *(f"{np.mean([r['accuracy']['test'][f] for r in doc['runs'][label]]) * 100:.1f}" for f in families)])  # fmt: skip
+    runs = [(label, [r for w in worlds for r in doc["runs"][w].get(label, [])])
+            for label in ["full", *(f"{m}@0.2" for m in methods if f"{m}@0.2" in s)]]  # fmt: skip
+    fam_rows = [[label, *(f"{np.mean([r['accuracy']['test'][f] for r in rs]) * 100:.1f}"
+                          for f in families)] for label, rs in runs]  # fmt: skip
     fam_rows.append(["text-only prior", *(f"{prior['accuracy']['test'][f] * 100:.1f}" for f in families)])  # fmt: skip
-    parts += ["Per family on the test split (mean over seeds):",
+    parts += ["Per family on the test split (mean over runs):",
               markdown_table(["run", *families], fam_rows)]  # fmt: skip
     if doc.get("targeted"):
         choice = doc["targeted"]["choice"]
-        parts += ["Did `auto` pick the space that trained better?", markdown_table(
-            ["benchmark", "predicted", "concept", "skill", "trained better", "right"],
-            [[b, c["predicted"], f"{c['concept'] * 100:.1f}", f"{c['skill'] * 100:.1f}",
-              c["trained_better"], "yes" if c["right"] else "no"] for b, c in choice.items()],
-        )]  # fmt: skip
+        doc = {**doc, "targeted": {**doc["targeted"], "score": choice_score(choice)}}
+        parts += ["Did `auto` pick the space that trained better?", choice_table(choice)]
+    doc = {**doc, "targets": targets(doc)}
+    parts += ["Targets:", markdown_table(
+        ["target", "value", "needed", "met", "by"],
+        [[t["target"], t["value"], t.get("needed", ""), "yes" if t["met"] else "no", t["by"]]
+         for t in doc["targets"]],
+    )]  # fmt: skip
     text = "\n\n".join(parts) + "\n"
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
