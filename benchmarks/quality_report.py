@@ -34,6 +34,14 @@ def _full(runs: list[dict]) -> dict[str, float]:
     }
 
 
+def _rel(method: dict, full: dict, scored: list[str]) -> float:
+    """Rel, or NaN where the world's full data scores 0 on every scored benchmark (an
+    untrained smoke run's base): undefined there, not a reason to lose the table."""
+    if not any(full[b] > 0 for b in scored):
+        return float("nan")
+    return relative_performance(method, full, scored)
+
+
 def summarize(results: dict[int, dict[str, list[dict]]], benchmarks: list[str]) -> dict:
     """Per label, over every (world, seed) run: mean and std of each eval set's accuracy
     and of Rel (module docstring), the runs' Rel in ``rel_runs`` (aligned with ``runs``,
@@ -45,7 +53,7 @@ def summarize(results: dict[int, dict[str, list[dict]]], benchmarks: list[str]) 
         runs = [(w, r) for w, labels in results.items() for r in labels.get(label, [])]
         evals = list(runs[0][1]["accuracy"])
         scored = [b for b in benchmarks if b in evals]
-        rel = [relative_performance(overall(r["accuracy"]), full[w], scored) for w, r in runs]
+        rel = [_rel(overall(r["accuracy"]), full[w], scored) for w, r in runs]
         per_eval = {e: mean_std([overall(r["accuracy"])[e] for _, r in runs]) for e in evals}
         per_world = {}
         for w in dict.fromkeys(w for w, _ in runs):
@@ -144,7 +152,7 @@ def _cell(stat: dict) -> str:
     return f"{stat['mean'] * 100:.1f} ± {stat['std'] * 100:.1f}"
 
 
-def _rel(stat: dict) -> str:
+def _rel_cell(stat: dict) -> str:
     return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
@@ -195,7 +203,7 @@ def write_report(out: str, doc: dict) -> str:
                if f"{m}@{b:g}" in s]  # fmt: skip
     header = ["method", "budget", *benchmarks, "Rel", "test"]
     rows = [[name, budget, *(_cell(s[label]["accuracy"][b]) for b in benchmarks),
-             _rel(s[label]["rel"]), _cell(s[label]["accuracy"]["test"])]
+             _rel_cell(s[label]["rel"]), _cell(s[label]["accuracy"]["test"])]
             for name, budget, label in labels]  # fmt: skip
     per_world = [[name, budget, *(f"{s[label]['per_world'][w]['rel']:.1f}" for w in worlds)]
                  for name, budget, label in labels]  # fmt: skip
@@ -203,12 +211,12 @@ def write_report(out: str, doc: dict) -> str:
         for mode, row in doc["targeted"]["rows"].items():
             rows.append([f"target: {mode}", f"{doc['target_budget']:.0%}",
                          *(_cell(row["cells"][b]["accuracy"][b]) for b in benchmarks),
-                         _rel(row["rel"]), ""])  # fmt: skip
+                         _rel_cell(row["rel"]), ""])  # fmt: skip
     p = overall(prior["accuracy"])
     first = {e: s["full"]["per_world"][worlds[0]]["accuracy"][e] for e in evals}
     rows.append([f"text-only prior (full data, image black; world {worlds[0]})", "100%",
                  *(f"{p[b] * 100:.1f}" for b in benchmarks),
-                 f"{relative_performance(p, first, benchmarks):.1f}",
+                 f"{_rel(p, first, benchmarks):.1f}",
                  f"{p['test'] * 100:.1f}"])  # fmt: skip
     n_runs = len(s["full"]["runs"])
     parts = [
