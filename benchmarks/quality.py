@@ -16,7 +16,7 @@ The default (the evaluation worlds; full data, random, COINCIDE, EL2N, CLIP-Scor
 PROGRESS-loss at 20%; targeted ``concept`` and ``skill``, whence ``auto``; 3 seeds;
 pool 2,000) is the issue's 90-minute run from an empty root. The larger setting adds
 ``--budgets 0.1,0.2,0.3 --methods random,coincide,perplexity,el2n,progress-loss,progress-accuracy
---target-modes concept,skill,sum,max,split`` (docs/benchmarks.md gives its time).
+--target-modes concept,skill,sum,max,split,sample`` (docs/results.md gives its time).
 
 1. Prepares one workspace per world (``<root>/world-<seed>``) with the real stages, each
    skipped when already done: ``vlselect world``, ``ingest``, ``embed --spaces
@@ -84,7 +84,7 @@ EVALUATION_WORLDS = (101, 102)
 UNTARGETED = ("random", "coincide", "perplexity", "el2n", "clip-score")
 PROGRESS = ("progress-loss", "progress-accuracy")
 DEFAULT_METHODS = ("random", "coincide", "el2n", "clip-score", "progress-loss")
-TARGET_MODES = ("concept", "skill", "sum", "max", "split")
+TARGET_MODES = ("concept", "skill", "sum", "max", "split", "sample")
 WARMUP_SHARE = 0.09
 # the warm-up model's per-row scores, and which end of their ranking a method keeps
 STATIC_SCORES = {"perplexity": ("loss", "middle"), "el2n": ("el2n", "high")}

@@ -166,7 +166,7 @@ class CoordinatorState:
             raise ValueError(
                 f"scores for round {round_index}, but rounds 0..{self.rounds - 1} were handed out"
             )
-        if round_index > self.probes_built:
+        if max(round_index, 0) > self.probes_built:  # the baseline scores round 0's rows
             raise ValueError(
                 f"scores for round {round_index} before its probe rows were handed out: "
                 "ask eval_positions first"

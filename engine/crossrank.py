@@ -471,3 +471,16 @@ def decide(
     spread = float(np.std(boot))
     z = abs(margin) / spread if spread > 0 else np.inf
     return Decision(prediction, confidence, margin, delta, delta_ref, float(z))
+
+
+def sample_spaces(ranks: CrossRanks, delta_ref: float, fallback: Space) -> np.ndarray:
+    """Each benchmark sample's own leaning: bool (q,), True for concept.
+
+    The per-sample form of ``decide``'s margin: log R_c|s(i) - log R_s|c(i) - Δ_ref,
+    concept where > 0, skill where < 0, and the benchmark's ``fallback`` prediction
+    where it is exactly 0 (both ranks censored at equal depths, say: the sample says
+    nothing). Why per sample: a benchmark's median can hide a minority of samples that
+    lean the other way; they are served by the space they lean on.
+    """
+    margin = np.log(ranks.r_cs) - np.log(ranks.r_sc) - delta_ref
+    return np.where(margin == 0, fallback == "concept", margin > 0)

@@ -16,7 +16,10 @@ exactly ``budget`` distinct rows (or every row the lists hold, when they hold fe
 Modes: ``concept`` and ``skill`` select from one space's lists. The hybrids the paper
 found weaker, kept as baselines: ``sum`` and ``max`` fuse the two lists of a sample
 into one ranking (``fuse``), ``split`` takes half the budget from the concept lists and
-the rest from the skill lists (``split_share``).
+the rest from the skill lists (``split_share``). ``sample`` (past the paper) decides the
+space per benchmark sample instead of per benchmark: each sample's list comes from the
+space its own cross-ranks favour (``engine.crossrank.sample_spaces``), so a benchmark
+that mixes concept-led and skill-led questions is served by both.
 
 Ties: the order of equal-scored entries within a list is the index's, which on a real
 pool stored in source order would hand the early sources every tied pick (skill
@@ -38,8 +41,8 @@ import numpy as np
 from engine.crossrank import TIE_TOL, searchsorted_groups
 
 Aggregation = Literal["round_robin", "score"]
-Mode = Literal["concept", "skill", "sum", "max", "split"]
-MODES: tuple[str, ...] = ("auto", "concept", "skill", "sum", "max", "split")
+Mode = Literal["concept", "skill", "sum", "max", "split", "sample"]
+MODES: tuple[str, ...] = ("auto", "concept", "skill", "sum", "max", "split", "sample")
 
 
 SPACES: tuple[str, ...] = ("concept", "skill", "fused", "random fill")
@@ -103,6 +106,13 @@ class Selection:
         """Rows taken from each space's lists (only the spaces that gave any)."""
         counts = np.bincount(self.space_codes, minlength=len(SPACES))
         return {SPACES[c]: int(n) for c, n in enumerate(counts) if n}
+
+    def relabel(self, space_of_sample: np.ndarray) -> None:
+        """Record each listed row's space as its sample's (``space_of_sample`` str (q,));
+        filled rows keep theirs."""
+        listed = self.sample >= 0
+        codes = np.array([SPACES.index(x) for x in space_of_sample], np.int64)
+        self._cols[3, : self._n][listed] = codes[self.sample[listed]]
 
     def per_sample(self, samples: int) -> np.ndarray:
         """int64 (samples,): how many rows each benchmark sample's list gave."""
@@ -394,6 +404,26 @@ def fuse(
     return out_ids, out_scores
 
 
+def per_sample_lists(
+    lists: dict[str, tuple[np.ndarray, np.ndarray]], sample_concept: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's list from its own space: ``(rows int64 (q, w), scores float64 (q, w))``,
+    w the wider list's width, -1 / -inf padded. Scores are standardised per space over
+    the benchmark (``standardise``), so the ``score`` aggregation compares like with like.
+
+    sample_concept: bool (q,), True: the concept list, False: the skill list.
+    """
+    (ci, cs), (si, ss) = lists["concept"], lists["skill"]
+    zc, zs = standardise(cs, ci), standardise(ss, si)
+    concept = np.asarray(sample_concept, bool)
+    width = max(ci.shape[1], si.shape[1])
+    ids = np.full((len(concept), width), -1, np.int64)
+    scores = np.full((len(concept), width), -np.inf)
+    ids[concept, : ci.shape[1]], scores[concept, : ci.shape[1]] = ci[concept], zc[concept]
+    ids[~concept, : si.shape[1]], scores[~concept, : si.shape[1]] = si[~concept], zs[~concept]
+    return ids, scores
+
+
 # Each space's tie-breaking stream: np.random.default_rng([seed, SPACE_STREAM[space]]).
 SPACE_STREAM = {"concept": 0, "skill": 1, "fused": 2}
 
@@ -411,6 +441,7 @@ def select(
     quota: int | None = None,
     split_share: float = 0.5,
     seed: int | None = None,
+    sample_concept: np.ndarray | None = None,
 ) -> Selection:
     """Exactly ``budget`` distinct rows (or all the lists hold) in ``mode``.
 
@@ -419,6 +450,7 @@ def select(
         lists: ``{"concept": (rows int64 (q, k), scores (q, k)), "skill": (...)}``; the spaces
             the mode reads must be there.
         split_share: ``split``: the concept lists' share of the budget (rounded up).
+        sample_concept: ``sample``: bool (q,), True where a sample takes its concept list.
         seed: breaks ties among equal-scored entries at random (``shuffle_ties``; a
             stream per space, and one for the fused lists of ``sum`` / ``max``), so that
             storage order does not decide them. None keeps the lists' own order: for
@@ -440,6 +472,15 @@ def select(
         return select_from_lists(
             ids, budget, scores=scores, aggregation=aggregation, quota=quota, space="fused"
         )
+    if mode == "sample":
+        if sample_concept is None:
+            raise ValueError("mode sample needs each sample's space (sample_concept)")
+        ids, scores = per_sample_lists(lists, sample_concept)
+        out = select_from_lists(
+            ids, budget, scores=scores, aggregation=aggregation, quota=quota, space="concept"
+        )
+        out.relabel(np.where(np.asarray(sample_concept, bool), "concept", "skill"))
+        return out
     if mode == "split":
         first = int(np.ceil(budget * split_share))
         ids, scores = lists["concept"]

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from actors.retrieval import RetrievalService, ServiceConfig
 from engine.artifacts import EmbeddingSpace, Pool, Ref, Selection, SelectionMeta, Skills, World
 from engine.commit import operational
-from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self
+from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self, sample_spaces
 from engine.embeddings import EmbeddedSpace, open_space
 from engine.errors import InputError
 from engine.kmeans import split_positions
@@ -110,8 +110,9 @@ class TargetConfig(BaseModel):
     )
     mode: Literal[MODES] = Field(  # type: ignore[valid-type]
         "auto",
-        description="auto (the predicted space), concept, skill, or the hybrid baselines "
-        "sum, max (fused rankings) and split (half the budget from each space).",
+        description="auto (the predicted space), concept, skill, the hybrid baselines "
+        "sum, max (fused rankings) and split (half the budget from each space), or sample "
+        "(each benchmark sample's own predicted space).",
     )
     images: str | None = Field(
         None, description="Root of the benchmarks' image paths (default: each file's folder)."
@@ -285,7 +286,8 @@ def _lists(services, queries: dict[str, np.ndarray], k: int, spaces=("concept", 
 
 
 MODE_SPACES = {"concept": ("concept",), "skill": ("skill",), "sum": ("concept", "skill"),
-               "max": ("concept", "skill"), "split": ("concept", "skill")}  # fmt: skip
+               "max": ("concept", "skill"), "split": ("concept", "skill"),
+               "sample": ("concept", "skill")}  # fmt: skip
 
 
 def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, staged) -> dict:
@@ -303,6 +305,9 @@ def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, st
     ranks = cross_ranks(*lists["concept"], *lists["skill"])
     decision = decide(ranks, reference, n_boot=cfg.bootstrap, seed=cfg.seed)
     mode = decision.prediction if cfg.mode == "auto" else cfg.mode
+    by_sample = None
+    if mode == "sample":
+        by_sample = sample_spaces(ranks, decision.delta_ref, decision.prediction)
     deepest = min(rows, max(depth, cfg.max_candidates // len(bench)))
     k = min(deepest, max(depth, math.ceil(2 * plan.budget / len(bench))))
     while True:
@@ -310,7 +315,8 @@ def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, st
             lists = None  # the shallower lists go before the deeper ones arrive
             lists = _lists(services, vecs, k, MODE_SPACES[mode])
         chosen = select(mode, plan.budget, lists, aggregation=cfg.aggregation, quota=cfg.quota,
-                        split_share=cfg.split_share, seed=cfg.seed)  # fmt: skip
+                        split_share=cfg.split_share, seed=cfg.seed,
+                        sample_concept=by_sample)  # fmt: skip
         if len(chosen) == plan.budget or k == deepest:
             break
         k = min(deepest, 2 * k)
@@ -337,6 +343,7 @@ def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, st
         "depth": depth, "selection_depth": k, "budget": plan.budget, "selected": len(chosen),
         "from_lists": reached, "filled_at_random": len(chosen) - reached,
         "aggregation": cfg.aggregation, "quota": cfg.quota, "quota_lifted": chosen.quota_lifted,
+        "samples_on_concept": None if by_sample is None else float(by_sample.mean()),
         "picks_per_sample": {"min": int(per.min()), "median": float(np.median(per)),
                              "max": int(per.max())},
         "picks_by_space": chosen.space_counts(),

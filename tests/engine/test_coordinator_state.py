@@ -66,6 +66,8 @@ def test_order_is_enforced():
         state.next_round(3)
     with pytest.raises(ValueError, match="rounds 0..0"):
         state.report(2, np.zeros(K))
+    with pytest.raises(ValueError, match="before its probe rows were handed out"):
+        state.report(BASELINE, np.zeros(0))  # the probe rows are asked first
     # a round asked before the previous one is scored would draw on a NaN delta
     with pytest.raises(ValueError, match="before round 0's scores were reported"):
         state.next_round(1)

@@ -107,6 +107,35 @@ def test_split_takes_half_from_each_space():
         select("auto", 2, {"skill": skill})
 
 
+def test_sample_mode_serves_each_sample_from_its_own_space():
+    concept = (np.array([rows("a", "b", "c"), rows("d", "e", "f")]), np.ones((2, 3), np.float32))
+    skill = (np.array([rows("x", "y", "z"), rows("g", "h", "a")]), np.ones((2, 3), np.float32))
+    lists = {"concept": concept, "skill": skill}
+    got = select("sample", 4, lists, sample_concept=np.array([True, False]))
+    assert letters(got.rows) == ["a", "g", "b", "h"]  # turns: sample 0 concept, 1 skill
+    assert got.space == ["concept", "skill", "concept", "skill"]
+    every = select("sample", 6, lists, sample_concept=np.array([False, False]))
+    assert letters(every.rows) == ["x", "g", "y", "h", "z", "a"]  # all skill: skill mode's
+    assert letters(every.rows) == letters(select("skill", 6, lists).rows)
+    with pytest.raises(ValueError, match="sample_concept"):
+        select("sample", 2, lists)
+
+
+def test_sample_spaces_follow_each_samples_margin():
+    from engine.crossrank import cross_ranks, sample_spaces
+
+    # sample 0: the skill top sits deep in the concept list (concept-led); sample 1 the
+    # reverse; sample 2 agrees both ways (margin 0): the benchmark's prediction decides
+    c_ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    s_ids = np.array([[4, 1, 2, 3], [6, 7, 8, 5], [9, 10, 11, 12]])
+    scores = np.tile(np.array([0.9, 0.8, 0.7, 0.6], np.float32), (3, 1))
+    ranks = cross_ranks(c_ids, scores, s_ids, scores)
+    assert sample_spaces(ranks, 0.0, "skill").tolist() == [True, False, False]
+    assert sample_spaces(ranks, 0.0, "concept").tolist() == [True, False, True]
+    # a reference offset moves every sample's margin alike
+    assert sample_spaces(ranks, 10.0, "concept").tolist() == [False, False, False]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.integers(1, 6),

@@ -174,6 +174,23 @@ def test_hybrid_mode_bad_records_and_clusters(world):
     assert {r["id"] for r in rejects} >= {"no-image", "no-question", "missing-file", "broken"}
 
 
+def test_sample_mode_takes_each_samples_own_space(world):
+    """--mode sample: every benchmark sample takes the space its own cross-ranks lean on;
+    the rows' recorded spaces follow their samples', and the budget is exact."""
+    ws, files = world
+    bench = bench_file(ws, "bench_counting", 20, files)
+    assert target(ws, "--benchmark", str(bench), "--budget", "30", "--name", "per-sample",
+                  "--mode", "sample", "--depth", "100") == 0  # fmt: skip
+    out = selection_dir(ws, "per-sample")
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "sample" and report["selected"] == 30
+    share = report["samples_on_concept"]
+    assert 0.0 <= share <= 1.0
+    taken = report["picks_by_space"]  # concept rows only where samples lean on concept
+    assert (taken.get("concept", 0) > 0) == (share > 0)
+    assert (taken.get("skill", 0) > 0) == (share < 1)
+
+
 def test_uncached_questions_are_described_by_the_skills_backend(world, tmp_path):
     """The workspace's skills model (a tiny random Llama through the transformers backend)
     has answered none of the benchmark's questions: the job asks it, caches what it says,
