@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--worlds evaluation|calibration|SEED,SEED]
         [--root ws/quality] [--pool 2000] [--seeds 0,1,2] [--budgets 0.2]
         [--methods random,coincide,el2n,clip-score,progress-loss] [--progress-budgets 0.2]
-        [--target-modes concept,skill] [--target-budget 0.2]
+        [--target-modes concept,skill] [--target-budget 0.2] [--auto-threshold X]
 
 Worlds are split in two, and the split is the protocol: rules, thresholds and recipes
 are chosen on the *calibration* worlds (``CALIBRATION_WORLDS``; seed 0 is the world
@@ -34,7 +34,9 @@ pool 2,000) is the issue's 90-minute run from an empty root. The larger setting 
    printed and recorded); ``full``, the whole pool, once per seed; with ``--methods
    progress-loss`` / ``progress-accuracy``, a ``vlselect progress`` job's selection; with
    ``--target-modes``, a ``vlselect target`` job per mode over the held-out benchmarks
-   (``auto``: each benchmark's predicted space), scored on its own benchmark.
+   (``auto``: each benchmark's predicted space; with ``--auto-threshold``, also
+   ``auto-calibrated``, the margin threshold ``benchmarks/calibrate_auto.py`` fitted on
+   the calibration worlds), scored on its own benchmark.
 3. Trains each selection from the base with ONE recipe (``FinetuneConfig``'s defaults:
    LoRA r=32 on the LM, projector trained fully, batch 64, ``--epochs`` passes over the
    selected rows, one cosine schedule): the papers' rule, the same epochs for every
@@ -303,7 +305,7 @@ def progress_ids(bench: Bench, metric: str, budget: float, seed: int) -> list[st
 
 def targeted_ids(ws: Workspace, world: WorldConfig, mode: str, budget: float):
     """Per held-out benchmark, the rows ``vlselect target --mode MODE`` chose, and each
-    benchmark's predicted space (one job per mode, all benchmarks at once)."""
+    benchmark's margin Δ_bench - Δ_ref (one job per mode, all benchmarks at once)."""
     from jobs.cli import main as cli
 
     name = f"quality-{mode}-{round(budget * 100)}"
@@ -313,12 +315,12 @@ def targeted_ids(ws: Workspace, world: WorldConfig, mode: str, budget: float):
         argv += ["--benchmark", World.open(ws).benchmark(b.name)]
     if cli(argv) != 0:
         raise SystemExit(f"`vlselect {' '.join(argv)}` failed")
-    ids, predictions = {}, {}
+    ids, margins = {}, {}
     for b in world.benchmarks:
         folder = Selection.open(ws, name).benchmark_dir(b.name)
         ids[b.name] = ws.read_bytes(f"{folder}/ids.txt").decode().split()
-        predictions[b.name] = ws.read_json(f"{folder}/report.json")["prediction"]
-    return ids, predictions
+        margins[b.name] = ws.read_json(f"{folder}/report.json")["margin"]
+    return ids, margins
 
 
 def run_world(bench: Bench, args, plan: dict) -> dict:
@@ -347,16 +349,23 @@ def run_world(bench: Bench, args, plan: dict) -> dict:
         label = "full" if method == "full" else f"{method}@{budget:g}"
         key = f"{method}-{round(budget * 100)}-s{seed}"
         results.setdefault(label, []).append(bench.run(key, positions, seed))
-    predictions = {}
+    margins = {}
     for mode in tqdm(plan["modes"], desc=f"world {world.seed}: targeted selections"):
-        chosen, predictions = targeted_ids(bench.ws, world, mode, args.target_budget)
+        chosen, margins = targeted_ids(bench.ws, world, mode, args.target_budget)
         for b, seed in [(b.name, s) for b in world.benchmarks for s in plan["seeds"]]:
             key = f"target-{mode}-{b}-{round(args.target_budget * 100)}-s{seed}"
             run = bench.run(key, bench.positions(chosen[b]), seed, evals=[b])
             results.setdefault(f"target:{mode}:{b}", []).append(run)
-    for b, space in predictions.items():  # auto: each benchmark's predicted space's runs
-        results[f"target:auto:{b}"] = results[f"target:{space}:{b}"]
-    return {"results": results, "predictions": predictions, "skipped": skipped}
+    autos = {"auto": 0.0}
+    if args.auto_threshold is not None:
+        autos["auto-calibrated"] = args.auto_threshold
+    predictions = {rule: {b: "concept" if m > threshold else "skill" for b, m in margins.items()}
+                   for rule, threshold in autos.items()} if margins else {}  # fmt: skip
+    for rule, predicted in predictions.items():  # each benchmark's predicted space's runs
+        for b, space in predicted.items():
+            results[f"target:{rule}:{b}"] = results[f"target:{space}:{b}"]
+    return {"results": results, "predictions": predictions, "margins": margins,
+            "skipped": skipped}  # fmt: skip
 
 
 def main() -> None:
@@ -375,6 +384,9 @@ def main() -> None:
                    help=f"vlselect target modes at --target-budget, of {TARGET_MODES}; "
                    "auto is scored from concept and skill; '' skips targeting")  # fmt: skip
     p.add_argument("--target-budget", type=float, default=0.2)
+    p.add_argument("--auto-threshold", type=float, default=None,
+                   help="also score auto-calibrated: auto with this margin threshold, as "
+                   "benchmarks/calibrate_auto.py fits it on the calibration worlds")  # fmt: skip
     p.add_argument("--progress-budgets", default="0.2",
                    help="budgets of the PROGRESS runs (a vlselect progress job each)")  # fmt: skip
     p.add_argument("--epochs", type=float, default=10)
@@ -436,10 +448,15 @@ def main() -> None:
         "setup_seconds": {str(w): s for w, s in setup.items()},
     }  # fmt: skip
     if plan["modes"]:
-        predictions = {w: d["predictions"] for w, d in per_world.items()}
-        rows, choice = targeted_summary(summary, plan["modes"], predictions, benchmarks)
-        doc["targeted"] = {"predictions": {str(w): v for w, v in predictions.items()},
-                           "rows": rows, "choice": choice}  # fmt: skip
+        rules = list(per_world[worlds[0]]["predictions"])
+        autos = {r: {w: d["predictions"][r] for w, d in per_world.items()} for r in rules}
+        rows, choice = targeted_summary(summary, plan["modes"], autos, benchmarks)
+        doc["targeted"] = {
+            "margins": {str(w): d["margins"] for w, d in per_world.items()},
+            "auto_threshold": args.auto_threshold,
+            "predictions": {r: {str(w): v for w, v in p.items()} for r, p in autos.items()},
+            "rows": rows, "choice": choice,
+        }  # fmt: skip
     doc["total_seconds"] = round(time.perf_counter() - t0, 1)
     print("\n" + write_report(out, doc))
     print(f"wrote {out} (and .md, _budget.png) in {doc['total_seconds']:.0f} s")

@@ -90,19 +90,19 @@ def better_space(acc: dict[str, float]) -> str:
     return max(acc, key=acc.get)
 
 
-def targeted_summary(summary: dict, modes: list[str], predictions: dict, benchmarks: list[str]):
-    """Per mode (``auto`` included: quality.py files each world's predicted space's runs
-    under ``target:auto:<benchmark>``), its cells per benchmark, each its own selection,
-    and its Rel over (world, seed) runs; and per (world, benchmark) whether ``auto``
-    picked the space that trained better there: ``right`` is None where the two tied.
+def targeted_summary(summary: dict, modes: list[str], autos: dict, benchmarks: list[str]):
+    """Per mode and per auto rule (quality.py files each world's predicted space's runs
+    under ``target:<rule>:<benchmark>``), its cells per benchmark, each its own
+    selection, and its Rel over (world, seed) runs; and per rule, per (world, benchmark),
+    whether it picked the space that trained better there (``right`` None on a tie).
 
-    predictions: world -> benchmark -> "concept" | "skill".
-    Returns ``(rows, choice)``: rows[mode] = {"cells": {benchmark: summary entry},
-    "rel": {"mean", "std"}}; choice["<world>/<benchmark>"] = {world, benchmark,
-    predicted, concept, skill, trained_better, right}.
+    autos: rule ("auto", "auto-calibrated") -> world -> benchmark -> "concept" | "skill".
+    Returns ``(rows, choice)``: rows[mode or rule] = {"cells": {benchmark: summary
+    entry}, "rel": {"mean", "std"}}; choice[rule]["<world>/<benchmark>"] = {world,
+    benchmark, predicted, concept, skill, trained_better, right}.
     """
     rows = {}
-    for mode in [*modes, "auto"]:
+    for mode in [*modes, *autos]:
         cells = {b: summary[f"target:{mode}:{b}"] for b in benchmarks}
         by_run = [{tuple(k): v for k, v in zip(c["runs"], c["rel_runs"], strict=True)}
                   for c in cells.values()]  # fmt: skip
@@ -110,16 +110,18 @@ def targeted_summary(summary: dict, modes: list[str], predictions: dict, benchma
         rel = [float(np.mean([r[k] for r in by_run])) for k in common]
         rows[mode] = {"cells": cells, "rel": dict(zip(("mean", "std"), mean_std(rel), strict=True))}
     choice = {}
-    for w, predicted in predictions.items():
-        for b in benchmarks:
-            acc = {m: summary[f"target:{m}:{b}"]["per_world"][str(w)]["accuracy"][b]
-                   for m in ("concept", "skill")}  # fmt: skip
-            better = better_space(acc)
-            choice[f"{w}/{b}"] = {
-                "world": w, "benchmark": b, "predicted": predicted[b], **acc,
-                "trained_better": better,
-                "right": None if better == "tie" else predicted[b] == better,
-            }  # fmt: skip
+    for rule, predictions in autos.items():
+        choice[rule] = {}
+        for w, predicted in predictions.items():
+            for b in benchmarks:
+                acc = {m: summary[f"target:{m}:{b}"]["per_world"][str(w)]["accuracy"][b]
+                       for m in ("concept", "skill")}  # fmt: skip
+                better = better_space(acc)
+                choice[rule][f"{w}/{b}"] = {
+                    "world": w, "benchmark": b, "predicted": predicted[b], **acc,
+                    "trained_better": better,
+                    "right": None if better == "tie" else predicted[b] == better,
+                }  # fmt: skip
     return rows, choice
 
 
@@ -143,7 +145,7 @@ def choice_table(choice: dict) -> str:
     )  # fmt: skip
     score = choice_score(choice)
     return (
-        f"{table}\n\n`auto` picked the better space for {score['right']} of "
+        f"{table}\n\nIt picked the better space for {score['right']} of "
         f"{score['decided']} benchmarks where one trained better ({score['ties']} tied)."
     )
 
@@ -175,20 +177,20 @@ def targets(doc: dict) -> list[dict]:
         out.append({"target": f"{best} - random at 20% > 2 x max std", "value": round(margin, 2),
                     "needed": round(needed, 2), "met": margin > needed,
                     "by": round(margin - needed, 2)})  # fmt: skip
-    if doc.get("targeted"):
-        score = choice_score(doc["targeted"]["choice"])
+    untargeted = {m: s[f"{m}@0.2"]["rel"]["mean"] for m in doc["methods"] if f"{m}@0.2" in s}
+    for rule, choice in (doc.get("targeted") or {}).get("choice", {}).items():
+        score = choice_score(choice)
         share = score["right"] / score["decided"] if score["decided"] else float("nan")
-        out.append({"target": "auto: the better space on >= 80% of decided benchmarks",
+        out.append({"target": f"{rule}: the better space on >= 80% of decided benchmarks",
                     "value": f"{score['right']}/{score['decided']}", "met": share >= 0.8,
                     "by": round(100 * (share - 0.8), 1)})  # fmt: skip
-        untargeted = {m: s[f"{m}@0.2"]["rel"]["mean"] for m in doc["methods"] if f"{m}@0.2" in s}
         if untargeted:
             best = max(untargeted, key=untargeted.get)
-            auto = doc["targeted"]["rows"]["auto"]["rel"]["mean"]
-            out.append({"target": f"auto above the best untargeted 20% ({best})",
-                        "value": round(auto, 2), "needed": round(untargeted[best], 2),
-                        "met": auto > untargeted[best],
-                        "by": round(auto - untargeted[best], 2)})  # fmt: skip
+            rel = doc["targeted"]["rows"][rule]["rel"]["mean"]
+            out.append({"target": f"{rule} above the best untargeted 20% ({best})",
+                        "value": round(rel, 2), "needed": round(untargeted[best], 2),
+                        "met": rel > untargeted[best],
+                        "by": round(rel - untargeted[best], 2)})  # fmt: skip
     return out
 
 
@@ -242,9 +244,11 @@ def write_report(out: str, doc: dict) -> str:
     parts += ["Per family on the test split (mean over runs):",
               markdown_table(["run", *families], fam_rows)]  # fmt: skip
     if doc.get("targeted"):
-        choice = doc["targeted"]["choice"]
-        doc = {**doc, "targeted": {**doc["targeted"], "score": choice_score(choice)}}
-        parts += ["Did `auto` pick the space that trained better?", choice_table(choice)]
+        choices = doc["targeted"]["choice"]
+        scores = {rule: choice_score(choice) for rule, choice in choices.items()}
+        doc = {**doc, "targeted": {**doc["targeted"], "score": scores}}
+        for rule, choice in choices.items():
+            parts += [f"Did `{rule}` pick the space that trained better?", choice_table(choice)]
     doc = {**doc, "targets": targets(doc)}
     parts += ["Targets:", markdown_table(
         ["target", "value", "needed", "met", "by"],

@@ -437,6 +437,7 @@ def decide(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    threshold: float = 0.0,
 ) -> Decision:
     """Predict the dominant space from the margin Δ_bench - Δ_ref (module docstring).
 
@@ -446,9 +447,13 @@ def decide(
             Δ_ref = 0 (no calibration).
         n_boot: bootstrap resamples for the confidence (0: confidence 1.0 or 0.5 at a tie).
         seed: the bootstrap's seed.
+        threshold: the margin above which the prediction is concept: 0 uncalibrated; a
+            value fitted on calibration worlds whose leaning is known moves the line
+            where the two spaces' offset is not what the reference alone says
+            (``fit_threshold``).
     Returns:
-        ``Decision``: "concept" when the margin is > 0, "skill" when it is < 0; a margin of
-        exactly 0 is called "skill" with confidence 0.5 at most.
+        ``Decision``: "concept" when the margin is > threshold, "skill" when it is below;
+        a margin exactly at it is called "skill" with confidence 0.5 at most.
     """
     log_cs, log_sc = np.log(bench.r_cs), np.log(bench.r_sc)
     delta = float(_delta(log_cs[None], log_sc[None])[0])
@@ -457,19 +462,20 @@ def decide(
         ref_cs, ref_sc = np.log(reference.r_cs), np.log(reference.r_sc)
         delta_ref = float(_delta(ref_cs[None], ref_sc[None])[0])
     margin = delta - delta_ref
-    prediction = "concept" if margin > 0 else "skill"
+    prediction = "concept" if margin > threshold else "skill"
     if n_boot <= 0:
-        return Decision(prediction, 0.5 if margin == 0 else 1.0, margin, delta, delta_ref, np.inf)
+        at_line = margin == threshold
+        return Decision(prediction, 0.5 if at_line else 1.0, margin, delta, delta_ref, np.inf)
     rng = np.random.default_rng(seed)
     boot = _boot_deltas(rng, log_cs, log_sc, n_boot)
     if reference is not None and len(reference):
         boot = boot - _boot_deltas(rng, ref_cs, ref_sc, n_boot)
-    agree = boot > 0 if prediction == "concept" else boot < 0
+    agree = boot > threshold if prediction == "concept" else boot < threshold
     confidence = float(np.mean(agree))
-    if margin == 0:
+    if margin == threshold:
         confidence = min(confidence, 0.5)
     spread = float(np.std(boot))
-    z = abs(margin) / spread if spread > 0 else np.inf
+    z = abs(margin - threshold) / spread if spread > 0 else np.inf
     return Decision(prediction, confidence, margin, delta, delta_ref, float(z))
 
 
@@ -484,3 +490,25 @@ def sample_spaces(ranks: CrossRanks, delta_ref: float, fallback: Space) -> np.nd
     """
     margin = np.log(ranks.r_cs) - np.log(ranks.r_sc) - delta_ref
     return np.where(margin == 0, fallback == "concept", margin > 0)
+
+
+def fit_threshold(margins: np.ndarray, concept_better: np.ndarray) -> tuple[float, int]:
+    """The ``decide`` threshold that calls the most calibration benchmarks right.
+
+    margins: float (m,), each calibration benchmark's Δ_bench - Δ_ref; concept_better:
+    bool (m,), whether its concept-targeted selection trained better (ties left out by
+    the caller). Candidates are 0 and the midpoints between consecutive sorted margins
+    (and one beyond each end); among those with the most right, the one nearest 0 (the
+    uncalibrated rule) wins, so a calibration that cannot improve on it changes nothing.
+    Returns ``(threshold, right)``.
+    """
+    margins = np.asarray(margins, np.float64)
+    concept_better = np.asarray(concept_better, bool)
+    if margins.shape != concept_better.shape or margins.ndim != 1:
+        raise ValueError(f"margins {margins.shape} and labels {concept_better.shape} differ")
+    ends = np.sort(margins)
+    candidates = np.unique(np.r_[0.0, (ends[1:] + ends[:-1]) / 2, ends[:1] - 1, ends[-1:] + 1])
+    right = ((margins[None] > candidates[:, None]) == concept_better[None]).sum(axis=1)
+    best = np.flatnonzero(right == right.max())
+    pick = best[np.argmin(np.abs(candidates[best]))]
+    return float(candidates[pick]), int(right[pick])

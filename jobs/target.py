@@ -139,6 +139,12 @@ class TargetConfig(BaseModel):
         200, ge=0, description="Pool samples used as reference queries (0: no calibration)."
     )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the confidence.")
+    auto_threshold: float = Field(
+        0.0,
+        description="The margin (Δ_bench - Δ_ref) above which auto predicts concept: 0 is "
+        "uncalibrated; benchmarks/calibrate_auto.py fits it on calibration worlds whose "
+        "leaning is known.",
+    )
     seed: int = Field(
         0, ge=0, description="Seed of the reference sample, the bootstrap, the random order "
         "of equal-scored neighbours in the selection, and the random fill.",
@@ -303,7 +309,8 @@ def run_benchmark(cfg, ws, plan, services, bench: Benchmark, vecs, reference, st
     lists = _lists(services, vecs, depth)
     top = {space: ids[:, 0].copy() for space, (ids, _) in lists.items()}
     ranks = cross_ranks(*lists["concept"], *lists["skill"])
-    decision = decide(ranks, reference, n_boot=cfg.bootstrap, seed=cfg.seed)
+    decision = decide(ranks, reference, n_boot=cfg.bootstrap, seed=cfg.seed,
+                      threshold=cfg.auto_threshold)  # fmt: skip
     mode = decision.prediction if cfg.mode == "auto" else cfg.mode
     by_sample = None
     if mode == "sample":

@@ -72,7 +72,9 @@ def test_targeted_summary_reports_ties_as_ties():
     acc = {"hit": (0.6, 0.4), "tie": (EQUAL_B, EQUAL_A), "miss": (0.3, 0.5)}
     predictions = {"hit": "concept", "tie": "skill", "miss": "concept"}
     summary = target_summary(acc, predictions)
-    rows, choice = targeted_summary(summary, ["concept", "skill"], {5: predictions}, list(acc))
+    rows, choices = targeted_summary(summary, ["concept", "skill"], {"auto": {5: predictions}},
+                                     list(acc))  # fmt: skip
+    choice = choices["auto"]
     assert rows["auto"]["cells"]["tie"] is summary["target:auto:tie"]
     assert rows["auto"]["rel"]["mean"] == pytest.approx(100 * (0.6 + EQUAL_A + 0.3) / 3)
     assert [choice[f"5/{b}"]["trained_better"] for b in acc] == ["concept", "tie", "skill"]
@@ -82,7 +84,9 @@ def test_targeted_summary_reports_ties_as_ties():
     table = choice_table(choice)
     tie_line = next(line for line in table.splitlines() if "| tie |" in line)
     assert tie_line.rstrip().endswith("| tie | — |")
-    assert "for 1 of 2 benchmarks where one trained better (1 tied)" in table
+    assert (
+        "picked the better space for 1 of 2 benchmarks where one trained better (1 tied)" in table
+    )
 
 
 def test_better_space_needs_more_than_rounding():
@@ -110,7 +114,7 @@ def test_the_report_states_every_target_with_its_margin(tmp_path):
     summary = summarize(results, BENCHES)
     predictions = {w: {b: ("concept" if (w, b) != (12, "b2") else "skill") for b in BENCHES}
                    for w in (11, 12)}  # fmt: skip
-    rows, choice = targeted_summary(summary, ["concept", "skill"], predictions, BENCHES)
+    rows, choice = targeted_summary(summary, ["concept", "skill"], {"auto": predictions}, BENCHES)
     doc = {
         "role": "evaluation", "worlds": [11, 12], "calibration_worlds": [0],
         "evaluation_worlds": [11, 12], "seeds": [0, 1, 2], "pool": 100,
@@ -130,3 +134,34 @@ def test_the_report_states_every_target_with_its_margin(tmp_path):
     assert auto["value"] == "3/4" and not auto["met"] and auto["by"] == pytest.approx(-5.0)
     assert "world 11" in text and "| no |" in text
     assert (tmp_path / "quality_budget.png").stat().st_size > 0
+
+
+def test_the_auto_threshold_is_fitted_on_calibration_worlds_only(tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import calibrate_auto
+
+    # concept trained better exactly where the margin is above 0.2: at 0 one is wrong
+    margins = {"b1": 0.5, "b2": 0.1}
+    acc = {"b1": (0.6, 0.4), "b2": (0.3, 0.5)}
+    predictions = {b: "concept" if m > 0 else "skill" for b, m in margins.items()}
+    summary = target_summary(acc, predictions)
+    rows, choice = targeted_summary(summary, ["concept", "skill"], {"auto": {5: predictions}},
+                                    list(acc))  # fmt: skip
+    doc = {"role": "calibration", "worlds": [5],
+           "targeted": {"margins": {"5": margins}, "choice": choice, "rows": rows}}  # fmt: skip
+    points = calibrate_auto.calibration_points(doc)
+    assert [(x["benchmark"], x["trained_better"]) for x in points] == [
+        ("b1", "concept"), ("b2", "skill")]  # fmt: skip
+    source = tmp_path / "quality_calibration.json"
+    source.write_text(json.dumps(doc))
+    out = tmp_path / "auto_threshold.json"
+    argv = ["calibrate_auto.py", "--quality", str(source), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    calibrate_auto.main()
+    fitted = json.loads(out.read_text())
+    assert 0.1 < fitted["threshold"] < 0.5 and fitted["right"] == 2
+    assert fitted["right_uncalibrated"] == 1 and fitted["decided"] == 2
+    source.write_text(json.dumps({**doc, "role": "evaluation"}))
+    with pytest.raises(SystemExit, match="calibration worlds only"):
+        calibrate_auto.main()

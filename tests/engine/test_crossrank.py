@@ -230,3 +230,24 @@ def test_decide_sign_confidence_and_reference():
     shifted = decide(far_c, ranks(rng.integers(2000, 4000, 80), rng.integers(5, 20, 80)))
     assert shifted.prediction == "skill" and shifted.delta > 0
     assert decide(far_c, seed=1).as_dict()["prediction"] == "concept"
+
+
+def test_a_calibrated_threshold_moves_the_line_and_is_fitted_to_known_leanings():
+    from engine.crossrank import fit_threshold
+
+    rng = np.random.default_rng(3)
+    far_c = ranks(rng.integers(200, 400, 80), rng.integers(5, 20, 80))
+    plain = decide(far_c, n_boot=200)
+    assert plain.prediction == "concept"
+    moved = decide(far_c, n_boot=200, threshold=plain.margin + 1.0)
+    assert moved.prediction == "skill" and moved.confidence > 0.99
+    assert moved.margin == plain.margin  # the threshold moves the line, not the data
+    # Calibration benchmarks: concept trained better only above a margin of 0.5.
+    margins = np.array([-0.4, 0.1, 0.3, 0.7, 0.9, -0.1])
+    better = np.array([False, False, False, True, True, False])
+    threshold, right = fit_threshold(margins, better)
+    assert right == 6 and 0.3 < threshold < 0.7
+    # Nothing to learn (the uncalibrated rule is already all right): the threshold stays 0.
+    assert fit_threshold(np.array([-1.0, 1.0]), np.array([False, True])) == (0.0, 2)
+    with pytest.raises(ValueError, match="differ"):
+        fit_threshold(np.zeros(3), np.zeros(2, bool))
