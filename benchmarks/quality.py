@@ -390,6 +390,10 @@ def main() -> None:
     p.add_argument("--progress-budgets", default="0.2",
                    help="budgets of the PROGRESS runs (a vlselect progress job each)")  # fmt: skip
     p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--base-world", type=int, default=None,
+                   help="the world whose workspace under --root holds the shared base (default: "
+                   "this run's first, which trains it): a calibration run reuses the "
+                   "evaluation run's base, or the reverse")  # fmt: skip
     p.add_argument("--base-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a `vlselect base --set` for the shared base (a smoke run's small "
                    "base: train.vision_steps=3 ...)")  # fmt: skip
@@ -416,7 +420,10 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     recipe = FinetuneConfig(epochs=args.epochs)
-    base_ws = Workspace.open(str(Path(args.root) / f"world-{worlds[0]}"))
+    base_world = worlds[0] if args.base_world is None else args.base_world
+    base_ws = Workspace.open(str(Path(args.root) / f"world-{base_world}"))
+    if base_world not in worlds:  # the base's home is another run's world: it must be there
+        load_base(base_ws)
     per_world, setup = {}, {}
     for seed in worlds:
         start = time.perf_counter()
