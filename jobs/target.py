@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from actors.retrieval import RetrievalService, ServiceConfig
 from engine.artifacts import EmbeddingSpace, Pool, Ref, Selection, SelectionMeta, Skills, World
-from engine.commit import operational
+from engine.commit import added_later, operational
 from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self, sample_spaces
 from engine.embeddings import EmbeddedSpace, open_space
 from engine.errors import InputError
@@ -139,7 +139,7 @@ class TargetConfig(BaseModel):
         200, ge=0, description="Pool samples used as reference queries (0: no calibration)."
     )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the confidence.")
-    auto_threshold: float = Field(
+    auto_threshold: float = added_later(
         0.0,
         description="The margin (Δ_bench - Δ_ref) above which auto predicts concept: 0 is "
         "uncalibrated; benchmarks/calibrate_auto.py fits it on calibration worlds whose "
