@@ -68,7 +68,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TIE_TOL = 1e-6
+from engine.ranked_lists import TIE_TOL, ranks_of, top_group
+
 Space = str  # "concept" | "skill"
 
 
@@ -108,180 +109,6 @@ class CrossRanks:
                          self.ties_c, self.ties_s)  # fmt: skip
 
 
-def absent(ids: np.ndarray) -> np.ndarray:
-    """bool, ``ids``' shape: no result here (row -1, or None in string ids)."""
-    ids = np.asarray(ids)
-    return np.equal(ids, None) if ids.dtype == object else ids < 0
-
-
-def _valid(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """bool (q, k): entries that hold a result (a row, a finite score)."""
-    return ~absent(ids) & np.isfinite(scores)
-
-
-def searchsorted_groups(
-    group: np.ndarray, a: np.ndarray, at_group: np.ndarray, v: np.ndarray, side: str = "left"
-) -> np.ndarray:
-    """``np.searchsorted`` of each ``v[j]`` within the group ``at_group[j]`` of ``a``, for
-    all j in one call.
-
-    NumPy has no batched searchsorted, and a loop per list is what 10k queries cannot
-    afford. Each value is replaced by its index among the distinct values, so
-    ``group * width + index`` is one sorted int64 key over all the groups and one
-    ``np.searchsorted`` answers every query exactly (no float offsets to lose bits).
-
-    Args:
-        group: int64 (m,), non-decreasing: each group's entries are contiguous.
-        a: float (m,), ascending within each group (±inf allowed, no NaN).
-        at_group: int64 (n,), the group each value is searched in.
-        v: float (n,), the values.
-        side: "left" (before entries == v) or "right" (after them).
-    Returns:
-        int64 (n,): positions in ``a`` (global): the group's first entry not before
-        ``v[j]``, or the next group's first entry (``m`` after the last group).
-    """
-    a = np.asarray(a, np.float64)
-    distinct = np.unique(a)
-    width = len(distinct) + 1  # > every index searchsorted can give: groups never overlap
-    keys = np.asarray(group, np.int64) * width + np.searchsorted(distinct, a)
-    at = np.searchsorted(distinct, np.asarray(v, np.float64), side=side)
-    return np.searchsorted(keys, np.asarray(at_group, np.int64) * width + at, side="left")
-
-
-def _codes(ids: np.ndarray, valid: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """int64, ``ids``' shape: each entry's index in the sorted ``wanted``, -1 if it is
-    none of them (or not valid). Pool rows no larger than a few times the entries go
-    through a lookup table (one pass); other ids (strings, a huge pool) are searched."""
-    if ids.dtype.kind in "iu" and wanted.dtype.kind in "iu" and wanted[0] >= 0:
-        top = int(max(ids.max(initial=0), wanted[-1]))
-        if top < 4 * max(ids.size, 1 << 16):
-            table = np.full(top + 1, -1, np.int64)
-            table[wanted] = np.arange(len(wanted))
-            return np.where(valid, table[np.maximum(ids, 0)], -1)
-    filled = np.where(valid, ids, wanted[0])  # None would not compare; masked out below
-    code = np.minimum(np.searchsorted(wanted, filled), len(wanted) - 1)
-    return np.where(valid & (wanted[code] == filled), code, -1)
-
-
-def _positions(ids: np.ndarray, valid: np.ndarray, row: np.ndarray, target: np.ndarray):
-    """Where ``target[j]`` sits in the list ``ids[row[j]]``: int64 (n,), -1 if absent.
-
-    A join through the (few) distinct targets: every list entry is looked up among
-    them, and only the entries that match are sorted, so a (q, k) of 10M entries is
-    scanned once, not sorted, and no (n, k) comparison is built (a top group can hold
-    hundreds of tied rows). A row listed twice is found at its first place, as
-    ``rank_within`` always did.
-    """
-    out = np.full(len(target), -1, np.int64)
-    present = ~absent(target)
-    wanted = np.unique(target[present])
-    if wanted.size == 0 or ids.size == 0:
-        return out
-    code = _codes(ids, valid, wanted)
-    r, c = np.nonzero(code >= 0)
-    have = r.astype(np.int64) * len(wanted) + code[r, c]
-    order = np.lexsort((c, have))  # equal keys: the first place first
-    have, c = have[order], c[order]
-    want = np.asarray(row, np.int64)[present] * len(wanted) + np.searchsorted(
-        wanted, target[present]
-    )
-    if len(have):
-        at = np.minimum(np.searchsorted(have, want), len(have) - 1)
-        hit = have[at] == want
-        out[np.flatnonzero(present)[hit]] = c[at[hit]]
-    return out
-
-
-def _better(desc: np.ndarray, row: np.ndarray, col: np.ndarray, tol: float) -> np.ndarray:
-    """int64 (n,): entries of the list ``desc[row[j]]`` scoring more than
-    ``desc[row[j], col[j]] + tol``.
-
-    ``desc``: float64 (q, k), each row non-increasing (-inf tail). In a sorted list
-    those entries are a prefix ending at the start of the entry's stretch of gaps <=
-    tol; a stretch whose scores span no more than tol (exact ties, the common case)
-    is that start exactly, and only the entries of wider stretches are searched.
-    """
-    q, k = desc.shape
-    flat = desc.ravel()
-    pos = np.asarray(row, np.int64) * k + np.asarray(col, np.int64)
-    gap = np.ones(flat.size, bool)
-    gap[1:] = flat[:-1] > flat[1:] + tol
-    gap[::k] = True  # every list starts a stretch
-    starts = np.flatnonzero(gap)
-    ends = np.r_[starts[1:], flat.size]  # one past each stretch's last entry
-    sid = np.searchsorted(starts, pos, side="right") - 1
-    out = starts[sid]
-    search = flat[out] > flat[ends[sid] - 1] + tol  # a stretch wider than tol
-    if search.any():
-        wide = np.unique(sid[search])
-        size = ends[wide] - starts[wide]
-        group = np.repeat(np.arange(len(wide)), size)
-        inside = (
-            starts[wide][group] + np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)
-        )
-        # The first entry of the stretch not better than the member: at or before it.
-        at = searchsorted_groups(group, -flat[inside], np.searchsorted(wide, sid[search]),
-                                 -(flat[pos[search]] + tol), "left")  # fmt: skip
-        out[search] = inside[at]
-    return out - np.asarray(row, np.int64) * k
-
-
-def _ranks_of(row, target, ids, scores, tol):
-    """``rank_within`` for targets in any rows (int64 rank, bool censored (n,), int64
-    depth (q,)): the one definition of a rank that both ``rank_within`` and the tie
-    groups of ``cross_ranks`` use."""
-    ids, target = np.asarray(ids), np.asarray(target)
-    scores = np.asarray(scores, dtype=np.float64)
-    if ids.ndim != 2 or ids.shape != scores.shape:
-        raise ValueError(f"ids {ids.shape} and scores {scores.shape} must be the same (q, k)")
-    valid = _valid(ids, scores)
-    depth = valid.sum(axis=1).astype(np.int64)
-    row = np.asarray(row, np.int64)
-    pos = _positions(ids, valid, row, target)
-    found = pos >= 0
-    rank = depth[row] + 1
-    if found.any():
-        masked = np.where(valid, scores, -np.inf)
-        own = masked[row[found], pos[found]]
-        if (masked[:, 1:] > masked[:, :-1]).any():  # not best first: compare with every entry
-            better = (masked[row[found]] > (own + tol)[:, None]).sum(axis=1)
-        else:
-            better = _better(masked, row[found], pos[found], tol)
-        rank[found] = 1 + better
-    return rank, ~found, depth
-
-
-def rank_within(
-    target: np.ndarray, ids: np.ndarray, scores: np.ndarray, tol: float = TIE_TOL
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The competition rank of ``target[i]`` within the ranked list ``ids[i]``.
-
-    Args:
-        target: int64 (q,), one pool row per query (-1: nothing to rank); or string ids
-            (object, None) with ``ids`` of strings.
-        ids: int64 (q, k), each row best first; -1 marks a missing result (tail).
-        scores: float32 (q, k), matching scores (-inf for missing results).
-        tol: scores within ``tol`` of the target's count as tied with it.
-    Returns:
-        ``(rank int64 (q,), censored bool (q,), depth int64 (q,))``: rank = 1 + the
-        entries scoring more than the target's score + tol; where the target is not in
-        the list (or is None) rank = depth + 1 and censored is True.
-    """
-    ids = np.asarray(ids)
-    return _ranks_of(np.arange(len(ids)), target, ids, scores, tol)
-
-
-def top_group(ids: np.ndarray, scores: np.ndarray, tol: float = TIE_TOL) -> np.ndarray:
-    """bool (q, k): the entries within ``tol`` of their list's best score, wherever
-    the index put them (the tied "top-1" of each list)."""
-    ids = np.asarray(ids)
-    scores = np.asarray(scores, np.float64)
-    valid = _valid(ids, scores)
-    masked = np.where(valid, scores, -np.inf)
-    best = masked.max(axis=1, initial=-np.inf)
-    return valid & ~(best[:, None] > masked + tol)  # tied as in rank_within
-
-
 def _group_rank(top_ids, top_scores, ids, scores, tol):
     """R of each query's top group of ``top_ids`` within ``ids``: float64 rank,
     bool censored, int64 depth, int64 members, all (q,)."""
@@ -289,7 +116,7 @@ def _group_rank(top_ids, top_scores, ids, scores, tol):
     q = len(top_ids)
     member = top_group(top_ids, top_scores, tol)
     row, col = np.nonzero(member)
-    rank, cens, depth = _ranks_of(row, top_ids[row, col], ids, scores, tol)
+    rank, cens, depth = ranks_of(row, top_ids[row, col], ids, scores, tol)
     ties = np.bincount(row, minlength=q).astype(np.int64)
     out = depth + 1.0  # no top group (an empty list): censored just past the other list
     censored = ties == 0

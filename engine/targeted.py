@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from engine.crossrank import TIE_TOL, searchsorted_groups
+from engine.ranked_lists import shuffle_ties
 
 Aggregation = Literal["round_robin", "score"]
 Mode = Literal["concept", "skill", "sum", "max", "split", "sample"]
@@ -163,116 +163,6 @@ def _take_by_score(ids, scores, budget, taken, out, space, quota) -> None:
         mask[row] = True
         out.add(int(row), i, int(flat) - i * k, space)
         given[i] += 1
-
-
-def _run_starts(desc: np.ndarray, tol: float) -> np.ndarray:
-    """bool (q, k): where each run of tied scores begins in the rows of ``desc``
-    (float64, each row non-increasing, -inf tail).
-
-    A run is anchored at its first entry a (every later x with not s[a] > s[x] + tol,
-    the tie of ``rank_within``), not chained entry to entry: in a deep list
-    consecutive distinct scores can be closer than ``tol``, and a chain would merge
-    far-apart scores into one "tie". A gap wider than ``tol`` always starts a run; a
-    stretch of narrower gaps spanning no more than ``tol`` is one run (exact ties, the
-    common case); only inside wider stretches are the starts followed along the chain
-    a -> the first entry below a's tie, for all of them at once by pointer doubling
-    (log2 of the longest chain passes).
-    """
-    q, k = desc.shape
-    flat = desc.ravel()
-    lifted = flat + tol
-    starts = np.ones(flat.size, bool)
-    starts[1:] = flat[:-1] > lifted[1:]
-    starts[::k] = True  # every list starts a run
-    first = np.flatnonzero(starts)
-    size = np.diff(np.r_[first, flat.size])
-    wide = np.flatnonzero(flat[first] > lifted[first + size - 1])
-    if len(wide):
-        size = size[wide]
-        group = np.repeat(np.arange(len(wide)), size)
-        offset = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)
-        inside = first[wide][group] + offset
-        # jump[j]: the first entry of j's stretch below j's tie (the next one's first,
-        # or the sentinel m, when there is none): where a run anchored at j ends.
-        m = len(inside)
-        jump = np.append(searchsorted_groups(group, -lifted[inside], group, -flat[inside],
-                                             "right"), m)  # fmt: skip
-        mark = np.append(offset == 0, False)
-        while True:  # mark: every entry reached from a stretch's first in < 2^t steps
-            to = jump[np.flatnonzero(mark)]
-            new = to[(to < m) & ~mark[to]]
-            if not new.size:  # closed under the jump: every anchor is marked
-                break
-            mark[new] = True
-            jump = jump[jump]
-        starts[inside] = mark[:m]
-    return starts.reshape(q, k)
-
-
-# Entries ``shuffle_ties`` works on at once: its temporaries (a few 8-byte arrays of this
-# length) stay near 0.2 GB however deep the lists (max_candidates is 16M entries).
-SHUFFLE_CHUNK = 1 << 22
-
-
-def _shuffle_block(ids, scores, valid, rng, tol) -> None:
-    """``shuffle_ties`` in place on a block of whole lists (contiguous (b, k) arrays)."""
-    desc = np.where(valid, scores.astype(np.float64), -np.inf)
-    if (desc[:, 1:] > desc[:, :-1]).any():
-        raise ValueError("every list must be best first (scores non-increasing)")
-    run = np.cumsum(_run_starts(desc, tol).ravel())
-    real = valid.ravel()
-    tied = np.flatnonzero(real & (np.bincount(run, weights=real)[run] > 1))
-    if not tied.size:
-        return
-    # Sorting by run number + a key in [0, 1) keeps the runs in place and orders each
-    # at random (one float argsort: ~10x faster than lexsort of the two keys). Only
-    # tied entries draw keys.
-    dense = np.cumsum(np.r_[True, run[tied][1:] != run[tied][:-1]])
-    order = tied[np.argsort(dense + rng.random(tied.size))]
-    for a in (ids, scores):
-        flat = a.reshape(-1)
-        flat[tied] = flat[order]
-
-
-def shuffle_ties(
-    ids: np.ndarray, scores: np.ndarray, rng: np.random.Generator, tol: float = TIE_TOL
-) -> tuple[np.ndarray, np.ndarray]:
-    """The lists with the entries of every run of tied scores in random order.
-
-    Why: which of several equal-scored rows the index lists first is an accident of
-    storage order, and round-robin and score order would take that one first. A run is
-    consecutive entries whose scores are within ``tol`` of the run's first (anchored,
-    ``_run_starts``); runs keep their places, so a list stays best first.
-
-    Args:
-        ids: int64 (q, k) pool rows, each row best first; -1 marks a missing result.
-        scores: float (q, k), non-increasing over each row's real entries (-inf missing).
-        rng: the random stream (a seeded one makes the result reproducible).
-        tol: the tie tolerance (``engine.crossrank.TIE_TOL``, as the cross-ranks).
-    Returns:
-        ``(ids int64 (q, k), scores (q, k))``, new arrays in the input dtypes: each row's
-        (id, score) pairs permuted within runs; missing entries (-1 or a non-finite
-        score) after every real one, in their own order. A list without ties is
-        returned as it was.
-    Raises:
-        ValueError: not (q, k) arrays of one shape, or a list whose real scores increase.
-    """
-    ids, scores = np.asarray(ids), np.asarray(scores)
-    if ids.ndim != 2 or ids.shape != scores.shape:
-        raise ValueError(f"ids {ids.shape} and scores {scores.shape} must be the same (q, k)")
-    q, k = ids.shape
-    valid = (ids >= 0) & np.isfinite(scores)
-    if (valid[:, 1:] & ~valid[:, :-1]).any():  # a hole before the tail: real entries first
-        first = np.argsort(~valid, axis=1, kind="stable")
-        ids, scores = np.take_along_axis(ids, first, 1), np.take_along_axis(scores, first, 1)
-        valid = np.take_along_axis(valid, first, 1)
-    else:
-        ids, scores = ids.copy(), scores.copy()
-    step = max(1, SHUFFLE_CHUNK // max(k, 1))
-    for lo in range(0, q if k else 0, step):
-        _shuffle_block(ids[lo : lo + step], scores[lo : lo + step], valid[lo : lo + step],
-                       rng, tol)  # fmt: skip
-    return ids, scores
 
 
 def select_from_lists(

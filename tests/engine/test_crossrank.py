@@ -9,7 +9,8 @@ from dataclasses import astuple
 import numpy as np
 import pytest
 
-from engine.crossrank import CrossRanks, aggregate, cross_ranks, decide, drop_self, rank_within
+from engine.crossrank import CrossRanks, aggregate, cross_ranks, decide, drop_self
+from engine.ranked_lists import rank_within
 from engine.vectors import l2_normalize
 from tests.synthetic_space import clustered_labelled
 

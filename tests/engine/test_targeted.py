@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.ranked_lists import shuffle_ties
 from engine.targeted import (
     Selection,
     fill_at_random,
     fuse,
     select,
     select_from_lists,
-    shuffle_ties,
     standardise,
 )
 from tests.engine import targeted_reference as before
