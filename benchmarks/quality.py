@@ -397,6 +397,9 @@ def main() -> None:
     p.add_argument("--base-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a `vlselect base --set` for the shared base (a smoke run's small "
                    "base: train.vision_steps=3 ...)")  # fmt: skip
+    p.add_argument("--note", default="",
+                   help="provenance kept in the results (e.g. how long the run took from empty "
+                   "when this file is rewritten from its cached runs)")  # fmt: skip
     p.add_argument(
         "--out",
         default=None,
@@ -452,7 +455,7 @@ def main() -> None:
         "evals": evals, "benchmarks": benchmarks, "recipe": recipe.model_dump(mode="json"),
         "target_budget": args.target_budget, "summary": summary, "prior": prior,
         "runs": {str(w): r for w, r in results.items()},
-        "setup_seconds": {str(w): s for w, s in setup.items()},
+        "setup_seconds": {str(w): s for w, s in setup.items()}, "note": args.note,
     }  # fmt: skip
     if plan["modes"]:
         rules = list(per_world[worlds[0]]["predictions"])

@@ -227,7 +227,7 @@ def write_report(out: str, doc: dict) -> str:
         f"Accuracy (%), mean ± std over {n_runs} runs: worlds x training seeds "
         f"{doc['seeds']}; pool {doc['pool']} rows per world; Rel = 100 x mean over the "
         "held-out benchmarks of accuracy / the run's own world's full data (its seeds' "
-        "mean); test = the in-distribution split.",
+        "mean); test = the in-distribution split." + (f" {doc['note']}" if doc.get("note") else ""),
         markdown_table(header, rows),
         "Rel per world (mean over seeds):",
         markdown_table(["method", "budget", *(f"world {w}" for w in worlds)], per_world),
