@@ -191,7 +191,6 @@ class Coordinator:
         ids = self.ids.take(pa.array(positions))
         if self.ws.fs.get_file_info(path).type.name == "NotFound":
             self._reveal(path, positions, ids)
-            self.state.ledger.reveal(positions)
         else:
             written = pads.dataset(path, filesystem=self.ws.fs).to_table(columns=["id"])
             if set(written.column("id").to_pylist()) != set(ids.to_pylist()):
@@ -199,8 +198,8 @@ class Coordinator:
                     f"{path} holds other rows than round {round_index} draws now: the run's "
                     "workspace was changed under it; start a new run"
                 )
-            # written before a crash that lost the checkpoint: the answers are out
-            self.state.ledger.reveal(positions)
+        # read now, or written before a crash that lost the checkpoint: the answers are out
+        self.state.ledger.reveal(positions)
         self._persist()
         return {"round": round_index, "rows": len(ids), "path": path, **self.status()}
 

@@ -156,6 +156,16 @@ def _batches(examples: Sequence[Mapping[str, Any]], size: int):
         yield examples[i : i + size]
 
 
+def _per_batch(score, examples, processor, *, max_length, batch_size, blank_images=False):
+    """``score(model_batch)`` of every collated chunk of ``examples``, concatenated (None
+    when there are none)."""
+    out = [
+        score(collate(chunk, processor, max_length=max_length, blank_images=blank_images)).numpy()
+        for chunk in _batches(examples, batch_size)
+    ]
+    return np.concatenate(out) if out else None
+
+
 def sample_losses(
     model,
     processor,
@@ -167,14 +177,9 @@ def sample_losses(
 ) -> np.ndarray:
     """Mean per-token loss over every assistant turn of each example: float32 (n,), NaN
     where none is left."""
-    out = [
-        per_sample_loss(
-            model,
-            collate(chunk, processor, max_length=max_length, blank_images=blank_images),
-        ).numpy()
-        for chunk in _batches(examples, batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    out = _per_batch(lambda batch: per_sample_loss(model, batch), examples, processor,
+                     max_length=max_length, batch_size=batch_size, blank_images=blank_images)  # fmt: skip
+    return out if out is not None else np.zeros(0, np.float32)
 
 
 def sample_el2n(
@@ -188,11 +193,9 @@ def sample_el2n(
     """EL2N of each example over every assistant turn (``per_sample_el2n``): float64 (n,)
     in [0, sqrt(2)], NaN where no answer token is left after max_length. A low score is
     an example the model already gets right; the data-diet ranking keeps the high ones."""
-    out = [
-        per_sample_el2n(model, collate(chunk, processor, max_length=max_length)).numpy()
-        for chunk in _batches(examples, batch_size)
-    ]
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0, np.float64)
+    out = _per_batch(lambda batch: per_sample_el2n(model, batch), examples, processor,
+                     max_length=max_length, batch_size=batch_size)  # fmt: skip
+    return out.astype(np.float64) if out is not None else np.zeros(0, np.float64)
 
 
 def answer_correct(
