@@ -42,6 +42,7 @@ from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings
 from engine.progress import PoolClusters
 from engine.resources import Resources
 from engine.shards import read_global_rows, rows_of_ids
+from engine.within import DIVERSITY_FOLDER, DIVERSITY_MARKER
 from engine.workspace import Workspace
 
 log = logging.getLogger("vlselect.progress")
@@ -106,6 +107,8 @@ class Coordinator:
             log.info("coordinator restored at round %d", self.state.rounds)
         else:
             self.state = CoordinatorState(wanted, clusters)
+        if wanted.rule.within == "uncertainty":
+            self.state.set_diversity(self._diversity_ranks())
         self._init_metrics()
 
     # -- the trainer's calls -------------------------------------------------------------
@@ -124,11 +127,24 @@ class Coordinator:
         self._persist()
         return self.status()
 
-    def next_round(self, round_index: int) -> dict:
-        """Round ``round_index``'s rows, drawn now or before; the file that holds them,
-        and the seconds the draw (``select_s``) and the reveal and checkpoint took."""
+    def candidates(self, round_index: int) -> dict:
+        """The rows to score for uncertainty before round ``round_index`` is drawn (rule
+        ``within: uncertainty``; none otherwise, or once drawn): their ids and pool rows,
+        from which a trainer reads the image and the question, never the answer."""
+        positions = self.state.candidates(round_index)
+        return {
+            "ids": self.ids.take(pa.array(positions)).to_pylist(),
+            "pool_rows": self.pool_rows[positions].tolist(),
+        }
+
+    def next_round(self, round_index: int, uncertainty: list[float] | None = None) -> dict:
+        """Round ``round_index``'s rows, drawn now or before (by ``uncertainty``: one value
+        per row of ``candidates(round_index)``, where the rule asks for it); the file that
+        holds them, and the seconds the draw (``select_s``) and the reveal and checkpoint
+        took."""
         start = time.perf_counter()
-        picked = self.state.next_round(round_index)
+        values = None if uncertainty is None else np.asarray(uncertainty, np.float64)
+        picked = self.state.next_round(round_index, values)
         select_s = time.perf_counter() - start
         committed = self._commit(round_index, picked)
         return {
@@ -174,6 +190,27 @@ class Coordinator:
         return self.state.training_rounds()
 
     # -- internals ---------------------------------------------------------------------
+
+    def _diversity_ranks(self) -> np.ndarray:
+        """Each pool position's place int64 (n,) in its cluster's prototype order, from
+        the run's ``diversity`` folder (``jobs.progress_warmup.write_diversity``)."""
+        folder = f"{self.run_dir}/{DIVERSITY_FOLDER}"
+        marker = f"{folder}/{DIVERSITY_MARKER}"
+        if not self.ws.exists(marker):
+            raise ValueError(
+                f"rule within 'uncertainty' needs the clusters' prototype orders, but "
+                f"{marker} is missing: the job writes them before it starts the coordinator"
+            )
+        parts = self.ws.read_json(marker)["parts"]
+        table = pads.dataset(parts, filesystem=self.ws.fs, format="parquet").to_table()
+        rank = np.full(self.state.clusters.n, -1, np.int64)
+        rank[self._positions(table.column("id").to_pylist())] = table.column("rank").to_numpy()
+        if (rank < 0).any():
+            raise ValueError(
+                f"{folder} orders {table.num_rows} rows but the clustering has "
+                f"{self.state.clusters.n}: the clustering changed after the run began"
+            )
+        return rank
 
     def _positions(self, ids: list[str]) -> np.ndarray:
         found = pc.index_in(pa.array(ids, pa.string()), value_set=self.ids)

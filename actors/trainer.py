@@ -6,6 +6,10 @@ checkpointing when asked, wraps the LM in LoRA and the whole in a DeepSpeed engi
 (ZeRO-2 or -3, bf16/fp16/fp32; gloo on CPU, NCCL on GPUs) and then, round by round,
 until the coordinator has no rows left to give:
 
+    0. with rule ``within: uncertainty``, scores the round's candidates first (rows not
+       selected yet, offered by the coordinator: each rank answers its share greedily
+       from the image and the question alone and reports its uncertainty; the answers
+       stay unread), so that the coordinator can draw round t by them;
     1. asks the coordinator for round t's rows (idempotent: every worker may ask) and
        reads its share of the round file: a seeded permutation of the round's rows,
        the same on every worker, of which worker r takes every world-th micro-batch;
@@ -52,6 +56,7 @@ from engine.artifacts import Pool
 from engine.coordinator import BASELINE
 from engine.llava import (
     answer_correct,
+    answer_uncertainty,
     collate,
     load_checkpoint,
     prepare_for_finetune,
@@ -159,7 +164,8 @@ class RoundTrainer:
     def train_round(self, t: int) -> dict | None:
         """Train on round ``t``'s rows and score; None once the budget is spent."""
         start = time.perf_counter()
-        info = ray.get(self.coordinator.next_round.remote(t))
+        uncertainty = self.score_candidates(t) if self.cfg.selection.within != "uniform" else None
+        info = ray.get(self.coordinator.next_round.remote(t, uncertainty))
         if info["rows"] == 0:
             return None
         ft = self.cfg.finetune
@@ -230,6 +236,39 @@ class RoundTrainer:
         dist.barrier()  # round t is reported before any rank asks for round t + 1
         finite = values[np.isfinite(values)]
         return float(finite.mean()) if finite.size else float("nan")
+
+    def score_candidates(self, t: int) -> list[float] | None:
+        """Every rank's share of round t's candidates answered greedily from the image
+        and the first question alone (the answer is not read), gathered: the model's
+        uncertainty on each, in the coordinator's order; None when there are none (the
+        round is drawn already, or the budget is spent). Every rank returns the same."""
+        import torch.distributed as dist
+
+        offered = ray.get(self.coordinator.candidates.remote(t))
+        if not offered["ids"]:
+            return None
+        rows = list(zip(offered["ids"], offered["pool_rows"], strict=True))
+        mine, real = balanced_share(rows, self.rank, self.world)
+        table = pa.table({"id": [i for i, _ in mine],
+                          "pool_row": pa.array([r for _, r in mine], pa.int64())})  # fmt: skip
+        # the pool's question column: its first human turn; the answer stays unread
+        questions = with_pool_columns(self.ws.fs, table, *self.pool, ["image", "question"])
+        questions = questions.select(["id", "image", "question"]).to_pylist()
+        values = answer_uncertainty(
+            self.engine,
+            self.processor,
+            questions,
+            max_length=self.max_length,
+            batch_size=self.cfg.eval_batch,
+            max_new_tokens=self.cfg.max_new_tokens,
+            synced=self.cfg.zero_stage == 3 and self.world > 1,
+        )[:real]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, values)
+        every = np.full(len(rows), np.nan)
+        for rank, part in enumerate(gathered):
+            every[rank :: self.world] = part  # balanced_share's every world-th row
+        return every.tolist()
 
     def _values(self, examples: list[dict]) -> np.ndarray:
         """Per-example scores by the run's metric: the loss over every assistant turn, or

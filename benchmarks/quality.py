@@ -32,7 +32,9 @@ pool 2,000) is the issue's 90-minute run from an empty root. The larger setting 
    highest EL2N, Paul et al. 2021); ``clip-score`` where the workspace's CLIP has a
    trained text tower (the world's random-initialised tiny CLIP has none: the reason is
    printed and recorded); ``full``, the whole pool, once per seed; with ``--methods
-   progress-loss`` / ``progress-accuracy``, a ``vlselect progress`` job's selection; with
+   progress-loss`` / ``progress-accuracy`` / ``progress-loss-uncertainty`` (rows inside a
+   cluster by the model's uncertainty, ``selection.within``), a ``vlselect progress``
+   job's selection; with
    ``--target-modes``, a ``vlselect target`` job per mode over the held-out benchmarks
    (``auto``: each benchmark's predicted space; with ``--auto-threshold``, also
    ``auto-calibrated``, the margin threshold ``benchmarks/calibrate_auto.py`` fitted on
@@ -84,7 +86,9 @@ CALIBRATION_WORLDS = (0, 1)
 # ... and only report these. Never tune a rule, threshold or recipe on them.
 EVALUATION_WORLDS = (101, 102)
 UNTARGETED = ("random", "coincide", "perplexity", "el2n", "clip-score")
-PROGRESS = ("progress-loss", "progress-accuracy")
+# a vlselect progress job each; "-uncertainty": selection.within uncertainty (rows inside
+# a cluster by the model's uncertainty among MMD prototypes) instead of uniform
+PROGRESS = ("progress-loss", "progress-accuracy", "progress-loss-uncertainty")
 DEFAULT_METHODS = ("random", "coincide", "el2n", "clip-score", "progress-loss")
 TARGET_MODES = ("concept", "skill", "sum", "max", "split", "sample")
 WARMUP_SHARE = 0.09
@@ -289,15 +293,20 @@ def select(bench: Bench, method: str, budget: float, seed: int) -> np.ndarray | 
     raise ValueError(f"unknown method {method!r}; known: {UNTARGETED}")
 
 
-def progress_ids(bench: Bench, metric: str, budget: float, seed: int) -> list[str]:
-    """The rows a ``vlselect progress`` run of ``metric`` chose (the job runs once per
-    base: its name carries the base's fingerprint, as its selection depends on it)."""
+def progress_ids(bench: Bench, method: str, budget: float, seed: int) -> list[str]:
+    """The rows a ``vlselect progress`` run of ``method`` (progress-METRIC[-uncertainty])
+    chose (the job runs once per base: its name carries the base's fingerprint, as its
+    selection depends on it)."""
     from jobs.cli import main as cli
 
     ws = bench.ws
-    name = f"quality-{metric}-{round(budget * 100)}-s{seed}-{bench.made_of['base'][:8]}"
+    variant = method.removeprefix("progress-")
+    metric, _, within = variant.partition("-")
+    name = f"quality-{variant}-{round(budget * 100)}-s{seed}-{bench.made_of['base'][:8]}"
     argv = ["progress", "--workspace", ws.root, "--name", name, "--budget", str(budget),
             "--metric", metric, "--set", f"seed={seed}", *bench.model_setting]  # fmt: skip
+    if within:
+        argv += ["--set", f"selection.within={within}"]
     if cli(argv) != 0:
         raise SystemExit(f"`vlselect {' '.join(argv)}` failed")
     return ws.read_bytes(ProgressRun.open(ws, name).path("ids.txt")).decode().split()
@@ -340,7 +349,7 @@ def run_world(bench: Bench, args, plan: dict) -> dict:
         if method == "full":
             positions = everything
         elif method in PROGRESS:
-            positions = bench.positions(progress_ids(bench, method.split("-")[1], budget, seed))
+            positions = bench.positions(progress_ids(bench, method, budget, seed))
         else:
             positions = select(bench, method, budget, seed)
         if isinstance(positions, str):

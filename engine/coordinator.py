@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.commit import added_later
 from engine.probes import (
     NOT_PROBED,
     cluster_means,
@@ -36,7 +37,8 @@ from engine.probes import (
     probe_positions,
     standardise,
 )
-from engine.progress import Ledger, Metric, PoolClusters, select_round
+from engine.progress import Ledger, Metric, PoolClusters, ledger_plan, select_round
+from engine.within import candidate_positions, diversity_layout, pick_in_band
 
 BASELINE = -1  # the scores of the model before any training (reported for "round -1")
 
@@ -71,6 +73,25 @@ class SelectionRule(BaseModel):
         0.1, ge=0, le=1, description="δ: share of a round drawn uniformly from the other clusters."
     )
     gap: int = Field(1, ge=1, description="γ: Δk compares scores this many rounds apart.")
+    within: Literal["uniform", "uncertainty"] = added_later(
+        "uniform",
+        description="Rows inside a cluster: 'uniform' draws them (the paper); 'uncertainty' "
+        "offers diverse candidates (MMD prototypes) that the model answers without their "
+        "answers, and takes those whose uncertainty lies in the band (engine.within).",
+    )
+    candidates: float = added_later(
+        3.0,
+        ge=1,
+        description="With within 'uncertainty': candidates offered per row a cluster takes; "
+        "1 is pure diversity (the prototypes in order), more leaves more to uncertainty.",
+    )
+    band: float = added_later(
+        0.5,
+        ge=0,
+        le=1,
+        description="With within 'uncertainty': the quantile of the candidates' uncertainty "
+        "that a cluster's picks lie nearest (0.5: the middle band; 1: the most uncertain).",
+    )
     eval_per_cluster: int = Field(
         100,
         ge=1,
@@ -104,6 +125,7 @@ class RoundRecord:
     delta: dict[str, float]
     probabilities: dict[str, float]
     explore: int
+    candidates: int = 0  # rows offered to the trainer's uncertainty (within: uncertainty)
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -137,6 +159,8 @@ class CoordinatorState:
         self.evaluated: dict[int, np.ndarray] = {}  # round -> int64 (K,) rows behind a score
         self.records: list[RoundRecord] = []
         self.training: dict[int, dict] = {}  # round -> the trainer's figures for it
+        # within 'uncertainty': positions int64 (n,) by (cluster, prototype rank)
+        self.layout: np.ndarray | None = None
 
     # -- rounds ------------------------------------------------------------------------
 
@@ -211,14 +235,68 @@ class CoordinatorState:
         )
         return delta
 
-    def next_round(self, round_index: int) -> np.ndarray:
+    def set_diversity(self, rank: np.ndarray) -> None:
+        """Each row's place int (n,) in its cluster's prototype order (``engine.within``),
+        which rule ``within: uncertainty`` offers candidates by; not checkpointed (the
+        run keeps it as its own artifact)."""
+        self.layout = diversity_layout(self.clusters, rank)
+
+    def candidates(self, round_index: int) -> np.ndarray:
+        """The rows the trainer scores before round ``round_index`` is drawn (rule
+        ``within: uncertainty``): per cluster the next prototypes not selected yet, as
+        many as ``candidates`` x its quota; int64 positions in (cluster, prototype)
+        order. Empty for a round drawn already, a finished run, or rule 'uniform'."""
+        drawn = 0 <= round_index < self.rounds
+        if self.settings.rule.within == "uniform" or drawn or not self._new_round(round_index):
+            return np.empty(0, np.int64)
+        return self._candidates(self._plan(round_index))
+
+    def next_round(self, round_index: int, uncertainty: np.ndarray | None = None) -> np.ndarray:
         """The rows of round ``round_index``: drawn now if new, else the rows drawn before
         (round 0: the warm-up's); int64 positions, ascending. Empty, and no round is
-        recorded, once the budget is spent."""
-        if not self.rounds:
-            raise ValueError("the warm-up (round 0) must be recorded before selection rounds")
+        recorded, once the budget is spent. Rule ``within: uncertainty`` needs
+        ``uncertainty`` float (m,) of ``candidates(round_index)``'s rows, in its order."""
         if 0 <= round_index < self.rounds:
             return self.ledger.rows_of_round(round_index)
+        if not self._new_round(round_index):
+            return np.empty(0, np.int64)  # nothing left: no round, no record
+        s = self.settings
+        delta = self.delta(round_index - 1)
+        offered = []
+
+        def in_band(plan, selected):
+            rows = self._candidates(plan)
+            if uncertainty is None or len(uncertainty) != rows.size:
+                got = "none" if uncertainty is None else len(uncertainty)
+                raise ValueError(
+                    f"round {round_index} draws by uncertainty: it needs one value per row "
+                    f"of candidates({round_index}) ({rows.size}), got {got}"
+                )
+            offered.append(rows.size)
+            labels = self.clusters.labels[rows]
+            return rows[pick_in_band(labels, uncertainty, plan.quota, s.rule.band)]
+
+        rng = np.random.default_rng([s.seed, round_index])
+        positions, plan = select_round(
+            self.ledger,
+            self.clusters,
+            self._scaled(delta),
+            s.round_size,
+            s.rule.temperature,
+            s.rule.explore,
+            rng,
+            round_index,
+            choose=None if s.rule.within == "uniform" else in_band,
+        )
+        self._record(round_index, "progress", positions, delta, plan.probabilities, plan.explore)
+        self.records[-1].candidates = sum(offered)
+        return self.ledger.rows_of_round(round_index)
+
+    def _new_round(self, round_index: int) -> bool:
+        """Whether ``round_index`` is the next round to draw (False: the budget is spent);
+        raises for any round but the next."""
+        if not self.rounds:
+            raise ValueError("the warm-up (round 0) must be recorded before selection rounds")
         if round_index != self.rounds:
             raise ValueError(f"round {round_index} asked, but the next round is {self.rounds}")
         if round_index - 1 not in self.scores:
@@ -227,23 +305,24 @@ class CoordinatorState:
                 f"round {round_index} asked before round {round_index - 1}'s scores were "
                 "reported: the trainer reports a round before asking for the next"
             )
-        if self.finished:
-            return np.empty(0, np.int64)  # nothing left: no round, no record
+        return not self.finished
+
+    def _scaled(self, delta: np.ndarray) -> np.ndarray:
+        return standardise(delta) if self.settings.rule.scale == "std" else delta
+
+    def _plan(self, round_index: int):
+        """The round's quotas, as ``next_round`` plans them before its draw."""
         s = self.settings
-        delta = self.delta(round_index - 1)
-        rng = np.random.default_rng([s.seed, round_index])
-        positions, plan = select_round(
-            self.ledger,
-            self.clusters,
-            standardise(delta) if s.rule.scale == "std" else delta,
-            s.round_size,
-            s.rule.temperature,
-            s.rule.explore,
-            rng,
-            round_index,
-        )
-        self._record(round_index, "progress", positions, delta, plan.probabilities, plan.explore)
-        return self.ledger.rows_of_round(round_index)
+        return ledger_plan(self.ledger, self.clusters, self._scaled(self.delta(round_index - 1)),
+                           s.round_size, s.rule.temperature, s.rule.explore)  # fmt: skip
+
+    def _candidates(self, plan) -> np.ndarray:
+        if self.layout is None:
+            raise ValueError(
+                "rule within 'uncertainty' needs the clusters' prototype order: set_diversity first"
+            )
+        return candidate_positions(self.clusters, self.layout, self.ledger.selected,
+                                   plan.quota, self.settings.rule.candidates)  # fmt: skip
 
     def eval_positions(self, round_index: int) -> np.ndarray:
         """The probe rows to score after training on ``round_index`` (``BASELINE``: the

@@ -15,7 +15,8 @@ A round, as the paper and its code do it, with the reference's two slips fixed:
        (the reference drops it, so its rounds come up short);
     3. the ``explore`` share, and whatever the positive clusters cannot take, is drawn
        uniformly from the unselected rows of the other clusters, then of any cluster;
-    4. inside a cluster, uniform random among its unselected rows.
+    4. inside a cluster, uniform random among its unselected rows (the paper), or by
+       the model's uncertainty among diverse candidates (``engine.within``).
 A round never returns more than the budget left, never a row twice, and never fewer
 rows than asked while the pool has them (tests/engine/test_progress.py, hypothesis).
 """
@@ -244,14 +245,22 @@ def draw_round(
     clusters: PoolClusters,
     selected: np.ndarray,
     rng: np.random.Generator,
+    quota_rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pool positions int64 (plan.total,) for ``plan``: distinct, all unselected.
 
-    Inside a cluster the draw is uniform; exploration is uniform over the unselected
-    rows of clusters with no quota, then (if those run out) over any unselected row.
-    ``selected`` bool (n,) is not modified.
+    Inside a cluster the draw is uniform, unless ``quota_rows`` int64 gives the quota's
+    rows already chosen (``engine.within``: plan.quota[c] unselected rows of each c);
+    exploration is uniform over the unselected rows of clusters with no quota, then (if
+    those run out) over any unselected row. ``selected`` bool (n,) is not modified.
     """
-    taken = clusters.sample_where(~selected, plan.quota, rng)
+    if quota_rows is None:
+        taken = clusters.sample_where(~selected, plan.quota, rng)
+    else:
+        taken = np.asarray(quota_rows, np.int64)
+        got = np.bincount(clusters.labels[taken], minlength=clusters.k)
+        if (got != plan.quota).any() or selected[taken].any():
+            raise ValueError("the quota's rows do not fill the plan's quotas with free rows")
     if plan.explore:
         outside = plan.quota[clusters.labels] == 0
         free = np.flatnonzero(~selected & outside)
@@ -364,6 +373,20 @@ class Ledger:
         return ledger
 
 
+def ledger_plan(
+    ledger: Ledger,
+    clusters: PoolClusters,
+    delta: np.ndarray,
+    picks: int,
+    tau: float,
+    explore: float,
+) -> RoundPlan:
+    """``plan_round`` for the rows ``ledger`` has left: the next round's quotas, which
+    ``select_round`` draws (deterministic: no generator is used)."""
+    remaining = clusters.unselected_counts(ledger.selected)
+    return plan_round(delta, remaining, min(picks, ledger.left), tau, explore)
+
+
 def select_round(
     ledger: Ledger,
     clusters: PoolClusters,
@@ -373,12 +396,14 @@ def select_round(
     explore: float,
     rng: np.random.Generator,
     round_index: int,
+    choose=None,
 ) -> tuple[np.ndarray, RoundPlan]:
     """Plan, draw and record one round: (positions int64 (m,), plan), m = min(picks,
-    budget left, rows left)."""
+    budget left, rows left). ``choose(plan, selected)``, when given, returns the quota's
+    rows (``draw_round``'s ``quota_rows``); else they are drawn uniformly."""
     selected = ledger.selected
-    remaining = clusters.unselected_counts(selected)
-    plan = plan_round(delta, remaining, min(picks, ledger.left), tau, explore)
-    positions = draw_round(plan, clusters, selected, rng)
+    plan = ledger_plan(ledger, clusters, delta, picks, tau, explore)
+    quota_rows = None if choose is None else choose(plan, selected)
+    positions = draw_round(plan, clusters, selected, rng, quota_rows)
     ledger.take(positions, round_index)
     return positions, plan

@@ -10,15 +10,20 @@ What it does:
        and K=5000 at 665K rows, scaled to the pool); resolves budget, warm-up and round
        sizes (fractions of the pool or counts) and refuses a run directory of another
        config unless ``--overwrite``;
-    2. starts the coordinator (a named Ray actor, ``actors.coordinator``), which owns the
-       budget ledger and reveals each selected row's answer once;
+    2. with ``selection.within: uncertainty``, orders every progress cluster's rows by
+       greedy MMD prototypes (the warm-up's Ray Data pipeline on the progress
+       clustering; ``<run>/diversity``); starts the coordinator (a named Ray actor,
+       ``actors.coordinator``), which owns the budget ledger and reveals each selected
+       row's answer once;
     3. selects the warm-up set with COINCIDE's selector over the warm-up clustering
        (Ray Data: per-shard features -> groupby cluster -> density and prototype order)
        and records it as round 0, unless the coordinator already has it (a resumed run);
     4. runs a Ray Train ``TorchTrainer`` (``actors.trainer``): DeepSpeed ZeRO-2 (or 3)
        in bf16/fp16/fp32 over PEFT LoRA on transformers' LLaVA, the projector trained
        fully with its own lr, one cosine schedule over the whole budget; round by round
-       it trains on the coordinator's selection (whole conversations, the loss on the
+       it trains on the coordinator's selection (drawn, with ``within: uncertainty``,
+       by the model's uncertainty on candidates it answers from image and question
+       alone: engine.within) (whole conversations, the loss on the
        assistant's tokens), scores each cluster's fixed probe set (up to 100 rows
        selected in earlier rounds, never the round just trained on: engine.probes) by
        the loss over every assistant turn, or the first turn's greedy answer judged by
@@ -66,9 +71,10 @@ from engine.progress import round_rows, rows_of
 from engine.progress_config import ProgressConfig, TrainPlan
 from engine.progress_report import write_outputs
 from engine.resources import Resources
+from engine.within import DIVERSITY_FOLDER, DIVERSITY_MARKER
 from engine.workspace import Workspace
 from jobs import cluster
-from jobs.progress_warmup import select_warmup_ids
+from jobs.progress_warmup import select_warmup_ids, write_diversity
 from jobs.runtime import Timer, WorkerProgress, connect, print_summary
 
 STAGE = "progress"
@@ -235,6 +241,10 @@ def main(cfg: ProgressConfig, ws: Workspace) -> dict:
         seed=cfg.seed,
         rule=cfg.selection,
     )
+    if cfg.selection.within == "uncertainty":
+        folder = f"{run_dir}/{DIVERSITY_FOLDER}"
+        if not ws.exists(f"{folder}/{DIVERSITY_MARKER}"):
+            write_diversity(cfg, ws, clusters, folder)
     coordinator = start_coordinator(
         ws, run_dir, clusters, pool, settings, actor_name, cfg.coordinator, detached=cfg.detached
     )

@@ -26,6 +26,7 @@ from engine.llava.config import (
 from engine.llava.data import IGNORE, collate, image_tokens, model_inputs, tokenizer_of
 from engine.llava.evaluate import (
     answer_correct,
+    answer_uncertainty,
     generate_answers,
     is_match,
     normalize_answer,
@@ -55,6 +56,7 @@ __all__ = [
     "TorchStepper",
     "VisionConfig",
     "answer_correct",
+    "answer_uncertainty",
     "base_fingerprint",
     "base_uri",
     "build_llava",

@@ -1,5 +1,6 @@
 """Scores of a model on samples: mean per-token loss per sample, and greedy answers
-judged by normalized match. These are what PROGRESS scores its clusters with. EL2N
+judged by normalized match. These are what PROGRESS scores its clusters with; the
+model's uncertainty on its own greedy answer is what it ranks rows inside a cluster by. EL2N
 (mean error-vector norm per answer token) is the static baseline of PROGRESS's table."""
 
 from __future__ import annotations
@@ -117,6 +118,26 @@ def generate_answers(
     weights from every rank at every forward, so a rank that stopped early would hang
     the others).
     """
+    answers, _ = _greedy(model, batch, processor, max_new_tokens, synced, with_scores=False)
+    return answers
+
+
+def greedy_uncertainty(
+    model, batch: Mapping[str, Any], processor, max_new_tokens: int = 25, synced: bool = False
+):
+    """The model's uncertainty on its own greedy answer: the mean over the answer's
+    tokens (its end-of-sequence token included) of -log p(token), float64 (B,) numpy.
+
+    Needs no reference answer: ``batch`` as for ``generate_answers``. 0 is an answer
+    the model is sure of at every token; an answer cut at ``max_new_tokens`` counts the
+    tokens it has.
+    """
+    _, nll = _greedy(model, batch, processor, max_new_tokens, synced, with_scores=True)
+    return nll
+
+
+def _greedy(model, batch, processor, max_new_tokens, synced, with_scores):
+    """(answers, mean -log p of each answer's tokens float64 (B,) or None)."""
     import torch
 
     tokenizer = tokenizer_of(processor)
@@ -135,9 +156,20 @@ def generate_answers(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             synced_gpus=synced,
+            output_scores=with_scores,
+            return_dict_in_generate=True,
         )
-    new = out[:, inputs["input_ids"].shape[1] :].cpu()
-    return [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    new = out.sequences[:, inputs["input_ids"].shape[1] :].cpu()
+    answers = [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    if not with_scores:
+        return answers, None
+    logp = torch.stack([torch.log_softmax(step.float(), -1) for step in out.scores], 1).cpu()
+    token_logp = logp.gather(2, new[:, : logp.shape[1], None]).squeeze(2)  # (B, T)
+    # a token counts up to and including the first end of sequence; after it is padding
+    ended = (new[:, : logp.shape[1]] == tokenizer.eos_token_id).int()
+    counted = (ended.cumsum(1) - ended) == 0
+    nll = -(token_logp * counted).sum(1) / counted.sum(1).clamp(min=1)
+    return answers, nll.double().numpy()
 
 
 def normalize_answer(text: str) -> str:
@@ -196,6 +228,33 @@ def sample_el2n(
     out = _per_batch(lambda batch: per_sample_el2n(model, batch), examples, processor,
                      max_length=max_length, batch_size=batch_size)  # fmt: skip
     return out.astype(np.float64) if out is not None else np.zeros(0, np.float64)
+
+
+def answer_uncertainty(
+    model,
+    processor,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    max_length: int,
+    batch_size: int = 64,
+    max_new_tokens: int = 25,
+    synced: bool = False,
+) -> np.ndarray:
+    """``greedy_uncertainty`` of each example's first question: float64 (n,). Only the
+    image and the first question are read (``turns_of(with_answers=False)``): a row's
+    answer is never needed, so unselected rows can be scored without revealing it."""
+    out = [
+        greedy_uncertainty(
+            model,
+            collate(chunk, processor, max_length=max_length, with_answers=False,
+                    padding_side="left"),
+            processor,
+            max_new_tokens,
+            synced=synced,
+        )
+        for chunk in _batches(examples, batch_size)
+    ]  # fmt: skip
+    return np.concatenate(out) if out else np.zeros(0, np.float64)
 
 
 def answer_correct(

@@ -165,3 +165,31 @@ def test_the_warmup_job_takes_what_the_in_memory_selector_takes(ray_session, tin
         picked = select_warmup_ids(cfg, w, total)
         assert len(picked) == min(total, POOL) and len(set(picked)) == len(picked)
         assert sorted(picked) == [pool_ids[r] for r in rows]
+
+
+def test_rounds_drawn_by_uncertainty_reveal_only_the_picks(ray_session, tiny_ws, capsys):
+    """selection.within 'uncertainty': the job orders the clusters' prototypes (Ray Data),
+    the trainer answers each round's candidates from image and question, the coordinator
+    draws by them; candidates are offered, never revealed."""
+    from engine.within import DIVERSITY_FOLDER, DIVERSITY_MARKER
+
+    ws, config = tiny_ws
+    args = ["--config", str(config), "--name", "unsure", "--set", "selection.within=uncertainty",
+            "--set", "selection.candidates=2"]  # fmt: skip
+    code = main(["progress", "--workspace", str(ws), *args])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    summary = summary_of(capsys.readouterr().out)
+    assert summary["spent"] == summary["revealed"] == 60
+    run_dir = Path(ProgressRun.open(Workspace.open(str(ws)), "unsure").dir)
+    marker = json.loads((run_dir / DIVERSITY_FOLDER / DIVERSITY_MARKER).read_text())
+    assert marker["rows"] == POOL
+    ranks = pa.concat_tables(pq.read_table(p) for p in marker["parts"])
+    assert sorted(ranks["id"].to_pylist()) == sorted(set(ranks["id"].to_pylist()))
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    for r in rounds[1:]:
+        guided = r["picks"] - r["explore"]
+        # ceil(2 x quota) per cluster: at least twice the guided picks were offered
+        assert 2 * guided <= r["candidates"] <= 2 * guided + len(r["picks_per_cluster"])
+    ids = [i for f in sorted((run_dir / "rounds").glob("*.parquet"))
+           for i in pq.read_table(f).column("id").to_pylist()]  # fmt: skip
+    assert len(ids) == len(set(ids)) == 60
