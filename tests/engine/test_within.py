@@ -137,3 +137,17 @@ def test_greedy_uncertainty_is_the_mean_nll_of_the_models_own_answer(
             if token == tokenizer.eos_token_id:
                 break
     assert alone == pytest.approx(float(np.mean(nll)), rel=1e-4)
+
+
+def test_a_restored_coordinator_offers_and_draws_the_same_rows():
+    """A coordinator restarted between the trainer's two calls (candidates, then the
+    draw) restores from its checkpoint, reads the prototype order again, and offers and
+    draws exactly what it would have."""
+    state = make_state()
+    offered = state.candidates(1)
+    restored = CoordinatorState.from_bytes(state.to_bytes(), state.clusters)
+    restored.set_diversity(np.arange(300) // K)
+    assert (restored.candidates(1) == offered).all()
+    uncertainty = np.random.default_rng(1).random(offered.size)
+    assert (restored.next_round(1, uncertainty) == state.next_round(1, uncertainty)).all()
+    assert restored.to_bytes() == state.to_bytes()
