@@ -266,6 +266,8 @@ class CoordinatorState:
 
         def in_band(plan, selected):
             rows = self._candidates(plan)
+            if rows.size == 0:  # no cluster progressed: the whole round explores
+                return rows
             if uncertainty is None or len(uncertainty) != rows.size:
                 got = "none" if uncertainty is None else len(uncertainty)
                 raise ValueError(

@@ -151,3 +151,14 @@ def test_a_restored_coordinator_offers_and_draws_the_same_rows():
     uncertainty = np.random.default_rng(1).random(offered.size)
     assert (restored.next_round(1, uncertainty) == state.next_round(1, uncertainty)).all()
     assert restored.to_bytes() == state.to_bytes()
+
+
+def test_a_round_with_no_progress_offers_nothing_and_explores():
+    """No cluster's Δk is positive: no quota, no candidate, and the round is drawn
+    uniformly without uncertainties (the trainer has none to send)."""
+    state = make_state()
+    state.report(0, np.full(state.eval_positions(0).size, 0.1))  # worse than the baseline
+    assert state.candidates(1).size == 0
+    picked = state.next_round(1, None)
+    assert picked.size == 30 and state.records[-1].candidates == 0
+    assert state.records[-1].explore == 30
