@@ -109,12 +109,14 @@ def test_the_report_states_every_target_with_its_margin(tmp_path):
         for b in BENCHES:
             results[w][f"target:concept:{b}"] = [run(w, s, {b: 0.55}) for s in (0, 1, 2)]
             results[w][f"target:skill:{b}"] = [run(w, s, {b: 0.40}) for s in (0, 1, 2)]
+            results[w][f"target:sample:{b}"] = [run(w, s, {b: 0.45}) for s in (0, 1, 2)]
             space = "concept" if (w, b) != (12, "b2") else "skill"  # one miss of four
             results[w][f"target:auto:{b}"] = results[w][f"target:{space}:{b}"]
     summary = summarize(results, BENCHES)
     predictions = {w: {b: ("concept" if (w, b) != (12, "b2") else "skill") for b in BENCHES}
                    for w in (11, 12)}  # fmt: skip
-    rows, choice = targeted_summary(summary, ["concept", "skill"], {"auto": predictions}, BENCHES)
+    modes = ["concept", "skill", "sample"]
+    rows, choice = targeted_summary(summary, modes, {"auto": predictions}, BENCHES)
     doc = {
         "role": "evaluation", "worlds": [11, 12], "calibration_worlds": [0],
         "evaluation_worlds": [11, 12], "seeds": [0, 1, 2], "pool": 100,
@@ -132,6 +134,10 @@ def test_the_report_states_every_target_with_its_margin(tmp_path):
     assert margin["value"] == pytest.approx(99.0 - 92.0) and margin["met"]
     auto = verdict["auto: the better space on >= 80% of decided benchmarks"]
     assert auto["value"] == "3/4" and not auto["met"] and auto["by"] == pytest.approx(-5.0)
+    # sample's Rel 90 (0.45 / 0.5) against progress-loss's 99: below, by 9
+    sample = verdict["sample (per-sample space) above the best untargeted 20% (progress-loss)"]
+    assert sample["value"] == pytest.approx(90.0) and not sample["met"]
+    assert sample["by"] == pytest.approx(-9.0)
     assert "world 11" in text and "| no |" in text
     assert (tmp_path / "quality_budget.png").stat().st_size > 0
 
