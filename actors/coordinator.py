@@ -38,9 +38,10 @@ from ray.util.metrics import Counter, Gauge
 
 from actors.adapter import NAMESPACE, ray_options
 from engine.artifacts import Clustering, Pool
-from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings
+from engine.coordinator import BASELINE, CoordinatorState
 from engine.progress import PoolClusters
 from engine.resources import Resources
+from engine.selection_rule import ProgressSettings
 from engine.shards import read_global_rows, rows_of_ids
 from engine.within import DIVERSITY_FOLDER, DIVERSITY_MARKER
 from engine.workspace import Workspace

@@ -28,8 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import report  # noqa: E402
-from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings, SelectionRule  # noqa: E402
+from engine.coordinator import BASELINE, CoordinatorState  # noqa: E402
 from engine.progress import PoolClusters  # noqa: E402
+from engine.selection_rule import ProgressSettings, SelectionRule  # noqa: E402
 
 ROUND = 7_500
 

@@ -151,8 +151,9 @@ def progress_rounds(ws: Path, out: Path) -> dict:
 
     from actors.coordinator import start_coordinator
     from engine.artifacts import Clustering, Pool
-    from engine.coordinator import BASELINE, ProgressSettings, SelectionRule
+    from engine.coordinator import BASELINE
     from engine.resources import Resources
+    from engine.selection_rule import ProgressSettings, SelectionRule
     from engine.workspace import Workspace
 
     w = Workspace.open(str(ws))

@@ -8,10 +8,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.commit import operational
-from engine.coordinator import SelectionRule
 from engine.llava.cache import DEFAULT_NAME
 from engine.llava.config import FinetuneConfig, LoraConfig
 from engine.resources import Resources
+from engine.selection_rule import SelectionRule
 
 
 class TrainPlan(BaseModel):

@@ -62,7 +62,6 @@ from actors.coordinator import get_coordinator, start_coordinator
 from actors.trainer import train_loop_per_worker
 from engine.artifacts import Clustering, Pool, ProgressMeta, ProgressRun, Ref
 from engine.config import build_config
-from engine.coordinator import ProgressSettings
 from engine.errors import InputError
 from engine.llava.cache import BASE_NAME, ModelSource, model_source
 from engine.llava.finetune import steps_for
@@ -71,6 +70,7 @@ from engine.progress import round_rows, rows_of
 from engine.progress_config import ProgressConfig, TrainPlan
 from engine.progress_report import write_outputs
 from engine.resources import Resources
+from engine.selection_rule import ProgressSettings
 from engine.within import DIVERSITY_FOLDER, DIVERSITY_MARKER
 from engine.workspace import Workspace
 from jobs import cluster

@@ -9,9 +9,9 @@ import pytest
 
 from actors.coordinator import round_file, start_coordinator
 from engine.artifacts import Clustering, ClusteringMeta, Pool, PoolMeta
-from engine.coordinator import ProgressSettings, SelectionRule
 from engine.pool import POOL_SCHEMA
 from engine.resources import Resources
+from engine.selection_rule import ProgressSettings, SelectionRule
 from engine.workspace import Workspace
 
 N, K = 240, 6

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings, SelectionRule
+from engine.coordinator import BASELINE, CoordinatorState
 from engine.progress import PoolClusters
+from engine.selection_rule import ProgressSettings, SelectionRule
 
 K = 6
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.coordinator import BASELINE, CoordinatorState, ProgressSettings, SelectionRule
+from engine.coordinator import BASELINE, CoordinatorState
 from engine.llava import answer_uncertainty, build_llava, collate
 from engine.llava.evaluate import greedy_uncertainty
 from engine.progress import PoolClusters
+from engine.selection_rule import ProgressSettings, SelectionRule
 from engine.within import candidate_positions, diversity_layout, pick_in_band
 from tests.engine.test_llava import examples
 
