@@ -205,7 +205,7 @@ class Coordinator:
         parts = self.ws.read_json(marker)["parts"]
         table = pads.dataset(parts, filesystem=self.ws.fs, format="parquet").to_table()
         rank = np.full(self.state.clusters.n, -1, np.int64)
-        rank[self._positions(table.column("id").to_pylist())] = table.column("rank").to_numpy()
+        rank[self._positions(table.column("id").combine_chunks())] = table.column("rank").to_numpy()
         if (rank < 0).any():
             raise ValueError(
                 f"{folder} orders {table.num_rows} rows but the clustering has "
@@ -213,10 +213,11 @@ class Coordinator:
             )
         return rank
 
-    def _positions(self, ids: list[str]) -> np.ndarray:
-        found = pc.index_in(pa.array(ids, pa.string()), value_set=self.ids)
+    def _positions(self, ids: list[str] | pa.Array) -> np.ndarray:
+        ids = ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string())
+        found = pc.index_in(ids, value_set=self.ids)
         if found.null_count:
-            missing = [i for i, f in zip(ids, found.to_pylist(), strict=True) if f is None]
+            missing = ids.filter(found.is_null()).to_pylist()
             raise ValueError(
                 f"{len(missing)} ids are not in the clustered pool, e.g. {missing[:3]}"
             )

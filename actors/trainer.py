@@ -224,14 +224,10 @@ class RoundTrainer:
             by_id = {ex["id"]: ex for ex in found}
             mine = np.asarray(self._values([by_id[i] for i in ids]), np.float64)[:real]
         loss = training["train_loss"] if training else float("nan")
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, (mine, loss))
-        values = np.full(len(every), np.nan)
-        for rank, (part, _) in enumerate(gathered):
-            values[rank :: self.world] = part  # balanced_share's every world-th row
+        values, losses = self._gather_shares(mine, len(every), loss)
         if self.rank == 0:
             if training is not None:
-                training = {**training, "train_loss": float(np.mean([lo for _, lo in gathered]))}
+                training = {**training, "train_loss": float(np.mean(losses))}
             ray.get(self.coordinator.report.remote(t, values.tolist(), training))
         dist.barrier()  # round t is reported before any rank asks for round t + 1
         finite = values[np.isfinite(values)]
@@ -242,7 +238,6 @@ class RoundTrainer:
         and the first question alone (the answer is not read), gathered: the model's
         uncertainty on each, in the coordinator's order; None when there are none (the
         round is drawn already, or the budget is spent). Every rank returns the same."""
-        import torch.distributed as dist
 
         offered = ray.get(self.coordinator.candidates.remote(t))
         if not offered["ids"]:
@@ -263,12 +258,19 @@ class RoundTrainer:
             max_new_tokens=self.cfg.max_new_tokens,
             synced=self.cfg.zero_stage == 3 and self.world > 1,
         )[:real]
+        return self._gather_shares(values, len(rows))[0].tolist()
+
+    def _gather_shares(self, mine: np.ndarray, n: int, extra=None) -> tuple[np.ndarray, list]:
+        """Every rank's ``balanced_share`` of n rows put back in order: (float64 (n,), each
+        rank's ``extra``). A collective: every rank calls it."""
+        import torch.distributed as dist
+
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, values)
-        every = np.full(len(rows), np.nan)
-        for rank, part in enumerate(gathered):
-            every[rank :: self.world] = part  # balanced_share's every world-th row
-        return every.tolist()
+        dist.all_gather_object(gathered, (mine, extra))
+        values = np.full(n, np.nan)
+        for rank, (part, _) in enumerate(gathered):
+            values[rank :: self.world] = part  # balanced_share's every world-th row
+        return values, [e for _, e in gathered]
 
     def _values(self, examples: list[dict]) -> np.ndarray:
         """Per-example scores by the run's metric: the loss over every assistant turn, or

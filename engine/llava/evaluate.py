@@ -243,18 +243,27 @@ def answer_uncertainty(
     """``greedy_uncertainty`` of each example's first question: float64 (n,). Only the
     image and the first question are read (``turns_of(with_answers=False)``): a row's
     answer is never needed, so unselected rows can be scored without revealing it."""
-    out = [
-        greedy_uncertainty(
-            model,
-            collate(chunk, processor, max_length=max_length, with_answers=False,
-                    padding_side="left"),
-            processor,
-            max_new_tokens,
-            synced=synced,
-        )
-        for chunk in _batches(examples, batch_size)
-    ]  # fmt: skip
-    return np.concatenate(out) if out else np.zeros(0, np.float64)
+    _, nll = _answer_all(model, processor, examples, max_length=max_length,
+                         batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         synced=synced, with_scores=True)  # fmt: skip
+    return nll
+
+
+def _answer_all(model, processor, examples, *, max_length, batch_size, max_new_tokens,
+                synced, with_scores, blank_images=False):  # fmt: skip
+    """Greedy answers of each example's first question, chunk by chunk: (the answers,
+    their mean -log p float64 (n,) or None without ``with_scores``)."""
+    answers: list[str] = []
+    nll: list[np.ndarray] = []
+    for chunk in _batches(examples, batch_size):
+        batch = collate(chunk, processor, max_length=max_length, with_answers=False,
+                        padding_side="left", blank_images=blank_images)  # fmt: skip
+        got, scores = _greedy(model, batch, processor, max_new_tokens, synced, with_scores)
+        answers += got
+        nll.append(scores)
+    if not with_scores:
+        return answers, None
+    return answers, np.concatenate(nll) if nll else np.zeros(0, np.float64)
 
 
 def answer_correct(
@@ -271,17 +280,9 @@ def answer_correct(
     """The first turn's greedy answer judged by normalized match against the first
     answer: (bool (n,), the predictions). Later turns are scored by the loss metric only
     (judging turn k would need the model's own earlier answers in the prompt)."""
-    preds: list[str] = []
-    for chunk in _batches(examples, batch_size):
-        batch = collate(
-            chunk,
-            processor,
-            max_length=max_length,
-            with_answers=False,
-            padding_side="left",
-            blank_images=blank_images,
-        )
-        preds += generate_answers(model, batch, processor, max_new_tokens, synced=synced)
+    preds, _ = _answer_all(model, processor, examples, max_length=max_length,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           synced=synced, with_scores=False, blank_images=blank_images)  # fmt: skip
     correct = np.array(
         [is_match(p, first_answer(ex)) for p, ex in zip(preds, examples, strict=True)]
     )
