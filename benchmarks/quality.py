@@ -43,7 +43,10 @@ pool 2,000) is the issue's 90-minute run from an empty root. The larger setting 
    LoRA r=32 on the LM, projector trained fully, batch 64, ``--epochs`` passes over the
    selected rows, one cosine schedule): the papers' rule, the same epochs for every
    selection, so a 20% selection trains 20% of full data's steps. The text-only prior
-   is full data with black images, first seed, first world.
+   is full data with black images, first seed, first world. A world's selections are
+   made first; then its trainings run side by side, one Ray actor per CPU
+   (``benchmarks/quality_runs.py``: on 2 cores two one-thread runs at once get through
+   1.34x the runs of one two-thread run; ``--workers`` caps them).
 4. Scores every run on the in-distribution ``test`` split and every held-out benchmark
    (normalized-match accuracy of greedy answers, per family too).
 
@@ -56,9 +59,6 @@ worlds), its ``.md`` (the tables) and ``_budget.png`` (accuracy against budget).
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -69,12 +69,9 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality_report import summarize, targeted_summary, write_report  # noqa: E402
-from benchmarks.tiny_llava import world_examples  # noqa: E402
+from benchmarks.quality_runs import Bench, RunSpec, coincide_ids, train_all  # noqa: E402
 from engine.artifacts import EmbeddingSpace, Pool, ProgressRun, Selection, World  # noqa: E402
 from engine.llava import FinetuneConfig, load_base  # noqa: E402
-from engine.llava.cache import base_uri  # noqa: E402
-from engine.llava.evaluate import sample_el2n, sample_losses  # noqa: E402
-from engine.llava.finetune import accuracy_by_group, finetune  # noqa: E402
 from engine.quality import random_selection, score_selection  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
 from engine.world.config import WorldConfig  # noqa: E402
@@ -91,7 +88,6 @@ UNTARGETED = ("random", "coincide", "perplexity", "el2n", "clip-score")
 PROGRESS = ("progress-loss", "progress-accuracy", "progress-loss-uncertainty")
 DEFAULT_METHODS = ("random", "coincide", "el2n", "clip-score", "progress-loss")
 TARGET_MODES = ("concept", "skill", "sum", "max", "split", "sample")
-WARMUP_SHARE = 0.09
 # the warm-up model's per-row scores, and which end of their ranking a method keeps
 STATIC_SCORES = {"perplexity": ("loss", "middle"), "el2n": ("el2n", "high")}
 
@@ -146,133 +142,6 @@ def prepare(
     connect()
     ensure_clustering(ProgressConfig(name="quality"), ws, "warmup", (10, 10, 5000))
     return world
-
-
-def coincide_ids(ws: Workspace, count: int, seed: int) -> list[str]:
-    from jobs.progress import ProgressConfig
-    from jobs.progress_warmup import select_warmup_ids
-
-    return select_warmup_ids(ProgressConfig(name="quality", seed=seed), ws, count)
-
-
-class Bench:
-    """The pool, the evaluation sets, the base and the recipe of one world's runs.
-
-    ws: the world's workspace; base_ws: the workspace holding the base (the first world's).
-    """
-
-    def __init__(
-        self, ws: Workspace, world: WorldConfig, recipe: FinetuneConfig, base_ws: Workspace
-    ):
-        self.ws, self.world, self.recipe = ws, world, recipe
-        self.base_ws = base_ws
-        table = Pool.open(ws).read_table(["id", "image", "question", "answer"])
-        self.pool = table.to_pylist()
-        self.ids = [r["id"] for r in self.pool]
-        self.position = {i: p for p, i in enumerate(self.ids)}
-        self.evals = {"test": world_examples(world, "test", world.test_size)}
-        for b in world.benchmarks:
-            self.evals[b.name] = world_examples(world, b.name, b.size)
-        self.base = load_base(base_ws)
-        self.runs_dir = Path(ws.path("quality", "runs"))
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        pool_hash = hashlib.sha256("\n".join(self.ids).encode()).hexdigest()[:12]
-        self.made_of = {
-            "recipe": recipe.model_dump(mode="json"),
-            "pool": pool_hash,
-            "base": self.base.fingerprint,
-        }
-
-    @property
-    def model_setting(self) -> list[str]:
-        """``--set model=...`` for jobs in a world whose workspace holds no base."""
-        if self.base_ws.root == self.ws.root:
-            return []
-        return ["--set", f"model={base_uri(self.base_ws)}"]
-
-    def train(self, positions: np.ndarray, seed: int, desc: str, blank: bool = False):
-        cfg = self.recipe.model_copy(update={"seed": seed})
-        examples = [self.pool[p] for p in positions]
-        model = copy.deepcopy(self.base.model)
-        return finetune(
-            model, self.base.processor, examples, cfg, self.base.max_length,
-            blank_images=blank, log_every=0, progress=desc,
-        )  # fmt: skip
-
-    def positions(self, ids: list[str]) -> np.ndarray:
-        return np.sort(np.array([self.position[i] for i in ids], np.int64))
-
-    def run(
-        self,
-        key: str,
-        positions: np.ndarray,
-        seed: int,
-        blank: bool = False,
-        evals: list[str] | None = None,
-    ) -> dict:
-        """Train on ``positions``, score ``evals`` (default all; cached by ``key``)."""
-        path = self.runs_dir / f"{key}.json"
-        if path.exists():
-            done = json.loads(path.read_text())
-            if done["made_of"] == self.made_of and done["ids_hash"] == _ids_hash(positions):
-                return done
-        t0 = time.perf_counter()
-        model, losses = self.train(positions, seed, f"w{self.world.seed} {key}", blank)
-        t1 = time.perf_counter()
-        scores = {
-            name: accuracy_by_group(
-                model, self.base.processor, examples, families, self.base.max_length,
-                blank_images=blank,
-            )
-            for name, (examples, families) in self.evals.items()
-            if evals is None or name in evals
-        }  # fmt: skip
-        result = {
-            "key": key, "world": self.world.seed, "rows": len(positions), "steps": len(losses),
-            "seed": seed, "train_seconds": round(t1 - t0, 1),
-            "eval_seconds": round(time.perf_counter() - t1, 1),
-            "final_loss": float(np.mean(losses[-10:])), "accuracy": scores,
-            "made_of": self.made_of, "ids_hash": _ids_hash(positions),
-        }  # fmt: skip
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        return result
-
-    def warmup_scores(self, seed: int, kind: str) -> np.ndarray:
-        """A static score of every pool row, float64 (n,), under a model trained on the
-        seed's COINCIDE warm-up: ``loss`` (per-token answer loss, log-perplexity) or
-        ``el2n``. The model is trained once per seed for whichever are not cached."""
-        made_of = hashlib.sha256(json.dumps(self.made_of, sort_keys=True).encode())
-        path = {k: self.runs_dir / f"{k}-scores-s{seed}-{made_of.hexdigest()[:12]}.npy"
-                for k in ("loss", "el2n")}  # fmt: skip
-        if not path[kind].exists():
-            warm_ids = coincide_ids(self.ws, int(round(WARMUP_SHARE * len(self.ids))), seed)
-            model, _ = self.train(self.positions(warm_ids), seed, f"warm-up model s{seed}")
-            score = {"loss": sample_losses, "el2n": sample_el2n}
-            for k, file in path.items():
-                if not file.exists():
-                    values = score[k](model, self.base.processor, self.pool,
-                                      max_length=self.base.max_length)  # fmt: skip
-                    np.save(file, np.asarray(values, np.float64), allow_pickle=False)
-        return np.load(path[kind], allow_pickle=False)
-
-    def clip_score_scores(self) -> np.ndarray | str:
-        """CLIP-Score of every pool row under the workspace's CLIP, float64 (n,), or the
-        reason it is not computed (a CLIP without a trained text tower)."""
-        from engine.clip_score import clip_scores, has_trained_text_tower
-        from engine.encoders import EncoderSpec
-
-        spec = EncoderSpec(**EmbeddingSpace.open(self.ws, "clip").meta.config["encoder"])
-        trained, reason = has_trained_text_tower(spec)
-        if not trained:
-            return reason
-        path = self.runs_dir / "clip-score-scores.npy"
-        if not path.exists():
-            np.save(path, clip_scores(spec, self.pool, batch_size=64), allow_pickle=False)
-        return np.load(path, allow_pickle=False)
-
-
-def _ids_hash(positions: np.ndarray) -> str:
-    return hashlib.sha256(np.sort(np.asarray(positions, np.int64)).tobytes()).hexdigest()[:16]
 
 
 def select(bench: Bench, method: str, budget: float, seed: int) -> np.ndarray | str:
@@ -332,11 +201,14 @@ def targeted_ids(ws: Workspace, world: WorldConfig, mode: str, budget: float):
     return ids, margins
 
 
-def run_world(bench: Bench, args, plan: dict) -> dict:
-    """Every run of one world: {"results": label -> runs, "predictions", "skipped"}."""
+def run_world(bench: Bench, args, plan: dict, prior: bool) -> dict:
+    """Every run of one world: {"results": label -> runs, "predictions", "margins",
+    "skipped", "prior"}. The selections are made first (their jobs hold the cores), then
+    every training runs, side by side (``train_all``). ``prior``: also train the
+    text-only prior (full data, black images, the first seed)."""
     world = bench.world
     everything = np.arange(len(bench.ids))
-    results: dict[str, list[dict]] = {}
+    runs: list[tuple[str, RunSpec]] = []  # (the table's label, the training)
     skipped: dict[str, str] = {}
     jobs = [("full", 1.0, s) for s in plan["seeds"]]
     jobs += [
@@ -345,7 +217,7 @@ def run_world(bench: Bench, args, plan: dict) -> dict:
         for m in plan["methods"]
         for b in (plan["progress_budgets"] if m in PROGRESS else plan["budgets"])
     ]
-    for method, budget, seed in tqdm(jobs, desc=f"world {world.seed}: untargeted runs"):
+    for method, budget, seed in tqdm(jobs, desc=f"world {world.seed}: untargeted selections"):
         if method == "full":
             positions = everything
         elif method in PROGRESS:
@@ -356,15 +228,21 @@ def run_world(bench: Bench, args, plan: dict) -> dict:
             skipped[method] = positions
             continue
         label = "full" if method == "full" else f"{method}@{budget:g}"
-        key = f"{method}-{round(budget * 100)}-s{seed}"
-        results.setdefault(label, []).append(bench.run(key, positions, seed))
+        runs.append((label, RunSpec(f"{method}-{round(budget * 100)}-s{seed}", positions, seed)))
     margins = {}
     for mode in tqdm(plan["modes"], desc=f"world {world.seed}: targeted selections"):
         chosen, margins = targeted_ids(bench.ws, world, mode, args.target_budget)
         for b, seed in [(b.name, s) for b in world.benchmarks for s in plan["seeds"]]:
             key = f"target-{mode}-{b}-{round(args.target_budget * 100)}-s{seed}"
-            run = bench.run(key, bench.positions(chosen[b]), seed, evals=[b])
-            results.setdefault(f"target:{mode}:{b}", []).append(run)
+            spec = RunSpec(key, bench.positions(chosen[b]), seed, evals=(b,))
+            runs.append((f"target:{mode}:{b}", spec))
+    seed = plan["seeds"][0]
+    prior_spec = RunSpec(f"prior-100-s{seed}", everything, seed, blank=True)
+    specs = [spec for _, spec in runs] + ([prior_spec] if prior else [])
+    done = train_all(bench, specs, args.workers, f"world {world.seed}: trainings")
+    results: dict[str, list[dict]] = {}
+    for label, spec in runs:
+        results.setdefault(label, []).append(done[spec.key])
     autos = {"auto": 0.0}
     if args.auto_threshold is not None:
         autos["auto-calibrated"] = args.auto_threshold
@@ -374,7 +252,7 @@ def run_world(bench: Bench, args, plan: dict) -> dict:
         for b, space in predicted.items():
             results[f"target:{rule}:{b}"] = results[f"target:{space}:{b}"]
     return {"results": results, "predictions": predictions, "margins": margins,
-            "skipped": skipped}  # fmt: skip
+            "skipped": skipped, "prior": done[prior_spec.key] if prior else None}  # fmt: skip
 
 
 def main() -> None:
@@ -399,6 +277,9 @@ def main() -> None:
     p.add_argument("--progress-budgets", default="0.2",
                    help="budgets of the PROGRESS runs (a vlselect progress job each)")  # fmt: skip
     p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--workers", type=int, default=None,
+                   help="trainings at once (default and at most: one per CPU of the Ray "
+                   "cluster; fewer share the CPUs as torch threads)")  # fmt: skip
     p.add_argument("--base-world", type=int, default=None,
                    help="the world whose workspace under --root holds the shared base (default: "
                    "this run's first, which trains it): a calibration run reuses the "
@@ -444,11 +325,9 @@ def main() -> None:
         world = prepare(ws, args.pool, seed, bool(plan["modes"]), args.base_set if first else None)
         setup[seed] = round(time.perf_counter() - start, 1)
         bench = Bench(ws, world, recipe, base_ws)
-        per_world[seed] = run_world(bench, args, plan)
+        per_world[seed] = run_world(bench, args, plan, prior=seed == worlds[0])
         if seed == worlds[0]:
-            everything = np.arange(len(bench.ids))
-            prior = bench.run(f"prior-100-s{plan['seeds'][0]}", everything, plan["seeds"][0],
-                              blank=True)  # fmt: skip
+            prior = per_world[seed]["prior"]
             benchmarks = [b.name for b in world.benchmarks]
             evals = list(bench.evals)
     results = {w: d["results"] for w, d in per_world.items()}

@@ -23,7 +23,14 @@ from engine.llava.config import (
     TextConfig,
     VisionConfig,
 )
-from engine.llava.data import IGNORE, collate, image_tokens, model_inputs, tokenizer_of
+from engine.llava.data import (
+    IGNORE,
+    EpochBatcher,
+    collate,
+    image_tokens,
+    model_inputs,
+    tokenizer_of,
+)
 from engine.llava.evaluate import (
     answer_correct,
     answer_uncertainty,
@@ -48,6 +55,7 @@ __all__ = [
     "BaseTrainConfig",
     "CheckpointInfo",
     "DeepSpeedStepper",
+    "EpochBatcher",
     "FinetuneConfig",
     "LlavaModelConfig",
     "Loaded",

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from engine.llava.config import FinetuneConfig
-from engine.llava.data import collate
+from engine.llava.data import EpochBatcher
 from engine.llava.evaluate import answer_correct
 from engine.llava.train import torch_stepper, train_loop
 
@@ -65,8 +65,10 @@ def epoch_batches(
     *,
     blank_images: bool = False,
 ):
-    """Shuffled batches over ``cfg.epochs`` passes (a fractional last pass is cut short)."""
+    """Shuffled batches over ``cfg.epochs`` passes (a fractional last pass is cut short);
+    every example is encoded once however many passes draw it (``EpochBatcher``)."""
     n = len(examples)
+    batcher = EpochBatcher(examples, processor, max_length=max_length, blank_images=blank_images)
     steps = total_steps(n, cfg)
     rng = np.random.default_rng(cfg.seed)
     order = np.zeros(0, np.int64)
@@ -74,9 +76,7 @@ def epoch_batches(
         if len(order) < cfg.batch_size:
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        yield collate(
-            [examples[i] for i in idx], processor, max_length=max_length, blank_images=blank_images
-        )
+        yield batcher.batch(idx.tolist())
 
 
 def steps_for(rows: int, epochs: float, batch_size: int) -> int:

@@ -7,12 +7,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from engine.artifacts import BaseModelArtifact
 from engine.errors import InputError
 from engine.llava import (
     IGNORE,
     BaseTrainConfig,
+    EpochBatcher,
     FinetuneConfig,
     build_llava,
     build_or_load_base,
@@ -122,6 +124,34 @@ def test_collate_pads_masks_and_stacks_images(world, tokenizer, processor, model
     assert (left["attention_mask"][:, -1] == 1).all()
     blank = collate(batch_ex, processor, max_length=model_cfg.max_length, blank_images=True)
     assert np.allclose(blank["pixel_values"][0], blank["pixel_values"][1])
+
+
+@pytest.mark.parametrize("blank", [False, True])
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_epoch_batcher_equals_collate_batch_for_batch(
+    world, processor, model_cfg, blank, cache_bytes
+):
+    pool = [*examples(world, 5), text_only_example()]
+    batcher = EpochBatcher(
+        pool, processor, max_length=model_cfg.max_length, blank_images=blank,
+        pixel_cache_bytes=cache_bytes,
+    )  # fmt: skip
+    assert batcher.keep_pixels == (cache_bytes > 0)
+    # an epoch's batches draw rows again, in other company, twice in one batch, text only
+    for idx in ([0, 1, 5], [5, 2, 0], [3, 3, 4], [5], [4, 0, 1, 2, 3, 5]):
+        want = collate(
+            [pool[i] for i in idx], processor, max_length=model_cfg.max_length,
+            blank_images=blank,
+        )  # fmt: skip
+        got = batcher.batch(idx)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if value is None:
+                assert got[key] is None
+            else:
+                assert torch.equal(got[key], value), key
+    # each row was encoded once, however often it was drawn
+    assert sorted(batcher._rows) == list(range(6))
 
 
 def test_forward_loss_is_finite_with_one_image_token_per_patch(
