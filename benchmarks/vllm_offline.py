@@ -26,7 +26,10 @@ def main() -> None:
     max_tokens = int(os.environ.get("MAX_TOKENS", "32"))
     max_model_len = int(os.environ.get("MAX_MODEL_LEN", "2048"))
     t0 = time.perf_counter()
-    llm = LLM(model=model, max_model_len=max_model_len, enable_prefix_caching=True)
+    # the settings of configs/skills-vllm-cpu.yaml's engine
+    llm = LLM(
+        model=model, max_model_len=max_model_len, enable_prefix_caching=True, enforce_eager=True
+    )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     load_seconds = time.perf_counter() - t0
     llm.chat(prompts[:4], params, use_tqdm=False)  # warm-up

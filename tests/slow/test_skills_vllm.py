@@ -53,7 +53,11 @@ def vllm_config(path) -> str:
             "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
         },
         "placement_group_config": {"bundles": [{"CPU": 1}]},
-        "engine_kwargs": {"max_model_len": 2048, "enable_prefix_caching": True},
+        "engine_kwargs": {
+            "max_model_len": 2048,
+            "enable_prefix_caching": True,
+            "enforce_eager": True,
+        },  # fmt: skip
         "batch_size": 32,
         "max_concurrent_batches": 2,
     }
