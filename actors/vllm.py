@@ -20,13 +20,18 @@ import ray
 from engine.skills import RESULT_SCHEMA, build_messages, result_row, try_parse_skills
 from engine.skills_config import VLLMBackend
 
+# the folder holding the project's packages, for another environment's Python
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 
 def local_paths(model: str, backend: VLLMBackend) -> tuple[str, dict]:
     """The model source and runtime environment the stages get: a model folder that
     exists here, and a relative ``py_executable``, as absolute paths (``~`` expanded),
     for the stage actors do not start in the driver's folder; a hub id and an absolute
-    interpreter (on the cluster's nodes) as they are. Raises FileNotFoundError naming
-    a relative ``py_executable`` that is not here."""
+    interpreter (on the cluster's nodes) as they are. Another Python gets the project
+    on its PYTHONPATH: the job's workers run ``engine.warning_filters.install`` at start
+    (``jobs.runtime``), stdlib only, which that environment could not import otherwise.
+    Raises FileNotFoundError naming a relative ``py_executable`` that is not here."""
     folder = Path(model).expanduser()
     source = str(folder.resolve()) if folder.exists() else model
     env = dict(backend.runtime_env)
@@ -42,6 +47,9 @@ def local_paths(model: str, backend: VLLMBackend) -> tuple[str, dict]:
                     "on the cluster's nodes"
                 )
         env["py_executable"] = str(python)
+        env_vars = dict(env.get("env_vars") or {})
+        paths = [str(PROJECT_ROOT), *filter(None, [env_vars.get("PYTHONPATH")])]
+        env["env_vars"] = {**env_vars, "PYTHONPATH": ":".join(paths)}
     return source, env
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -185,6 +186,7 @@ def test_vllm_config_and_processor_are_built_with_the_settings(ray_session, tiny
 
 
 def test_vllm_local_paths_are_made_absolute_and_a_missing_interpreter_named(tmp_path, monkeypatch):
+    import actors.vllm
     from actors.vllm import local_paths
 
     monkeypatch.chdir(tmp_path)
@@ -194,12 +196,16 @@ def test_vllm_local_paths_are_made_absolute_and_a_missing_interpreter_named(tmp_
     env = {"py_executable": ".venv-llm/bin/python", "env_vars": {"A": "1"}}
     source, got = local_paths("model", VLLMBackend(runtime_env=env))
     assert source == str(tmp_path / "model")
-    assert got == {"py_executable": str(tmp_path / ".venv-llm/bin/python"), "env_vars": {"A": "1"}}
+    project = str(Path(actors.vllm.__file__).resolve().parents[1])
+    assert got == {
+        "py_executable": str(tmp_path / ".venv-llm/bin/python"),
+        "env_vars": {"A": "1", "PYTHONPATH": project},  # the workers' setup hook is ours
+    }
     # a hub id and an interpreter on the cluster's nodes pass as they are
-    remote = {"py_executable": "/opt/vllm/bin/python"}
-    assert local_paths("Qwen/Qwen2.5-7B", VLLMBackend(runtime_env=remote)) == (
-        "Qwen/Qwen2.5-7B", remote,
-    )  # fmt: skip
+    remote = {"py_executable": "/opt/vllm/bin/python", "env_vars": {"PYTHONPATH": "/opt/x"}}
+    source, got = local_paths("Qwen/Qwen2.5-7B", VLLMBackend(runtime_env=remote))
+    assert source == "Qwen/Qwen2.5-7B" and got["py_executable"] == "/opt/vllm/bin/python"
+    assert got["env_vars"]["PYTHONPATH"] == f"{project}:/opt/x"
     with pytest.raises(FileNotFoundError, match="install_llm_server.sh"):
         local_paths("model", VLLMBackend(runtime_env={"py_executable": "nope/bin/python"}))
 

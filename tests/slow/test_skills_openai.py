@@ -15,6 +15,7 @@ from engine.artifacts import Pool, Skills
 from engine.workspace import Workspace
 from jobs.cli import main
 from tests.llm_server import llm_server
+from tests.world_workspace import world_source
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pool_ws(small_world, tmp_path_factory):
     ws = tmp_path_factory.mktemp("skills-openai") / "ws"
-    src = str(small_world / "world" / "source")
-    assert main(["ingest", "--workspace", str(ws), "--source", src]) == 0
+    assert main(["ingest", "--workspace", str(ws), "--source", world_source(small_world)]) == 0
     return ws
 
 
