@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,10 +135,8 @@ class Bench:
 
     def save(self, result: dict) -> None:
         """Store a run's result (whole or not at all: a stopped benchmark resumes)."""
-        path = self.runs_dir / f"{result['key']}.json"
-        partial = path.with_suffix(f".json.{os.getpid()}.partial")
-        partial.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(partial, path)
+        path = str(self.runs_dir / f"{result['key']}.json")
+        self.ws.write_bytes(path, (json.dumps(result, indent=1) + "\n").encode())
 
     def warmup_scores(self, seed: int, kind: str) -> np.ndarray:
         """A static score of every pool row, float64 (n,), under a model trained on the
