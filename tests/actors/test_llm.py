@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import ray
 
 from actors.llm import (
     HTTPSkillWriter,
@@ -17,7 +18,7 @@ from actors.llm import (
     resolve_transformers_model,
 )
 from actors.vllm import _vllm_preprocess, vllm_processor_config, vllm_rows_to_results
-from engine.skills import RESULT_SCHEMA, build_messages
+from engine.skills import RESULT_SCHEMA, build_messages, result_row
 from engine.skills_config import SkillsConfig, VLLMBackend
 from tests.fake_openai import API_KEY, FakeOpenAI
 from tests.tiny_llm import tiny_llm_dir
@@ -231,6 +232,7 @@ def test_vllm_rows_normalise_errors_and_answers():
     frame = pd.DataFrame(
         {
             "key": ["a", "b", "c"],
+            "question": ["How many?", "What color?", "Which one?"],
             "attempt": [2, 2, 2],
             "__inference_error__": ["", "CUDA out of memory", ""],
             "generated_text": ["counting, ocr", None, "The answer is 3."],
@@ -242,6 +244,8 @@ def test_vllm_rows_normalise_errors_and_answers():
     assert rows[0]["skills"] == ["counting", "ocr"] and rows[0]["completion_tokens"] == 5
     assert rows[1]["status"] == "failed" and rows[1]["reason"] == "vLLM: CUDA out of memory"
     assert rows[2]["reason"].startswith("unparseable answer") and rows[2]["attempts"] == 2
+    # each row keeps its question, which a retry pass asks again
+    assert [r["question"] for r in rows] == ["How many?", "What color?", "Which one?"]
 
 
 @pytest.mark.gpu
@@ -257,6 +261,45 @@ def test_vllm_backend_runs_on_a_gpu(ray_session):
         vllm={"engine_kwargs": {"max_model_len": 2048}, "batch_size": 8},
     )  # fmt: skip
     pending = batch("How many dogs are there?", "What does the sign say?")
-    out = pa.concat_tables(generate_vllm(pending, model, cfg))
+    out = pa.concat_tables(generate_vllm([ray.put(pending)], model, cfg))
     assert out.num_rows == 2 and set(out.column("status").to_pylist()) <= {"ok", "failed"}
     assert out.column("completion_tokens").to_pylist()[0] > 0
+
+
+def answer_by_rule(rows: ray.data.Dataset) -> ray.data.Dataset:
+    """A Ray Data stage standing where the vLLM processor stands: "bad" questions never
+    get a usable answer, "flaky" ones only from their second attempt."""
+
+    def rule(batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.to_pylist():
+            q, attempt = row["question"], row["attempt"]
+            text = "I'm sorry" if "bad" in q or ("flaky" in q and attempt == 1) else "ocr"
+            out.append({**result_row(row["key"], text, attempts=attempt), "question": q})
+        schema = RESULT_SCHEMA.append(pa.field("question", pa.string()))
+        return pa.Table.from_pylist(out, schema)
+
+    return rows.map_batches(rule, batch_format="pyarrow", batch_size=4)
+
+
+def test_failed_rows_are_asked_again_in_the_same_pass_until_their_last_attempt(ray_session):
+    from actors.vllm import ask_with_retries
+
+    questions = [f"{kind} {i}" for i in range(10) for kind in ("good", "flaky", "bad")]
+    blocks = [
+        ray.put(pa.table({"key": [f"k-{q}" for q in chunk], "question": chunk}))
+        for chunk in (questions[:13], questions[13:])
+    ]
+    out = pa.concat_tables(ask_with_retries(answer_by_rule, blocks, max_attempts=3))
+    rows = {r["key"]: r for r in out.to_pylist()}
+    assert out.num_rows == len(rows) == 30  # every row once: its final answer
+    for q in questions:
+        row = rows[f"k-{q}"]
+        if q.startswith("good"):
+            assert (row["status"], row["attempts"]) == ("ok", 1)
+        elif q.startswith("flaky"):
+            assert (row["status"], row["attempts"]) == ("ok", 2)
+        else:
+            assert (row["status"], row["attempts"]) == ("failed", 3)
+            assert "refused" in row["reason"]  # the reason of its last attempt
+    assert list(ask_with_retries(answer_by_rule, [], max_attempts=3)) == []

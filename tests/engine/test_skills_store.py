@@ -1,19 +1,23 @@
-"""The skills stage's pure halves: pass 1's dedup, pass 2's part slices and the join."""
+"""The skills stage's pure halves: pass 1's dedup by slice and key, pass 2's part slices and the join."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.skills import CACHE_SCHEMA, PROMPT_VERSION, RESULT_SCHEMA, SKILLS_SCHEMA, result_row
 from engine.skills_store import (
-    UniqueQuestions,
+    ASKED_SCHEMA,
+    asked_questions,
     assemble,
-    first_rows,
+    cached_keys,
+    keyed_questions,
     part_counts,
     part_slices,
     results_table,
@@ -49,29 +53,68 @@ def test_unique_questions_keep_first_rows_in_order_with_their_counts():
     got = unique_questions(keyed(["b", "a", "b", "c", "a", "b"]))
     assert got.column("key").to_pylist() == ["b", "a", "c"]
     assert got.column("question").to_pylist() == ["q-b", "q-a", "q-c"]
+    assert got.column("first").to_pylist() == [0, 1, 3]
     assert got.column("rows").to_pylist() == [3, 2, 1]
     assert got.schema.field("rows").type == pa.int64()
 
 
-@pytest.mark.parametrize("compact_rows", [1, 7, 10_000])
-def test_unique_questions_accumulated_equal_one_dedup_of_every_row(compact_rows, monkeypatch):
-    monkeypatch.setattr(UniqueQuestions, "MIN_COMPACT_ROWS", compact_rows)
+def conversation(question: str) -> list[dict]:
+    return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "a"}]
+
+
+def pool_files(tmp_path, questions: list[str], sizes: list[int]) -> list[str]:
+    """Parquet shards of ``sizes`` rows holding LLaVA rows that ask ``questions``."""
+    paths, at = [], 0
+    for i, n in enumerate(sizes):
+        rows = [
+            {
+                "id": f"id-{at + r}",
+                "conversations": conversation(questions[at + r]),
+            }
+            for r in range(n)
+        ]
+        path = str(tmp_path / f"shard-{i}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        paths.append(path)
+        at += n
+    return paths
+
+
+def merge_by_key(tables: list[pa.Table]) -> pa.Table:
+    """What the job's hash aggregation does to pass 1's rows, in one process."""
+    merged = (
+        pa.concat_tables(tables)
+        .group_by("key", use_threads=False)
+        .aggregate([("first", "min"), ("question", "min"), ("rows", "sum"), ("cached", "max")])
+    )
+    merged = merged.filter(pc.greater(merged.column("rows_sum"), 0))
+    return merged.take(pc.sort_indices(merged, [("first_min", "ascending")]))
+
+
+def test_slices_asked_and_merged_by_key_equal_one_dedup_of_the_pool(tmp_path):
     rng = np.random.default_rng(0)
-    keys = [f"k{v}" for v in rng.zipf(1.5, 3000) % 500]
-    acc = UniqueQuestions()
-    for start in range(0, len(keys), 97):
-        acc.add(unique_questions(keyed(keys[start : start + 97])))
-    whole = keyed(keys)
-    expected = whole.take(first_rows(whole.column("key")))
-    assert acc.samples == len(keys)
-    assert acc.table().equals(expected)
-    assert acc.table().equals(expected)  # table() twice: the same rows
-
-
-def test_no_batches_give_no_questions():
-    acc = UniqueQuestions()
-    assert acc.samples == 0 and acc.table().num_rows == 0
-    assert acc.table().schema.names == ["key", "question"]
+    questions = [f"what is {v}?" for v in rng.zipf(1.5, 300) % 60]
+    sizes = [70, 0, 130, 100]
+    files = pool_files(tmp_path, questions, sizes)
+    fs = pafs.LocalFileSystem()
+    slices = part_slices(sizes, 260, 64)  # the first 260 rows, in slices across shards
+    asked = [
+        asked_questions(fs, [(files[f], b, e) for f, b, e in ranges], i * 64, "v1", "m")
+        for i, ranges in enumerate(slices)
+    ]
+    assert all(t.schema == ASKED_SCHEMA for t in asked)
+    whole = unique_questions(keyed_questions(pa.table({
+        "id": [f"id-{i}" for i in range(260)],
+        "conversations": [conversation(q) for q in questions[:260]],
+    }), "v1", "m"))  # fmt: skip
+    cache = cached_keys(pa.table({"key": [whole.column("key")[2].as_py(), "elsewhere"]}))
+    merged = merge_by_key([*asked, cache])
+    assert merged.column("key").to_pylist() == whole.column("key").to_pylist()
+    assert merged.column("question_min").to_pylist() == whole.column("question").to_pylist()
+    assert merged.column("first_min").to_pylist() == whole.column("first").to_pylist()
+    assert merged.column("rows_sum").to_pylist() == whole.column("rows").to_pylist()
+    assert pc.sum(merged.column("rows_sum")).as_py() == 260
+    assert merged.column("cached_max").to_pylist() == [int(i == 2) for i in range(len(whole))]
 
 
 def answers(n_keys: int) -> tuple[pa.Table, pa.Table]:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from engine.artifacts import EmbeddingSpace, Pool, Skills
 from engine.commit import MANIFEST
@@ -243,16 +244,21 @@ def old_parts(ws: Path, limit: int | None, failures: pa.Table, model: str, shard
     cached = read_cache(Workspace.open(str(ws)), pa.array(sorted(set(keys)), pa.string()))
     table = old_assemble(ids, cached, failures, model)
     parts = [table.slice(s, shard_rows) for s in range(0, max(table.num_rows, 1), shard_rows)]
-    return table, parts, len(set(keys))
+    return table, parts, list(dict.fromkeys(keys))
 
 
 def fake_backend(broken: bool, asked: list[pa.Table]):
     """A ``generate`` that answers every question by rule, without a server: with
     ``broken``, "cross" questions fail without an answer (HTTP 500) and "ring" ones get an
     unparseable one; the rest get skills that depend on the question, so a row joined to
-    another row's answer shows. Yields ``RESULT_SCHEMA`` batches of 50, records them."""
+    another row's answer shows. Yields ``RESULT_SCHEMA`` batches of 50, records them.
+    ``pending``: the object refs of the question blocks, ``cfg.batch_size`` rows each but
+    the last."""
 
     def generate(cfg, pending, model):
+        blocks = ray.get(pending)
+        assert all(b.num_rows == cfg.batch_size for b in blocks[:-1]), "blocks cut exactly"
+        pending = pa.concat_tables(blocks)
         for start in range(0, pending.num_rows, 50):
             rows = []
             for r in pending.slice(start, 50).to_pylist():
@@ -278,6 +284,7 @@ def test_parts_written_by_tasks_equal_the_old_whole_table_assembly(
     ws = ingested(small_world, tmp_path / "ws", 300)
     args = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "fake"]
     args += ["--set", "shard_rows=450"]
+    answered: set[str] = set()  # what the cache held before each run
     for limit, broken in ((1234, True), (None, False)):
         asked: list[pa.Table] = []
         monkeypatch.setattr(skills_job, "generate", fake_backend(broken, asked))
@@ -287,7 +294,13 @@ def test_parts_written_by_tasks_equal_the_old_whole_table_assembly(
         recorded = pa.concat_tables([RESULT_SCHEMA.empty_table(), *asked])
         failures = recorded.filter(pc.equal(recorded.column("status"), "failed"))
         assert (failures.num_rows > 0) == broken
-        table, expected, unique = old_parts(ws, limit, failures, "fake", 450)
+        table, expected, order = old_parts(ws, limit, failures, "fake", 450)
+        unique = len(order)
+        # each uncached question asked once, in order of first appearance in the pool
+        assert recorded.column("key").to_pylist() == [k for k in order if k not in answered]
+        answered |= set(
+            recorded.filter(pc.equal(recorded.column("status"), "ok"))["key"].to_pylist()
+        )
         files = skills(ws).files(suffix=".parquet")
         assert [Path(f).name for f in files] == [
             f"part-{i:05d}.parquet" for i in range(len(expected))
