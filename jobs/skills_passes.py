@@ -143,6 +143,14 @@ def plan_questions(cfg: SkillsConfig, pool: Pool, model: str) -> Questions:
     )
 
 
+def put_blocks(questions: pa.Table, rows: int) -> list[ray.ObjectRef]:
+    """``questions`` (key, question) cut into blocks of ``rows`` rows and put in the
+    object store: what ``jobs.skills.generate`` reads, for a caller holding a few
+    questions in hand (the target job's benchmark questions)."""
+    step = max(rows, 1)
+    return [ray.put(questions.slice(i, step)) for i in range(0, questions.num_rows, step)]
+
+
 @ray.remote(num_cpus=0.25)
 def answers(ws: Workspace, keys: list, failures: list) -> pa.Table:
     """The answer of each of the run's keys (``results_table``), built in a task: it holds

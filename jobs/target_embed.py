@@ -29,6 +29,7 @@ from engine.skills_store import CacheWriter, read_cache
 from engine.target_input import Benchmark, require_usable
 from engine.workspace import Workspace
 from jobs import embed, skills
+from jobs.skills_passes import put_blocks
 
 IMAGE_STATUS = {0: "no image", -1: "undecodable"}
 
@@ -117,7 +118,7 @@ def describe_skills(
         pending = pa.table({"key": todo, "question": [unique[k] for k in todo]})
         writer = CacheWriter(ws, model, cfg.cache_flush_rows)
         try:
-            for batch in skills.generate(cfg, pending, model):
+            for batch in skills.generate(cfg, put_blocks(pending, cfg.batch_size), model):
                 writer.add(batch)
                 bad = batch.filter(pc.equal(batch.column("status"), "failed"))
                 failed.update(zip(bad["key"].to_pylist(), bad["reason"].to_pylist(), strict=True))
