@@ -241,7 +241,7 @@ def main(cfg: SkillsConfig, ws: Workspace) -> dict:
     gen_seconds = gen_timer.seconds
     results = answers.remote(ws, questions.keys, failures)
     attempt = plan.attempt
-    parts = write_parts(cfg, pool, samples, results, model, attempt)
+    parts = write_parts(cfg, pool, questions, results, model, attempt)
     if ws.parquet_rows(attempt.dir) != samples:
         raise RuntimeError(
             f"skills wrote {ws.parquet_rows(attempt.dir)} rows for {samples} ids; "

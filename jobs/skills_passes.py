@@ -62,6 +62,7 @@ class Questions:
     holds no question)."""
 
     samples: int  # pool rows read (the first ``limit``)
+    sizes: list[int]  # rows of each pool shard, from their footers (pass 2 slices by them)
     unique: int  # their unique keys
     cached: int  # of which the cache answers
     # ObjectRefs of QUESTIONS_SCHEMA tables of batch_size rows, in order of first appearance
@@ -136,6 +137,7 @@ def plan_questions(cfg: SkillsConfig, pool: Pool, model: str) -> Questions:
     ]
     return Questions(
         samples=samples,
+        sizes=sizes,
         unique=counts["unique"],
         cached=counts["cached"] or 0,
         pending=pending,
@@ -174,16 +176,17 @@ def _write_part(fs, ranges: list[tuple[str, int, int]], results: pa.Table, model
 def write_parts(
     cfg: SkillsConfig,
     pool: Pool,
-    samples: int,
+    questions: Questions,
     results: ray.ObjectRef,
     model: str,
     attempt: Attempt,
 ) -> list[dict]:
     """Pass 2 in tasks: part-00000.parquet, ... of ``cfg.shard_rows`` rows of the first
-    ``samples`` pool rows, in pool order. Returns the parts' ``part_counts`` in part order."""
+    ``questions.samples`` pool rows (slices of pass 1's shard sizes, not read again), in
+    pool order. Returns the parts' ``part_counts`` in part order."""
     files = pool.shards
-    sizes = [pq.read_metadata(f, filesystem=pool.ws.fs).num_rows for f in files]
-    parts = part_slices(sizes, min(samples, sum(sizes)), cfg.shard_rows)
+    samples = questions.samples
+    parts = part_slices(questions.sizes, samples, cfg.shard_rows)
     names = [attempt.path(f"part-{i:05d}.parquet") for i in range(len(parts))]
 
     def submit(i: int):
