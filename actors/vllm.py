@@ -25,6 +25,7 @@ from ray.util.queue import Queue
 
 from engine.skills import RESULT_SCHEMA, build_messages, result_row, try_parse_skills
 from engine.skills_config import VLLMBackend
+from engine.skills_store import QuestionBlocks
 
 # the folder holding the project's packages, for another environment's Python
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -205,9 +206,9 @@ class AttemptFeed(Datasource):
         ]
 
 
-def generate_vllm(pending: list[ray.ObjectRef], model: str, cfg):
+def generate_vllm(pending: QuestionBlocks, model: str, cfg):
     """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` blocks of ``pending``
-    (object refs; ``cfg``: the whole ``SkillsConfig``): one vLLM processor, one pass, one
+    (``cfg``: the whole ``SkillsConfig``): one vLLM processor, one pass, one
     set of engines, retries in the same pass (``ask_with_retries``)."""
     source, runtime_env = local_paths(model, cfg.vllm)
     processor = build_vllm_processor(
@@ -225,9 +226,9 @@ def generate_vllm(pending: list[ray.ObjectRef], model: str, cfg):
     yield from ask_with_retries(answer, pending, cfg.max_attempts)
 
 
-def ask_with_retries(answer, pending: list[ray.ObjectRef], max_attempts: int):
+def ask_with_retries(answer, pending: QuestionBlocks, max_attempts: int):
     """Yield ``RESULT_SCHEMA`` tables, one row per row of the ``(key, question)`` blocks
-    of ``pending`` (object refs), each its final answer.
+    of ``pending``, each its final answer.
 
     ``answer`` maps a dataset of ``(key, question, attempt)`` rows to ``RESULT_SCHEMA``
     rows plus ``question`` (``vllm_rows_to_results``'s), in any order. It is applied
@@ -238,7 +239,7 @@ def ask_with_retries(answer, pending: list[ray.ObjectRef], max_attempts: int):
     attempt ``k`` has come back: the driver counts rows, and holds neither the
     questions nor the keys.
     """
-    total = sum(ray.get([_num_rows.remote(ref) for ref in pending]))
+    total = pending.rows
     if not total:
         return
     queues = [Queue(actor_options={"num_cpus": 0}) for _ in range(max_attempts - 1)]
@@ -253,7 +254,7 @@ def ask_with_retries(answer, pending: list[ray.ObjectRef], max_attempts: int):
     reserve, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
     try:
         rows = ray.data.read_datasource(
-            AttemptFeed(pending, queues), override_num_blocks=max_attempts, num_cpus=0
+            AttemptFeed(pending.refs, queues), override_num_blocks=max_attempts, num_cpus=0
         )
     finally:
         ctx.op_resource_reservation_enabled = reserve
@@ -286,8 +287,3 @@ def ask_with_retries(answer, pending: list[ray.ObjectRef], max_attempts: int):
     finally:
         for queue in queues:
             queue.shutdown(force=True)
-
-
-@ray.remote(num_cpus=0)
-def _num_rows(table: pa.Table) -> int:
-    return table.num_rows

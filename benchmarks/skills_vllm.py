@@ -13,9 +13,18 @@ N pool samples:
 - ``offline``: vLLM's ``LLM.chat`` on the same prompts in one process
   (benchmarks/vllm_offline.py, in .venv-llm): the bare loop;
 - ``openai``: ``vlselect skills --backend openai`` against vLLM's OpenAI server
-  (scripts/serve_llm.sh) with ``--concurrency`` requests in flight;
+  (scripts/serve_llm.sh) with ``--concurrency`` requests in flight, its default two
+  batches in flight per actor; ``openai, 1 batch in flight`` the same with
+  ``openai.batches_in_flight=1`` (each batch waits for its slowest request);
 - ``http``: a bare thread pool posting the same requests to that server at the same
   concurrency.
+
+Every run starts from an empty prefix cache, as a fresh engine does: the offline loop
+resets its own, and the server's is reset before each openai and http run (vLLM's
+``POST /reset_prefix_cache``, served with ``VLLM_SERVER_DEV_MODE=1``), the sides taking
+turns at each count. Without that, the side that runs second finds every prompt cached
+and prefills nothing: the first version of this benchmark showed http at 1.6x openai
+for that reason alone.
 
 Each side runs at two sample counts; its rate is the extra questions (and generated
 tokens) of the larger over the extra seconds, so what every run pays once (the processor's
@@ -93,6 +102,15 @@ def offline(model: str, prompts: list[list[dict]], counts: list[int]) -> tuple[l
     return done["runs"], done["load_seconds"]
 
 
+def reset_prefix_cache(srv) -> None:
+    """Empty the server's prefix cache (a dev-mode endpoint), so no run prefills less
+    for a run before it."""
+    import requests
+
+    root = srv.base_url.removesuffix("/v1")
+    requests.post(f"{root}/reset_prefix_cache", timeout=60).raise_for_status()
+
+
 def http(srv, prompts: list[list[dict]], concurrency: int) -> dict:
     """The same requests posted by ``concurrency`` threads, nothing else around them."""
     import requests
@@ -130,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", help="a workspace with a pool (default: a fresh world)")
     parser.add_argument("--size", type=int, default=2000, help="world size when generating")
-    parser.add_argument("--samples", default="100,300", help="the two sample counts")
+    parser.add_argument("--samples", default="100,500", help="the two sample counts")
     parser.add_argument(
         "--concurrency", type=int, default=8, help="openai and http requests in flight"
     )
@@ -154,12 +172,21 @@ def main() -> None:
     ray.shutdown()  # the offline loop and the server get the cores to themselves
     runs["offline"], load_seconds = offline(model, prompts, counts)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # the server inherits it: /reset_prefix_cache
     with llm_server.llm_server() as srv:
         api = ["--backend", "openai", "--base-url", srv.base_url, "--model", srv.model,
                "--set", f"max_new_tokens={MAX_TOKENS}",
                "--set", f"openai.concurrency={args.concurrency}"]  # fmt: skip
-        runs["openai"] = [stage(ws, "openai", n, api) for n in (small, large)]
-        runs["http"] = [http(srv, prompts[:n], args.concurrency) for n in counts]
+        one = [*api, "--set", "openai.batches_in_flight=1"]
+        sides = {
+            "openai": lambda n, count: stage(ws, "openai", n, api),
+            "openai, 1 batch in flight": lambda n, count: stage(ws, "openai", n, one),
+            "http": lambda n, count: http(srv, prompts[:count], args.concurrency),
+        }
+        for n, count in zip((small, large), counts, strict=True):
+            for side, run in sides.items():
+                reset_prefix_cache(srv)
+                runs.setdefault(side, []).append(run(n, count))
     ray.shutdown()
     rows = [steady(side, *pair) for side, pair in runs.items()]
     rate = {r["side"]: r["questions_per_s"] for r in rows}

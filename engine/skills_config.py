@@ -66,6 +66,13 @@ class OpenAIBackend(BaseModel):
     )
     actors: int = operational(1, ge=1, description="Client actors.")
     concurrency: int = operational(8, ge=1, description="Requests in flight per actor (threads).")
+    batches_in_flight: int = operational(
+        2,
+        ge=1,
+        description="Batches one actor works on at once, sharing its `concurrency` threads: "
+        "while the last requests of a batch finish, the next batch's fill the idle threads "
+        "(1: the server's load drops at every batch's end).",
+    )
     max_requests_per_s: float | None = operational(
         None, gt=0, description="Rate limit over all actors; None: unlimited."
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -195,6 +196,30 @@ def part_slices(sizes: list[int], total: int, part_rows: int) -> list[list[tuple
                 ranges.append((f, int(begin), int(end)))
         parts.append(ranges)
     return parts
+
+
+@dataclass(frozen=True)
+class QuestionBlocks:
+    """Questions to ask, as blocks in Ray's object store: ``refs`` to QUESTIONS_SCHEMA
+    tables (key, question) whose rows add up to ``rows`` (the count travels with them,
+    so no reader pays a task per block to learn it). This layer holds the refs only."""
+
+    refs: list
+    rows: int
+
+
+def question_block_rows(questions: int, batch_size: int, cpus: int, most: int = 4096) -> int:
+    """Rows of each object-store block of the questions to ask: a multiple of
+    ``batch_size`` (so the batches a backend cuts from a block are exact, whatever
+    blocks its tasks get), about ``most`` rows at scale (each block costs Ray Data a
+    metadata task and a bundle: 665k questions in blocks of 32 would be 20k of each),
+    and small enough on a small run that every CPU's actor gets blocks (about 4 per
+    CPU). ``questions``: how many there are to ask; ``cpus``: the cluster's CPUs.
+    """
+    batch_size = max(batch_size, 1)
+    batches = -(-questions // batch_size)
+    per_block = -(-batches // max(4 * cpus, 1))
+    return batch_size * max(1, min(per_block, most // batch_size))
 
 
 def part_questions(

@@ -56,7 +56,7 @@ from engine.errors import InputError
 from engine.resources import Resources
 from engine.skills import PROMPT_VERSION, RESULT_SCHEMA
 from engine.skills_config import SkillsConfig
-from engine.skills_store import CACHE_DIR, EXAMPLES, CacheWriter
+from engine.skills_store import CACHE_DIR, EXAMPLES, CacheWriter, QuestionBlocks
 from engine.workspace import Workspace
 from jobs import embed
 from jobs.runtime import Timer, connect, print_summary
@@ -160,12 +160,12 @@ def check_input(cfg: SkillsConfig, ws: Workspace) -> Pool:
     return pool
 
 
-def generate(cfg: SkillsConfig, pending: list[ray.ObjectRef], model: str):
+def generate(cfg: SkillsConfig, pending: QuestionBlocks, model: str):
     """Yield ``RESULT_SCHEMA`` tables for the ``(key, question)`` blocks of ``pending``."""
     if cfg.backend == "vllm":
         yield from generate_vllm(pending, model, cfg)
         return
-    ds = ray.data.from_arrow_refs(pending)
+    ds = ray.data.from_arrow_refs(pending.refs)
     if cfg.backend == "transformers":
         t = cfg.transformers
         cls, kwargs = TransformersSkillWriter, {
@@ -184,7 +184,13 @@ def generate(cfg: SkillsConfig, pending: list[ray.ObjectRef], model: str):
             "backoff_s": o.backoff_s, "backoff_max_s": o.backoff_max_s,
             "breaker_after": o.breaker_after, "extra_body": o.extra_body,
         }  # fmt: skip
-        compute = ray.data.ActorPoolStrategy(size=o.actors)
+        # The client is thread-safe (one request pool, per-thread sessions), so its calls
+        # may overlap: the threads never wait for a batch's slowest request.
+        compute = ray.data.ActorPoolStrategy(
+            size=o.actors,
+            max_concurrent_calls_per_actor=o.batches_in_flight,
+            enable_true_multi_threading=True,
+        )
         opts = ray_data_options(o.resources)
     kwargs.update(
         max_new_tokens=cfg.max_new_tokens,

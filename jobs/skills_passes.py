@@ -25,12 +25,14 @@ from engine.skills_config import SkillsConfig
 from engine.skills_store import (
     CACHE_DIR,
     QUESTIONS_SCHEMA,
+    QuestionBlocks,
     asked_questions,
     assemble,
     cached_keys,
     part_counts,
     part_keys,
     part_slices,
+    question_block_rows,
     read_cache,
     results_table,
 )
@@ -65,8 +67,7 @@ class Questions:
     sizes: list[int]  # rows of each pool shard, from their footers (pass 2 slices by them)
     unique: int  # their unique keys
     cached: int  # of which the cache answers
-    # ObjectRefs of QUESTIONS_SCHEMA tables of batch_size rows, in order of first appearance
-    pending: list
+    pending: QuestionBlocks  # the uncached keys, in order of first appearance
     keys: list  # ObjectRefs of tables whose ``key`` column holds the run's unique keys
 
     @property
@@ -78,8 +79,9 @@ def plan_questions(cfg: SkillsConfig, pool: Pool, model: str) -> Questions:
     """Pass 1, in Ray Data: read the first ``limit`` pool rows in ``READ_ROWS`` slices,
     deduplicate each slice's questions in its task (``asked_questions``), add the answer
     cache's keys (``cached_keys``), aggregate by key (a hash shuffle: one row per key,
-    wherever its rows were), and cut the keys the cache does not answer into blocks of
-    ``cfg.batch_size`` in order of first appearance.
+    wherever its rows were), and cut the keys the cache does not answer into blocks of a
+    multiple of ``cfg.batch_size`` rows (``question_block_rows``) in order of first
+    appearance.
 
     The blocks are streamed through the driver once, to cut them exactly (a backend
     batching its prompts answers the same questions the same way whatever blocks Ray
@@ -128,29 +130,32 @@ def plan_questions(cfg: SkillsConfig, pool: Pool, model: str) -> Questions:
             f"skills pass 1 counted {counts['samples'] or 0} pool rows of the {samples} read "
             "(rows lost); nothing was asked"
         )
+    unique, cached = counts["unique"], counts["cached"] or 0
     to_ask = keyed.map_batches(
         _only, batch_format="pyarrow", fn_kwargs={"column": "cached", "value": 0}, num_cpus=0.25
     ).sort("first")
+    rows = question_block_rows(unique - cached, cfg.batch_size, cluster_cpus())
     pending = [
         ray.put(batch.select(["key", "question"]).cast(QUESTIONS_SCHEMA))
-        for batch in to_ask.iter_batches(batch_size=max(cfg.batch_size, 1), batch_format="pyarrow")
+        for batch in to_ask.iter_batches(batch_size=rows, batch_format="pyarrow")
     ]
     return Questions(
         samples=samples,
         sizes=sizes,
-        unique=counts["unique"],
-        cached=counts["cached"] or 0,
-        pending=pending,
+        unique=unique,
+        cached=cached,
+        pending=QuestionBlocks(pending, unique - cached),
         keys=keyed.select_columns(["key"]).to_arrow_refs(),
     )
 
 
-def put_blocks(questions: pa.Table, rows: int) -> list[ray.ObjectRef]:
-    """``questions`` (key, question) cut into blocks of ``rows`` rows and put in the
-    object store: what ``jobs.skills.generate`` reads, for a caller holding a few
+def put_blocks(questions: pa.Table, batch_size: int) -> QuestionBlocks:
+    """``questions`` (key, question) cut into blocks (``question_block_rows``) and put in
+    the object store: what ``jobs.skills.generate`` reads, for a caller holding a few
     questions in hand (the target job's benchmark questions)."""
-    step = max(rows, 1)
-    return [ray.put(questions.slice(i, step)) for i in range(0, questions.num_rows, step)]
+    step = question_block_rows(questions.num_rows, batch_size, cluster_cpus())
+    refs = [ray.put(questions.slice(i, step)) for i in range(0, questions.num_rows, step)]
+    return QuestionBlocks(refs, questions.num_rows)
 
 
 @ray.remote(num_cpus=0.25)

@@ -20,6 +20,7 @@ from actors.llm import (
 from actors.vllm import _vllm_preprocess, vllm_processor_config, vllm_rows_to_results
 from engine.skills import RESULT_SCHEMA, build_messages, result_row
 from engine.skills_config import SkillsConfig, VLLMBackend
+from engine.skills_store import QuestionBlocks
 from tests.fake_openai import API_KEY, FakeOpenAI
 from tests.tiny_llm import tiny_llm_dir
 
@@ -261,7 +262,7 @@ def test_vllm_backend_runs_on_a_gpu(ray_session):
         vllm={"engine_kwargs": {"max_model_len": 2048}, "batch_size": 8},
     )  # fmt: skip
     pending = batch("How many dogs are there?", "What does the sign say?")
-    out = pa.concat_tables(generate_vllm([ray.put(pending)], model, cfg))
+    out = pa.concat_tables(generate_vllm(QuestionBlocks([ray.put(pending)], 2), model, cfg))
     assert out.num_rows == 2 and set(out.column("status").to_pylist()) <= {"ok", "failed"}
     assert out.column("completion_tokens").to_pylist()[0] > 0
 
@@ -304,7 +305,9 @@ def test_failed_rows_are_asked_again_in_the_same_pass_until_their_last_attempt(r
         ray.put(pa.table({"key": [f"k-{q}" for q in chunk], "question": chunk}))
         for chunk in (questions[:13], questions[13:])
     ]
-    out = pa.concat_tables(ask_with_retries(answer_by_rule, blocks, max_attempts=3))
+    out = pa.concat_tables(
+        ask_with_retries(answer_by_rule, QuestionBlocks(blocks, len(questions)), max_attempts=3)
+    )
     rows = {r["key"]: r for r in out.to_pylist()}
     assert out.num_rows == len(rows) == 30  # every row once: its final answer
     for q in questions:
@@ -316,4 +319,4 @@ def test_failed_rows_are_asked_again_in_the_same_pass_until_their_last_attempt(r
         else:
             assert (row["status"], row["attempts"]) == ("failed", 3)
             assert "refused" in row["reason"]  # the reason of its last attempt
-    assert list(ask_with_retries(answer_by_rule, [], max_attempts=3)) == []
+    assert list(ask_with_retries(answer_by_rule, QuestionBlocks([], 0), max_attempts=3)) == []

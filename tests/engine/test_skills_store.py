@@ -20,6 +20,7 @@ from engine.skills_store import (
     keyed_questions,
     part_counts,
     part_slices,
+    question_block_rows,
     results_table,
     unique_questions,
 )
@@ -43,6 +44,30 @@ def test_part_slices_are_the_slices_of_the_files_read_as_one_table(sizes, part_r
         assert all(end > begin for _, begin, end in ranges)  # no empty reads
     with pytest.raises(ValueError):
         part_slices(sizes, sum(sizes) + 1, part_rows)
+
+
+@given(
+    questions=st.integers(0, 2_000_000), batch_size=st.integers(1, 512), cpus=st.integers(1, 512)
+)
+def test_question_blocks_hold_whole_batches_enough_blocks_for_every_cpu_and_few_at_scale(
+    questions, batch_size, cpus
+):
+    rows = question_block_rows(questions, batch_size, cpus)
+    assert rows % batch_size == 0 and rows >= batch_size
+    blocks = -(-questions // rows)
+    cap = max(4096 // batch_size, 1) * batch_size
+    if batch_size < rows < cap:  # grown past one batch, below the cap: over 2 per CPU
+        assert blocks > 2 * cpus
+    if rows == batch_size:  # a block per batch: there were few batches to share
+        assert blocks <= 4 * cpus or rows == cap
+    assert rows <= cap  # a million questions are not a million blocks
+
+
+def test_question_blocks_of_the_reference_runs():
+    assert question_block_rows(193, 32, 2) == 32  # a small run: a block per batch
+    # LLaVA-665K in batches of 32: 163 blocks on 16 CPUs, 254 on 64; not 20,782
+    assert question_block_rows(665_000, 32, 16) == 4096
+    assert question_block_rows(665_000, 32, 64) == 82 * 32
 
 
 def keyed(keys: list[str]) -> pa.Table:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -162,6 +164,33 @@ def test_failures_are_recorded_with_reasons_and_only_they_are_retried(pool_ws, t
     assert again["ok"] == 300 and again["failed"] == 0
 
 
+@pytest.mark.parametrize("in_flight", [2, 1])
+def test_a_slow_request_does_not_hold_the_next_batch_back(pool_ws, tmp_path, in_flight):
+    """The first request the server gets sleeps; with two batches in flight per actor the
+    next batch's requests are served meanwhile (more than the rest of the slow one's
+    batch), with one none are (the control: the test can tell the two apart)."""
+    ws = fresh(pool_ws, tmp_path)
+    arrivals, lock = [], threading.Lock()
+
+    def first_is_slow(question, n):
+        with lock:
+            arrivals.append(time.monotonic())
+            first = len(arrivals) == 1
+        return ("sleep", 4.0) if first else default_rule(question, n)
+
+    args = ["--limit", "200", "--set", "batch_size=8", "--set", "openai.concurrency=4"]
+    args += ["--set", f"openai.batches_in_flight={in_flight}"]
+    with FakeOpenAI(first_is_slow) as server:
+        meta = run(ws, *openai_args(server, *args))
+    assert meta["ok"] == 200 and meta["generated"] > 3 * 8  # several batches to overlap
+    slow_start = arrivals[0]
+    meanwhile = sum(slow_start < t < slow_start + 4.0 for t in arrivals[1:])
+    if in_flight == 1:
+        assert meanwhile <= 8 - 1  # the slow batch's own rows, then nothing until it ends
+    else:
+        assert meanwhile > 8 - 1
+
+
 def test_a_server_dying_mid_run_costs_a_rerun_not_data(pool_ws, tmp_path):
     ws = fresh(pool_ws, tmp_path)
     served = []
@@ -252,12 +281,13 @@ def fake_backend(broken: bool, asked: list[pa.Table]):
     ``broken``, "cross" questions fail without an answer (HTTP 500) and "ring" ones get an
     unparseable one; the rest get skills that depend on the question, so a row joined to
     another row's answer shows. Yields ``RESULT_SCHEMA`` batches of 50, records them.
-    ``pending``: the object refs of the question blocks, ``cfg.batch_size`` rows each but
-    the last."""
+    ``pending``: the question blocks, each but the last a multiple of ``cfg.batch_size``
+    rows, so a backend's batches are exact."""
 
     def generate(cfg, pending, model):
-        blocks = ray.get(pending)
-        assert all(b.num_rows == cfg.batch_size for b in blocks[:-1]), "blocks cut exactly"
+        blocks = ray.get(pending.refs)
+        assert all(b.num_rows % cfg.batch_size == 0 for b in blocks[:-1]), "blocks cut exactly"
+        assert sum(b.num_rows for b in blocks) == pending.rows
         pending = pa.concat_tables(blocks)
         for start in range(0, pending.num_rows, 50):
             rows = []
