@@ -142,13 +142,18 @@ def test_ray_data_console_shows_warnings_but_not_info_lines_and_its_file_keeps_a
             "Truncating long operator name to 100 characters.")
         logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
             "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+        from ray.llm._internal.common.observability.logging import get_logger
+        get_logger("common.utils.download_utils").info("No cloud storage mirror configured")
+        get_logger("x").warning("a real LLM warning")
         handlers = logging.getLogger("ray.data").handlers
         print("handlers", sorted(type(h).__name__ for h in handlers))
     """
     done = _in_fresh_python(code)
     assert done.returncode == 0, done.stderr[-2000:]
     console = done.stdout + done.stderr
-    assert "a real warning" in console
-    for hidden in ("Execution plan", "Truncating long operator name", "Token authentication"):
+    assert "a real warning" in console and "a real LLM warning" in console
+    hidden_lines = ("Execution plan", "Truncating long operator name", "Token authentication",
+                    "No cloud storage mirror")  # fmt: skip
+    for hidden in hidden_lines:
         assert hidden not in console, console
     assert "handlers ['PlainRayHandler', 'SessionFileHandler']" in done.stdout
