@@ -172,16 +172,18 @@ def build_vllm_processor(config, *, max_new_tokens: int, retry_temperature: floa
 
 
 class AttemptFeed(Datasource):
-    """The rows one processor pass asks, one read task per attempt: the first yields the
-    first attempt's ``(key, question)`` blocks (object refs), task ``k`` the retries the
-    driver sends to ``queues[k - 2]`` as the answers of attempt ``k - 1`` come, until it
-    sends None. So the pass, and the engines it starts, last until every row has its
-    last answer: a retry never reloads the model.
+    """The rows one processor pass asks: a read task per first-attempt block
+    (``(key, question)`` tables in the object store), then one per later attempt: task
+    ``k`` yields the retries the driver sends to ``queues[k - 2]`` as the answers of
+    attempt ``k - 1`` come, until it sends None. So the pass, and the engines it starts,
+    last until every row has its last answer: a retry never reloads the model.
 
-    An attempt's retries reach the engines when its task ends: Ray Data buffers a read
-    task's small blocks into one (up to ``target_max_block_size``) before passing them
-    on, so a task that yielded retries as they came would hold them while waiting for
-    more, and the pass would wait for it.
+    Ray Data buffers a read task's small blocks into one (up to
+    ``target_max_block_size``, 128 MiB: all of LLaVA-665K's questions) before passing
+    them on. Hence a task per first block, so that every engine gets blocks, and a task
+    per retry attempt: its retries reach the engines when it ends, since a task that
+    yielded them as they came would hold them while waiting for more, and the pass would
+    wait for it.
     """
 
     def __init__(self, first: list[ray.ObjectRef], queues: list[Queue]):
@@ -192,16 +194,15 @@ class AttemptFeed(Datasource):
         return None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        def first_attempt(refs=self.first):
-            for ref in refs:
-                yield _with_attempt(ray.get(ref), 1)
+        def first_attempt(ref):
+            yield _with_attempt(ray.get(ref), 1)
 
         def retries(queue):
             while (block := queue.get()) is not None:
                 yield block
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [ReadTask(first_attempt, meta)] + [
+        return [ReadTask(partial(first_attempt, ref), meta) for ref in self.first] + [
             ReadTask(partial(retries, queue), meta) for queue in self.queues
         ]
 
@@ -254,7 +255,9 @@ def ask_with_retries(answer, pending: QuestionBlocks, max_attempts: int):
     reserve, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
     try:
         rows = ray.data.read_datasource(
-            AttemptFeed(pending.refs, queues), override_num_blocks=max_attempts, num_cpus=0
+            AttemptFeed(pending.refs, queues),
+            override_num_blocks=len(pending.refs) + len(queues),
+            num_cpus=0,
         )
     finally:
         ctx.op_resource_reservation_enabled = reserve

@@ -208,13 +208,18 @@ class QuestionBlocks:
     rows: int
 
 
-def question_block_rows(questions: int, batch_size: int, cpus: int, most: int = 4096) -> int:
+def question_block_rows(questions: int, batch_size: int, cpus: int, most: int = 256) -> int:
     """Rows of each object-store block of the questions to ask: a multiple of
     ``batch_size`` (so the batches a backend cuts from a block are exact, whatever
-    blocks its tasks get), about ``most`` rows at scale (each block costs Ray Data a
-    metadata task and a bundle: 665k questions in blocks of 32 would be 20k of each),
-    and small enough on a small run that every CPU's actor gets blocks (about 4 per
-    CPU). ``questions``: how many there are to ask; ``cpus``: the cluster's CPUs.
+    blocks its tasks get); about 4 blocks per CPU, so every actor gets some; and at
+    most ``most`` rows, or one batch if that is larger.
+
+    Why a ceiling, and why 256: each block costs Ray Data a metadata task and a bundle
+    (665k questions in blocks of 32 would be 20,782 of each; in blocks of 256, 2,598),
+    but a map task hands on its answers when its whole block is done (Ray Data joins a
+    task's small outputs into one block), so a block is also how many answers reach the
+    driver, its progress bar and the answer cache at once: 256 is the cache's default
+    flush. ``questions``: how many there are to ask; ``cpus``: the cluster's CPUs.
     """
     batch_size = max(batch_size, 1)
     batches = -(-questions // batch_size)

@@ -297,6 +297,18 @@ def answer_by_rule(rows: ray.data.Dataset) -> ray.data.Dataset:
     )
 
 
+def test_each_first_attempt_block_stays_a_block_of_its_own(ray_session):
+    """Ray Data joins a read task's small blocks into one: were the first attempt one
+    task, all of a run's questions would reach a single engine as one block."""
+    from actors.vllm import AttemptFeed
+
+    refs = [ray.put(batch(f"q{i}a", f"q{i}b")) for i in range(6)]
+    feed = ray.data.read_datasource(AttemptFeed(refs, []), override_num_blocks=len(refs))
+    blocks = [ray.get(ref) for ref in feed.materialize().to_arrow_refs()]
+    assert sorted(b.num_rows for b in blocks) == [2] * 6
+    assert {a for b in blocks for a in b.column("attempt").to_pylist()} == {1}
+
+
 def test_failed_rows_are_asked_again_in_the_same_pass_until_their_last_attempt(ray_session):
     from actors.vllm import ask_with_retries
 

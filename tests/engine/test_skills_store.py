@@ -55,7 +55,7 @@ def test_question_blocks_hold_whole_batches_enough_blocks_for_every_cpu_and_few_
     rows = question_block_rows(questions, batch_size, cpus)
     assert rows % batch_size == 0 and rows >= batch_size
     blocks = -(-questions // rows)
-    cap = max(4096 // batch_size, 1) * batch_size
+    cap = max(256 // batch_size, 1) * batch_size
     if batch_size < rows < cap:  # grown past one batch, below the cap: over 2 per CPU
         assert blocks > 2 * cpus
     if rows == batch_size:  # a block per batch: there were few batches to share
@@ -65,9 +65,10 @@ def test_question_blocks_hold_whole_batches_enough_blocks_for_every_cpu_and_few_
 
 def test_question_blocks_of_the_reference_runs():
     assert question_block_rows(193, 32, 2) == 32  # a small run: a block per batch
-    # LLaVA-665K in batches of 32: 163 blocks on 16 CPUs, 254 on 64; not 20,782
-    assert question_block_rows(665_000, 32, 16) == 4096
-    assert question_block_rows(665_000, 32, 64) == 82 * 32
+    assert question_block_rows(1_000, 32, 2) == 4 * 32  # 8 blocks: 4 per CPU
+    # LLaVA-665K in batches of 32: 2,598 blocks, not 20,782
+    assert question_block_rows(665_000, 32, 16) == 256
+    assert question_block_rows(665_000, 512, 16) == 512  # never less than a batch
 
 
 def keyed(keys: list[str]) -> pa.Table:
