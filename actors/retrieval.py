@@ -37,19 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.adapter import NAMESPACE, ray_options
 from engine.errors import InputError
-from engine.knn import (
+from engine.faiss_index import (
     IndexInfo,
-    id_table,
-    labels_to_ids,
-    labels_to_rows,
     load_index,
-    merge_topk,
     open_index,
-    row_table,
     set_search_params,
     shard_name,
     to_gpu,
 )
+from engine.knn import id_table, labels_to_ids, labels_to_rows, merge_topk, row_table
 from engine.resources import Resources
 from engine.workspace import Workspace
 

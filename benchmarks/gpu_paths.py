@@ -6,7 +6,7 @@ Parts (each runs when its packages import; otherwise it is recorded as skipped, 
     images (texts)/s for the same batch on ``--device`` and on the CPU, and the smallest
     cosine between the two devices' vectors. ``--minilm`` names a local MiniLM folder
     (default: the packaged copy).
-  * ``faiss``: ``engine.knn.build_index`` / ``to_gpu`` (Flat and IVF) build time and
+  * ``faiss``: ``engine.faiss_index.build_index`` / ``to_gpu`` (Flat and IVF) build time and
     queries/s with recall@k against exact CPU search, and ``engine.kmeans.train_spherical``
     with ``gpu=True`` against the CPU fit.
   * ``training``: the LoRA tiny LLaVA (``prepare_for_finetune``, ``param_groups``) through
@@ -158,8 +158,8 @@ def row(part, case, device, dtype, batch, seconds, unit, **extra) -> dict:
 def bench_faiss(args) -> list[dict]:
     import faiss
 
+    from engine.faiss_index import build_index, set_search_params, to_gpu
     from engine.kmeans import train_spherical
-    from engine.knn import build_index, set_search_params, to_gpu
 
     gpu = args.device != "cpu"
     if gpu and faiss.get_num_gpus() == 0:

@@ -15,7 +15,7 @@ from engine.workspace import Workspace
 
 def auto_factory(n: int, shards: int) -> str:
     """Exact search below 50k rows per shard, above it IVF with ``suggest_nlist`` lists."""
-    from engine.knn import suggest_nlist
+    from engine.faiss_index import suggest_nlist
 
     rows = n // shards
     return "Flat" if rows < 50_000 else f"IVF{suggest_nlist(rows)},Flat"

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.retrieval import RetrievalService, ServiceConfig  # noqa: E402
 from benchmarks.common import report, timings  # noqa: E402
-from engine.knn import build_index, set_search_params  # noqa: E402
+from engine.faiss_index import build_index, set_search_params  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
 from jobs.cli import main as cli  # noqa: E402
 from tests.synthetic_space import write_space  # noqa: E402

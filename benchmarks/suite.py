@@ -239,7 +239,7 @@ class SizeRun:
     def retrieval(self) -> None:
         from actors.retrieval import RetrievalService, ServiceConfig
         from benchmarks.common import timings
-        from engine.knn import build_index, set_search_params
+        from engine.faiss_index import build_index, set_search_params
         from engine.vectors import from_arrow
 
         o = self.opts

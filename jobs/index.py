@@ -10,7 +10,7 @@ What it does:
        engine.commit): a committed index with it is kept, an unfinished attempt with it
        resumes (its finished shards kept), a change or ``--overwrite`` builds a new attempt;
     3. a factory that trains (IVF, PQ) is trained once, in one task, on a seeded sample
-       of the whole space (``engine.knn.train_rows``); the empty trained index
+       of the whole space (``engine.faiss_index.train_rows``); the empty trained index
        (``trained.faiss``) is the template every shard copies, so the shards share one
        coarse quantizer and recall does not fall with the shard count;
     4. builds each unfinished shard in a Ray task (resources from ``task``): reads only
@@ -55,18 +55,16 @@ from engine.artifacts import Index, IndexMeta, Pool, Ref
 from engine.commit import Attempt, operational
 from engine.embeddings import EmbeddedSpace, open_space, read_vectors, unusable_rows
 from engine.errors import InputError
-from engine.kmeans import sample_positions, split_positions
-from engine.knn import (
+from engine.faiss_index import (
     build_index,
     check_trainable,
-    file_slices,
     make_index,
-    pool_positions,
     shard_name,
-    shard_ranges,
     train_index,
     train_rows,
 )
+from engine.kmeans import sample_positions, split_positions
+from engine.knn import file_slices, pool_positions, shard_ranges
 from engine.resources import Resources
 from engine.workspace import Workspace
 from jobs.runtime import Timer, connect, print_summary

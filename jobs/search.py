@@ -40,7 +40,7 @@ from actors.retrieval import RetrievalService, ServiceConfig
 from engine.artifacts import EmbeddingSpace, Ref
 from engine.embeddings import unusable_rows
 from engine.errors import InputError
-from engine.knn import IndexInfo, open_index
+from engine.faiss_index import IndexInfo, open_index
 from engine.resources import Resources
 from engine.vectors import l2_normalize
 from engine.workspace import Location, Workspace, atomic_output

@@ -48,7 +48,7 @@ from engine.commit import added_later, operational
 from engine.crossrank import CrossRanks, cross_ranks, decide, drop_self, sample_spaces
 from engine.embeddings import EmbeddedSpace, open_space
 from engine.errors import InputError
-from engine.knn import IndexInfo, open_index
+from engine.faiss_index import IndexInfo, open_index
 from engine.progress import rows_of
 from engine.resources import Resources
 from engine.shards import find_rows

@@ -11,7 +11,6 @@ alone; the tests use it as an oracle against these generators.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -29,7 +28,7 @@ _N_S, _N_C = len(BASIC_SHAPES), len(COLOUR_NAMES)
 _N_PAIRS = _N_S * _N_C
 _PAIR_S = np.repeat(np.arange(_N_S), _N_C)  # (n_pairs,) int
 _PAIR_C = np.tile(np.arange(_N_C), _N_S)  # (n_pairs,) int
-_PAIR_NAMES = [(BASIC_SHAPES[i], COLOUR_NAMES[j]) for i, j in zip(_PAIR_S, _PAIR_C, strict=True)]
+PAIR_NAMES = [(BASIC_SHAPES[i], COLOUR_NAMES[j]) for i, j in zip(_PAIR_S, _PAIR_C, strict=True)]
 
 
 @dataclass(slots=True)
@@ -54,8 +53,8 @@ class FollowUp:
     """A later exchange of a multi-turn sample: a question (no '<image>' token) about the
     first turn's scene and its one right answer, derived from the objects.
 
-    kind is one of FOLLOW_UP_KINDS (TEXT_FAMILY for a text-only sample's follow-up);
-    query holds its parameters (row and col 0-based, shape, colour; a, b, op).
+    kind is one of ``engine.world.follow_ups.FOLLOW_UP_KINDS`` (TEXT_FAMILY for a
+    text-only sample's follow-up); query holds its parameters (row and col 0-based, shape, colour; a, b, op).
     """
 
     kind: str
@@ -64,11 +63,11 @@ class FollowUp:
     query: dict = field(default_factory=dict)
 
 
-def _plural(shape: str) -> str:
+def plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
-def _ask(rng: np.random.Generator, templates: tuple[str, ...], **kw: object) -> str:
+def ask(rng: np.random.Generator, templates: tuple[str, ...], **kw: object) -> str:
     return templates[randint(rng, len(templates))].format(**kw) + SUFFIX
 
 
@@ -102,7 +101,7 @@ def _pairs(rng: np.random.Generator, n: int, allowed: np.ndarray) -> list[tuple[
     if n <= 0:
         return []
     picks = (rng.random(n) * len(allowed)).astype(np.intp)
-    return [_PAIR_NAMES[allowed[i]] for i in picks.tolist()]
+    return [PAIR_NAMES[allowed[i]] for i in picks.tolist()]
 
 
 def _distractors(rng: np.random.Generator, n: int, s: int, c: int) -> list[tuple[str, str]]:
@@ -168,7 +167,7 @@ def colour(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> Sa
     s, c = _pick(rng)
     pairs = _pairs(rng, _n_extra(rng, cfg, 1), _allowed("not_shape", s))
     objs = _fill(rng, cfg, [_obj_at(rng, cfg, s, c)], pairs)
-    q = _ask(
+    q = ask(
         rng,
         (
             "What color is the {s}?",
@@ -186,7 +185,7 @@ def shape(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> Sam
     s, c = _pick(rng)
     pairs = _pairs(rng, _n_extra(rng, cfg, 1), _allowed("not_colour", c=c))
     objs = _fill(rng, cfg, [_obj_at(rng, cfg, s, c)], pairs)
-    q = _ask(
+    q = ask(
         rng,
         (
             "What shape is the {c} object?",
@@ -204,7 +203,7 @@ def glyph(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> Sam
     t = _obj_at(rng, cfg, 0, randint(rng, _N_C))
     card = SceneObject(t.row, t.col, "card", t.colour, t.size, digit)
     objs = _fill(rng, cfg, [card], _pairs(rng, _n_extra(rng, cfg, 1), _allowed("all")))
-    q = _ask(
+    q = ask(
         rng,
         (
             "What number is written on the card?",
@@ -223,7 +222,7 @@ def size(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> Samp
     t = _obj_at(rng, cfg, s, c)
     target = SceneObject(t.row, t.col, t.shape, t.colour, answer)
     objs = _fill(rng, cfg, [target], _distractors(rng, _n_extra(rng, cfg, 1), s, c))
-    q = _ask(
+    q = ask(
         rng,
         (
             "Is the {c} {s} large or small?",
@@ -242,7 +241,7 @@ def existence(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) ->
     s, c = _pick(rng)
     placed = [_obj_at(rng, cfg, s, c)] if yes else []
     objs = _fill(rng, cfg, placed, _distractors(rng, _n_extra(rng, cfg, len(placed)), s, c))
-    q = _ask(
+    q = ask(
         rng,
         (
             "Is there {a} {c} {s}?",
@@ -262,7 +261,7 @@ def position(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> 
     s, c = _pick(rng)
     target = SceneObject(row, randint(rng, cfg.grid), BASIC_SHAPES[s], COLOUR_NAMES[c], _size(rng))
     objs = _fill(rng, cfg, [target], _distractors(rng, _n_extra(rng, cfg, 1), s, c))
-    q = _ask(
+    q = ask(
         rng,
         (
             "Which row is the {c} {s} in, counting from the top?",
@@ -283,14 +282,14 @@ def counting(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> 
     counted = [(BASIC_SHAPES[s], COLOUR_NAMES[randint(rng, _N_C)]) for _ in range(k)]
     others = _pairs(rng, _n_extra(rng, cfg, k), _allowed("not_shape", s))
     objs = _fill(rng, cfg, [], counted + others)
-    q = _ask(
+    q = ask(
         rng,
         (
             "How many {p} are there?",
             "How many {p} are in the image?",
             "Count the {p} in the image.",
         ),
-        p=_plural(BASIC_SHAPES[s]),
+        p=plural(BASIC_SHAPES[s]),
     )
     return Sample("counting", q, str(k), objs, domain, {"shape": BASIC_SHAPES[s]})
 
@@ -320,7 +319,7 @@ def spatial(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> S
     ca, cb = (lo, hi) if (rel in ("left", "above")) == yes else (hi, lo)
     oa, ob = randint(rng, cfg.grid), randint(rng, cfg.grid)
     cells = [(oa, ca), (ob, cb)] if rel in ("left", "right") else [(ca, oa), (cb, ob)]
-    (sa, c_a), (sb, c_b) = _PAIR_NAMES[a], _PAIR_NAMES[b]
+    (sa, c_a), (sb, c_b) = PAIR_NAMES[a], PAIR_NAMES[b]
     placed = [
         SceneObject(*cells[0], sa, c_a, _size(rng)),
         SceneObject(*cells[1], sb, c_b, _size(rng)),
@@ -329,7 +328,7 @@ def spatial(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> S
         "not_pair", int(_PAIR_S[a]), int(_PAIR_C[a]), int(_PAIR_S[b]), int(_PAIR_C[b])
     )
     objs = _fill(rng, cfg, placed, _pairs(rng, _n_extra(rng, cfg, 2), allowed))
-    q = _ask(rng, _SPATIAL_TEMPLATES, c1=c_a, s1=sa, rel=_RELATIONS[rel], c2=c_b, s2=sb)
+    q = ask(rng, _SPATIAL_TEMPLATES, c1=c_a, s1=sa, rel=_RELATIONS[rel], c2=c_b, s2=sb)
     return Sample(
         "spatial",
         q,
@@ -361,7 +360,7 @@ def compare(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -> S
     pairs += _pairs(rng, _n_extra(rng, cfg, n1 + n2), _allowed("not_colour", c=c1, c2=c2))
     objs = _fill(rng, cfg, [], pairs)
     word = "more" if more else "fewer"
-    q = _ask(
+    q = ask(
         rng,
         (
             "Are there {w} {c1} objects than {c2} objects?",
@@ -399,7 +398,7 @@ def arithmetic(rng: np.random.Generator, cfg: WorldConfig, domain: str | None) -
         a = n + b
     else:
         a, b = _PRODUCTS[n][randint(rng, len(_PRODUCTS[n]))]
-    q = _ask(
+    q = ask(
         rng,
         ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?"),
         a=a,
@@ -431,136 +430,3 @@ def make_sample(
     if family not in FAMILY_FUNCS:
         raise ValueError(f"unknown family {family!r}; known: {list(FAMILIES)}")
     return FAMILY_FUNCS[family](rng, cfg, None if family not in IMAGE_FAMILIES else domain)
-
-
-# -- follow-up turns ----------------------------------------------------------------------------
-
-# What a follow-up about an image scene can ask; each has exactly one right answer, read
-# off the scene's objects. Cells are named as the captions name them ('in row 2 column 3',
-# 1-based from the top left), and the other kinds reuse the family templates above.
-FOLLOW_UP_KINDS: tuple[str, ...] = (
-    "colour_at",  # the colour of the object in a given (occupied) cell
-    "shape_at",  # its shape (a card is 'card')
-    "size_at",  # its size
-    "counting",  # how many objects of a basic shape (0 when none)
-    "existence",  # whether a colour-shape pair is in the scene (yes half the time)
-    "position",  # the row of a colour-shape pair that occurs exactly once
-)
-_CELL = "the object in row {r} column {c}"
-_FOLLOW_UP_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "colour_at": (
-        f"What color is {_CELL}?",
-        f"What is the color of {_CELL}?",
-        f"Which color does {_CELL} have?",
-    ),
-    "shape_at": (
-        f"What shape is {_CELL}?",
-        f"What is the shape of {_CELL}?",
-        f"Which shape is {_CELL}?",
-    ),
-    "size_at": (
-        f"Is {_CELL} large or small?",
-        f"Is {_CELL} small or large?",
-        f"What size is {_CELL}?",
-    ),
-    "counting": (
-        "How many {p} are there?",
-        "How many {p} are in the image?",
-        "Count the {p} in the image.",
-    ),
-    "existence": (
-        "Is there {a} {c} {s}?",
-        "Is there {a} {c} {s} in the image?",
-        "Does the image contain {a} {c} {s}?",
-    ),
-    "position": (
-        "Which row is the {c} {s} in, counting from the top?",
-        "In which row is the {c} {s}? Rows are numbered from 1 at the top.",
-        "Counting rows from the top, which row holds the {c} {s}?",
-    ),
-}
-assert tuple(_FOLLOW_UP_TEMPLATES) == FOLLOW_UP_KINDS
-
-
-def _first_key(sample: Sample) -> tuple | None:
-    """The follow-up key the first question would have, so no follow-up repeats it."""
-    q = sample.query
-    if sample.family == "counting":
-        return ("counting", q["shape"])
-    if sample.family in ("existence", "position"):
-        return (sample.family, q["shape"], q["colour"])
-    if sample.family == TEXT_FAMILY:
-        return (TEXT_FAMILY, q["a"], q["op"], q["b"])
-    return None
-
-
-def _image_follow_up(
-    rng: np.random.Generator, kind: str, objects: list[SceneObject]
-) -> FollowUp | None:
-    """One follow-up of `kind` about `objects`, or None when the scene cannot pose it."""
-    templates = _FOLLOW_UP_TEMPLATES[kind]
-    if kind.endswith("_at"):
-        o = objects[randint(rng, len(objects))]
-        attr = {"colour_at": o.colour, "shape_at": o.shape, "size_at": o.size}[kind]
-        q = _ask(rng, templates, r=o.row + 1, c=o.col + 1)
-        return FollowUp(kind, q, attr, {"row": o.row, "col": o.col})
-    if kind == "counting":
-        s = BASIC_SHAPES[randint(rng, _N_S)]
-        n = sum(o.shape == s for o in objects)
-        return FollowUp(kind, _ask(rng, templates, p=_plural(s)), str(n), {"shape": s})
-    pairs = Counter((o.shape, o.colour) for o in objects if o.shape in BASIC_SHAPES)
-    if kind == "existence":
-        present = sorted(pairs)
-        absent = [p for p in _PAIR_NAMES if p not in pairs]
-        yes = randint(rng, 2) == 1 and bool(present)
-        choices = present if yes else absent
-        s, c = choices[randint(rng, len(choices))]
-        a = "an" if c[0] in "aeiou" else "a"
-        q = _ask(rng, templates, s=s, c=c, a=a)
-        return FollowUp(kind, q, "yes" if yes else "no", {"shape": s, "colour": c})
-    # position: only a pair that occurs once has one row
-    unique = sorted(p for p, n in pairs.items() if n == 1)
-    if not unique:
-        return None
-    s, c = unique[randint(rng, len(unique))]
-    row = next(o.row for o in objects if (o.shape, o.colour) == (s, c))
-    q = _ask(rng, templates, s=s, c=c)
-    return FollowUp(kind, q, str(row + 1), {"shape": s, "colour": c})
-
-
-def _key(f: FollowUp) -> tuple:
-    q = f.query
-    if f.kind.endswith("_at"):
-        return (f.kind, q["row"], q["col"])
-    if f.kind == TEXT_FAMILY:
-        return (TEXT_FAMILY, q["a"], q["op"], q["b"])
-    return (f.kind, *(q[k] for k in ("shape", "colour") if k in q))
-
-
-def make_follow_ups(
-    rng: np.random.Generator, cfg: WorldConfig, sample: Sample, n: int
-) -> list[FollowUp]:
-    """`n` follow-up exchanges about `sample`'s scene, each asking something new.
-
-    An image sample gets questions of FOLLOW_UP_KINDS about its objects (kind drawn
-    uniformly; none repeats another or the first question); a text-only sample gets
-    independent questions of the text family, as LLaVA-665K's text-only conversations
-    run on over several turns.
-    """
-    seen = {_first_key(sample)}
-    out: list[FollowUp] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 100 * (n + 1):  # unreachable: every scene has >= 6 counting questions
-            raise RuntimeError(f"found {len(out)} of {n} follow-ups for a {sample.family} sample")
-        if sample.family == TEXT_FAMILY:
-            t = arithmetic(rng, cfg, None)
-            f: FollowUp | None = FollowUp(TEXT_FAMILY, t.question, t.answer, dict(t.query))
-        else:
-            kind = FOLLOW_UP_KINDS[randint(rng, len(FOLLOW_UP_KINDS))]
-            f = _image_follow_up(rng, kind, sample.objects)
-        if f is not None and _key(f) not in seen:
-            seen.add(_key(f))
-            out.append(f)
-    return out

@@ -24,7 +24,8 @@ from engine.world.config import (
     TEXT_FAMILY,
     WorldConfig,
 )
-from engine.world.families import Sample, make_follow_ups, make_sample
+from engine.world.families import Sample, make_sample
+from engine.world.follow_ups import make_follow_ups
 from engine.world.render import (
     BASIC_SHAPES,
     COLOURS,

@@ -1,4 +1,5 @@
-"""engine/knn.py without Ray: the exact merge against numpy brute force, shard ranges, factories."""
+"""engine/knn.py and engine/faiss_index.py without Ray: the exact merge against numpy brute
+force, shard ranges, factories."""
 
 from __future__ import annotations
 
@@ -11,25 +12,27 @@ from hypothesis import strategies as st
 
 from engine.artifacts import Index
 from engine.errors import InputError
-from engine.knn import (
+from engine.faiss_index import (
     build_index,
     check_trainable,
+    load_index,
+    make_index,
+    min_train_rows,
+    open_index,
+    set_search_params,
+    to_gpu,
+    train_index,
+    train_rows,
+)
+from engine.knn import (
     file_slices,
     id_table,
     labels_to_ids,
     labels_to_rows,
-    load_index,
-    make_index,
     merge_topk,
-    min_train_rows,
-    open_index,
     pool_positions,
     row_table,
-    set_search_params,
     shard_ranges,
-    to_gpu,
-    train_index,
-    train_rows,
 )
 from engine.workspace import Workspace
 from tests.synthetic_space import brute_force, clustered

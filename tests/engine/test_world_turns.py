@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from engine.world.config import TEXT_FAMILY, WorldConfig
-from engine.world.families import FOLLOW_UP_KINDS, SUFFIX
+from engine.world.families import SUFFIX
+from engine.world.follow_ups import FOLLOW_UP_KINDS
 from engine.world.generate import generate_rows, generate_sample, splits
 from engine.world.render import BASIC_SHAPES
 

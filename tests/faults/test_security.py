@@ -21,7 +21,7 @@ from PIL import Image
 from engine.artifacts import IndexMeta, Pool, Skills
 from engine.commit import MANIFEST
 from engine.errors import InputError
-from engine.knn import IndexInfo
+from engine.faiss_index import IndexInfo
 from engine.target_input import read_benchmark
 from engine.workspace import Workspace
 from jobs.cli import main

@@ -60,7 +60,7 @@ def unit_rows(n, d, seed):
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF64,Flat"])
 def test_faiss_gpu_search_returns_the_cpu_neighbours(gpu_faiss, factory):
-    from engine.knn import build_index, set_search_params, to_gpu
+    from engine.faiss_index import build_index, set_search_params, to_gpu
 
     x, q = unit_rows(20_000, 64, 0), unit_rows(100, 64, 1)
     index = build_index(x, factory)
@@ -75,8 +75,8 @@ def test_faiss_gpu_search_returns_the_cpu_neighbours(gpu_faiss, factory):
 
 
 def test_faiss_gpu_build_and_kmeans_match_the_cpu(gpu_faiss):
+    from engine.faiss_index import build_index
     from engine.kmeans import train_spherical
-    from engine.knn import build_index
 
     x = unit_rows(20_000, 64, 2)
     built = build_index(x, "IVF64,Flat", gpu=True)
