@@ -94,9 +94,11 @@ def _vllm_preprocess(
 ) -> dict:
     # the first attempt is greedy; a retry samples, or it would repeat the same answer
     heat = temperature if int(row["attempt"]) == 1 else retry_temperature
+    # a filler (``_in_whole_batches``) costs the engine one token past the cached prefix
+    tokens = 1 if row.get("filler") else max_new_tokens
     return {
         "messages": build_messages(row["question"] or ""),
-        "sampling_params": {"temperature": heat, "max_tokens": max_new_tokens},
+        "sampling_params": {"temperature": heat, "max_tokens": tokens},
     }
 
 
@@ -105,6 +107,7 @@ def _vllm_postprocess(row: dict) -> dict:
         "key": row["key"],
         "question": row["question"],
         "attempt": int(row["attempt"]),
+        "filler": bool(row.get("filler")),
         "generated_text": row.get("generated_text", ""),
         "num_input_tokens": int(row.get("num_input_tokens") or 0),
         "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
@@ -113,8 +116,8 @@ def _vllm_postprocess(row: dict) -> dict:
 
 def vllm_rows_to_results(batch: dict) -> pa.Table:
     """Normalise a processor's output batch (pandas/dict of columns) to ``RESULT_SCHEMA``
-    plus the ``question`` column (what a retry asks again). Error rows bypass the
-    postprocess but keep their input columns (key, question, attempt)."""
+    plus the ``question`` (what a retry asks again) and ``filler`` columns. Error rows
+    bypass the postprocess but keep their input columns (key, question, attempt, filler)."""
     keys = list(batch["key"])
     attempts = [int(a) for a in batch["attempt"]]
     n = len(keys)
@@ -143,12 +146,35 @@ def vllm_rows_to_results(batch: dict) -> pa.Table:
             )
         )
     results = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-    return results.append_column("question", pa.array(list(batch["question"]), pa.string()))
+    results = results.append_column("question", pa.array(list(batch["question"]), pa.string()))
+    # a NaN is no filler: a real row taken for one would never be counted back
+    fillers = [f == f and f is not None and bool(f) for f in batch.get("filler", [False] * n)]
+    return results.append_column("filler", pa.array(fillers, pa.bool_()))
 
 
-def _with_attempt(batch: pa.Table, attempt: int) -> pa.Table:
-    """``batch`` (key, question) with an int32 ``attempt`` column: what the processor reads."""
-    return batch.append_column("attempt", pa.repeat(pa.scalar(attempt, pa.int32()), batch.num_rows))
+def _in_whole_batches(batch: pa.Table, attempt: int, batch_size: int) -> pa.Table:
+    """``batch`` (key, question) as the processor reads it: an int32 ``attempt`` column,
+    and filler rows (``filler`` true, empty key and question) up to a multiple of
+    ``batch_size`` rows.
+
+    Why: each stage of the processor gathers ``batch_size`` rows before it starts a task,
+    and keeps fewer until its input has ended. The feed's input ends only after the last
+    attempt, which waits for every answer of the attempt before; so a short tail would
+    wait for itself. In whole batches, every block starts its own task at once. At most
+    ``batch_size - 1`` fillers per attempt, each one generated token.
+    """
+    pad = -batch.num_rows % batch_size
+    filler = [False] * batch.num_rows + [True] * pad
+    keys = batch.column("key").to_pylist() + [""] * pad
+    questions = batch.column("question").to_pylist() + [""] * pad
+    return pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "question": pa.array(questions, pa.string()),
+            "attempt": pa.repeat(pa.scalar(attempt, pa.int32()), len(keys)),
+            "filler": pa.array(filler, pa.bool_()),
+        }
+    )
 
 
 def build_vllm_processor(config, *, max_new_tokens: int, retry_temperature: float, map_cpus: float):
@@ -183,27 +209,33 @@ class AttemptFeed(Datasource):
     them on. Hence a task per first block, so that every engine gets blocks, and a task
     per retry attempt: its retries reach the engines when it ends, since a task that
     yielded them as they came would hold them while waiting for more, and the pass would
-    wait for it.
+    wait for it. Every block is in whole batches of ``batch_size`` (``_in_whole_batches``).
     """
 
-    def __init__(self, first: list[ray.ObjectRef], queues: list[Queue]):
+    def __init__(self, first: list[ray.ObjectRef], queues: list[Queue], batch_size: int):
         super().__init__()
-        self.first, self.queues = first, queues
+        self.first, self.queues, self.batch_size = first, queues, batch_size
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        def first_attempt(ref):
-            yield _with_attempt(ray.get(ref), 1)
+        size = self.batch_size
 
-        def retries(queue):
+        def first_attempt(ref):
+            yield _in_whole_batches(ray.get(ref), 1, size)
+
+        def retries(queue, attempt):
+            blocks = []
             while (block := queue.get()) is not None:
-                yield block
+                blocks.append(block)
+            if blocks:
+                yield _in_whole_batches(pa.concat_tables(blocks), attempt, size)
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
         return [ReadTask(partial(first_attempt, ref), meta) for ref in self.first] + [
-            ReadTask(partial(retries, queue), meta) for queue in self.queues
+            ReadTask(partial(retries, queue, attempt), meta)
+            for attempt, queue in enumerate(self.queues, start=2)
         ]
 
 
@@ -224,15 +256,16 @@ def generate_vllm(pending: QuestionBlocks, model: str, cfg):
             vllm_rows_to_results, batch_format="pandas", num_cpus=cfg.vllm.map_cpus
         )
 
-    yield from ask_with_retries(answer, pending, cfg.max_attempts)
+    yield from ask_with_retries(answer, pending, cfg.max_attempts, cfg.vllm.batch_size)
 
 
-def ask_with_retries(answer, pending: QuestionBlocks, max_attempts: int):
+def ask_with_retries(answer, pending: QuestionBlocks, max_attempts: int, batch_size: int):
     """Yield ``RESULT_SCHEMA`` tables, one row per row of the ``(key, question)`` blocks
     of ``pending``, each its final answer.
 
-    ``answer`` maps a dataset of ``(key, question, attempt)`` rows to ``RESULT_SCHEMA``
-    rows plus ``question`` (``vllm_rows_to_results``'s), in any order. It is applied
+    ``answer`` maps a dataset of ``(key, question, attempt, filler)`` rows to
+    ``RESULT_SCHEMA`` rows plus ``question`` and ``filler`` (``vllm_rows_to_results``'s),
+    in any order, gathering ``batch_size`` rows per task. It is applied
     once: every row is asked first at attempt 1; a row that fails (an engine error or an
     unparseable answer) goes back into the same pass (``AttemptFeed``) at its next
     attempt, up to ``max_attempts``; a row failing its last attempt is yielded as
@@ -255,7 +288,7 @@ def ask_with_retries(answer, pending: QuestionBlocks, max_attempts: int):
     reserve, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
     try:
         rows = ray.data.read_datasource(
-            AttemptFeed(pending.refs, queues),
+            AttemptFeed(pending.refs, queues, batch_size),
             override_num_blocks=len(pending.refs) + len(queues),
             num_cpus=0,
         )
@@ -269,6 +302,7 @@ def ask_with_retries(answer, pending: QuestionBlocks, max_attempts: int):
             batch_format="pyarrow", batch_size=None, prefetch_batches=0
         )
         for batch in batches:
+            batch = batch.filter(pc.invert(batch.column("filler")))
             attempts = batch.column("attempts")
             for count in pc.value_counts(attempts).to_pylist():
                 seen[count["values"]] += count["counts"]
@@ -278,9 +312,7 @@ def ask_with_retries(answer, pending: QuestionBlocks, max_attempts: int):
             again = batch.filter(pc.invert(final))
             for attempt in pc.unique(again.column("attempts")).to_pylist():
                 retry = again.filter(pc.equal(again.column("attempts"), attempt))
-                queues[attempt - 1].put(
-                    _with_attempt(retry.select(["key", "question"]), attempt + 1)
-                )
+                queues[attempt - 1].put(retry.select(["key", "question"]))
                 sent[attempt + 1] += retry.num_rows
             # attempt k + 1 takes no more rows once attempt k's are all back
             while closed < max_attempts and seen[closed] == sent[closed]:

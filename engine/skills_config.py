@@ -200,3 +200,10 @@ class SkillsConfig(BaseModel):
     vllm: VLLMBackend = Field(
         default_factory=VLLMBackend, description="Settings of the vllm backend."
     )
+
+    @property
+    def asked_batch_size(self) -> int:
+        """Rows the backend asks at once: the vLLM processor's batches for the vllm
+        backend, ``batch_size`` for the others. The question blocks are cut in whole
+        batches of it."""
+        return self.vllm.batch_size if self.backend == "vllm" else self.batch_size

@@ -80,7 +80,7 @@ def plan_questions(cfg: SkillsConfig, pool: Pool, model: str) -> Questions:
     deduplicate each slice's questions in its task (``asked_questions``), add the answer
     cache's keys (``cached_keys``), aggregate by key (a hash shuffle: one row per key,
     wherever its rows were), and cut the keys the cache does not answer into blocks of a
-    multiple of ``cfg.batch_size`` rows (``question_block_rows``) in order of first
+    multiple of ``cfg.asked_batch_size`` rows (``question_block_rows``) in order of first
     appearance.
 
     The blocks are streamed through the driver once, to cut them exactly (a backend
@@ -134,7 +134,7 @@ def plan_questions(cfg: SkillsConfig, pool: Pool, model: str) -> Questions:
     to_ask = keyed.map_batches(
         _only, batch_format="pyarrow", fn_kwargs={"column": "cached", "value": 0}, num_cpus=0.25
     ).sort("first")
-    rows = question_block_rows(unique - cached, cfg.batch_size, cluster_cpus())
+    rows = question_block_rows(unique - cached, cfg.asked_batch_size, cluster_cpus())
     pending = [
         ray.put(batch.select(["key", "question"]).cast(QUESTIONS_SCHEMA))
         for batch in to_ask.iter_batches(batch_size=rows, batch_format="pyarrow")

@@ -118,7 +118,7 @@ def describe_skills(
         pending = pa.table({"key": todo, "question": [unique[k] for k in todo]})
         writer = CacheWriter(ws, model, cfg.cache_flush_rows)
         try:
-            for batch in skills.generate(cfg, put_blocks(pending, cfg.batch_size), model):
+            for batch in skills.generate(cfg, put_blocks(pending, cfg.asked_batch_size), model):
                 writer.add(batch)
                 bad = batch.filter(pc.equal(batch.column("status"), "failed"))
                 failed.update(zip(bad["key"].to_pylist(), bad["reason"].to_pylist(), strict=True))

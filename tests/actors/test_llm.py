@@ -267,6 +267,9 @@ def test_vllm_backend_runs_on_a_gpu(ray_session):
     assert out.column("completion_tokens").to_pylist()[0] > 0
 
 
+BATCH = 4  # rows the rule engine's stage gathers per task, as the vLLM stages do
+
+
 class RuleEngine:
     """Stands where the vLLM engine stage stands: an actor holding most of the CPUs.
     "bad" questions never get a usable answer, "flaky" ones only from their second
@@ -277,8 +280,12 @@ class RuleEngine:
         for row in batch.to_pylist():
             q, attempt = row["question"], row["attempt"]
             text = "I'm sorry" if "bad" in q or ("flaky" in q and attempt == 1) else "ocr"
-            out.append({**result_row(row["key"], text, attempts=attempt), "question": q})
-        return pa.Table.from_pylist(out, RESULT_SCHEMA.append(pa.field("question", pa.string())))
+            out.append(
+                {**result_row(row["key"], text, attempts=attempt), "question": q,
+                 "filler": row["filler"]}
+            )  # fmt: skip
+        schema = RESULT_SCHEMA.append(pa.field("question", pa.string()))
+        return pa.Table.from_pylist(out, schema.append(pa.field("filler", pa.bool_())))
 
 
 def answer_by_rule(rows: ray.data.Dataset) -> ray.data.Dataset:
@@ -289,7 +296,7 @@ def answer_by_rule(rows: ray.data.Dataset) -> ray.data.Dataset:
         .map_batches(
             RuleEngine,
             batch_format="pyarrow",
-            batch_size=4,
+            batch_size=BATCH,
             num_cpus=1.5,
             compute=ray.data.ActorPoolStrategy(size=1),
         )
@@ -303,10 +310,11 @@ def test_each_first_attempt_block_stays_a_block_of_its_own(ray_session):
     from actors.vllm import AttemptFeed
 
     refs = [ray.put(batch(f"q{i}a", f"q{i}b")) for i in range(6)]
-    feed = ray.data.read_datasource(AttemptFeed(refs, []), override_num_blocks=len(refs))
+    feed = ray.data.read_datasource(AttemptFeed(refs, [], 2), override_num_blocks=len(refs))
     blocks = [ray.get(ref) for ref in feed.materialize().to_arrow_refs()]
     assert sorted(b.num_rows for b in blocks) == [2] * 6
     assert {a for b in blocks for a in b.column("attempt").to_pylist()} == {1}
+    assert not any(f for b in blocks for f in b.column("filler").to_pylist())
 
 
 def test_failed_rows_are_asked_again_in_the_same_pass_until_their_last_attempt(ray_session):
@@ -318,7 +326,7 @@ def test_failed_rows_are_asked_again_in_the_same_pass_until_their_last_attempt(r
         for chunk in (questions[:13], questions[13:])
     ]
     out = pa.concat_tables(
-        ask_with_retries(answer_by_rule, QuestionBlocks(blocks, len(questions)), max_attempts=3)
+        ask_with_retries(answer_by_rule, QuestionBlocks(blocks, len(questions)), 3, BATCH)
     )
     rows = {r["key"]: r for r in out.to_pylist()}
     assert out.num_rows == len(rows) == 30  # every row once: its final answer
@@ -331,4 +339,22 @@ def test_failed_rows_are_asked_again_in_the_same_pass_until_their_last_attempt(r
         else:
             assert (row["status"], row["attempts"]) == ("failed", 3)
             assert "refused" in row["reason"]  # the reason of its last attempt
-    assert list(ask_with_retries(answer_by_rule, QuestionBlocks([], 0), max_attempts=3)) == []
+    assert list(ask_with_retries(answer_by_rule, QuestionBlocks([], 0), 3, BATCH)) == []
+
+
+@pytest.mark.timeout(180)
+def test_a_short_block_or_a_few_retries_do_not_wait_for_a_whole_batch(ray_session):
+    """The engine stage gathers BATCH rows per task and keeps fewer until its input ends,
+    which is after the last attempt: a 1-row first block and a 1-row retry would wait
+    for themselves (they hung before the feed padded them to whole batches)."""
+    from actors.vllm import ask_with_retries
+
+    blocks = [
+        ray.put(pa.table({"key": [f"k{i}" for i in range(5)], "question": ["good"] * 5})),
+        ray.put(pa.table({"key": ["k-flaky"], "question": ["flaky"]})),
+    ]
+    out = pa.concat_tables(ask_with_retries(answer_by_rule, QuestionBlocks(blocks, 6), 3, BATCH))
+    assert sorted(out.column("key").to_pylist()) == sorted(
+        [f"k{i}" for i in range(5)] + ["k-flaky"]
+    )
+    assert out.column("status").to_pylist() == ["ok"] * 6  # no filler among them
